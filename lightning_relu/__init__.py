@@ -1,0 +1,26 @@
+"""lightning_relu: keep ReLU networks alive in PyTorch Lightning.
+
+Measure dead units while the model trains (:class:`DeadUnitMonitor`, :class:`DeadUnitTracker`), on top of the
+site discovery in :func:`find_relu_sites`.
+"""
+
+from lightning_relu.monitor import CollapseError, CollapseWarning, DeadUnitMonitor, EpochReport
+from lightning_relu.sites import Site, find_relu_sites
+from lightning_relu.stats import ActivationStats, LayerReport
+from lightning_relu.tracker import DeadUnitTracker, NoReluSitesWarning
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ActivationStats",
+    "CollapseError",
+    "CollapseWarning",
+    "DeadUnitMonitor",
+    "DeadUnitTracker",
+    "EpochReport",
+    "LayerReport",
+    "NoReluSitesWarning",
+    "Site",
+    "__version__",
+    "find_relu_sites",
+]

@@ -1,0 +1,283 @@
+"""``DeadUnitMonitor``: per-epoch dead-unit reports for a Lightning ``Trainer``, streamed to every logger."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from lightning_relu.stats import LayerReport
+from lightning_relu.tracker import DeadUnitTracker
+
+__all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "EpochReport"]
+
+_ON_COLLAPSE = ("warn", "raise", "stop")
+
+
+class CollapseWarning(RuntimeWarning):
+    """Every unit of a site is dead: the network after it computes a constant."""
+
+
+class CollapseError(RuntimeError):
+    """Raised by ``DeadUnitMonitor(on_collapse="raise")`` when a site collapses."""
+
+
+@dataclass(eq=False)
+class EpochReport:
+    """The monitor's report for one training epoch."""
+
+    epoch: int
+    global_step: int
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+
+    @property
+    def total_units(self) -> int:
+        return sum(r.num_units for r in self.layers.values() if r.seen)
+
+    @property
+    def total_dead(self) -> int:
+        return sum(r.num_dead for r in self.layers.values() if r.seen)
+
+    @property
+    def dead_fraction(self) -> float:
+        """Dead units over all units of the sites that saw data (0.0 when none did)."""
+        total = self.total_units
+        return self.total_dead / total if total else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "layers": [report.state_dict() for report in self.layers.values()],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> EpochReport:
+        layers = [LayerReport.from_state_dict(s) for s in state.get("layers", [])]
+        return cls(
+            epoch=int(state.get("epoch", -1)),
+            global_step=int(state.get("global_step", -1)),
+            layers={report.name: report for report in layers},
+        )
+
+
+class DeadUnitMonitor(Callback):
+    r"""Count dead units at every ReLU site on every training batch, and report once per epoch.
+
+    A *unit* is one output feature of a site (the channel for convolutions). It is *dead* for an epoch when
+    its output was 0 for every sample and position the site saw in that epoch's training batches. A sample
+    is *killed* at a site when the site's whole output for it is 0; the *living-data fraction* is the share of
+    samples not killed. Validation, test and predict forwards are never counted.
+
+    At each training epoch end the counts are summed across processes, so every rank holds the same
+    :attr:`last_report`, and these scalars go to every logger in ``trainer.loggers`` and into
+    ``trainer.callback_metrics`` (so ``EarlyStopping``/``ModelCheckpoint`` can watch them):
+
+    - ``dead_units/<site>``: dead fraction of the site's units, in [0, 1];
+    - ``dead_units/total``: dead units over all units of all sites;
+    - ``living_data/<site>``: living-data fraction at the site.
+
+    TensorBoard loggers also get a histogram ``activation_rate/<site>`` of the per-unit share of active
+    entries.
+
+    Args:
+        sites: names of the sites to watch (default: all). Unknown names raise ``ValueError`` at setup.
+        on_collapse: what to do when every unit of a site is dead: ``"warn"`` (once per site, on rank zero),
+            ``"raise"`` (:class:`CollapseError`) or ``"stop"`` (warn and stop training gracefully).
+        log_histograms: write the per-unit activation-rate histograms to TensorBoard loggers.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning.pytorch.callbacks import EarlyStopping
+        from lightning_relu import DeadUnitMonitor
+
+        monitor = DeadUnitMonitor()
+        trainer = Trainer(callbacks=[monitor, EarlyStopping("dead_units/total", mode="min", patience=3)])
+        trainer.fit(model)
+        monitor.last_report["encoder.3"].dead_fraction
+
+    Put the monitor before an ``EarlyStopping`` that watches its metrics in the ``callbacks`` list: both act at
+    the end of the training epoch, in list order.
+    """
+
+    def __init__(
+        self,
+        sites: Sequence[str] | None = None,
+        on_collapse: str = "warn",
+        log_histograms: bool = True,
+    ) -> None:
+        if sites is not None:
+            if isinstance(sites, str) or not all(isinstance(name, str) for name in sites):
+                raise ValueError(f"`sites` must be a sequence of site names or None, got {sites!r}")
+            sites = list(sites)
+        if on_collapse not in _ON_COLLAPSE:
+            raise ValueError(f"`on_collapse` can be {', '.join(map(repr, _ON_COLLAPSE))}, got {on_collapse!r}")
+        if not isinstance(log_histograms, bool):
+            raise ValueError(f"`log_histograms` must be a bool, got {log_histograms!r}")
+        self._sites = sites
+        self.on_collapse = on_collapse
+        self.log_histograms = log_histograms
+        self.tracker: DeadUnitTracker | None = None
+        self.history: list[EpochReport] = []
+        self._collapse_warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(sites=self._sites)
+
+    @property
+    def last_report(self) -> dict[str, LayerReport] | None:
+        """The latest epoch's per-site reports, keyed by site name (``None`` before the first epoch end)."""
+        return self.history[-1].layers if self.history else None
+
+    # ------------------------------------------------------------- lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._remove_hooks()
+        tracker = DeadUnitTracker(pl_module, sites=self._sites)
+        if not tracker.sites:
+            rank_zero_warn(
+                f"`DeadUnitMonitor` found no `nn.ReLU`/`nn.ReLU6` module in {type(pl_module).__name__}: "
+                "it has nothing to count and training goes on untouched.",
+                category=RuntimeWarning,
+            )
+        self.tracker = tracker
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker is None or not self.tracker.sites:
+            return
+        self.tracker.to(pl_module.device)
+        self.tracker.pause()
+        self.tracker.attach()
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker is not None:
+            self.tracker.reset()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.tracker is not None:
+            self.tracker.resume()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.tracker is not None:
+            self.tracker.pause()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tracker = self.tracker
+        if tracker is None or not tracker.sites:
+            return
+        tracker.pause()
+        self._agree_on_sizes(trainer)
+        layers = tracker.report()  # every rank takes part: the counts are summed across processes
+        tracker.reset()
+        report = EpochReport(epoch=trainer.current_epoch, global_step=trainer.global_step, layers=layers)
+        self.history.append(report)
+        metrics = self._metrics(report)
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+        self._log(trainer, report, metrics)
+        self._check_collapse(trainer, report)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [report.state_dict() for report in self.history],
+            "collapse_warned": sorted(self._collapse_warned),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [EpochReport.from_state_dict(s) for s in state_dict.get("history", [])]
+        self._collapse_warned = set(state_dict.get("collapse_warned", []))
+
+    # --------------------------------------------------------------- helpers
+    def _remove_hooks(self) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+            self.tracker = None
+
+    def _agree_on_sizes(self, trainer: pl.Trainer) -> None:
+        """Sites sized by their first output: give ranks that saw none the same shape before summing."""
+        assert self.tracker is not None
+        lazy = [stats for stats in self.tracker.stats.values() if stats.num_units is None]
+        if not lazy or trainer.world_size <= 1:
+            return
+        device = lazy[0].device
+        sizes = torch.tensor([stats.active.numel() for stats in lazy], dtype=torch.int64, device=device)
+        sizes = trainer.strategy.reduce(sizes, reduce_op="max")
+        for stats, size in zip(lazy, sizes.tolist()):
+            if stats.active.numel() == 0 and size > 0:
+                stats.active = torch.zeros(int(size), dtype=torch.int64, device=stats.device)
+
+    @staticmethod
+    def _metrics(report: EpochReport) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        seen = [layer for layer in report.layers.values() if layer.seen]
+        for layer in seen:
+            metrics[f"dead_units/{layer.name}"] = layer.dead_fraction
+        if seen:
+            metrics["dead_units/total"] = report.dead_fraction
+        for layer in seen:
+            if not math.isnan(layer.living_data_fraction):
+                metrics[f"living_data/{layer.name}"] = layer.living_data_fraction
+        return metrics
+
+    @rank_zero_only
+    def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            separator = logger.group_separator
+            logger.log_metrics({key.replace("/", separator, 1): v for key, v in metrics.items()}, step=report.global_step)
+            if self.log_histograms and isinstance(logger, TensorBoardLogger):
+                writer = logger.experiment
+                for layer in report.layers.values():
+                    if layer.seen and layer.num_units > 0:
+                        writer.add_histogram(
+                            f"activation_rate/{layer.name}", layer.activation_rate.float(), global_step=report.global_step
+                        )
+
+    def _check_collapse(self, trainer: pl.Trainer, report: EpochReport) -> None:
+        for layer in report.layers.values():
+            if not layer.collapsed:
+                continue
+            message = (
+                f"Site {layer.name!r} collapsed at epoch {report.epoch}: all {layer.num_units} units are dead, so "
+                "everything after it receives a constant and the network computes a constant function."
+            )
+            if self.on_collapse == "raise":
+                raise CollapseError(message)
+            if layer.name not in self._collapse_warned:
+                self._collapse_warned.add(layer.name)
+                suffix = " Stopping the fit (`on_collapse='stop'`)." if self.on_collapse == "stop" else ""
+                rank_zero_warn(message + suffix, category=CollapseWarning)
+            if self.on_collapse == "stop":
+                trainer.should_stop = True

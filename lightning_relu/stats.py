@@ -1,0 +1,209 @@
+"""Per-site activity counts (a torchmetrics ``Metric``) and the report computed from them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["ActivationStats", "LayerReport"]
+
+# Sums of 0/1 values are exact in float32 up to 2**24 terms.
+_FLOAT32_EXACT = 2**24
+
+
+@dataclass(eq=False)
+class LayerReport:
+    """What one site did over a window of forward passes (an epoch for the monitor).
+
+    All tensors are on the CPU.
+
+    Attributes:
+        name: the site's name.
+        num_units: number of units (features or channels) at the site.
+        active_count: per unit, the number of entries that were ``> 0`` (int64).
+        entries_per_unit: number of entries each unit produced (samples × positions).
+        samples: number of samples that went through the site.
+        killed: number of samples whose whole output at the site was 0.
+        dead: per unit, ``True`` when the unit was 0 on every entry seen (never ``True`` when nothing was seen).
+        activation_rate: per unit, the share of its entries that were ``> 0`` (float64; NaN when nothing was seen).
+        num_dead: number of dead units.
+        dead_fraction: ``num_dead / num_units`` (0.0 when nothing was seen).
+        living_data_fraction: share of samples not killed at the site (NaN when nothing was seen).
+    """
+
+    name: str
+    num_units: int
+    active_count: Tensor
+    entries_per_unit: int
+    samples: int
+    killed: int
+    dead: Tensor
+    activation_rate: Tensor
+    num_dead: int
+    dead_fraction: float
+    living_data_fraction: float
+
+    @classmethod
+    def from_counts(cls, name: str, active_count: Tensor, entries_per_unit: int, samples: int, killed: int) -> LayerReport:
+        """Build a report from raw counts (the single place where the definitions live)."""
+        active_count = active_count.detach().to("cpu", torch.int64)
+        num_units = int(active_count.numel())
+        seen = entries_per_unit > 0
+        dead = (active_count == 0) & seen
+        if seen:
+            rate = active_count.to(torch.float64) / entries_per_unit
+        else:
+            rate = torch.full((num_units,), math.nan, dtype=torch.float64)
+        num_dead = int(dead.sum())
+        return cls(
+            name=name,
+            num_units=num_units,
+            active_count=active_count,
+            entries_per_unit=int(entries_per_unit),
+            samples=int(samples),
+            killed=int(killed),
+            dead=dead,
+            activation_rate=rate,
+            num_dead=num_dead,
+            dead_fraction=num_dead / num_units if num_units else 0.0,
+            living_data_fraction=1.0 - killed / samples if samples else math.nan,
+        )
+
+    @property
+    def seen(self) -> bool:
+        """Whether any entry went through the site in the window."""
+        return self.entries_per_unit > 0
+
+    @property
+    def collapsed(self) -> bool:
+        """Every unit dead: everything after the site receives a constant."""
+        return self.seen and self.num_units > 0 and self.num_dead == self.num_units
+
+    def state_dict(self) -> dict[str, Any]:
+        """The raw counts, enough to rebuild the report (tensors and primitives only)."""
+        return {
+            "name": self.name,
+            "active_count": self.active_count.clone(),
+            "entries_per_unit": self.entries_per_unit,
+            "samples": self.samples,
+            "killed": self.killed,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> LayerReport:
+        return cls.from_counts(
+            name=str(state["name"]),
+            active_count=torch.as_tensor(state["active_count"], dtype=torch.int64),
+            entries_per_unit=int(state.get("entries_per_unit", 0)),
+            samples=int(state.get("samples", 0)),
+            killed=int(state.get("killed", 0)),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerReport(name={self.name!r}, num_units={self.num_units}, num_dead={self.num_dead}, "
+            f"dead_fraction={self.dead_fraction:.4g}, living_data_fraction={self.living_data_fraction:.4g}, "
+            f"samples={self.samples})"
+        )
+
+
+class ActivationStats(Metric):
+    """Exact per-unit activity counts of one rectifier site, reduced across processes by summation.
+
+    ``update`` takes the site's output and adds, per unit, the number of entries ``> 0`` and, per batch,
+    the number of samples whose whole output is 0. It runs on the output's device without any
+    host-device synchronization. NaN entries count as not active.
+
+    Args:
+        num_units: number of units; ``None`` to size the state from the first output.
+        unit_dim: dimension that indexes units: ``1`` (channels) or ``-1`` (last dimension); ``None`` infers
+            ``-1`` for 2-D outputs and ``1`` otherwise.
+        name: the site's name, copied into the report.
+        kwargs: passed on to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> import torch
+        >>> stats = ActivationStats(num_units=3)
+        >>> stats.update(torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]]))
+        >>> report = stats.compute()
+        >>> report.dead.tolist(), report.activation_rate.tolist()
+        ([True, False, False], [0.0, 1.0, 0.5])
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    active: Tensor
+    entries: Tensor
+    samples: Tensor
+    killed: Tensor
+
+    def __init__(self, num_units: int | None = None, unit_dim: int | None = None, name: str = "", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_units is not None and (not isinstance(num_units, int) or num_units < 1):
+            raise ValueError(f"`num_units` must be a positive integer or None, got {num_units!r}")
+        if unit_dim not in (None, 1, -1):
+            raise ValueError(f"`unit_dim` must be 1, -1 or None, got {unit_dim!r}")
+        self.num_units = num_units
+        self.unit_dim = unit_dim
+        self.name = name
+        self.add_state("active", default=torch.zeros(num_units or 0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("entries", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("samples", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("killed", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def unit_axis(self, output: Tensor) -> int:
+        """The dimension of ``output`` that indexes units (non-negative)."""
+        if output.ndim <= 2:
+            return output.ndim - 1
+        unit_dim = 1 if self.unit_dim is None else self.unit_dim
+        return unit_dim % output.ndim
+
+    def update(self, output: Tensor) -> None:
+        """Count the active entries of one output of the site (shape ``(batch, ...)``)."""
+        output = output.detach()
+        if output.ndim == 1:
+            output = output.unsqueeze(0)
+        axis = self.unit_axis(output)
+        num_units = output.shape[axis]
+        if self.active.numel() == 0:
+            self.active = torch.zeros(num_units, dtype=torch.int64, device=output.device)
+        elif self.active.numel() != num_units:
+            raise ValueError(
+                f"site {self.name!r} has {self.active.numel()} units but got an output of shape "
+                f"{tuple(output.shape)} with {num_units} along dim {axis}"
+            )
+        batch = output.shape[0]
+        if batch == 0:
+            return
+        per_block = output.numel() // (batch * num_units)
+        acc = torch.float32 if per_block < _FLOAT32_EXACT else torch.float64
+        # sign() is 1 for entries > 0 and 0 for zeros (ReLU outputs are never negative); a float reduction of
+        # it is several times cheaper than reducing a bool mask, and nansum counts NaN as not active.
+        sign = output.sign()
+        if output.ndim == 2:
+            per_sample_unit = sign.nan_to_num_(0.0) if sign.is_floating_point() else sign
+        else:
+            dims = tuple(d for d in range(1, output.ndim) if d != axis)
+            per_sample_unit = sign.nansum(dims, dtype=acc) if sign.is_floating_point() else sign.sum(dims)
+        counts = per_sample_unit.to(torch.int64)  # (batch, units), exact integers
+        self.active += counts.sum(0)
+        self.killed += (counts.sum(1) == 0).sum()
+        self.samples += batch
+        self.entries += batch * per_block
+
+    def compute(self) -> LayerReport:
+        """The report over everything seen since the last ``reset`` (summed over processes)."""
+        return LayerReport.from_counts(
+            name=self.name,
+            active_count=self.active,
+            entries_per_unit=int(self.entries),
+            samples=int(self.samples),
+            killed=int(self.killed),
+        )
