@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,9 @@ class EpochReport:
         )
 
 
+ReportListener = Callable[["pl.Trainer", "pl.LightningModule", EpochReport], None]
+
+
 class DeadUnitMonitor(Callback):
     r"""Count dead units at every ReLU site on every training batch, and report once per epoch.
 
@@ -130,6 +133,7 @@ class DeadUnitMonitor(Callback):
         self.tracker: DeadUnitTracker | None = None
         self.history: list[EpochReport] = []
         self._collapse_warned: set[str] = set()
+        self._listeners: list[ReportListener] = []
 
     @property
     @override
@@ -140,6 +144,22 @@ class DeadUnitMonitor(Callback):
     def last_report(self) -> dict[str, LayerReport] | None:
         """The latest epoch's per-site reports, keyed by site name (``None`` before the first epoch end)."""
         return self.history[-1].layers if self.history else None
+
+    def add_report_listener(self, listener: ReportListener) -> None:
+        """Call ``listener(trainer, pl_module, epoch_report)`` on every rank after each epoch's report is logged.
+
+        The report is already reduced across processes, so every rank gets the same one. Listeners run in the
+        order they were added (idempotent: adding the same listener twice has no effect).
+        """
+        if not callable(listener):
+            raise ValueError(f"`listener` must be callable, got {listener!r}")
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def remove_report_listener(self, listener: ReportListener) -> None:
+        """Stop calling ``listener`` (no-op when it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     # ------------------------------------------------------------- lifecycle
     @override
@@ -197,6 +217,8 @@ class DeadUnitMonitor(Callback):
         metrics = self._metrics(report)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         self._log(trainer, report, metrics)
+        for listener in list(self._listeners):
+            listener(trainer, pl_module, report)
         self._check_collapse(trainer, report)
 
     @override
@@ -235,7 +257,7 @@ class DeadUnitMonitor(Callback):
         device = lazy[0].device
         sizes = torch.tensor([stats.active.numel() for stats in lazy], dtype=torch.int64, device=device)
         sizes = trainer.strategy.reduce(sizes, reduce_op="max")
-        for stats, size in zip(lazy, sizes.tolist()):
+        for stats, size in zip(lazy, sizes.tolist(), strict=True):
             if stats.active.numel() == 0 and size > 0:
                 stats.active = torch.zeros(int(size), dtype=torch.int64, device=stats.device)
 
@@ -256,13 +278,17 @@ class DeadUnitMonitor(Callback):
     def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
             separator = logger.group_separator
-            logger.log_metrics({key.replace("/", separator, 1): v for key, v in metrics.items()}, step=report.global_step)
+            logger.log_metrics(
+                {key.replace("/", separator, 1): v for key, v in metrics.items()}, step=report.global_step
+            )
             if self.log_histograms and isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
                 for layer in report.layers.values():
                     if layer.seen and layer.num_units > 0:
                         writer.add_histogram(
-                            f"activation_rate/{layer.name}", layer.activation_rate.float(), global_step=report.global_step
+                            f"activation_rate/{layer.name}",
+                            layer.activation_rate.float(),
+                            global_step=report.global_step,
                         )
 
     def _check_collapse(self, trainer: pl.Trainer, report: EpochReport) -> None:

@@ -7,11 +7,11 @@ initialization, revival) is built on the list that :func:`find_relu_sites` retur
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["NORM_TYPES", "PRODUCER_TYPES", "RECTIFIER_TYPES", "Site", "find_relu_sites"]
+__all__ = ["NORM_TYPES", "PRODUCER_TYPES", "RECTIFIER_TYPES", "Consumer", "Site", "find_relu_sites"]
 
 #: Rectifier modules that make a site.
 RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -28,6 +28,43 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 # Modules that pass the pre-activation through unchanged.
 _TRANSPARENT_TYPES: tuple[type[nn.Module], ...] = (nn.Identity,)
+# Modules between a site and its consumer that map a zero unit to zero and keep units apart.
+_PASS_THROUGH_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+
+
+@dataclass(eq=False)
+class Consumer:
+    """A layer that reads a site's output.
+
+    Attributes:
+        name: qualified name of the layer.
+        module: the Linear/ConvNd layer.
+        through_flatten: the site's output reaches it through ``nn.Flatten``: each unit (channel) owns a
+            contiguous block of ``module.in_features // num_units`` input columns.
+    """
+
+    name: str
+    module: nn.Module
+    through_flatten: bool = False
 
 
 @dataclass(eq=False, repr=False)
@@ -41,6 +78,8 @@ class Site:
         producer_name: qualified name of ``producer``.
         norm: a BatchNorm/LayerNorm/GroupNorm layer between ``producer`` and the rectifier, if any.
         norm_name: qualified name of ``norm``.
+        consumers: the Linear/ConvNd layers that read the site's output (directly or through pooling,
+            dropout or flatten), where the data flow is certain; empty otherwise.
         num_units: number of units (output features or channels), when known before the first forward.
         unit_dim: dimension of the activation that indexes units: ``1`` for convolutions (channels), ``-1``
             for dense layers and sequences (last dimension), ``None`` when it is inferred from the first
@@ -53,6 +92,7 @@ class Site:
     producer_name: str | None = None
     norm: nn.Module | None = None
     norm_name: str | None = None
+    consumers: list[Consumer] = field(default_factory=list)
     num_units: int | None = None
     unit_dim: int | None = None
 
@@ -62,6 +102,8 @@ class Site:
             parts.append(f"producer={self.producer_name!r}")
         if self.norm_name is not None:
             parts.append(f"norm={self.norm_name!r}")
+        if self.consumers:
+            parts.append(f"consumers={[c.name for c in self.consumers]!r}")
         parts.append(f"num_units={self.num_units}")
         parts.append(f"unit_dim={self.unit_dim}")
         return f"Site({', '.join(parts)})"
@@ -70,14 +112,14 @@ class Site:
 def find_relu_sites(model: nn.Module) -> list[Site]:
     """Find every rectifier module (``nn.ReLU``, ``nn.ReLU6``) in ``model``, in registration order.
 
-    The producer of a site (and a normalization layer in between) is found where the data flow is
-    certain: inside ``nn.Sequential`` containers, nested ones included, the layers just before the
-    rectifier. Elsewhere ``producer`` is ``None``.
+    The producer of a site (and a normalization layer in between) and its consumer are found where the
+    data flow is certain: inside ``nn.Sequential`` containers, nested ones included, the layers just before
+    and just after the rectifier. Elsewhere ``producer`` is ``None`` and ``consumers`` is empty.
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     >>> find_relu_sites(net)
-    [Site(name='1', module=ReLU, producer='0', num_units=8, unit_dim=-1)]
+    [Site(name='1', module=ReLU, producer='0', consumers=['2'], num_units=8, unit_dim=-1)]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
@@ -95,6 +137,7 @@ def find_relu_sites(model: nn.Module) -> list[Site]:
         if id(module) in position:
             chain, index = position[id(module)]
             _link_backward(site, chain, index)
+            _link_forward(site, chain, index)
         _fill_shape(site)
         sites.append(site)
     return sites
@@ -146,6 +189,19 @@ def _link_backward(site: Site, chain: list[tuple[str, nn.Module]], index: int) -
         site.producer_name, site.producer = chain[j]
 
 
+def _link_forward(site: Site, chain: list[tuple[str, nn.Module]], index: int) -> None:
+    through_flatten = False
+    for name, module in chain[index + 1 :]:
+        if isinstance(module, _PASS_THROUGH_TYPES):
+            continue
+        if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+            through_flatten = True
+            continue
+        if isinstance(module, PRODUCER_TYPES):
+            site.consumers.append(Consumer(name=name, module=module, through_flatten=through_flatten))
+        return
+
+
 def _fill_shape(site: Site) -> None:
     producer, norm = site.producer, site.norm
     if isinstance(producer, nn.Linear):
@@ -174,3 +230,4 @@ def _fill_shape(site: Site) -> None:
         # the layers are not what they seem (a reshape in between); do not guess
         site.producer = site.producer_name = site.norm = site.norm_name = None
         site.num_units = site.unit_dim = None
+        site.consumers = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ __all__ = ["ActivationStats", "LayerReport"]
 _FLOAT32_EXACT = 2**24
 
 
-@dataclass(eq=False)
 class LayerReport:
     """What one site did over a window of forward passes (an epoch for the monitor).
 
@@ -36,20 +34,39 @@ class LayerReport:
         living_data_fraction: share of samples not killed at the site (NaN when nothing was seen).
     """
 
-    name: str
-    num_units: int
-    active_count: Tensor
-    entries_per_unit: int
-    samples: int
-    killed: int
-    dead: Tensor
-    activation_rate: Tensor
-    num_dead: int
-    dead_fraction: float
-    living_data_fraction: float
+    # A plain class, not a dataclass: torchmetrics walks dataclass results of ``compute`` and squeezes
+    # one-element tensors, which would turn a one-unit site's tensors into scalars.
+    def __init__(
+        self,
+        *,
+        name: str,
+        num_units: int,
+        active_count: Tensor,
+        entries_per_unit: int,
+        samples: int,
+        killed: int,
+        dead: Tensor,
+        activation_rate: Tensor,
+        num_dead: int,
+        dead_fraction: float,
+        living_data_fraction: float,
+    ) -> None:
+        self.name = name
+        self.num_units = num_units
+        self.active_count = active_count
+        self.entries_per_unit = entries_per_unit
+        self.samples = samples
+        self.killed = killed
+        self.dead = dead
+        self.activation_rate = activation_rate
+        self.num_dead = num_dead
+        self.dead_fraction = dead_fraction
+        self.living_data_fraction = living_data_fraction
 
     @classmethod
-    def from_counts(cls, name: str, active_count: Tensor, entries_per_unit: int, samples: int, killed: int) -> LayerReport:
+    def from_counts(
+        cls, name: str, active_count: Tensor, entries_per_unit: int, samples: int, killed: int
+    ) -> LayerReport:
         """Build a report from raw counts (the single place where the definitions live)."""
         active_count = active_count.detach().to("cpu", torch.int64)
         num_units = int(active_count.numel())
@@ -144,7 +161,9 @@ class ActivationStats(Metric):
     samples: Tensor
     killed: Tensor
 
-    def __init__(self, num_units: int | None = None, unit_dim: int | None = None, name: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self, num_units: int | None = None, unit_dim: int | None = None, name: str = "", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if num_units is not None and (not isinstance(num_units, int) or num_units < 1):
             raise ValueError(f"`num_units` must be a positive integer or None, got {num_units!r}")

@@ -1,0 +1,66 @@
+"""Shared test models and brute-force references (independent of the code under test)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def mlp(widths: list[int], seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 2):
+        layers += [nn.Linear(widths[i], widths[i + 1]), nn.ReLU()]
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*layers)
+
+
+def conv_bn_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 7),
+        nn.ReLU(),
+        nn.Linear(7, 2),
+    )
+
+
+def kill_units(model: nn.Sequential, index: int, units: list[int]) -> None:
+    """Make `units` of the layer at `index` (a Linear or a BatchNorm) output a large negative pre-activation."""
+    with torch.no_grad():
+        model[index].bias[units] = -1e4
+
+
+def brute_force(model: nn.Sequential, batches: list[Tensor], prefix: str = "") -> dict[str, dict]:
+    """Run `model` layer by layer and measure every ReLU output with plain boolean logic and Python loops."""
+    acts: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for x in batches:
+            for i, layer in enumerate(model):
+                x = layer(x)
+                if isinstance(layer, (nn.ReLU, nn.ReLU6)):
+                    acts.setdefault(f"{prefix}{i}", []).append(x.clone())
+    result = {}
+    for name, outs in acts.items():
+        out = torch.cat(outs)
+        units = out.shape[1]  # (N, C) or (N, C, H, W): the unit is dim 1 in both
+        per_unit = out.transpose(0, 1).reshape(units, -1)
+        active = [int(sum(1 for v in per_unit[u].tolist() if v > 0)) for u in range(units)]
+        entries = per_unit.shape[1]
+        killed = sum(1 for n in range(out.shape[0]) if not bool((out[n] > 0).any()))
+        result[name] = {
+            "active": active,
+            "dead": [a == 0 for a in active],
+            "rate": [a / entries for a in active],
+            "killed": killed,
+            "samples": out.shape[0],
+            "living": 1 - killed / out.shape[0],
+        }
+    return result

@@ -1,0 +1,365 @@
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_relu import CollapseError, CollapseWarning, DeadUnitMonitor, LayerReport
+from tests.helpers import brute_force, conv_bn_net, kill_units, mlp
+
+
+class SeqModule(L.LightningModule):
+    """Wraps an `nn.Sequential` as `self.net`; `lr=0` keeps the weights fixed so a brute-force pass can follow."""
+
+    def __init__(self, net: nn.Module, train_x: torch.Tensor, val_x: torch.Tensor | None = None, lr: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.train_x = train_x
+        self.val_x = val_x
+        self.lr = lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.train_x), batch_size=4, shuffle=False)
+
+    def val_dataloader(self):
+        x = self.val_x if self.val_x is not None else self.train_x
+        return DataLoader(TensorDataset(x), batch_size=4)
+
+
+def _trainer(tmp_path, callbacks, **kwargs):
+    defaults = dict(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=5,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+def _mlp_module(val_negative: bool = True) -> SeqModule:
+    net = mlp([4, 6, 6, 1], seed=1)
+    with torch.no_grad():
+        # unit 0 of the first layer reads -sum(x): dead on the (positive) training data, alive on validation data
+        net[0].weight[0] = -1.0
+        net[0].bias[0] = 0.0
+    kill_units(net, 2, [1, 2, 3, 4, 5])  # second layer: only unit 0 can fire, so some samples are killed
+    g = torch.Generator().manual_seed(3)
+    train_x = torch.rand(20, 4, generator=g) + 0.01
+    val_x = -train_x if val_negative else train_x
+    return SeqModule(net, train_x, val_x)
+
+
+def _check_report(report: dict[str, LayerReport], expected: dict[str, dict]) -> None:
+    assert set(report) == set(expected)
+    for name, exp in expected.items():
+        assert report[name].active_count.tolist() == exp["active"]
+        assert report[name].dead.tolist() == exp["dead"]
+        assert report[name].samples == exp["samples"]
+        assert report[name].killed == exp["killed"]
+
+
+def test_monitor_matches_brute_force_and_ignores_validation(tmp_path):
+    module = _mlp_module()
+    monitor = DeadUnitMonitor()
+    trainer = _trainer(tmp_path, [monitor], limit_train_batches=4)
+    trainer.fit(module)
+    expected = brute_force(module.net, [module.train_x[i : i + 4] for i in range(0, 16, 4)], prefix="net.")
+    assert expected["net.1"]["dead"][0]  # dead on training data although alive on validation data
+    assert 0 < expected["net.3"]["killed"] < 16
+    assert len(monitor.history) == 2
+    assert [h.epoch for h in monitor.history] == [0, 1]
+    for epoch_report in monitor.history:
+        _check_report(epoch_report.layers, expected)
+    assert monitor.last_report is monitor.history[-1].layers
+    metrics = trainer.callback_metrics
+    for name, exp in expected.items():
+        assert float(metrics[f"dead_units/{name}"]) == pytest.approx(sum(exp["dead"]) / len(exp["dead"]))
+        assert float(metrics[f"living_data/{name}"]) == pytest.approx(exp["living"])
+    total_dead = sum(sum(e["dead"]) for e in expected.values())
+    total_units = sum(len(e["dead"]) for e in expected.values())
+    assert float(metrics["dead_units/total"]) == pytest.approx(total_dead / total_units)
+
+
+def test_monitor_conv_bn_matches_brute_force(tmp_path):
+    net = conv_bn_net(seed=2)
+    kill_units(net, 1, [0, 4])
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    module = SeqModule(net, x)
+    monitor = DeadUnitMonitor()
+    _trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=3).fit(module)
+    net.train()  # BatchNorm in training mode, as during the fit
+    expected = brute_force(net, [x[i : i + 4] for i in range(0, 12, 4)], prefix="net.")
+    assert expected["net.2"]["dead"] == [True, False, False, False, True, False]
+    _check_report(monitor.last_report, expected)
+
+
+def test_tensorboard_event_file_has_scalars_and_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = _mlp_module()
+    monitor = DeadUnitMonitor()
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _trainer(tmp_path, [monitor], logger=logger).fit(module)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    for site in ("net.1", "net.3"):
+        assert f"dead_units/{site}" in tags["scalars"]
+        assert f"living_data/{site}" in tags["scalars"]
+        assert f"activation_rate/{site}" in tags["histograms"]
+        values = [e.value for e in events.Scalars(f"dead_units/{site}")]
+        assert values == pytest.approx([r.layers[site].dead_fraction for r in monitor.history])
+        histos = events.Histograms(f"activation_rate/{site}")
+        assert len(histos) == 2
+        assert histos[-1].histogram_value.num == monitor.last_report[site].num_units
+    assert "dead_units/total" in tags["scalars"]
+    steps = [e.step for e in events.Scalars("dead_units/total")]
+    assert steps == [r.global_step for r in monitor.history]
+
+
+def test_every_logger_gets_the_scalars(tmp_path):
+    module = _mlp_module()
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    _trainer(tmp_path, [DeadUnitMonitor()], logger=[csv_logger, TensorBoardLogger(tmp_path)]).fit(module)
+    with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [row for row in rows if row.get("dead_units/total")]
+    assert len(logged) == 2
+    assert float(logged[-1]["dead_units/net.1"]) == pytest.approx(1 / 6)
+
+
+def test_fit_without_logger(tmp_path):
+    module = _mlp_module()
+    monitor = DeadUnitMonitor()
+    _trainer(tmp_path, [monitor], logger=False, max_epochs=1).fit(module)
+    assert monitor.last_report["net.1"].dead.tolist()[0]
+
+
+def test_checkpoint_round_trip_keeps_history(tmp_path):
+    module = _mlp_module()
+    monitor = DeadUnitMonitor()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, [monitor, ckpt]).fit(module)
+    before = [(r.epoch, {k: v.active_count.tolist() for k, v in r.layers.items()}) for r in monitor.history]
+
+    resumed = DeadUnitMonitor()
+    trainer = _trainer(tmp_path, [resumed], max_epochs=3)
+    trainer.fit(_mlp_module(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    after = [(r.epoch, {k: v.active_count.tolist() for k, v in r.layers.items()}) for r in resumed.history]
+    assert len(after) == 3
+    assert after[:2] == before
+    assert after[2][0] == 2
+
+    # direct round trip, and old checkpoints without the keys still load
+    copy = DeadUnitMonitor()
+    copy.load_state_dict(monitor.state_dict())
+    assert [r.layers["net.3"].killed for r in copy.history] == [r.layers["net.3"].killed for r in monitor.history]
+    empty = DeadUnitMonitor()
+    empty.load_state_dict({})
+    assert empty.history == [] and empty.last_report is None
+
+
+def test_state_key_differs_per_site_selection():
+    assert DeadUnitMonitor().state_key != DeadUnitMonitor(sites=["net.1"]).state_key
+
+
+def test_callback_pickles_before_and_after_fit(tmp_path):
+    monitor = DeadUnitMonitor(sites=["net.1"], on_collapse="stop")
+    clone = pickle.loads(pickle.dumps(monitor))
+    assert clone.on_collapse == "stop" and clone.state_key == monitor.state_key
+    _trainer(tmp_path, [monitor], max_epochs=1).fit(_mlp_module())
+    clone = pickle.loads(pickle.dumps(monitor))
+    assert clone.last_report["net.1"].dead.tolist() == monitor.last_report["net.1"].dead.tolist()
+    assert monitor.tracker is None  # hooks removed at teardown
+    assert all(len(m._forward_hooks) == 0 for m in _mlp_module().net.modules())
+
+
+def test_hooks_removed_when_training_fails(tmp_path):
+    class Failing(SeqModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    base = _mlp_module()
+    module = Failing(base.net, base.train_x)
+    monitor = DeadUnitMonitor()
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer(tmp_path, [monitor]).fit(module)
+    assert all(len(m._forward_hooks) == 0 for m in module.modules())
+
+
+def test_no_relu_warns_once_and_trains(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    module = SeqModule(net, torch.rand(20, 4), lr=0.1)
+    w0 = net[0].weight.detach().clone()
+    monitor = DeadUnitMonitor()
+    with pytest.warns(RuntimeWarning, match="found no `nn.ReLU`") as record:
+        trainer = _trainer(tmp_path, [monitor])
+        trainer.fit(module)
+    assert sum("found no" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 10
+    assert not torch.equal(w0, net[0].weight)
+    assert monitor.history == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"on_collapse": "explode"}, r"`on_collapse` can be 'warn', 'raise', 'stop', got 'explode'"),
+        ({"sites": "1"}, r"`sites` must be a sequence of site names or None, got '1'"),
+        ({"sites": [1]}, r"`sites` must be a sequence of site names or None, got \[1\]"),
+        ({"log_histograms": "yes"}, r"`log_histograms` must be a bool, got 'yes'"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeadUnitMonitor(**kwargs)
+
+
+def test_unknown_site_names_raise_at_setup(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown site names \['net.9'\].*\['net.1', 'net.3'\]"):
+        _trainer(tmp_path, [DeadUnitMonitor(sites=["net.9"])]).fit(_mlp_module())
+
+
+def test_restricted_sites(tmp_path):
+    monitor = DeadUnitMonitor(sites=["net.3"])
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1)
+    trainer.fit(_mlp_module())
+    assert list(monitor.last_report) == ["net.3"]
+    assert "dead_units/net.1" not in trainer.callback_metrics
+
+
+def _collapsing_module() -> SeqModule:
+    module = _mlp_module()
+    kill_units(module.net, 2, [0, 1, 2, 3, 4, 5])
+    return module
+
+
+def test_collapse_warns_once(tmp_path):
+    monitor = DeadUnitMonitor()
+    with pytest.warns(CollapseWarning, match=r"Site 'net.3' collapsed at epoch 0: all 6 units are dead") as record:
+        _trainer(tmp_path, [monitor], max_epochs=3).fit(_collapsing_module())
+    assert sum(issubclass(w.category, CollapseWarning) for w in record) == 1
+    assert len(monitor.history) == 3
+    assert monitor.last_report["net.3"].living_data_fraction == 0.0
+
+
+def test_collapse_raise(tmp_path):
+    with pytest.raises(CollapseError, match=r"Site 'net\.3' collapsed at epoch 0"):
+        _trainer(tmp_path, [DeadUnitMonitor(on_collapse="raise")]).fit(_collapsing_module())
+
+
+def test_collapse_stop(tmp_path):
+    monitor = DeadUnitMonitor(on_collapse="stop")
+    with pytest.warns(CollapseWarning, match="Stopping the fit"):
+        trainer = _trainer(tmp_path, [monitor], max_epochs=5)
+        trainer.fit(_collapsing_module())
+    assert len(monitor.history) == 1
+    assert trainer.current_epoch == 1
+
+
+def test_early_stopping_can_watch_dead_units(tmp_path):
+    monitor = DeadUnitMonitor()
+    early = EarlyStopping(monitor="dead_units/total", mode="min", patience=1)
+    trainer = _trainer(tmp_path, [monitor, early], max_epochs=6)
+    trainer.fit(_mlp_module())  # lr=0: the dead share never improves, so it stops after patience + 1 epochs
+    assert len(monitor.history) == 2
+    assert early.stopped_epoch == 1
+
+
+# --------------------------------------------------------------------- DDP
+class _SplitModule(L.LightningModule):
+    """Unit 0 fires only on x = +1 (rank 0's samples), unit 1 only on x = -1 (rank 1's), unit 2 never."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1))
+        with torch.no_grad():
+            self.net[0].weight.copy_(torch.tensor([[1.0], [-1.0], [0.0]]))
+            self.net[0].bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
+        self.net[0].requires_grad_(False)
+        self.extra = nn.ReLU()  # no producer in sight: sized by its first output, and only rank 0 calls it
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        if bool(x[0, 0] > 0):
+            self.extra(x.expand(-1, 4))
+        return self.net(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net[2].parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        # the Trainer runs with use_distributed_sampler=False: each rank gets only its own samples
+        sign = 1.0 if self.global_rank == 0 else -1.0
+        return DataLoader(TensorDataset(torch.full((8, 1), sign)), batch_size=2, shuffle=False)
+
+
+class _DumpingMonitor(DeadUnitMonitor):
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        states = [r.state_dict() for r in self.history]
+        torch.save(states, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_reduces_across_ranks(tmp_path):
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        callbacks=[_DumpingMonitor(str(tmp_path))],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(_SplitModule())
+    reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(reports[0]) == len(reports[1]) == 1
+    layer = LayerReport.from_state_dict(reports[0][-1]["layers"][0])
+    assert layer.name == "net.1"
+    # 16 samples: 8 with x = +1 (all on rank 0), 8 with x = -1 (all on rank 1)
+    assert layer.samples == 16
+    assert layer.active_count.tolist() == [8, 8, 0]
+    assert layer.dead.tolist() == [False, False, True]
+    assert layer.killed == 0
+    other = LayerReport.from_state_dict(reports[1][-1]["layers"][0])
+    assert other.active_count.tolist() == [8, 8, 0] and other.samples == 16
+    for rank in (0, 1):
+        extra = LayerReport.from_state_dict(reports[rank][-1]["layers"][1])
+        assert extra.name == "extra"
+        assert extra.active_count.tolist() == [8, 8, 8, 8]
+        assert extra.samples == 8

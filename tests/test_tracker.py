@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_relu import DeadUnitTracker, NoReluSitesWarning
+from tests.helpers import brute_force, conv_bn_net, kill_units, mlp
+
+
+def _assert_matches(report, expected):
+    assert set(report) == set(expected)
+    for name, exp in expected.items():
+        layer = report[name]
+        assert layer.num_units == len(exp["active"])
+        assert layer.active_count.tolist() == exp["active"]
+        assert layer.dead.tolist() == exp["dead"]
+        assert layer.num_dead == sum(exp["dead"])
+        assert layer.dead_fraction == pytest.approx(sum(exp["dead"]) / len(exp["dead"]))
+        torch.testing.assert_close(layer.activation_rate, torch.tensor(exp["rate"], dtype=torch.float64))
+        assert layer.samples == exp["samples"]
+        assert layer.killed == exp["killed"]
+        assert layer.living_data_fraction == pytest.approx(exp["living"])
+
+
+def test_mlp_matches_brute_force():
+    model = mlp([6, 9, 9, 9, 2])
+    kill_units(model, 0, [1, 4])
+    kill_units(model, 4, [0, 1, 2, 3, 4, 5, 6, 7])  # all but one unit: some samples are killed there
+    batches = [torch.randn(13, 6), torch.randn(7, 6), torch.randn(1, 6)]
+    with DeadUnitTracker(model) as tracker:
+        for x in batches:
+            model(x)
+    expected = brute_force(model, batches)
+    assert expected["1"]["dead"][1] and expected["1"]["dead"][4]
+    assert 0 < expected["5"]["killed"] < 21
+    _assert_matches(tracker.report(), expected)
+
+
+def test_conv_bn_net_matches_brute_force():
+    model = conv_bn_net()
+    kill_units(model, 1, [2])  # BatchNorm beta: channel 2 of the first block is dead
+    kill_units(model, 5, [0, 3])
+    batches = [torch.randn(4, 3, 8, 8), torch.randn(3, 3, 8, 8)]
+    with DeadUnitTracker(model) as tracker:
+        for x in batches:
+            model(x)
+    expected = brute_force(model, batches)
+    assert expected["2"]["dead"] == [False, False, True, False, False, False]
+    _assert_matches(tracker.report(), expected)
+
+
+def test_sequence_input_units_are_last_dim():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU())
+    kill_units(model, 0, [3])
+    x = torch.randn(2, 6, 4)  # (batch, time, features)
+    with DeadUnitTracker(model) as tracker:
+        out = model(x)
+    report = tracker.report()["1"]
+    assert report.num_units == 5
+    assert report.entries_per_unit == 12
+    expected = [int((out[..., u] > 0).sum()) for u in range(5)]
+    assert report.active_count.tolist() == expected
+    assert report.dead.tolist() == [False, False, False, True, False]
+
+
+def test_nan_counts_as_not_active():
+    stats_model = nn.Sequential(nn.ReLU())
+    x = torch.tensor([[1.0, float("nan"), 0.0], [2.0, float("nan"), 3.0]])
+    with DeadUnitTracker(stats_model) as tracker:
+        stats_model(x)
+    report = tracker.report()["0"]
+    assert report.active_count.tolist() == [2, 0, 1]
+    assert report.dead.tolist() == [False, True, False]
+
+
+def test_hooks_removed_on_exit_and_reset_and_pause():
+    model = mlp([3, 4, 1])
+    tracker = DeadUnitTracker(model)
+    relu = model[1]
+    with tracker:
+        assert len(relu._forward_hooks) == 1
+        model(torch.randn(5, 3))
+        tracker.pause()
+        model(torch.randn(50, 3))
+        tracker.resume()
+    assert len(relu._forward_hooks) == 0
+    assert tracker.report()["1"].samples == 5
+    model(torch.randn(8, 3))  # not counted: detached
+    assert tracker.report()["1"].samples == 5
+    tracker.reset()
+    report = tracker.report()["1"]
+    assert report.samples == 0 and not report.seen and report.num_dead == 0
+    tracker.detach()  # idempotent
+
+
+def test_hooks_removed_when_body_raises():
+    model = mlp([3, 4, 1])
+    with pytest.raises(RuntimeError, match="boom"), DeadUnitTracker(model):
+        raise RuntimeError("boom")
+    assert len(model[1]._forward_hooks) == 0
+
+
+def test_no_relu_warns_once_and_counts_nothing():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+    with pytest.warns(NoReluSitesWarning, match="no `nn.ReLU`"), DeadUnitTracker(model) as tracker:
+        y = model(torch.randn(4, 3))
+    assert y.shape == (4, 2)
+    assert tracker.report() == {}
+
+
+def test_restrict_sites_and_unknown_names():
+    model = mlp([3, 4, 4, 1])
+    tracker = DeadUnitTracker(model, sites=["3"])
+    assert [s.name for s in tracker.sites] == ["3"]
+    with pytest.raises(ValueError, match=r"unknown site names \['nope'\].*\['1', '3'\]"):
+        DeadUnitTracker(model, sites=["nope"])
+    with pytest.raises(ValueError, match="`sites` must be a sequence"):
+        DeadUnitTracker(model, sites="1")
+    with pytest.raises(TypeError, match="`model` must be"):
+        DeadUnitTracker("model")  # type: ignore[arg-type]
+
+
+def test_width_mismatch_warns_and_skips():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Linear(3, 4), relu)
+    tracker = DeadUnitTracker(model)
+    with tracker, pytest.warns(RuntimeWarning, match="expects 4 units"):
+        relu(torch.randn(2, 9))
+    assert tracker.report()["1"].samples == 0
+
+
+def test_hook_path_does_not_sync_or_keep_tensors(monkeypatch):
+    """The per-step path never calls host-syncing methods and keeps no activation alive."""
+    import weakref
+
+    model = conv_bn_net()
+    calls = []
+    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, method)
+
+        def spy(self, *args, _name=method, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, spy)
+    refs = []
+
+    def keep_ref(module, inputs, output):
+        refs.append(weakref.ref(output))
+
+    with DeadUnitTracker(model):
+        handle = model[2].register_forward_hook(keep_ref)
+        for _ in range(5):
+            model(torch.randn(4, 3, 8, 8)).sum().backward()
+        handle.remove()
+        assert calls == []
+    monkeypatch.undo()
+    import gc
+
+    gc.collect()
+    assert refs and all(ref() is None for ref in refs)
