@@ -194,6 +194,7 @@ class DeadUnitMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.tracker is not None:
+            self.tracker.new_pass()
             self.tracker.resume()
 
     @override

@@ -84,6 +84,8 @@ class Site:
         unit_dim: dimension of the activation that indexes units: ``1`` for convolutions (channels), ``-1``
             for dense layers and sequences (last dimension), ``None`` when it is inferred from the first
             activation (``-1`` for 2-D outputs, ``1`` otherwise).
+        call_index: which call of ``module`` in one forward pass this site is: a module applied at several
+            places is one site per place, named ``<module name>_<k>`` for the k-th call (k >= 1).
     """
 
     name: str
@@ -95,6 +97,7 @@ class Site:
     consumers: list[Consumer] = field(default_factory=list)
     num_units: int | None = None
     unit_dim: int | None = None
+    call_index: int = 0
 
     def __repr__(self) -> str:
         parts = [f"name={self.name!r}", f"module={type(self.module).__name__}"]

@@ -16,6 +16,9 @@ from lightning_relu.stats import ActivationStats, LayerReport
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
 
+# Call positions counted per rectifier module and forward pass.
+_MAX_POSITIONS = 64
+
 
 class NoReluSitesWarning(UserWarning):
     """The model has no rectifier site to watch."""
@@ -29,10 +32,15 @@ class DeadUnitTracker:
     evaluation passes). Counting stays on the activations' device and never synchronizes with the host;
     :meth:`report` does, once.
 
+    One ``nn.ReLU`` object applied at several places of a forward pass (as in residual blocks that reuse
+    ``self.relu``) is one site per place: the k-th call (k >= 1) since its owner's forward began is the site
+    ``<module name>_<k>``, created on first sight. Units of different places are never mixed.
+
     Args:
         model: the network to watch.
         sites: names of the sites to watch (default: every site found by
-            :func:`~lightning_relu.find_relu_sites`). An unknown name raises ``ValueError``.
+            :func:`~lightning_relu.find_relu_sites`, and every later call position). An unknown name raises
+            ``ValueError``; naming a module's site also watches its later call positions.
 
     Example:
         >>> import torch
@@ -52,21 +60,31 @@ class DeadUnitTracker:
             raise ValueError(f"`sites` must be a sequence of site names, got the string {sites!r}")
         self.model = model
         found = find_relu_sites(model)
+        self._wanted: set[str] | None = None
         if sites is not None:
             names = [site.name for site in found]
-            unknown = [name for name in sites if name not in names]
+            unknown = [name for name in sites if not _matches_site(name, names)]
             if unknown:
                 raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
-            wanted = set(sites)
-            found = [site for site in found if site.name in wanted]
-        self.sites: list[Site] = found
-        self.stats: dict[str, ActivationStats] = {
-            site.name: ActivationStats(num_units=site.num_units, unit_dim=site.unit_dim, name=site.name)
-            for site in self.sites
-        }
+            self._wanted = set(sites)
+        #: every site found, counted or not (the first call position of each rectifier module)
+        self.all_sites: list[Site] = found
+        self.sites: list[Site] = [site for site in found if self._is_wanted(site.name)]
+        self.stats: dict[str, ActivationStats] = {site.name: _new_stats(site) for site in self.sites}
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
+        # A module called at several places of one forward is one site per call position: position k of
+        # module m is the k-th call since the forward of m's owner (or of the model) began.
+        self._calls: dict[int, int] = {}
+        self._positions: dict[int, list[tuple[Site, ActivationStats] | None]] = {}
+        self._first_site: dict[int, Site] = {}
+        for site in found:
+            self._first_site[id(site.module)] = site
+            self._positions[id(site.module)] = [(site, self.stats[site.name]) if site.name in self.stats else None]
+
+    def _is_wanted(self, name: str) -> bool:
+        return self._wanted is None or name in self._wanted
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -78,14 +96,23 @@ class DeadUnitTracker:
         """Register the forward hooks (idempotent)."""
         if self._handles:
             return self
-        if not self.sites:
+        if not self.all_sites:
             warnings.warn(
                 f"{type(self.model).__name__} has no `nn.ReLU`/`nn.ReLU6` module: there is nothing to count.",
                 NoReluSitesWarning,
                 stacklevel=2,
             )
-        for site in self.sites:
-            self._handles.append(site.module.register_forward_hook(self._make_hook(site)))
+            return self
+        owners: dict[int, tuple[nn.Module, list[int]]] = {}
+        modules = dict(self.model.named_modules())
+        for site in self.all_sites:
+            parent = site.name.rpartition(".")[0]
+            owner = modules.get(parent, self.model) if site.name else self.model
+            owners.setdefault(id(owner), (owner, []))[1].append(id(site.module))
+            self._handles.append(site.module.register_forward_hook(self._hook))
+        owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
+        for owner, module_ids in owners.values():
+            self._handles.append(owner.register_forward_pre_hook(self._make_reset(module_ids)))
         return self
 
     def detach(self) -> None:
@@ -93,6 +120,7 @@ class DeadUnitTracker:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+        self._calls.clear()
 
     def __enter__(self) -> DeadUnitTracker:
         return self.attach()
@@ -110,25 +138,67 @@ class DeadUnitTracker:
         """Count again after :meth:`pause`."""
         self.enabled = True
 
-    def _make_hook(self, site: Site) -> Any:
-        stats = self.stats[site.name]
-        axis_dim = site.unit_dim
+    def new_pass(self) -> None:
+        """Mark the start of a new forward pass (call positions restart; the model's own forward does this)."""
+        self._calls.clear()
 
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not self.enabled or not isinstance(output, Tensor):
+    def _make_reset(self, module_ids: list[int]) -> Any:
+        calls = self._calls
+
+        def reset(module: nn.Module, inputs: Any) -> None:
+            for module_id in module_ids:
+                calls[module_id] = 0
+
+        return reset
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        module_id = id(module)
+        k = self._calls.get(module_id, 0)
+        self._calls[module_id] = k + 1
+        if not self.enabled or not isinstance(output, Tensor):
+            return
+        positions = self._positions[module_id]
+        if k >= len(positions):
+            if k >= _MAX_POSITIONS:
                 return
-            if stats.num_units is not None:
-                ndim = output.ndim
-                axis = ndim - 1 if ndim <= 2 else (1 if axis_dim is None else axis_dim) % ndim
-                if output.shape[axis] != stats.num_units:
-                    self._warn_width(site, output)
-                    return
-            with torch.no_grad():
-                if stats.device != output.device:
-                    stats.to(output.device)
-                stats.update(output)
+            self._add_positions(module_id, k)
+        entry = positions[k]
+        if entry is None:
+            return
+        site, stats = entry
+        if stats.num_units is not None:
+            ndim = output.ndim
+            axis = ndim - 1 if ndim <= 2 else (1 if site.unit_dim is None else site.unit_dim) % ndim
+            if output.shape[axis] != stats.num_units:
+                self._warn_width(site, output)
+                return
+        with torch.no_grad():
+            if stats.device != output.device:
+                stats.to(output.device)
+            stats.update(output)
 
-        return hook
+    def _add_positions(self, module_id: int, k: int) -> None:
+        positions = self._positions[module_id]
+        first = self._first_site[module_id]
+        while len(positions) <= k:
+            index = len(positions)
+            site = Site(name=f"{first.name}_{index}", module=first.module, call_index=index)
+            if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
+                stats = _new_stats(site)
+                if self.stats:
+                    stats.to(next(iter(self.stats.values())).device)
+                self.sites.append(site)
+                self.stats[site.name] = stats
+                positions.append((site, stats))
+            else:
+                positions.append(None)
+        if k == _MAX_POSITIONS - 1:
+            warnings.warn(
+                f"`nn.ReLU` module {first.name!r} was called {_MAX_POSITIONS} times in one forward pass; further "
+                "calls are not counted. Give each place its own module.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _warn_width(self, site: Site, output: Tensor) -> None:
         if site.name in self._width_warned:
@@ -160,6 +230,18 @@ class DeadUnitTracker:
         for stats in self.stats.values():
             stats.to(device)
         return self
+
+
+def _new_stats(site: Site) -> ActivationStats:
+    return ActivationStats(num_units=site.num_units, unit_dim=site.unit_dim, name=site.name)
+
+
+def _matches_site(name: str, names: list[str]) -> bool:
+    """``name`` is a site, or a later call position ``<site>_<k>`` of one."""
+    if name in names:
+        return True
+    base, _, index = name.rpartition("_")
+    return index.isdigit() and int(index) > 0 and base in names
 
 
 def _compute(stats: ActivationStats) -> LayerReport:

@@ -161,3 +161,68 @@ def test_hook_path_does_not_sync_or_keep_tensors(monkeypatch):
 
     gc.collect()
     assert refs and all(ref() is None for ref in refs)
+
+
+class _BasicBlock(nn.Module):
+    """A residual block that applies one `nn.ReLU` object twice, like torchvision's BasicBlock."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+def test_reused_module_is_one_site_per_call_position():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _BasicBlock(4), _BasicBlock(4))
+    with torch.no_grad():
+        model[1].bn1.bias[1] = -1e4  # dead at the first call of block 1's relu only
+    batches = [torch.randn(3, 3, 5, 5), torch.randn(2, 3, 5, 5)]
+    # brute force: replay the blocks by hand
+    seen = {"1.relu": [], "1.relu_1": [], "2.relu": [], "2.relu_1": []}
+    with torch.no_grad():
+        for x in batches:
+            h = model[0](x)
+            for b in ("1", "2"):
+                block = model[int(b)]
+                a = torch.relu(block.bn1(block.conv1(h)))
+                seen[f"{b}.relu"].append(a)
+                h = torch.relu(block.bn2(block.conv2(a)) + h)
+                seen[f"{b}.relu_1"].append(h)
+    with DeadUnitTracker(model) as tracker:
+        for x in batches:
+            model(x)
+    report = tracker.report()
+    assert set(report) == set(seen)
+    for name, outs in seen.items():
+        out = torch.cat(outs)
+        expected = [int((out[:, c] > 0).sum()) for c in range(4)]
+        assert report[name].active_count.tolist() == expected, name
+        assert report[name].samples == 5
+    assert report["1.relu"].dead.tolist() == [False, True, False, False]
+    assert not report["1.relu_1"].dead.any()
+
+
+def test_reused_module_positions_restart_even_without_the_models_forward():
+    act = nn.ReLU()
+    model = nn.Module()
+    model.act = act
+    tracker = DeadUnitTracker(model)
+    with tracker:
+        for _ in range(3):  # the model's forward never runs: the caller marks each pass
+            tracker.new_pass()
+            act(torch.ones(2, 3))
+            act(-torch.ones(2, 5))
+    report = tracker.report()
+    assert set(report) == {"act", "act_1"}
+    assert report["act"].num_units == 3 and report["act"].num_dead == 0 and report["act"].samples == 6
+    assert report["act_1"].num_units == 5 and report["act_1"].num_dead == 5
+    assert DeadUnitTracker(model, sites=["act_1"]).sites == []  # later positions are valid names
