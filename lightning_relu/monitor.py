@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.stats import LayerReport
 from lightning_relu.tracker import DeadUnitTracker
 
@@ -97,6 +98,11 @@ class DeadUnitMonitor(Callback):
         on_collapse: what to do when every unit of a site is dead: ``"warn"`` (once per site, on rank zero),
             ``"raise"`` (:class:`CollapseError`) or ``"stop"`` (warn and stop training gracefully).
         log_histograms: write the per-unit activation-rate histograms to TensorBoard loggers.
+        revive: ``True`` to revive dead units after each report with a default
+            :class:`~lightning_relu.DeadUnitReviver`, or a configured ``DeadUnitReviver`` to use; its state is
+            saved with the monitor's.
+        trace: trace the model with ``torch.fx`` to find functional rectifier calls and residual-block links
+            (see :func:`~lightning_relu.find_relu_sites`).
 
     Example::
 
@@ -118,6 +124,8 @@ class DeadUnitMonitor(Callback):
         sites: Sequence[str] | None = None,
         on_collapse: str = "warn",
         log_histograms: bool = True,
+        revive: bool | DeadUnitReviver = False,
+        trace: bool = True,
     ) -> None:
         if sites is not None:
             if isinstance(sites, str) or not all(isinstance(name, str) for name in sites):
@@ -127,6 +135,18 @@ class DeadUnitMonitor(Callback):
             raise ValueError(f"`on_collapse` can be {', '.join(map(repr, _ON_COLLAPSE))}, got {on_collapse!r}")
         if not isinstance(log_histograms, bool):
             raise ValueError(f"`log_histograms` must be a bool, got {log_histograms!r}")
+        if revive is True:
+            reviver: DeadUnitReviver | None = DeadUnitReviver()
+        elif revive is False:
+            reviver = None
+        elif isinstance(revive, DeadUnitReviver):
+            reviver = revive
+        else:
+            raise ValueError(f"`revive` must be a bool or a `DeadUnitReviver`, got {revive!r}")
+        if not isinstance(trace, bool):
+            raise ValueError(f"`trace` must be a bool, got {trace!r}")
+        self.reviver = reviver
+        self.trace = trace
         self._sites = sites
         self.on_collapse = on_collapse
         self.log_histograms = log_histograms
@@ -167,7 +187,7 @@ class DeadUnitMonitor(Callback):
         if stage != "fit":
             return
         self._remove_hooks()
-        tracker = DeadUnitTracker(pl_module, sites=self._sites)
+        tracker = DeadUnitTracker(pl_module, sites=self._sites, trace=self.trace)
         if not tracker.sites:
             rank_zero_warn(
                 f"`DeadUnitMonitor` found no `nn.ReLU`/`nn.ReLU6` module in {type(pl_module).__name__}: "
@@ -175,6 +195,8 @@ class DeadUnitMonitor(Callback):
                 category=RuntimeWarning,
             )
         self.tracker = tracker
+        if self.reviver is not None:
+            self.reviver.attach(self, pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -236,15 +258,20 @@ class DeadUnitMonitor(Callback):
         return {
             "history": [report.state_dict() for report in self.history],
             "collapse_warned": sorted(self._collapse_warned),
+            "reviver": self.reviver.state_dict() if self.reviver is not None else {},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [EpochReport.from_state_dict(s) for s in state_dict.get("history", [])]
         self._collapse_warned = set(state_dict.get("collapse_warned", []))
+        if self.reviver is not None:
+            self.reviver.load_state_dict(state_dict.get("reviver", {}))
 
     # --------------------------------------------------------------- helpers
     def _remove_hooks(self) -> None:
+        if self.reviver is not None:
+            self.reviver.detach()
         if self.tracker is not None:
             self.tracker.detach()
             self.tracker = None

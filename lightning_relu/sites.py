@@ -6,12 +6,27 @@ initialization, revival) is built on the list that :func:`find_relu_sites` retur
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
-__all__ = ["NORM_TYPES", "PRODUCER_TYPES", "RECTIFIER_TYPES", "Consumer", "Site", "find_relu_sites"]
+__all__ = [
+    "NORM_TYPES",
+    "PRODUCER_TYPES",
+    "RECTIFIER_TYPES",
+    "Consumer",
+    "Site",
+    "SiteTracingWarning",
+    "find_relu_sites",
+]
+
+
+class SiteTracingWarning(UserWarning):
+    """Part of a model could not be traced: functional rectifier calls in it are not seen."""
+
 
 #: Rectifier modules that make a site.
 RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -72,8 +87,9 @@ class Site:
     """One place where a rectifier is applied.
 
     Attributes:
-        name: qualified name of the rectifier module in the model (``"encoder.3"``).
-        module: the rectifier module itself.
+        name: qualified name of the rectifier module in the model (``"encoder.3"``); for a functional call,
+            ``<parent>.<relu|relu6>[_<k>]``, the k-th functional call in the forward of module ``parent``.
+        module: the rectifier module itself (``None`` for a functional call).
         producer: the Linear/ConvNd layer computing the pre-activation, when it can be determined.
         producer_name: qualified name of ``producer``.
         norm: a BatchNorm/LayerNorm/GroupNorm layer between ``producer`` and the rectifier, if any.
@@ -85,11 +101,16 @@ class Site:
             for dense layers and sequences (last dimension), ``None`` when it is inferred from the first
             activation (``-1`` for 2-D outputs, ``1`` otherwise).
         call_index: which call of ``module`` in one forward pass this site is: a module applied at several
-            places is one site per place, named ``<module name>_<k>`` for the k-th call (k >= 1).
+            places is one site per place, named ``<module name>_<k>`` for the k-th call (k >= 1). For a
+            functional site, its position among the functional rectifier calls of ``parent``'s forward.
+        kind: ``"module"`` for an ``nn.ReLU``/``nn.ReLU6`` call, ``"function"`` for ``F.relu``, ``torch.relu``,
+            ``Tensor.relu``, their in-place forms and ``F.relu6``.
+        parent: for a functional site, the module whose ``forward`` makes the call.
+        parent_name: qualified name of ``parent``.
     """
 
     name: str
-    module: nn.Module
+    module: nn.Module | None
     producer: nn.Module | None = None
     producer_name: str | None = None
     norm: nn.Module | None = None
@@ -98,9 +119,13 @@ class Site:
     num_units: int | None = None
     unit_dim: int | None = None
     call_index: int = 0
+    kind: str = "module"
+    parent: nn.Module | None = None
+    parent_name: str | None = None
 
     def __repr__(self) -> str:
-        parts = [f"name={self.name!r}", f"module={type(self.module).__name__}"]
+        what = type(self.module).__name__ if self.module is not None else "function"
+        parts = [f"name={self.name!r}", f"module={what}"]
         if self.producer_name is not None:
             parts.append(f"producer={self.producer_name!r}")
         if self.norm_name is not None:
@@ -112,12 +137,24 @@ class Site:
         return f"Site({', '.join(parts)})"
 
 
-def find_relu_sites(model: nn.Module) -> list[Site]:
-    """Find every rectifier module (``nn.ReLU``, ``nn.ReLU6``) in ``model``, in registration order.
+def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
+    """Find every place where ``model`` applies a rectifier.
 
-    The producer of a site (and a normalization layer in between) and its consumer are found where the
-    data flow is certain: inside ``nn.Sequential`` containers, nested ones included, the layers just before
-    and just after the rectifier. Elsewhere ``producer`` is ``None`` and ``consumers`` is empty.
+    Module sites (``nn.ReLU``, ``nn.ReLU6``) come from the module tree. With ``trace=True`` the model is
+    also traced with ``torch.fx`` (where that fails, its children are, recursively), which adds:
+
+    - functional calls in ``forward`` (``F.relu``, ``torch.relu``, ``Tensor.relu``, in-place forms,
+      ``F.relu6``) as sites of kind ``"function"``;
+    - one site per later call position of a module applied at several places (``<name>_<k>``);
+    - producer and consumer links outside ``nn.Sequential`` (residual blocks, custom modules).
+
+    Producers and consumers are linked only where the data flow is certain: inside ``nn.Sequential``
+    containers, nested ones included, or in the traced graph where the pre-activation feeds nothing else
+    and the site's output feeds only Linear/ConvNd layers (through pooling, dropout or flatten).
+    A part of the model that cannot be traced gets one :class:`SiteTracingWarning` when its ``forward``
+    may call a rectifier function; its module sites are still found.
+
+    Sites come in forward order when the whole model traces, in registration order otherwise.
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -126,6 +163,8 @@ def find_relu_sites(model: nn.Module) -> list[Site]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
+    if not isinstance(trace, bool):
+        raise ValueError(f"`trace` must be a bool, got {trace!r}")
     chains = _sequential_chains(model)
     position: dict[int, tuple[list[tuple[str, nn.Module]], int]] = {}
     for chain in chains:
@@ -143,7 +182,74 @@ def find_relu_sites(model: nn.Module) -> list[Site]:
             _link_forward(site, chain, index)
         _fill_shape(site)
         sites.append(site)
+    if trace:
+        sites = _add_traced(model, sites)
     return sites
+
+
+def _add_traced(model: nn.Module, sites: list[Site]) -> list[Site]:
+    from lightning_relu._trace import mentions_relu, trace_model
+
+    result = trace_model(model, leaf_types=RECTIFIER_TYPES + PRODUCER_TYPES + NORM_TYPES)
+    for name, module, error in result.failures:
+        if not mentions_relu(module):
+            continue
+        where = f"submodule {name!r}" if name else "the model"
+        warnings.warn(
+            f"Could not trace {where} ({type(module).__name__}) with torch.fx: {type(error).__name__}: {error}. "
+            "Functional rectifier calls (`F.relu`, `torch.relu`, `x.relu()`) in its forward are not counted, and "
+            "its ReLU modules get no producer/consumer links; its `nn.ReLU` modules are still counted. To watch "
+            "those calls, use `nn.ReLU` modules in that forward.",
+            SiteTracingWarning,
+            stacklevel=3,
+        )
+    modules = dict(model.named_modules())
+    by_name = {site.name: site for site in sites}
+    order: dict[str, int] = {}
+    for call in result.calls:
+        links = call.links
+        if call.kind == "module":
+            name = call.module_name if call.index == 0 else f"{call.module_name}_{call.index}"
+            site = by_name.get(name)
+            if site is None:
+                rectifier = modules.get(call.module_name)
+                if rectifier is None:
+                    continue
+                site = Site(name=name, module=rectifier, call_index=call.index)
+                by_name[name] = site
+                sites.append(site)
+        else:
+            parent_name = call.module_name
+            local = call.base if call.name_index == 0 else f"{call.base}_{call.name_index}"
+            name = f"{parent_name}.{local}" if parent_name else local
+            while name in by_name:
+                name += "_fn"
+            site = Site(
+                name=name,
+                module=None,
+                call_index=call.index,
+                kind="function",
+                parent=modules.get(parent_name, model),
+                parent_name=parent_name,
+            )
+            by_name[name] = site
+            sites.append(site)
+        order[name] = call.order
+        if site.producer is None and site.norm is None and not site.consumers:
+            _apply_links(site, links, modules)
+    if result.complete:
+        sites.sort(key=lambda s: order.get(s.name, len(order)))
+    return sites
+
+
+def _apply_links(site: Site, links: Any, modules: dict[str, nn.Module]) -> None:
+    if links.norm is not None:
+        site.norm_name, site.norm = links.norm, modules[links.norm]
+    if links.producer is not None:
+        site.producer_name, site.producer = links.producer, modules[links.producer]
+    site.consumers = [Consumer(name=n, module=modules[n], through_flatten=f) for n, f in links.consumers]
+    site.num_units = site.unit_dim = None
+    _fill_shape(site)
 
 
 def _sequential_chains(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lightning_relu._trace import FUNCTIONAL_RECTIFIERS
 from lightning_relu.sites import Site, find_relu_sites
 from lightning_relu.stats import ActivationStats, LayerReport
 
@@ -36,11 +38,17 @@ class DeadUnitTracker:
     ``self.relu``) is one site per place: the k-th call (k >= 1) since its owner's forward began is the site
     ``<module name>_<k>``, created on first sight. Units of different places are never mixed.
 
+    Functional calls (``F.relu``, ``torch.relu``, ``x.relu()``, in-place forms, ``F.relu6``) found by tracing
+    are counted too: while the forward of a module that makes such calls runs, a ``TorchFunctionMode`` sees
+    them (only that module's own calls, not its children's).
+
     Args:
         model: the network to watch.
         sites: names of the sites to watch (default: every site found by
             :func:`~lightning_relu.find_relu_sites`, and every later call position). An unknown name raises
             ``ValueError``; naming a module's site also watches its later call positions.
+        trace: trace the model with ``torch.fx`` to find functional calls and data-flow links (see
+            :func:`~lightning_relu.find_relu_sites`).
 
     Example:
         >>> import torch
@@ -53,13 +61,13 @@ class DeadUnitTracker:
         8
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, sites: Sequence[str] | None = None, trace: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
         if isinstance(sites, str):
             raise ValueError(f"`sites` must be a sequence of site names, got the string {sites!r}")
         self.model = model
-        found = find_relu_sites(model)
+        found = find_relu_sites(model, trace=trace)
         self._wanted: set[str] | None = None
         if sites is not None:
             names = [site.name for site in found]
@@ -67,21 +75,31 @@ class DeadUnitTracker:
             if unknown:
                 raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
             self._wanted = set(sites)
-        #: every site found, counted or not (the first call position of each rectifier module)
+        #: every site found, counted or not
         self.all_sites: list[Site] = found
         self.sites: list[Site] = [site for site in found if self._is_wanted(site.name)]
         self.stats: dict[str, ActivationStats] = {site.name: _new_stats(site) for site in self.sites}
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
-        # A module called at several places of one forward is one site per call position: position k of
-        # module m is the k-th call since the forward of m's owner (or of the model) began.
+        # Call positions: a rectifier module applied at several places of one forward is one site per place,
+        # and so is each functional call of a parent's forward. Position k of key m is the k-th call since the
+        # forward of m's owner (or of the model) began; keys are id(module) for modules, id(parent) for calls.
         self._calls: dict[int, int] = {}
         self._positions: dict[int, list[tuple[Site, ActivationStats] | None]] = {}
         self._first_site: dict[int, Site] = {}
-        for site in found:
-            self._first_site[id(site.module)] = site
-            self._positions[id(site.module)] = [(site, self.stats[site.name]) if site.name in self.stats else None]
+        self._modes: dict[int, _FunctionalCounter] = {}
+        for site in sorted(found, key=lambda s: s.call_index):
+            key = id(site.module if site.kind == "module" else site.parent)
+            self._first_site.setdefault(key, site)
+            positions = self._positions.setdefault(key, [])
+            while len(positions) < site.call_index:
+                positions.append(None)
+            entry = (site, self.stats[site.name]) if site.name in self.stats else None
+            if len(positions) == site.call_index:
+                positions.append(entry)
+            else:
+                positions[site.call_index] = entry
 
     def _is_wanted(self, name: str) -> bool:
         return self._wanted is None or name in self._wanted
@@ -98,21 +116,32 @@ class DeadUnitTracker:
             return self
         if not self.all_sites:
             warnings.warn(
-                f"{type(self.model).__name__} has no `nn.ReLU`/`nn.ReLU6` module: there is nothing to count.",
+                f"{type(self.model).__name__} has no `nn.ReLU`/`nn.ReLU6` module or rectifier call: there is "
+                "nothing to count.",
                 NoReluSitesWarning,
                 stacklevel=2,
             )
             return self
-        owners: dict[int, tuple[nn.Module, list[int]]] = {}
         modules = dict(self.model.named_modules())
-        for site in self.all_sites:
-            parent = site.name.rpartition(".")[0]
-            owner = modules.get(parent, self.model) if site.name else self.model
-            owners.setdefault(id(owner), (owner, []))[1].append(id(site.module))
-            self._handles.append(site.module.register_forward_hook(self._hook))
+        owners: dict[int, tuple[nn.Module, list[int]]] = {}
+        for key, first in self._first_site.items():
+            if first.kind == "module":
+                assert first.module is not None
+                owner = modules.get(first.name.rpartition(".")[0], self.model)
+                owners.setdefault(id(owner), (owner, []))[1].append(key)
+                self._handles.append(first.module.register_forward_hook(self._hook))
+            else:
+                parent = first.parent if first.parent is not None else self.model
+                mode = _FunctionalCounter(self, key)
+                self._modes[key] = mode
+                self._handles.append(parent.register_forward_pre_hook(mode.enter_parent))
+                self._handles.append(parent.register_forward_hook(mode.exit_parent, always_call=True))
+                for child in parent.children():
+                    self._handles.append(child.register_forward_pre_hook(mode.enter_child))
+                    self._handles.append(child.register_forward_hook(mode.exit_child, always_call=True))
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
-        for owner, module_ids in owners.values():
-            self._handles.append(owner.register_forward_pre_hook(self._make_reset(module_ids)))
+        for owner, keys in owners.values():
+            self._handles.append(owner.register_forward_pre_hook(self._make_reset(keys)))
         return self
 
     def detach(self) -> None:
@@ -120,6 +149,9 @@ class DeadUnitTracker:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+        for mode in self._modes.values():
+            mode.close()
+        self._modes.clear()
         self._calls.clear()
 
     def __enter__(self) -> DeadUnitTracker:
@@ -142,26 +174,28 @@ class DeadUnitTracker:
         """Mark the start of a new forward pass (call positions restart; the model's own forward does this)."""
         self._calls.clear()
 
-    def _make_reset(self, module_ids: list[int]) -> Any:
+    def _make_reset(self, keys: list[int]) -> Any:
         calls = self._calls
 
         def reset(module: nn.Module, inputs: Any) -> None:
-            for module_id in module_ids:
-                calls[module_id] = 0
+            for key in keys:
+                calls[key] = 0
 
         return reset
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        module_id = id(module)
-        k = self._calls.get(module_id, 0)
-        self._calls[module_id] = k + 1
+        self._count(id(module), output)
+
+    def _count(self, key: int, output: Any) -> None:
+        k = self._calls.get(key, 0)
+        self._calls[key] = k + 1
         if not self.enabled or not isinstance(output, Tensor):
             return
-        positions = self._positions[module_id]
+        positions = self._positions[key]
         if k >= len(positions):
             if k >= _MAX_POSITIONS:
                 return
-            self._add_positions(module_id, k)
+            self._add_positions(key, k)
         entry = positions[k]
         if entry is None:
             return
@@ -177,12 +211,20 @@ class DeadUnitTracker:
                 stats.to(output.device)
             stats.update(output)
 
-    def _add_positions(self, module_id: int, k: int) -> None:
-        positions = self._positions[module_id]
-        first = self._first_site[module_id]
+    def _add_positions(self, key: int, k: int) -> None:
+        positions = self._positions[key]
+        first = self._first_site[key]
+        base = first.name if first.kind == "module" else _join(first.parent_name or "", "relu")
         while len(positions) <= k:
             index = len(positions)
-            site = Site(name=f"{first.name}_{index}", module=first.module, call_index=index)
+            site = Site(
+                name=f"{base}_{index}",
+                module=first.module,
+                call_index=index,
+                kind=first.kind,
+                parent=first.parent,
+                parent_name=first.parent_name,
+            )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
                 stats = _new_stats(site)
                 if self.stats:
@@ -194,8 +236,8 @@ class DeadUnitTracker:
                 positions.append(None)
         if k == _MAX_POSITIONS - 1:
             warnings.warn(
-                f"`nn.ReLU` module {first.name!r} was called {_MAX_POSITIONS} times in one forward pass; further "
-                "calls are not counted. Give each place its own module.",
+                f"Site {base!r} was called {_MAX_POSITIONS} times in one forward pass; further calls are not "
+                "counted. Give each place its own `nn.ReLU` module.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -230,6 +272,50 @@ class DeadUnitTracker:
         for stats in self.stats.values():
             stats.to(device)
         return self
+
+
+class _FunctionalCounter(TorchFunctionMode):
+    """Sees the rectifier functions that one parent module's own ``forward`` calls (not its children's)."""
+
+    def __init__(self, tracker: DeadUnitTracker, key: int) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.key = key
+        self.depth = 0  # > 0 while a child module of the parent runs
+        self.pushed: list[bool] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0 and func in FUNCTIONAL_RECTIFIERS:
+            self.tracker._count(self.key, out)
+        return out
+
+    def enter_parent(self, module: nn.Module, inputs: Any) -> None:
+        self.tracker._calls[self.key] = 0
+        push = self.tracker.enabled
+        self.pushed.append(push)
+        if push:
+            self.depth = 0
+            self.__enter__()
+
+    def exit_parent(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.pushed and self.pushed.pop():
+            self.__exit__(None, None, None)
+
+    def enter_child(self, module: nn.Module, inputs: Any) -> None:
+        self.depth += 1
+
+    def exit_child(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.depth -= 1
+
+    def close(self) -> None:
+        while self.pushed:
+            if self.pushed.pop():
+                self.__exit__(None, None, None)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _new_stats(site: Site) -> ActivationStats:

@@ -363,3 +363,23 @@ def test_ddp_reduces_across_ranks(tmp_path):
         assert extra.name == "extra"
         assert extra.active_count.tolist() == [8, 8, 8, 8]
         assert extra.samples == 8
+
+
+def test_revive_flag_attaches_a_reviver_and_checkpoints_it(tmp_path):
+    from lightning_relu import DeadUnitReviver
+
+    with pytest.raises(ValueError, match="`revive` must be a bool or a `DeadUnitReviver`, got 'yes'"):
+        DeadUnitMonitor(revive="yes")
+    module = _mlp_module()
+    module.lr = 0.05
+    monitor = DeadUnitMonitor(revive=True)
+    assert isinstance(monitor.reviver, DeadUnitReviver)
+    trainer = _trainer(tmp_path, [monitor], max_epochs=2)
+    trainer.fit(module)
+    first = monitor.reviver.history[0]["revived"]
+    assert first["net.1"] == monitor.history[0].layers["net.1"].num_dead > 0
+    assert float(trainer.callback_metrics["revived/total"]) == sum(monitor.reviver.history[-1]["revived"].values())
+    copy = DeadUnitMonitor(revive=True)
+    copy.load_state_dict(monitor.state_dict())
+    assert copy.reviver.history == monitor.reviver.history
+    assert pickle.loads(pickle.dumps(monitor)).reviver.history == monitor.reviver.history

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import pytest
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_relu import find_relu_sites
+from lightning_relu.sites import SiteTracingWarning
 
 
 def _by_name(model):
@@ -53,7 +57,7 @@ def test_layernorm_unit_dim_is_last():
     assert site.consumers == []
 
 
-def test_custom_module_has_no_producer_without_a_sequential():
+def test_custom_module_links_come_from_tracing():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -64,10 +68,14 @@ def test_custom_module_has_no_producer_without_a_sequential():
         def forward(self, x):
             return self.head(self.act(self.fc(x)))
 
-    sites = _by_name(Block())
+    block = Block()
+    sites = _by_name(block)
     assert list(sites) == ["act", "head.1"]
-    assert sites["act"].producer is None and sites["act"].num_units is None and sites["act"].unit_dim is None
+    assert sites["act"].producer is block.fc and sites["act"].num_units == 4 and sites["act"].unit_dim == -1
+    assert [c.module for c in sites["act"].consumers] == [block.head[0]]
     assert sites["head.1"].producer_name == "head.0"
+    untraced = {site.name: site for site in find_relu_sites(block, trace=False)}
+    assert untraced["act"].producer is None and untraced["act"].num_units is None and untraced["act"].unit_dim is None
 
 
 def test_inconsistent_widths_are_not_guessed():
@@ -84,3 +92,72 @@ def test_other_layers_break_the_chain():
 
 def test_no_relu_returns_empty_list():
     assert find_relu_sites(nn.Sequential(nn.Linear(2, 2), nn.Sigmoid())) == []
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.fc2 = nn.Linear(5, 4)
+        self.inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.fc1(x)))
+        h = self.fc2(h).relu()
+        h = self.inner(h)
+        return torch.relu_(h + 1) + F.relu6(h)
+
+
+def test_functional_sites_are_traced_with_links():
+    model = _Functional()
+    sites = find_relu_sites(model)
+    assert [(s.name, s.kind) for s in sites] == [
+        ("relu", "function"),
+        ("relu_1", "function"),
+        ("inner.1", "module"),
+        ("relu_2", "function"),
+        ("relu6", "function"),
+    ]
+    first = sites[0]
+    assert first.module is None and first.parent is model and first.parent_name == ""
+    assert first.producer is model.fc1 and first.norm is model.bn and first.num_units == 5
+    assert [c.module for c in first.consumers] == [model.fc2]
+    assert sites[1].producer is model.fc2 and [c.module for c in sites[1].consumers] == [model.inner[0]]
+    assert sites[3].producer is None  # reads an addition
+
+
+def test_residual_block_links():
+    from tests.test_tracker import _BasicBlock
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), _BasicBlock(4))
+    sites = _by_name(net)
+    assert list(sites) == ["1.relu", "1.relu_1"]
+    assert sites["1.relu"].producer is net[1].conv1 and sites["1.relu"].norm is net[1].bn1
+    assert [c.module for c in sites["1.relu"].consumers] == [net[1].conv2]
+    assert sites["1.relu_1"].module is net[1].relu and sites["1.relu_1"].call_index == 1
+    assert sites["1.relu_1"].producer is None and sites["1.relu_1"].consumers == []
+
+
+def test_untraceable_forward_warns_and_keeps_module_sites():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return F.relu(self.fc(x))
+            return self.act(self.fc(x))
+
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), DataDependent())
+    with pytest.warns(SiteTracingWarning, match=r"Could not trace submodule '2' \(DataDependent\)"):
+        sites = find_relu_sites(net)
+    assert [s.name for s in sites] == ["1", "2.act"]
+    assert sites[0].producer is net[0]
+
+
+def test_invalid_trace_argument():
+    with pytest.raises(ValueError, match="`trace` must be a bool, got 'yes'"):
+        find_relu_sites(nn.ReLU(), trace="yes")  # type: ignore[arg-type]

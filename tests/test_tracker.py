@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_relu import DeadUnitTracker, NoReluSitesWarning
@@ -226,3 +227,87 @@ def test_reused_module_positions_restart_even_without_the_models_forward():
     assert report["act"].num_units == 3 and report["act"].num_dead == 0 and report["act"].samples == 6
     assert report["act_1"].num_units == 5 and report["act_1"].num_dead == 5
     assert DeadUnitTracker(model, sites=["act_1"]).sites == []  # later positions are valid names
+
+
+class _FunctionalNet(nn.Module):
+    """Functional rectifiers in two nested forwards, beside a ReLU module (whose own F.relu must not count twice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 6)
+        self.block = _FunctionalBlock()
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        h = self.act(self.block(h))
+        return torch.relu(self.fc2(h)).sum(-1) + F.relu6(h).mean(-1)
+
+
+class _FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(x).relu_() - 0.5
+
+
+def _functional_brute_force(model, batches):
+    outs = {"relu": [], "block.relu": [], "act": [], "relu_1": [], "relu6": []}
+    with torch.no_grad():
+        for x in batches:
+            a = torch.clamp(model.fc1(x), min=0)
+            outs["relu"].append(a)
+            b = torch.clamp(model.block.fc(a), min=0)
+            outs["block.relu"].append(b)
+            c = torch.clamp(b - 0.5, min=0)
+            outs["act"].append(c)
+            outs["relu_1"].append(torch.clamp(model.fc2(c), min=0))
+            outs["relu6"].append(torch.clamp(c, 0, 6))
+    return {name: torch.cat(v) for name, v in outs.items()}
+
+
+def test_functional_calls_match_brute_force():
+    torch.manual_seed(0)
+    model = _FunctionalNet()
+    with torch.no_grad():
+        model.fc1.bias[2] = -1e4
+        model.block.fc.bias[:3] = -1e4
+    batches = [torch.randn(8, 3), torch.randn(5, 3)]
+    with DeadUnitTracker(model) as tracker:
+        for x in batches:
+            model(x)
+    report = tracker.report()
+    expected = _functional_brute_force(model, batches)
+    assert set(report) == set(expected)
+    for name, out in expected.items():
+        active = [int((out[:, u] > 0).sum()) for u in range(out.shape[1])]
+        assert report[name].active_count.tolist() == active, name
+        assert report[name].samples == 13
+        assert report[name].killed == sum(1 for row in out if not bool((row > 0).any()))
+    assert report["relu"].dead.tolist()[2] and bool(report["block.relu"].dead[:3].all())
+
+
+def test_functional_counting_leaves_no_mode_behind_on_error():
+    from torch.overrides import _get_current_function_mode_stack
+
+    model = _FunctionalNet()
+    with DeadUnitTracker(model):
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 4))  # wrong width: fails inside the forward
+        assert _get_current_function_mode_stack() == []
+        model(torch.randn(2, 3))
+    assert _get_current_function_mode_stack() == []
+
+
+def test_paused_tracker_skips_functional_calls():
+    model = _FunctionalNet()
+    tracker = DeadUnitTracker(model)
+    with tracker:
+        tracker.pause()
+        model(torch.randn(4, 3))
+        tracker.resume()
+        model(torch.randn(2, 3))
+    assert {r.samples for r in tracker.report().values()} == {2}

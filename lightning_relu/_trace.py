@@ -1,0 +1,213 @@
+"""Data-flow links and functional rectifier calls, read off a ``torch.fx`` trace of the model."""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+#: Functions and methods that apply a rectifier, as seen by ``torch.fx`` and by ``__torch_function__``.
+FUNCTIONAL_RECTIFIERS: dict[Any, str] = {
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    torch.Tensor.relu: "relu",
+    torch.Tensor.relu_: "relu",
+    F.relu6: "relu6",
+}
+_RECTIFIER_METHODS = {"relu": "relu", "relu_": "relu"}
+
+_PASS_THROUGH_FUNCTIONS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+}
+
+
+@dataclass
+class Links:
+    producer: str | None = None
+    norm: str | None = None
+    consumers: list[tuple[str, bool]] = field(default_factory=list)  # (name, through_flatten)
+
+
+@dataclass
+class TracedCall:
+    """One rectifier call in a traced forward."""
+
+    kind: str  # "module" or "function"
+    module_name: str  # the rectifier module (kind "module") or the module whose forward makes the call
+    index: int  # call position within that module (kind "module") or among that module's functional calls
+    base: str  # "relu" or "relu6" for functional calls
+    order: int  # position in the traced graph
+    links: Links
+    name_index: int = 0  # position among the same parent's calls of the same base (for naming)
+
+
+@dataclass
+class TraceResult:
+    calls: list[TracedCall] = field(default_factory=list)
+    failures: list[tuple[str, nn.Module, Exception]] = field(default_factory=list)
+    complete: bool = False  # the whole model traced in one graph
+
+
+def trace_model(model: nn.Module, leaf_types: tuple[type[nn.Module], ...]) -> TraceResult:
+    """Trace ``model`` (or, where that fails, its children, recursively) and list every rectifier call."""
+    result = TraceResult()
+    order = [0]
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if isinstance(module, leaf_types):
+            return
+        try:
+            graph = fx.Tracer().trace(module)
+        except Exception as error:  # any failure of user code under tracing
+            result.failures.append((prefix, module, error))
+            for name, child in module.named_children():
+                visit(_join(prefix, name), child)
+            return
+        if module is model:
+            result.complete = True
+        _analyse(prefix, module, graph, result, order)
+
+    visit("", model)
+    return result
+
+
+def mentions_relu(module: nn.Module) -> bool:
+    """Whether the source of ``module.forward`` may call a rectifier function (True when unknown)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return "relu" in source
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _analyse(prefix: str, root: nn.Module, graph: fx.Graph, result: TraceResult, order: list[int]) -> None:
+    modules = dict(root.named_modules())
+    module_calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+    def module_of(node: Any) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return modules.get(str(node.target))
+        return None
+
+    def single_use(node: fx.Node) -> bool:
+        return len(node.users) == 1 and module_calls[node.target] == 1
+
+    def producer_links(node: fx.Node) -> Links:
+        from lightning_relu.sites import NORM_TYPES, PRODUCER_TYPES
+
+        links = Links()
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        if isinstance(module_of(src), NORM_TYPES) and single_use(src):
+            links.norm = _join(prefix, str(src.target))
+            src = src.args[0] if src.args else None
+        if isinstance(module_of(src), PRODUCER_TYPES) and single_use(src):
+            links.producer = _join(prefix, str(src.target))
+        return links
+
+    def consumer_links(node: fx.Node) -> list[tuple[str, bool]]:
+        from lightning_relu.sites import _PASS_THROUGH_TYPES, PRODUCER_TYPES
+
+        found: list[tuple[str, bool]] = []
+        for user in node.users:
+            flattened = False
+            current = user
+            while True:
+                module = module_of(current)
+                if _is_flatten(current, module):
+                    flattened = True
+                elif not (isinstance(module, _PASS_THROUGH_TYPES) or _is_pass_through_call(current)):
+                    break
+                if len(current.users) != 1:
+                    return []
+                current = next(iter(current.users))
+            module = module_of(current)
+            if not (isinstance(module, PRODUCER_TYPES) and module_calls[current.target] == 1):
+                return []
+            if not current.args or current.args[0] is not _input_chain_end(node, user, current):
+                return []
+            found.append((_join(prefix, str(current.target)), flattened))
+        return found
+
+    from lightning_relu.sites import RECTIFIER_TYPES
+
+    module_index: Counter[str] = Counter()
+    function_index: Counter[str] = Counter()
+    base_index: Counter[tuple[str, str]] = Counter()
+    for node in graph.nodes:
+        kind = base = None
+        name_index = 0
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), RECTIFIER_TYPES):
+            kind = "module"
+            owner = _join(prefix, str(node.target))
+            index = module_index[owner]
+            module_index[owner] += 1
+        elif (node.op == "call_function" and node.target in FUNCTIONAL_RECTIFIERS) or (
+            node.op == "call_method" and node.target in _RECTIFIER_METHODS
+        ):
+            kind = "function"
+            base = FUNCTIONAL_RECTIFIERS.get(node.target) or _RECTIFIER_METHODS[str(node.target)]
+            stack = node.meta.get("nn_module_stack") or {}
+            inner = list(stack.values())[-1][0] if stack else ""
+            owner = _join(prefix, str(inner))
+            index = function_index[owner]
+            function_index[owner] += 1
+            name_index = base_index[owner, base]
+            base_index[owner, base] += 1
+        else:
+            continue
+        links = producer_links(node)
+        links.consumers = consumer_links(node)
+        result.calls.append(TracedCall(kind, owner, index, base or "", order[0], links, name_index))
+        order[0] += 1
+
+
+def _is_flatten(node: fx.Node, module: nn.Module | None) -> bool:
+    if isinstance(module, nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    ):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    return False
+
+
+def _is_pass_through_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
+
+
+def _input_chain_end(site_node: fx.Node, first_user: fx.Node, consumer: fx.Node) -> fx.Node:
+    """The node whose output the consumer reads: the last node of the chain from the site."""
+    if first_user is consumer:
+        return site_node
+    current = first_user
+    while next(iter(current.users)) is not consumer:
+        current = next(iter(current.users))
+    return current

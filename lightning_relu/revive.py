@@ -1,0 +1,651 @@
+"""Revival of dead units: :func:`revive_dead_units_` (the surgery) and the :class:`DeadUnitReviver` callback.
+
+Once a unit is dead its incoming weights receive no gradient and it stays dead. Revival re-initializes the
+unit's incoming weights, resets its normalization entries, zeroes its outgoing weights (so the network computes
+the same function right after the surgery) and zeroes the optimizer state of every touched entry, as in ReDo
+(Sokar et al., 2023) and continual backprop (Dohare et al., 2021).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
+from lightning_relu.stats import LayerReport
+
+if TYPE_CHECKING:
+    from lightning_relu.monitor import DeadUnitMonitor, EpochReport
+
+__all__ = ["INIT_MODES", "DeadUnitReviver", "RevivalWarning", "revive_dead_units_"]
+
+#: Initializations that :func:`revive_dead_units_` can draw revived rows from.
+INIT_MODES: tuple[str, ...] = ("default", "kaiming", "rai")
+
+# RAI (Lu et al. 2020): standard deviation of the Gaussian part is _RAI_SCALE / sqrt(fan_in).
+_RAI_SCALE = 0.6007
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class RevivalWarning(RuntimeWarning):
+    """A revival could not be done exactly as asked (no producer, no consumer, a norm that mixes units)."""
+
+
+# ------------------------------------------------------------------------------------------------ surgery
+@dataclass(eq=False)
+class _Plan:
+    """What to do at one site, decided before any tensor is touched."""
+
+    site: Site
+    units: Tensor  # int64 indices of the units to revive, sorted, on the CPU
+    consumers: list[Consumer] = field(default_factory=list)
+
+
+def revive_dead_units_(
+    model: nn.Module,
+    report: Mapping[str, LayerReport] | EpochReport,
+    optimizer: Optimizer | Iterable[Optimizer] | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    init: str = "default",
+    max_fraction: float = 1.0,
+    exclude: Iterable[str] = (),
+) -> dict[str, int]:
+    r"""Re-initialize the dead units of ``model`` in place without changing what the network computes.
+
+    For every site of ``report`` (keyed by site name, as returned by
+    :meth:`~lightning_relu.tracker.DeadUnitTracker.report` or ``DeadUnitMonitor.last_report``; an
+    ``EpochReport`` works too) and each of its dead units:
+
+    - **producer** (the Linear/ConvNd computing the pre-activation): the unit's row (Linear) or output channel
+      (ConvNd) is re-drawn from a fresh initialization, and its bias entry with it (see ``init``);
+    - **norm** between producer and site: affine weight 1 and bias 0 for the unit's channel; for BatchNorm also
+      running mean 0 and running variance 1;
+    - **consumers** (the Linear/ConvNd layers reading the site's output): the unit's outgoing weights are zeroed
+      (Linear input columns; ConvNd input channels, in the unit's group only; through ``nn.Flatten`` every
+      column that comes from the unit), so the revived unit's new, non-zero output is multiplied by zero and
+      the network computes the same function right after the surgery;
+    - **optimizer state**: in every per-parameter state tensor shaped like its parameter (``exp_avg``,
+      ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ...), the entries of every
+      touched row, column, bias and norm entry are zeroed; other units' state and scalar state (``step``) are
+      untouched. State of another shape (factored second moments) is left alone.
+
+    The revived units fire again; their outgoing weights learn from the next step on and their incoming weights
+    from the step after. Everything is validated before any tensor is touched: a report that does not belong to
+    ``model`` raises ``ValueError`` and changes nothing.
+
+    Caveats, each reported once per call with a :class:`RevivalWarning`: a site without a producer cannot be
+    revived and is skipped; a site without a usable consumer (its output goes through something else than
+    pooling, dropout or ``nn.Flatten``) is revived but the network's output changes; with a LayerNorm, or a
+    GroupNorm of several channels per group, between producer and site, the normalization statistics are shared
+    with the other units of the group, so their outputs (and the network's) change slightly.
+
+    .. math::
+        W_{j,:} \sim \mathcal{D}_\text{init}, \quad \gamma_j = 1,\ \beta_j = 0, \quad
+        W^\text{next}_{:,j} = 0, \quad s_{j} = 0 \text{ for every optimizer state } s
+
+    Args:
+        model: the network the report was measured on.
+        report: per-site reports keyed by site name; only their ``dead`` masks are read.
+        optimizer: an optimizer or several whose state for the touched parameters is reset.
+        generator: every random draw goes through it (on its device, then copied to the parameter), so two
+            processes with identically seeded generators perform identical surgery.
+        init: how revived rows are drawn, with ``fan_in`` the producer's fan-in: ``"default"`` as
+            ``nn.Linear.reset_parameters`` (weights and bias uniform in :math:`\pm 1/\sqrt{\text{fan\_in}}`),
+            ``"kaiming"`` (He normal, std :math:`\sqrt{2/\text{fan\_in}}`, bias 0) or ``"rai"`` (Randomized
+            Asymmetric Initialization, Lu et al. 2020: :math:`[w_j; b_j] \sim \mathcal{N}(0, 0.6007^2/\text{fan\_in})`
+            with one uniformly chosen entry, the bias included, replaced by a Beta(2, 1) draw).
+        max_fraction: at most ``max(1, floor(max_fraction * num_units))`` units of a site are revived at once;
+            when more are dead, which ones is drawn uniformly at random through ``generator``.
+        exclude: names of sites never to revive (unknown names raise ``ValueError``).
+
+    Returns:
+        The number of units revived at every site of ``report`` not in ``exclude`` (0 where none was).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_relu.tracker import DeadUnitTracker
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> with torch.no_grad():
+        ...     net[0].bias[:3] = -100.0  # three dead units
+        >>> x = torch.randn(64, 4)
+        >>> with DeadUnitTracker(net) as tracker:
+        ...     before = net(x)
+        >>> revive_dead_units_(net, tracker.report(), generator=torch.Generator().manual_seed(0))
+        {'1': 3}
+        >>> torch.equal(net(x), before)
+        True
+    """
+    layers = _as_layers(report)
+    optimizers = _as_optimizers(optimizer)
+    if init not in INIT_MODES:
+        raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
+    _check_fraction(max_fraction)
+    excluded = _as_names(exclude, "exclude")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
+
+    sites = {site.name: site for site in find_relu_sites(model)}
+    unknown_excluded = sorted(excluded - sites.keys())
+    if unknown_excluded:
+        raise ValueError(f"`exclude` has unknown site names {unknown_excluded}; the model's sites are {list(sites)}")
+    for name, layer in layers.items():
+        _validate_layer(name, layer, sites)
+
+    # ---- decide everything (no tensor of the model is touched before this loop is done)
+    counts: dict[str, int] = {}
+    plans: list[_Plan] = []
+    no_producer: list[str] = []
+    no_consumer: list[str] = []
+    mixing_norm: list[str] = []
+    for name, layer in layers.items():
+        if name in excluded:
+            continue
+        counts[name] = 0
+        site = sites[name]
+        units = torch.nonzero(layer.dead.reshape(-1)).reshape(-1)
+        if units.numel() == 0:
+            continue
+        if site.producer is None:
+            no_producer.append(name)
+            continue
+        assert site.num_units is not None
+        cap = max(1, math.floor(max_fraction * site.num_units))
+        if units.numel() > cap:
+            pick = torch.randperm(units.numel(), generator=generator, device=_device_of(generator))[:cap]
+            units = units[pick.cpu()].sort().values
+        consumers = [c for c in site.consumers if _consumer_fits(site, c)]
+        if not consumers:
+            no_consumer.append(name)
+        if _norm_mixes_units(site):
+            mixing_norm.append(name)
+        plans.append(_Plan(site=site, units=units, consumers=consumers))
+        counts[name] = int(units.numel())
+
+    if no_producer:
+        warnings.warn(
+            f"Sites {no_producer} have dead units but no known producer (Linear/ConvNd right before the rectifier, "
+            "possibly through a norm layer, inside an `nn.Sequential`): they cannot be revived and were skipped.",
+            RevivalWarning,
+            stacklevel=2,
+        )
+    if no_consumer:
+        warnings.warn(
+            f"Sites {no_consumer} have no known consumer (Linear/ConvNd reading their output through pooling, "
+            "dropout or `nn.Flatten`) whose outgoing weights could be zeroed: their dead units were revived anyway, "
+            "so the network's output changes.",
+            RevivalWarning,
+            stacklevel=2,
+        )
+    if mixing_norm:
+        warnings.warn(
+            f"Sites {mixing_norm} have a LayerNorm/GroupNorm that normalizes several units together: re-drawing the "
+            "revived units' incoming weights changes the statistics their neighbours are normalized with, so the "
+            "network's output changes slightly.",
+            RevivalWarning,
+            stacklevel=2,
+        )
+    if not plans:
+        return counts
+
+    # ---- surgery
+    touched: dict[nn.Parameter, Tensor] = {}  # parameter -> bool mask of touched entries
+    with torch.no_grad():
+        for plan in plans:
+            _redraw_producer(plan.site.producer, plan.units, init, generator, touched)  # type: ignore[arg-type]
+            if plan.site.norm is not None:
+                _reset_norm(plan.site, plan.units, touched)
+        # outgoing weights last: a consumer may also be the producer of a later site
+        for plan in plans:
+            for consumer in plan.consumers:
+                _zero_consumer(plan.site, consumer, plan.units, touched)
+        for opt in optimizers:
+            _reset_optimizer_state(opt, touched)
+    return counts
+
+
+def _as_layers(report: Any) -> dict[str, LayerReport]:
+    layers = getattr(report, "layers", report)  # an EpochReport carries its per-site reports in `.layers`
+    if not isinstance(layers, Mapping):
+        raise ValueError(
+            f"`report` must map site names to `LayerReport`s (or be an `EpochReport`), got {type(report).__name__}"
+        )
+    return dict(layers)
+
+
+def _as_optimizers(optimizer: Any) -> list[Optimizer]:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, Optimizer):
+        return [optimizer]
+    optimizers = list(optimizer) if isinstance(optimizer, Iterable) else [optimizer]
+    bad = [type(opt).__name__ for opt in optimizers if not isinstance(opt, Optimizer)]
+    if bad:
+        raise ValueError(f"`optimizer` must be a `torch.optim.Optimizer`, a sequence of them or None, got {bad}")
+    return optimizers
+
+
+def _as_names(names: Any, argument: str) -> set[str]:
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise ValueError(f"`{argument}` must be a sequence of site names, got {names!r}")
+    names = list(names)
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError(f"`{argument}` must be a sequence of site names, got {names!r}")
+    return set(names)
+
+
+def _check_fraction(max_fraction: Any) -> None:
+    if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0.0 < max_fraction <= 1.0:
+        raise ValueError(f"`max_fraction` must be a number in (0, 1], got {max_fraction!r}")
+
+
+def _validate_layer(name: str, layer: Any, sites: dict[str, Site]) -> None:
+    if name not in sites:
+        raise ValueError(
+            f"The report has a site {name!r} that the model does not have; the model's sites are {list(sites)}. "
+            "Was the report measured on another model?"
+        )
+    dead = getattr(layer, "dead", None)
+    if not isinstance(dead, Tensor) or dead.dtype != torch.bool or dead.ndim != 1:
+        raise ValueError(
+            f"The report of site {name!r} must be a `LayerReport` with a 1-D bool `dead` mask, got {layer!r}"
+        )
+    site = sites[name]
+    expected = site.num_units
+    if expected is not None and (dead.numel() != expected or getattr(layer, "num_units", expected) != expected):
+        raise ValueError(
+            f"The report of site {name!r} has {dead.numel()} units but the model's site {name!r} has {expected} "
+            f"(producer {site.producer_name!r}). Was the report measured on another model?"
+        )
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _consumer_fits(site: Site, consumer: Consumer) -> bool:
+    """Whether zeroing the consumer's inputs from the site's units is well defined (widths agree)."""
+    units, module = site.num_units, consumer.module
+    if units is None:
+        return False
+    if isinstance(module, nn.Linear):
+        if consumer.through_flatten:
+            return module.in_features % units == 0
+        # a Linear applied directly reads the last dimension: the units only for dense sites
+        return site.unit_dim == -1 and module.in_features == units
+    if isinstance(module, _CONV_TYPES):
+        return site.unit_dim == 1 and not consumer.through_flatten and module.in_channels == units  # type: ignore[attr-defined]
+    return False
+
+
+def _norm_mixes_units(site: Site) -> bool:
+    norm = site.norm
+    if isinstance(norm, nn.GroupNorm):
+        return norm.num_channels // norm.num_groups > 1
+    return isinstance(norm, nn.LayerNorm) and (site.num_units or 0) > 1
+
+
+def _mark(touched: dict[nn.Parameter, Tensor], tensor: Tensor | None, index: Any) -> None:
+    if isinstance(tensor, nn.Parameter):
+        if tensor not in touched:
+            touched[tensor] = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+        touched[tensor][index] = True
+
+
+def _draw_rows(
+    count: int, fan_in: int, has_bias: bool, init: str, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None]:
+    """``count`` fresh rows of ``fan_in`` weights (and their bias entries), vectorized, in float32."""
+    device = _device_of(generator)
+    if init == "rai":
+        return _rai_rows(count, fan_in, has_bias, generator)
+    if init == "kaiming":
+        std = math.sqrt(2.0 / fan_in)
+        weight = torch.randn(count, fan_in, generator=generator, device=device) * std
+        return weight, (torch.zeros(count, device=device) if has_bias else None)
+    # "default": kaiming_uniform(a=sqrt(5)) has bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in), like the bias
+    bound = 1.0 / math.sqrt(fan_in)
+    weight = (torch.rand(count, fan_in, generator=generator, device=device) * 2.0 - 1.0) * bound
+    bias = (torch.rand(count, generator=generator, device=device) * 2.0 - 1.0) * bound if has_bias else None
+    return weight, bias
+
+
+def _rai_rows(
+    count: int, fan_in: int, has_bias: bool, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None]:
+    """Randomized Asymmetric Initialization of ``count`` rows: ``V_j = [w_j; b_j] ~ N(0, (0.6007/sqrt(fan_in))^2)``
+    with one uniformly chosen entry (among ``fan_in + 1`` with a bias, ``fan_in`` without) replaced by a
+    Beta(2, 1) draw, ``sqrt(U)`` with ``U ~ U(0, 1)``."""
+    device = _device_of(generator)
+    width = fan_in + int(has_bias)
+    rows = torch.randn(count, width, generator=generator, device=device) * (_RAI_SCALE / math.sqrt(fan_in))
+    position = torch.randint(0, width, (count,), generator=generator, device=device)
+    beta = torch.rand(count, generator=generator, device=device).sqrt()
+    rows[torch.arange(count, device=device), position] = beta
+    return rows[:, :fan_in], (rows[:, fan_in] if has_bias else None)
+
+
+def _redraw_producer(
+    producer: nn.Module,
+    units: Tensor,
+    init: str,
+    generator: torch.Generator | None,
+    touched: dict[nn.Parameter, Tensor],
+) -> None:
+    weight: Tensor = producer.weight  # type: ignore[assignment]
+    bias: Tensor | None = producer.bias  # type: ignore[assignment]
+    fan_in = math.prod(weight.shape[1:])
+    new_weight, new_bias = _draw_rows(int(units.numel()), fan_in, bias is not None, init, generator)
+    index = units.to(weight.device)
+    weight[index] = new_weight.to(weight).reshape(-1, *weight.shape[1:])
+    _mark(touched, weight, index)
+    if bias is not None and new_bias is not None:
+        bias[index] = new_bias.to(bias)
+        _mark(touched, bias, index)
+
+
+def _norm_index(site: Site, tensor: Tensor, units: Tensor) -> tuple[Any, ...]:
+    """Index of the units' entries in a norm layer's per-element tensor."""
+    index = units.to(tensor.device)
+    if isinstance(site.norm, nn.LayerNorm) and site.unit_dim != 1:
+        return (..., index)  # dense units are the last normalized dimension
+    return (index,)  # channels: BatchNorm/GroupNorm vectors, or the first dim of a LayerNorm over (C, ...)
+
+
+def _reset_norm(site: Site, units: Tensor, touched: dict[nn.Parameter, Tensor]) -> None:
+    norm = site.norm
+    assert norm is not None and isinstance(norm, NORM_TYPES)
+    for attribute, value in (("weight", 1.0), ("bias", 0.0)):
+        tensor = getattr(norm, attribute, None)
+        if isinstance(tensor, Tensor):
+            index = _norm_index(site, tensor, units)
+            tensor[index] = value
+            _mark(touched, tensor, index)
+    if isinstance(norm, _BATCH_NORM_TYPES):
+        for attribute, value in (("running_mean", 0.0), ("running_var", 1.0)):
+            tensor = getattr(norm, attribute, None)
+            if isinstance(tensor, Tensor):
+                tensor[units.to(tensor.device)] = value
+
+
+def _zero_consumer(site: Site, consumer: Consumer, units: Tensor, touched: dict[nn.Parameter, Tensor]) -> None:
+    module = consumer.module
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    units = units.to(weight.device)
+    num_units = site.num_units
+    assert num_units is not None
+    if isinstance(module, nn.Linear):
+        if consumer.through_flatten and site.unit_dim == 1:
+            # (N, C, *spatial) flattened: channel c owns the contiguous columns [c * block, (c + 1) * block)
+            block = module.in_features // num_units
+            columns = (units[:, None] * block + torch.arange(block, device=weight.device)).reshape(-1)
+        elif consumer.through_flatten:
+            # (N, *positions, F) flattened: feature c sits at columns c, c + F, c + 2F, ...
+            repeats = module.in_features // num_units
+            columns = (units[:, None] + num_units * torch.arange(repeats, device=weight.device)).reshape(-1)
+        else:
+            columns = units
+        index: tuple[Any, ...] = (slice(None), columns)
+    else:
+        # ConvNd weight: (out, in / groups, *kernel); input channel c is read only by the output channels of
+        # its group, at position c % (in / groups)
+        groups = int(module.groups)  # type: ignore[arg-type]
+        in_per_group = weight.shape[1]
+        out_per_group = weight.shape[0] // groups
+        group = units // in_per_group
+        rows = group[:, None] * out_per_group + torch.arange(out_per_group, device=weight.device)
+        index = (rows, (units % in_per_group)[:, None])
+    weight[index] = 0.0
+    _mark(touched, weight, index)
+
+
+def _reset_optimizer_state(optimizer: Optimizer, touched: dict[nn.Parameter, Tensor]) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            mask = touched.get(param)
+            state = optimizer.state.get(param)
+            if mask is None or not state:
+                continue
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value.masked_fill_(mask.to(value.device), 0)
+
+
+# ------------------------------------------------------------------------------------------------ callback
+class DeadUnitReviver(Callback):
+    r"""Revive the dead units after each training epoch's dead-unit report, with :func:`revive_dead_units_`.
+
+    It acts on the report of a :class:`~lightning_relu.monitor.DeadUnitMonitor`, so a monitor must be in the
+    Trainer's callbacks (or build the pair with ``DeadUnitMonitor(revive=True)``). Every ``every_n_epochs``
+    training epochs, right after the monitor has logged its report, the dead units are re-initialized, their
+    norm entries reset, their outgoing weights zeroed (the network computes the same function right after) and
+    the optimizer state of every touched entry zeroed, for every optimizer in ``trainer.optimizers``.
+
+    Under DDP every rank performs the same surgery: the decisions come from the report, which is summed across
+    ranks, and the random draws from a generator seeded with ``seed + epoch`` on every rank.
+
+    These scalars go to every logger in ``trainer.loggers`` (at ``trainer.global_step``) and into
+    ``trainer.callback_metrics``:
+
+    - ``revived/<site>``: number of units revived at the site;
+    - ``revived/total``: over all sites.
+
+    :attr:`history` keeps ``{"epoch", "global_step", "revived": {site: count}}`` for every revival and goes into
+    checkpoints.
+
+    Args:
+        every_n_epochs: revive after every ``every_n_epochs``-th training epoch.
+        max_fraction: at most ``max(1, floor(max_fraction * num_units))`` units of a site are revived at once,
+            chosen at random among the dead ones when more are dead.
+        exclude: names of sites never to revive.
+        init: how revived incoming weights are drawn: ``"default"``, ``"kaiming"`` or ``"rai"`` (see
+            :func:`revive_dead_units_`).
+        seed: seed of the draws (the generator of epoch ``e`` is seeded with ``seed + e``); ``None`` takes rank
+            zero's ``torch.initial_seed()`` (set by ``seed_everything``).
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_relu.monitor import DeadUnitMonitor
+        from lightning_relu.revive import DeadUnitReviver
+
+        trainer = Trainer(callbacks=[DeadUnitMonitor(), DeadUnitReviver(max_fraction=0.5)])
+        trainer.fit(model)
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        max_fraction: float = 1.0,
+        exclude: Sequence[str] = (),
+        init: str = "default",
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"`every_n_epochs` must be a positive integer, got {every_n_epochs!r}")
+        _check_fraction(max_fraction)
+        excluded = _as_names(exclude, "exclude")
+        if init not in INIT_MODES:
+            raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative integer or None, got {seed!r}")
+        self.every_n_epochs = every_n_epochs
+        self.max_fraction = float(max_fraction)
+        self.exclude: list[str] = sorted(excluded)
+        self.init = init
+        self.seed = seed
+        self.history: list[dict[str, Any]] = []
+        self._resolved_seed: int | None = seed
+        self._monitor: DeadUnitMonitor | None = None
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_epochs=self.every_n_epochs, max_fraction=self.max_fraction, exclude=self.exclude, init=self.init
+        )
+
+    @property
+    def last_revived(self) -> dict[str, int] | None:
+        """The latest revival's counts per site (``None`` before the first)."""
+        return dict(self.history[-1]["revived"]) if self.history else None
+
+    @property
+    def total_revived(self) -> int:
+        """Units revived over the whole history."""
+        return sum(sum(entry["revived"].values()) for entry in self.history)
+
+    # --------------------------------------------------------------- wiring
+    def attach(self, monitor: DeadUnitMonitor, pl_module: nn.Module | None = None) -> None:
+        """Act on ``monitor``'s reports from now on (idempotent; replaces a previous monitor).
+
+        ``DeadUnitMonitor(revive=...)`` calls it from its own ``setup``; a reviver in the Trainer's callbacks calls
+        it itself. With ``pl_module``, the ``exclude`` names are checked against the model's sites (``ValueError``).
+        """
+        if not callable(getattr(monitor, "add_report_listener", None)):
+            raise ValueError(f"`monitor` must be a `DeadUnitMonitor`, got {type(monitor).__name__}")
+        if pl_module is not None:
+            self._check_exclude(pl_module)
+        if self._monitor is not None and self._monitor is not monitor:
+            self.detach()
+        self._monitor = monitor
+        monitor.add_report_listener(self._on_report)
+
+    def detach(self) -> None:
+        """Stop acting on the monitor's reports (idempotent)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.remove_report_listener(self._on_report)
+
+    # ------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from lightning_relu.monitor import DeadUnitMonitor  # here: monitor.py imports this module
+
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, DeadUnitMonitor)]  # type: ignore[attr-defined]
+        if self._monitor is not None and self._monitor in monitors:
+            monitors = [self._monitor]
+        if not monitors:
+            raise MisconfigurationException(
+                "`DeadUnitReviver` acts on the report of a `DeadUnitMonitor`, but the Trainer has none: add one, "
+                "`Trainer(callbacks=[DeadUnitMonitor(), DeadUnitReviver()])`, or use `DeadUnitMonitor(revive=True)`."
+            )
+        if len(monitors) > 1:
+            raise MisconfigurationException(
+                f"`DeadUnitReviver` found {len(monitors)} `DeadUnitMonitor`s in the Trainer's callbacks and cannot "
+                "tell which one to follow: give the reviver to one of them, "
+                "`DeadUnitMonitor(revive=DeadUnitReviver())`."
+            )
+        self.attach(monitors[0], pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.detach()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [
+                {"epoch": e["epoch"], "global_step": e["global_step"], "revived": dict(e["revived"])}
+                for e in self.history
+            ],
+            "seed": self._resolved_seed,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [
+            {
+                "epoch": int(entry.get("epoch", -1)),
+                "global_step": int(entry.get("global_step", -1)),
+                "revived": {str(k): int(v) for k, v in entry.get("revived", {}).items()},
+            }
+            for entry in state_dict.get("history", [])
+        ]
+        if self.seed is None and state_dict.get("seed") is not None:
+            self._resolved_seed = int(state_dict["seed"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_monitor"] = None  # the link is re-made in `setup`/`attach`
+        return state
+
+    # --------------------------------------------------------------- acting
+    def _check_exclude(self, pl_module: nn.Module) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SiteTracingWarning)  # the monitor has said it already
+            names = [site.name for site in find_relu_sites(pl_module)]
+        self._site_names = set(names)
+        unknown = [name for name in self.exclude if name not in names]
+        if unknown:
+            raise ValueError(f"`exclude` has unknown site names {unknown}; the model's sites are {names}")
+
+    def _generator(self, trainer: pl.Trainer, epoch: int) -> torch.Generator:
+        if self._resolved_seed is None:
+            # every rank must draw the same numbers: take rank zero's seed
+            self._resolved_seed = int(trainer.strategy.broadcast(torch.initial_seed() % 2**62, src=0))
+        return torch.Generator().manual_seed((self._resolved_seed + epoch) % 2**63)
+
+    def _on_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: EpochReport) -> None:
+        if (report.epoch + 1) % self.every_n_epochs != 0:
+            return
+        generator = self._generator(trainer, report.epoch)
+        # call positions that only showed up at run time have no producer known to discovery: nothing to revive
+        known = getattr(self, "_site_names", None)
+        layers = {k: v for k, v in report.layers.items() if known is None or k in known}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RevivalWarning)
+            warnings.simplefilter("ignore", SiteTracingWarning)
+            counts = revive_dead_units_(
+                pl_module,
+                layers,
+                trainer.optimizers,
+                init=self.init,
+                max_fraction=self.max_fraction,
+                exclude=self.exclude,
+                generator=generator,
+            )
+        for warning in caught:
+            message = str(warning.message)
+            if not issubclass(warning.category, RevivalWarning):
+                warnings.warn_explicit(message, warning.category, warning.filename, warning.lineno)
+            elif message not in self._warned:
+                self._warned.add(message)
+                rank_zero_warn(message, category=RevivalWarning)
+        entry = {"epoch": report.epoch, "global_step": trainer.global_step, "revived": counts}
+        self.history.append(entry)
+        metrics = {f"revived/{name}": float(count) for name, count in counts.items()}
+        metrics["revived/total"] = float(sum(counts.values()))
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
+        self._log(trainer, metrics)
+
+    @rank_zero_only
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            separator = logger.group_separator
+            logger.log_metrics(
+                {key.replace("/", separator, 1): value for key, value in metrics.items()}, step=trainer.global_step
+            )

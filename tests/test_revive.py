@@ -1,0 +1,549 @@
+"""Tests of revival: the surgery (`revive_dead_units_`) and the `DeadUnitReviver` callback.
+
+Expectations are computed directly (hand-built masks of the entries that must change, outputs before and
+after), never read from what the code under test reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_relu.monitor import DeadUnitMonitor
+from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_units_
+from lightning_relu.stats import LayerReport
+from lightning_relu.tracker import DeadUnitTracker
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def _convnet(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 6, 3, padding=1, groups=2),  # consumer of site "2": 4 input channels per group
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 10),  # consumer of site "6" through Flatten: 16 columns per channel
+        nn.ReLU(),
+        nn.Linear(10, 2),
+    )
+
+
+def _kill(layer: nn.Module, units: list[int]) -> None:
+    with torch.no_grad():
+        layer.bias[units] = -100.0  # type: ignore[index]
+
+
+def _report(model: nn.Module, x: Tensor) -> dict[str, LayerReport]:
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(x)
+    return tracker.report()
+
+
+def _site_outputs(model: nn.Sequential, x: Tensor) -> dict[str, Tensor]:
+    """Every ReLU's output, computed layer by layer."""
+    outs = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model):
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                outs[str(i)] = x.clone()
+    return outs
+
+
+def _dead_units(output: Tensor) -> list[int]:
+    per_unit = output.transpose(0, 1).reshape(output.shape[1], -1)
+    return [u for u in range(per_unit.shape[0]) if not bool((per_unit[u] > 0).any())]
+
+
+def _masks(model: nn.Module) -> dict[str, Tensor]:
+    return {name: torch.zeros_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+
+
+def _mlp_touched(model: nn.Sequential, dead1: list[int], dead3: list[int]) -> dict[str, Tensor]:
+    """Entries that revival of `dead1` at site "1" and `dead3` at site "3" may change, written out by hand."""
+    masks = _masks(model)
+    for u in dead1:
+        masks["0.weight"][u, :] = True
+        masks["0.bias"][u] = True
+        masks["2.weight"][:, u] = True
+    for u in dead3:
+        masks["2.weight"][u, :] = True
+        masks["2.bias"][u] = True
+        masks["4.weight"][:, u] = True
+    return masks
+
+
+def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, n: int) -> None:
+    for _ in range(n):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def _clone_state(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    return {
+        id(p): {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()} for p, s in optimizer.state.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------- same function
+
+
+def test_mlp_computes_the_same_function_and_revived_units_fire() -> None:
+    model = _mlp()
+    x = torch.randn(128, 6)
+    _kill(model[0], [1, 5, 9])
+    _kill(model[2], [0, 7])
+    outs = _site_outputs(model, x)
+    assert _dead_units(outs["1"]) == [1, 5, 9] and _dead_units(outs["3"]) == [0, 7]
+    before = model(x).detach()
+
+    counts = revive_dead_units_(model, _report(model, x), generator=torch.Generator().manual_seed(0))
+
+    assert counts == {"1": 3, "3": 2}
+    assert torch.equal(model(x).detach(), before)
+    outs = _site_outputs(model, x)
+    assert _dead_units(outs["1"]) == [] and _dead_units(outs["3"]) == []
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_conv_bn_flatten_net_computes_the_same_function(train: bool) -> None:
+    model = _convnet()
+    x = torch.randn(32, 3, 8, 8)
+    model.train()
+    model(x)  # some running statistics
+    model.train(train)
+    _kill(model[1], [2, 3, 6])  # BatchNorm bias: channels 2, 3 (group 0 of the next conv) and 6 (group 1)
+    _kill(model[5], [1, 4])
+    _kill(model[8], [3])
+    dead = {name: _dead_units(out) for name, out in _site_outputs(model, x).items()}
+    assert {2, 3, 6} <= set(dead["2"]) and {1, 4} <= set(dead["6"]) and {3} <= set(dead["9"])
+    before = model(x).detach()
+
+    counts = revive_dead_units_(model, _report(model, x), generator=torch.Generator().manual_seed(1))
+
+    assert counts == {name: len(units) for name, units in dead.items()}
+    bn = model[1]
+    assert bn.weight[[2, 3, 6]].tolist() == [1.0] * 3 and bn.bias[[2, 3, 6]].tolist() == [0.0] * 3
+    assert bn.running_mean[[2, 3, 6]].tolist() == [0.0] * 3 and bn.running_var[[2, 3, 6]].tolist() == [1.0] * 3
+    torch.testing.assert_close(model(x).detach(), before, rtol=0, atol=0)
+    outs = _site_outputs(model, x)
+    assert _dead_units(outs["2"]) == [] and _dead_units(outs["6"]) == [] and _dead_units(outs["9"]) == []
+
+
+def test_dense_sequence_through_flatten_is_strided() -> None:
+    # (N, 3, 5) -> Flatten -> 15 columns, feature c at columns c, c + 5, c + 10
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(15, 2))
+    _kill(model[0], [2])
+    x = torch.randn(16, 3, 4)
+    before = model(x).detach()
+    old = model[3].weight.detach().clone()
+    assert revive_dead_units_(model, _report(model, x), generator=torch.Generator().manual_seed(0)) == {"1": 1}
+    assert torch.equal(model(x).detach(), before)
+    expected = old.clone()
+    expected[:, [2, 7, 12]] = 0.0
+    assert torch.equal(model[3].weight.detach(), expected)
+
+
+# ----------------------------------------------------------------------------- weights and optimizer state
+
+
+def _optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=1e-2, amsgrad=True)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2)
+    return torch.optim.RMSprop(params, lr=1e-3, momentum=0.5, centered=True)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw", "rmsprop"])
+def test_only_touched_entries_and_their_optimizer_state_change(kind: str) -> None:
+    model = _mlp()
+    x, y = torch.randn(64, 6), torch.randn(64, 3)
+    optimizer = _optimizer(kind, model.parameters())
+    _steps(model, optimizer, x, y, 3)  # every unit alive: every state entry non-zero
+    _kill(model[0], [4, 11])
+    _kill(model[2], [2])
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state = _clone_state(optimizer)
+    dead = {name: _dead_units(out) for name, out in _site_outputs(model, x).items()}
+    assert {4, 11} <= set(dead["1"]) and {2} <= set(dead["3"])
+    masks = _mlp_touched(model, dead["1"], dead["3"])
+
+    revive_dead_units_(model, _report(model, x), optimizer, generator=torch.Generator().manual_seed(0))
+
+    shaped_keys = 0
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach()[~masks[name]], params[name][~masks[name]]), name
+        for key, value in optimizer.state[p].items():
+            old = state[id(p)][key]
+            if isinstance(value, Tensor) and value.shape == p.shape:
+                shaped_keys += 1
+                if masks[name].any():  # the reset is not vacuous
+                    assert (old[masks[name]] != 0).float().mean() > 0.5, (name, key)
+                assert bool((value[masks[name]] == 0).all()), (name, key)
+                assert torch.equal(value[~masks[name]], old[~masks[name]]), (name, key)
+            else:
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(old)), (name, key)  # `step` untouched
+    assert shaped_keys >= len(params)
+    # revived rows are new, the outgoing columns are zero
+    assert not torch.equal(model[0].weight.detach()[[4, 11]], params["0.weight"][[4, 11]])
+    assert model[0].bias.detach()[[4, 11]].abs().max() <= 1 / math.sqrt(6)
+    assert bool((model[2].weight.detach()[:, [4, 11]] == 0).all())
+    assert bool((model[4].weight.detach()[:, 2] == 0).all())
+
+
+def test_conv_optimizer_state_groups_and_flatten_columns() -> None:
+    model = _convnet()
+    x, y = torch.randn(16, 3, 8, 8), torch.randn(16, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _steps(model, optimizer, x, y, 2)
+    _kill(model[1], [1, 5])
+    _kill(model[5], [4])
+    state = _clone_state(optimizer)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    masks = _masks(model)
+    outgoing = torch.zeros_like(masks["4.weight"])
+    for c in (1, 5):
+        masks["0.weight"][c] = masks["0.bias"][c] = masks["1.weight"][c] = masks["1.bias"][c] = True
+        group = c // 4  # 8 input channels in 2 groups; 3 output channels per group
+        for row in range(3 * group, 3 * group + 3):
+            outgoing[row, c % 4] = True
+    masks["4.weight"][4] = masks["4.bias"][4] = masks["5.weight"][4] = masks["5.bias"][4] = True
+    masks["4.weight"] |= outgoing
+    masks["8.weight"][:, 4 * 16 : 5 * 16] = True
+
+    counts = revive_dead_units_(model, _report(model, x), [optimizer], exclude=["9"], generator=torch.Generator())
+    assert counts == {"2": 2, "6": 1}
+
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach()[~masks[name]], params[name][~masks[name]]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            value, old = optimizer.state[p][key], state[id(p)][key]
+            assert bool((value[masks[name]] == 0).all()), (name, key)
+            assert torch.equal(value[~masks[name]], old[~masks[name]]), (name, key)
+    assert bool((model[4].weight.detach()[outgoing] == 0).all())
+    assert bool((model[4].weight.detach()[4][~outgoing[4]] != 0).all())  # the rest of revived row 4 is new
+    assert bool((model[8].weight.detach()[masks["8.weight"]] == 0).all())
+
+
+def test_revived_units_learn_again() -> None:
+    model = _mlp()
+    x, y = torch.randn(64, 6), torch.randn(64, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _kill(model[0], [3, 8])
+    nn.functional.mse_loss(model(x), y).backward()
+    assert model[0].weight.grad[[3, 8]].abs().max() == 0  # dead: no gradient at all
+    optimizer.zero_grad()
+
+    revive_dead_units_(model, _report(model, x), optimizer, generator=torch.Generator().manual_seed(0))
+    _steps(model, optimizer, x, y, 1)  # the outgoing weights learn first ...
+    assert bool((model[2].weight.detach()[:, [3, 8]] != 0).any(dim=0).all())
+    optimizer.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()  # ... then the incoming weights get gradient
+    assert bool((model[0].weight.grad[[3, 8]].abs().sum(dim=1) > 0).all())
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("init", ["default", "kaiming", "rai"])
+def test_init_distributions(init: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(400, 256), nn.ReLU(), nn.Linear(256, 2))
+    _kill(model[0], list(range(256)))
+    report = {"1": LayerReport.from_counts("1", torch.zeros(256, dtype=torch.int64), 1, 1, 1)}
+    revive_dead_units_(model, report, init=init, generator=torch.Generator().manual_seed(0))
+    w, b = model[0].weight.detach(), model[0].bias.detach()
+    if init == "default":
+        bound = 1 / math.sqrt(400)
+        assert w.abs().max() <= bound and b.abs().max() <= bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+    elif init == "kaiming":
+        assert abs(w.std().item() - math.sqrt(2 / 400)) < 0.03 * math.sqrt(2 / 400)
+        assert bool((b == 0).all())
+    else:
+        rows = torch.cat([w, b[:, None]], dim=1)  # V_j = [w_j; b_j]
+        sigma = 0.6007 / math.sqrt(400)
+        large = rows.abs() > 0.2  # > 6.6 sigma: only the Beta(2, 1) entry (itself < 0.2 with probability 0.04)
+        assert int(large.sum(dim=1).max()) == 1
+        assert bool((rows[large] > 0).all())
+        assert large.any(dim=1).float().mean() > 0.9
+        assert abs(rows[~large].std().item() - sigma) < 0.03 * sigma
+
+
+def test_max_fraction_caps_and_draws_among_dead_units() -> None:
+    model = _mlp()
+    x = torch.randn(64, 6)
+    dead = [0, 2, 3, 5, 7, 8, 10, 12, 13, 15]
+    _kill(model[0], dead)
+    report = _report(model, x)
+    first = _mlp()
+    first.load_state_dict(model.state_dict())
+    report = {"1": report["1"]}  # a partial report is fine
+    counts = revive_dead_units_(model, report, max_fraction=0.25, generator=torch.Generator().manual_seed(3))
+    assert counts == {"1": 4}
+    revived = [u for u in range(16) if model[0].bias[u] != -100.0]
+    assert len(revived) == 4 + 16 - len(dead)
+    revived = [u for u in dead if model[0].bias[u] != -100.0]
+    assert len(revived) == 4
+    # the same generator seed picks the same units
+    revive_dead_units_(first, report, max_fraction=0.25, generator=torch.Generator().manual_seed(3))
+    assert [u for u in dead if first[0].bias[u] != -100.0] == revived
+
+
+def test_exclude_and_warnings() -> None:
+    model = _mlp()
+    x = torch.randn(64, 6)
+    _kill(model[0], [1])
+    _kill(model[2], [1])
+    old = model[0].bias.detach().clone()
+    assert revive_dead_units_(model, _report(model, x), exclude=["1"]) == {"3": 1}
+    assert torch.equal(model[0].bias.detach(), old)
+
+    class Free(nn.Module):  # the pre-activation is not a layer output: no producer known
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(3, 4), nn.ReLU()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.act(self.fc(x) * 1.0)
+
+    free = Free()
+    _kill(free.fc, [0])
+    with pytest.warns(RevivalWarning, match=r"\['act'\] have dead units but no known producer"):
+        assert revive_dead_units_(free, _report(free, torch.randn(8, 3))) == {"act": 0}
+    assert free.fc.bias[0] == -100.0
+
+    # a LayerNorm after the site hides the consumer; the LayerNorm before it mixes units
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.ReLU(), nn.LayerNorm(4), nn.Linear(4, 1))
+    with torch.no_grad():
+        net[1].bias[2] = -100.0
+    with pytest.warns(RevivalWarning) as record:
+        assert revive_dead_units_(net, _report(net, torch.randn(8, 3))) == {"2": 1}
+    messages = " ".join(str(w.message) for w in record)
+    assert "no known consumer" in messages and "normalizes several units together" in messages
+    assert net[1].weight[2] == 1.0 and net[1].bias[2] == 0.0
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("report", "match"),
+    [
+        ({"1": 16, "7": 4}, r"site '7' that the model does not have; the model's sites are \['1', '3'\]"),
+        ({"1": 16, "3": 20}, r"site '3' has 20 units but the model's site '3' has 12"),
+    ],
+    ids=["unknown-site", "wrong-width"],
+)
+def test_report_of_another_model_changes_nothing(report: dict[str, int], match: str) -> None:
+    model = _mlp()
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    _steps(model, optimizer, x, y, 1)
+    layers = {
+        name: LayerReport.from_counts(name, torch.zeros(width, dtype=torch.int64), 10, 10, 10)  # all dead
+        for name, width in report.items()
+    }
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state = _clone_state(optimizer)
+    with pytest.raises(ValueError, match=match):
+        revive_dead_units_(model, layers, optimizer, generator=torch.Generator())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, params[key]), key
+    for p, s in optimizer.state.items():
+        for key, value in s.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[id(p)][key])), key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_epochs": 0}, r"`every_n_epochs` must be a positive integer, got 0"),
+        ({"max_fraction": 1.5}, r"`max_fraction` must be a number in \(0, 1\], got 1.5"),
+        ({"exclude": "net.1"}, r"`exclude` must be a sequence of site names, got 'net.1'"),
+        ({"init": "xavier"}, r"`init` can be 'default', 'kaiming', 'rai', got 'xavier'"),
+        ({"seed": -1}, r"`seed` must be a non-negative integer or None, got -1"),
+    ],
+)
+def test_reviver_validates_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DeadUnitReviver(**kwargs)
+
+
+# -------------------------------------------------------------------------------------------- Lightning
+
+
+class _DeadModule(pl.LightningModule):
+    """A small regressor whose `dead` units of `net.1` start dead (large negative bias)."""
+
+    def __init__(self, dead: tuple[int, ...] = (1, 4, 6)) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        _kill(self.net[0], list(dead))
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(64, 8, generator=generator)
+        self.data = TensorDataset(x, x.sum(dim=1, keepdim=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+class _DumpState(Callback):
+    def __init__(self, folder: str, reviver: DeadUnitReviver) -> None:
+        self.folder = folder
+        self.reviver = reviver
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = {"params": pl_module.state_dict(), "history": self.reviver.history}
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "max_epochs": 2,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    }
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def test_fit_revives_logs_and_checkpoints(tmp_path: Path) -> None:
+    reviver = DeadUnitReviver(seed=7)
+    pickle.loads(pickle.dumps(reviver))
+    model = _DeadModule()
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer = _trainer(tmp_path, [DeadUnitMonitor(), reviver], logger=logger, limit_train_batches=4)
+    trainer.fit(model)
+
+    assert [e["revived"] for e in reviver.history] == [{"net.1": 3}, {"net.1": 0}]  # alive again in epoch 1
+    assert bool((model.net[0].bias.detach()[[1, 4, 6]] > -1).all())
+    assert trainer.callback_metrics["revived/total"] == 0.0
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("revived/net.1")]
+    assert [(float(r["revived/net.1"]), float(r["revived/total"]), int(r["step"])) for r in rows] == [
+        (3.0, 3.0, 4),
+        (0.0, 0.0, 8),
+    ]
+
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    saved = checkpoint["callbacks"][reviver.state_key]
+    assert saved["history"] == reviver.history
+    fresh = DeadUnitReviver(seed=7)
+    assert fresh.state_key == reviver.state_key
+    fresh.load_state_dict(saved)
+    assert fresh.history == reviver.history and fresh.total_revived == 3
+    fresh.load_state_dict({})  # old checkpoints without the keys load
+    assert fresh.history == []
+    restored = pickle.loads(pickle.dumps(reviver))
+    assert restored.history == reviver.history
+
+
+def test_attach_to_a_monitor_without_being_a_callback(tmp_path: Path) -> None:
+    # how `DeadUnitMonitor(revive=...)` drives its reviver: `attach` in the monitor's setup, state through it
+    monitor, reviver = DeadUnitMonitor(), DeadUnitReviver(seed=0)
+    with pytest.raises(ValueError, match=r"`exclude` has unknown site names \['net.9'\]"):
+        DeadUnitReviver(exclude=["net.9"]).attach(monitor, _DeadModule())
+    reviver.attach(monitor, _DeadModule())
+    trainer = _trainer(tmp_path, [monitor], logger=False, max_epochs=1, limit_train_batches=2)
+    trainer.fit(_DeadModule())
+    assert [e["revived"] for e in reviver.history] == [{"net.1": 3}]
+    reviver.detach()
+    reviver.detach()  # idempotent
+
+
+def test_reviver_needs_a_monitor(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [DeadUnitReviver()], logger=False, max_epochs=1, limit_train_batches=1)
+    with pytest.raises(MisconfigurationException, match="but the Trainer has none"):
+        trainer.fit(_DeadModule())
+
+
+def test_ddp_ranks_perform_identical_surgery(tmp_path: Path) -> None:
+    reviver = DeadUnitReviver(seed=None)  # the seed comes from rank zero: spawned ranks have their own
+    trainer = _trainer(
+        tmp_path,
+        [DeadUnitMonitor(), reviver, _DumpState(str(tmp_path), reviver)],
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(_DeadModule())
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert states[0]["history"] == states[1]["history"]
+    assert [e["revived"] for e in states[0]["history"]] == [{"net.1": 3}]
+    for key, value in states[0]["params"].items():
+        assert torch.equal(value, states[1]["params"][key]), key
+    assert bool((states[0]["params"]["net.0.bias"][[1, 4, 6]] > -1).all())
+    assert bool((states[0]["params"]["net.2.weight"][:, [1, 4, 6]] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------- example
+
+
+def test_example_quick_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "revival.py"
+    spec = importlib.util.spec_from_file_location("revival_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        results = module.main(["--quick"])
+    finally:
+        del sys.modules[spec.name]
+    assert sorted((r.seed, r.arm) for r in results) == [(s, a) for s in (0, 1) for a in ("no revival", "revival")]
+    for r in results:
+        assert len(r.dead_fraction) == 5 and all(0.0 <= d <= 1.0 for d in r.dead_fraction)
+        assert math.isfinite(r.final_loss)
+        assert (sum(r.revived) > 0) == (r.arm == "revival")
+    out = capsys.readouterr().out
+    assert "| epoch | lr | dead, no revival | dead, revival |" in out and "| mean ± std |" in out
