@@ -1,0 +1,339 @@
+"""Benchmark suite: what monitoring costs, measured against the same training step without it.
+
+    python benchmarks/run.py [--quick] [--json benchmarks/results.json] [--no-budgets]
+
+Each figure is a ratio of medians from one process in which the two variants run in interleaved blocks
+(many rounds of "a block of steps with, a block without"), so that machine drift cancels. Budgets
+(checked unless --no-budgets; the script exits 1 when one is missed):
+
+- monitoring with exact per-unit counts on every training step: at most 1.02x the step time, for
+  `DeadUnitTracker` in a plain loop and for `DeadUnitMonitor` in `Trainer.fit`;
+- `sign_flip_`: at most 1.5x one plain forward pass over the same data.
+
+Reported without a budget: one `revive_dead_units_` on the CNN relative to one training step, and the
+tracker's overhead on a `torch.compile`d model (with a check that its counts equal eager counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import WORKLOADS, batch
+
+from lightning_relu import DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
+from lightning_relu.init import sign_flip_
+
+STEP_BUDGET = 1.02
+SIGN_FLIP_BUDGET = 1.5
+
+
+def machine() -> dict[str, object]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def interleaved(
+    variants: dict[str, tuple[Callable[[], None], Callable[[], None], Callable[[], None]]],
+    rounds: int,
+    block: int,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Median time of one call per variant; each variant is (enter, step, exit), run in interleaved blocks."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for enter, step, leave in variants.values():
+        enter()
+        for _ in range(warmup):
+            step()
+        leave()
+    for r in range(rounds):
+        order = list(variants.items())
+        if r % 2:
+            order.reverse()
+        for name, (enter, step, leave) in order:
+            enter()
+            step()  # one untimed step after switching
+            for _ in range(block):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+            leave()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_tracker(name: str, rounds: int, block: int) -> dict[str, float]:
+    build, _ = WORKLOADS[name]
+    torch.manual_seed(0)
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = batch(name)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    tracker = DeadUnitTracker(model)
+
+    def nothing() -> None:
+        pass
+
+    medians = interleaved(
+        {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}, rounds, block
+    )
+    return {
+        "step_ms": medians["plain"] * 1e3,
+        "tracked_step_ms": medians["tracked"] * 1e3,
+        "ratio": medians["tracked"] / medians["plain"],
+    }
+
+
+class _Module(L.LightningModule):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = WORKLOADS[name][0]()
+        self.loss = nn.CrossEntropyLoss()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class _Repeat(Dataset):
+    """The same batch, `n` times (the loader is used with `batch_size=None`)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+        self.x, self.y, self.n = x, y, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.y
+
+
+class _StepTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx > 0:  # the first step of a fit pays for warm-up
+            self.times.append(time.perf_counter() - self._t0)
+
+
+def bench_lightning(name: str, rounds: int, block: int) -> dict[str, float]:
+    x, y = batch(name)
+    data = DataLoader(_Repeat(x, y, block + 1), batch_size=None)
+    module = _Module(name)
+    times: dict[str, list[float]] = {"plain": [], "monitored": []}
+    for r in range(rounds):
+        order = ["plain", "monitored"] if r % 2 == 0 else ["monitored", "plain"]
+        for variant in order:
+            timer = _StepTimer()
+            callbacks: list[Callback] = [timer]
+            if variant == "monitored":
+                callbacks.append(DeadUnitMonitor(log_histograms=False))
+            trainer = L.Trainer(
+                max_epochs=1,
+                callbacks=callbacks,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                accelerator="cpu",
+                devices=1,
+            )
+            trainer.fit(module, data)
+            times[variant] += timer.times
+    plain, monitored = statistics.median(times["plain"]), statistics.median(times["monitored"])
+    return {"step_ms": plain * 1e3, "monitored_step_ms": monitored * 1e3, "ratio": monitored / plain}
+
+
+def bench_sign_flip(label: str, model: nn.Module, data: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median time of `sign_flip_` over `data` against one plain forward pass over the same data."""
+    forward, flip = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(data)
+        forward.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sign_flip_(model, data, max_samples=None)
+        flip.append(time.perf_counter() - t0)
+    f, s = statistics.median(forward), statistics.median(flip)
+    return {"forward_ms": f * 1e3, "sign_flip_ms": s * 1e3, "ratio": s / f}
+
+
+def deep_mlp(depth: int = 32, width: int = 64, in_features: int = 64) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(in_features if i == 0 else width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def bench_revival(repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = WORKLOADS["cnn"][0]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = batch("cnn")
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    with DeadUnitTracker(model) as tracker:
+        model(x)
+    report = tracker.report()
+    # pretend a quarter of every layer died, so the surgery has real work to do
+    for layer in report.values():
+        layer.dead[: max(1, layer.num_units // 4)] = True
+    steps, revivals = [], []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        steps.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        revive_dead_units_(model, report, opt, generator)
+        revivals.append(time.perf_counter() - t0)
+    st, rv = statistics.median(steps), statistics.median(revivals)
+    return {"step_ms": st * 1e3, "revive_ms": rv * 1e3, "ratio": rv / st}
+
+
+def bench_compiled(name: str, rounds: int, block: int) -> dict[str, Any]:
+    build, _ = WORKLOADS[name]
+    torch.manual_seed(0)
+    model = build()
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = batch(name)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(compiled(x), y).backward()
+        opt.step()
+
+    tracker = DeadUnitTracker(model)
+
+    def nothing() -> None:
+        pass
+
+    medians = interleaved(
+        {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}, rounds, block
+    )
+    # correctness: counts from the compiled model equal the counts of an eager pass with the same weights
+    with torch.no_grad(), tracker:
+        tracker.reset()
+        compiled(x)
+        from_compiled = {k: v.active_count.tolist() for k, v in tracker.report().items()}
+        tracker.reset()
+        model(x)
+        from_eager = {k: v.active_count.tolist() for k, v in tracker.report().items()}
+    return {
+        "step_ms": medians["plain"] * 1e3,
+        "tracked_step_ms": medians["tracked"] * 1e3,
+        "ratio": medians["tracked"] / medians["plain"],
+        "counts_match_eager": from_compiled == from_eager,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run, not a measurement")
+    parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results.json"))
+    parser.add_argument("--no-budgets", action="store_true", help="report only, never fail")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--skip-lightning", action="store_true", help="skip the Trainer.fit measurements")
+    parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, block = (3, 2) if args.quick else (25, 6)
+
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
+    rows: list[tuple[str, str, str, str]] = []
+    failures: list[str] = []
+
+    def record(section: str, key: str, r: dict[str, Any], label: str, base: str, budget: float | None) -> None:
+        results.setdefault(section, {})[key] = r
+        rows.append((label, f"{r[base]:.2f} ms", f"{r['ratio']:.3f}x", f"{budget}x" if budget else "-"))
+        if budget is not None and r["ratio"] > budget:
+            failures.append(f"{label}: {r['ratio']:.3f}x > {budget}x")
+
+    for name in WORKLOADS:
+        r = bench_tracker(name, rounds, block)
+        record("tracker", name, r, f"DeadUnitTracker step, {name}", "step_ms", STEP_BUDGET)
+    if not args.skip_lightning:
+        for name in WORKLOADS:
+            r = bench_lightning(name, max(2, rounds // 3), block * 4)
+            record("lightning", name, r, f"Trainer.fit step with DeadUnitMonitor, {name}", "step_ms", STEP_BUDGET)
+    repeats = 3 if args.quick else 15
+    r = bench_sign_flip("mlp", deep_mlp(), torch.randn(1024, 64, generator=torch.Generator().manual_seed(0)), repeats)
+    record("sign_flip", "mlp_depth32_width64", r, "sign_flip_ vs forward, MLP depth 32 width 64", "forward_ms",
+           SIGN_FLIP_BUDGET)  # fmt: skip
+    cnn_data = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    r = bench_sign_flip("cnn", WORKLOADS["cnn"][0](), cnn_data, repeats)
+    record("sign_flip", "cnn", r, "sign_flip_ vs forward, CNN (256 images)", "forward_ms", SIGN_FLIP_BUDGET)
+    r = bench_revival(repeats)
+    record("revival", "cnn", r, "revive_dead_units_ vs training step, CNN", "step_ms", None)
+    if not args.skip_compile:
+        for name in WORKLOADS:
+            r = bench_compiled(name, rounds, block)
+            record("compiled", name, r, f"DeadUnitTracker step, torch.compile, {name}", "step_ms", None)
+            if not r["counts_match_eager"]:
+                failures.append(f"compiled {name}: counts differ from eager counts")
+
+    print("| measurement | baseline | ratio | budget |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    m = results["machine"]
+    print(f"\nmachine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)")
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {args.json}")
+    if failures and not args.no_budgets and not args.quick:
+        print("budget missed: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
