@@ -1,0 +1,541 @@
+"""Initializers that keep rectifier networks alive: :func:`rai_` and :func:`sign_flip_`.
+
+:func:`rai_` is a data-free initializer in the style of :mod:`torch.nn.init`. :func:`sign_flip_` is data-dependent:
+it only changes the signs of whole affine maps, chosen from one forward pass over a sample of the data.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from lightning_relu.sites import Site, find_relu_sites
+
+__all__ = ["RAI_SIGMA_SCALE", "SignFlipReport", "rai_", "sign_flip_"]
+
+#: Lu et al.'s scale of the symmetric part of RAI: ``sigma = RAI_SIGMA_SCALE / sqrt(fan_in)``.
+RAI_SIGMA_SCALE = 0.6007
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Randomized asymmetric initialization
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rai_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    r"""Fill a layer, or every layer that feeds a rectifier in a model, with Randomized Asymmetric Initialization.
+
+    From Lu, Shin, Su and Karniadakis, "Dying ReLU and Initialization: Theory and Numerical Examples",
+    Communications in Computational Physics 28 (2020). For every output unit :math:`j` of a ``nn.Linear`` or a
+    (grouped) ``nn.ConvNd``, the vector of its incoming weights and its bias is drawn as
+
+    .. math::
+        V_j = [w_j; b_j] \sim \mathcal{N}\left(0, \sigma^2 I_{n+1}\right), \quad
+        \sigma = \frac{0.6007}{\sqrt{n}}, \quad V_{j,i} \leftarrow \xi_j, \;
+        i \sim \mathcal{U}\{1, \dots, n+1\}, \; \xi_j \sim \mathrm{Beta}(2, 1)
+
+    where :math:`n` is the fan-in (``in_channels / groups`` times the kernel volume for a convolution): one entry of
+    :math:`V_j`, chosen uniformly among the :math:`n + 1` positions (bias included), is replaced by a positive
+    ``Beta(2, 1)`` draw, not rescaled. For a layer without bias the entry is chosen among the :math:`n` weights.
+    The asymmetry makes it unlikely that a unit, or a whole layer, is dead for every input from the start.
+
+    Given a model rather than a single layer, every producer of a rectifier site (:func:`find_relu_sites`) is
+    initialized this way and every other layer (the output layer, layers the discovery cannot link to a rectifier)
+    keeps its values. The model is changed in place under ``torch.no_grad()``.
+
+    Args:
+        module: an ``nn.Linear``, an ``nn.Conv1d``/``Conv2d``/``Conv3d``, or a model containing rectifier sites.
+        generator: the ``torch.Generator`` every draw comes from (the global one when ``None``). The draws are made
+            on the generator's device and copied into the parameters, so a CPU generator gives the same values
+            whatever device the model is on.
+
+    Returns:
+        ``module``, for chaining.
+
+    Examples:
+        >>> layer = nn.Linear(16, 32)
+        >>> _ = rai_(layer, generator=torch.Generator().manual_seed(0))
+        >>> model = nn.Sequential(nn.Linear(1, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
+        >>> _ = rai_(model)  # the two hidden layers; the output layer keeps its initialization
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
+    if _is_affine_layer(module):
+        _rai_layer_(module, generator)
+        return module
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"`module` must be a `torch.nn.Module`, got {type(module).__name__}")
+    if isinstance(module, _ConvNd):  # transposed convolutions: fan-in is not what the paper means
+        raise ValueError(f"`module` must be a Linear or a (non-transposed) ConvNd layer or a model, got {module}")
+    producers: dict[int, nn.Module] = {}
+    for site in find_relu_sites(module):
+        if site.producer is not None:
+            producers.setdefault(id(site.producer), site.producer)
+    if not producers:
+        warnings.warn(
+            f"`rai_` found no rectifier site with a known producer in {type(module).__name__}: nothing was"
+            " initialized. RAI applies to the Linear/ConvNd layers that feed an `nn.ReLU`/`nn.ReLU6` directly"
+            " (possibly through a norm layer) inside an `nn.Sequential`; otherwise call `rai_` on such layers.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return module
+    for producer in producers.values():
+        _rai_layer_(producer, generator)
+    return module
+
+
+def _is_affine_layer(module: object) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, _ConvNd) and not module.transposed
+
+
+def _rai_layer_(layer: nn.Module, generator: torch.Generator | None) -> None:
+    weight = layer.weight
+    bias = layer.bias
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"`rai_` cannot initialize {layer}: its parameters are not materialized yet (lazy module)")
+    if weight.numel() == 0:
+        warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
+        return
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+    units = weight.shape[0]
+    positions = fan_in + (1 if bias is not None else 0)
+    sigma = RAI_SIGMA_SCALE / math.sqrt(fan_in)
+    device = generator.device if generator is not None else weight.device
+    with torch.no_grad():
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        values = torch.empty(units, positions, device=device, dtype=dtype)
+        values.normal_(0.0, sigma, generator=generator)
+        replaced = torch.randint(0, positions, (units,), device=device, generator=generator)
+        # Beta(2, 1) has density 2x on [0, 1]: its inverse CDF is sqrt(u)
+        beta = torch.rand(units, device=device, dtype=dtype, generator=generator).sqrt_()
+        values[torch.arange(units, device=device), replaced] = beta
+        weight.copy_(values[:, :fan_in].reshape(weight.shape))
+        if bias is not None:
+            bias.copy_(values[:, fan_in])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sign flipping
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignFlipReport:
+    """What :func:`sign_flip_` decided at one site.
+
+    Fractions are shares of the ``num_samples`` samples of the pass, measured with the decision applied.
+
+    Attributes:
+        site: qualified name of the rectifier module.
+        flipped: whether the affine map feeding the site was negated.
+        target: qualified name of the module whose parameters were (or would have been) negated: the norm layer
+            between producer and rectifier when it has affine parameters, the producer otherwise; ``None`` when the
+            site cannot be flipped.
+        reason: why the site was or was not flipped.
+        living_before: share of the samples alive when the pass reached the site (cumulative over earlier sites).
+        living_after: share of the samples alive after the site (cumulative: alive before and not killed here).
+        site_fraction: share of all the samples that this site, on its own, does not kill (not cumulative: samples
+            killed at earlier sites count when their output here is not all zero).
+        num_samples: number of samples in the pass.
+    """
+
+    site: str
+    flipped: bool
+    target: str | None
+    reason: str
+    living_before: float
+    living_after: float
+    site_fraction: float
+    num_samples: int
+
+    @property
+    def survival(self) -> float:
+        """Share of the samples alive before the site that survive it (1.0 when none was alive)."""
+        return self.living_after / self.living_before if self.living_before > 0 else 1.0
+
+
+@dataclass
+class _FlipTarget:
+    """The parameters that negate a site's pre-activation exactly."""
+
+    name: str
+    tensors: list[Tensor]
+    # running means that must be negated with them (a norm layer without affine parameters, fed by the producer)
+    running_means: list[Tensor]
+
+    def negate_(self) -> None:
+        with torch.no_grad():
+            for tensor in self.tensors:
+                tensor.neg_()
+
+    def negate_running_means_(self) -> None:
+        with torch.no_grad():
+            for tensor in self.running_means:
+                tensor.neg_()
+
+
+def _flip_target(site: Site) -> _FlipTarget | str:
+    """The parameters to negate to negate the site's pre-activation, or the reason why there are none."""
+    norm = site.norm
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        tensors = [norm.weight]
+        if getattr(norm, "bias", None) is not None:
+            tensors.append(norm.bias)
+        return _FlipTarget(str(site.norm_name), tensors, [])
+    producer = site.producer
+    if producer is None:
+        if norm is not None:
+            return "its norm layer has no affine parameters and no producer was found"
+        return "no producer: the pre-activation is not the output of one affine layer (e.g. after a residual sum)"
+    tensors = [producer.weight]
+    if producer.bias is not None:
+        tensors.append(producer.bias)
+    running_means = []
+    # normalization is an odd function of its input when it has no affine parameters: negating the producer negates
+    # the normalized output; a running mean must follow for the layer to stay an exact negation in eval mode
+    if isinstance(norm, _BatchNorm) and norm.running_mean is not None:
+        running_means.append(norm.running_mean)
+    return _FlipTarget(str(site.producer_name), tensors, running_means)
+
+
+def sign_flip_(
+    model: nn.Module,
+    data: Tensor | Iterable[Any],
+    *,
+    max_samples: int | None = 1024,
+    input_fn: Callable[[Any], Tensor] | None = None,
+) -> dict[str, SignFlipReport]:
+    r"""Negate the affine maps that would kill most of the data, in one forward pass over a sample of it.
+
+    From Rister and Rubin, "Probabilistic bounds on data sensitivity in deep rectifier networks". A sample is
+    *killed* at a site when the site's whole output for that sample is zero; once killed it stays killed. Visiting
+    the sites in forward order, if strictly more than half of the samples still alive would be killed at a site, the
+    affine map that feeds it is negated (the producer's weight and bias, or the affine weight and bias of a norm
+    layer between producer and rectifier), which keeps alive every living sample whose pre-activation is not all
+    non-negative. At least half of the living samples then survive every site, so after :math:`k` sites
+
+    .. math::
+        \frac{\#\{\text{alive samples}\}}{\#\{\text{samples}\}} \geq 2^{-k}.
+
+    Only signs change: every parameter keeps its marginal distribution when the initialization is symmetric.
+    A flip is applied only when it actually kills fewer living samples (it always does, except when the living
+    samples' pre-activations are exactly zero).
+
+    The pass runs once whatever the depth: a forward pre-hook on each rectifier sees its pre-activation :math:`z`,
+    decides, and hands :math:`-z` on when it flips (exact, since negating the map negates :math:`z`). A rectifier
+    module applied at several places is one site per call (``name``, ``name_1``, ...). Sites whose pre-activation is
+    not the output of one affine layer (a rectifier after a residual sum) cannot be flipped: they still update which
+    samples are alive, and their report says why they were not flipped. A functional site (``F.relu`` found by
+    tracing) is watched through a forward hook on the layer computing its pre-activation when the discovery linked
+    one; a functional site without such a layer cannot be seen at all: it is left out of the report, with a warning.
+
+    The pass runs with batch-statistics normalization and everything else in eval mode: batch-norm layers are put in
+    train mode (their running statistics at initialization are not the data's; batch statistics are what the first
+    training steps see), dropout and other layers in eval mode (deterministic decisions). Nothing else changes:
+    the train/eval mode of every module, batch-norm running statistics and ``num_batches_tracked``, and the global
+    random number generator state (iterating a shuffling DataLoader draws from it) are restored afterwards. The model
+    is flipped in place under ``torch.no_grad()``.
+
+    Args:
+        model: the network; its rectifier sites come from :func:`find_relu_sites`.
+        data: a tensor of samples (first dimension), a list/tuple of batches, a DataLoader or any iterable of
+            batches. A batch that is a tuple or a list contributes its first element (the inputs), unless
+            ``input_fn`` is given. Batches are concatenated into one pass, on the device of the model's parameters.
+        max_samples: how many samples to take at most (the first ones); ``None`` takes all of ``data``.
+        input_fn: maps a batch to the model's input tensor, e.g. ``lambda batch: batch["image"]``.
+
+    Returns:
+        A :class:`SignFlipReport` per site reached by the pass, keyed by site name, in forward order.
+
+    Raises:
+        ValueError: on invalid arguments, empty data, or data the model cannot run on.
+
+    Examples:
+        >>> net = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(3, 3), nn.ReLU())])
+        >>> report = sign_flip_(net, torch.randn(256, 3))
+        >>> all(r.survival >= 0.5 for r in report.values())
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"`max_samples` must be a positive integer or None, got {max_samples!r}")
+    if input_fn is not None and not callable(input_fn):
+        raise ValueError(f"`input_fn` must be a callable or None, got {input_fn!r}")
+    if data is None:
+        raise ValueError("`data` must be a tensor, a list/tuple of batches or a DataLoader, got None")
+
+    sites = find_relu_sites(model)
+    if not sites:
+        warnings.warn(
+            f"`sign_flip_` found no rectifier site (`nn.ReLU`/`nn.ReLU6` module) in {type(model).__name__}:"
+            " nothing to flip.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return {}
+
+    device = _model_device(model)
+    modes = {module: module.training for module in model.modules()}
+    buffers = [
+        (tensor, tensor.clone())
+        for module in model.modules()
+        if isinstance(module, _BatchNorm)
+        for tensor in (module.running_mean, module.running_var, module.num_batches_tracked)
+        if tensor is not None
+    ]
+    cuda_devices = [device] if device.type == "cuda" else []
+    pass_state = _SignFlipPass(sites)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
+            inputs = _collect_inputs(data, input_fn, max_samples).to(device)
+            model.eval()
+            for module in model.modules():
+                if isinstance(module, _BatchNorm):
+                    module.train()
+            pass_state.start(inputs.shape[0])
+            handles = pass_state.register()
+            try:
+                model(inputs)
+            except (RuntimeError, ValueError, TypeError) as err:
+                if pass_state.error is not None:
+                    raise pass_state.error from err
+                raise ValueError(
+                    f"`sign_flip_` could not run the model on `data` of shape {tuple(inputs.shape)}"
+                    f" ({_expected_input(model)}): {err}"
+                ) from err
+            if pass_state.error is not None:
+                raise pass_state.error
+    except BaseException:
+        pass_state.undo()
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.train(training)
+        with torch.no_grad():
+            for tensor, saved in buffers:
+                tensor.copy_(saved)
+    # a norm layer without affine parameters whose producer was negated: its running mean follows
+    for target in pass_state.applied:
+        target.negate_running_means_()
+
+    if pass_state.unobservable:
+        warnings.warn(
+            f"`sign_flip_` cannot watch the functional rectifier calls {pass_state.unobservable}: no layer computing"
+            " their pre-activation was found. They are neither flipped nor counted in the living data; use"
+            " `nn.ReLU` modules there to include them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    missed = [site.name for site in sites if site.name not in pass_state.reports]
+    missed = [name for name in missed if name not in pass_state.unobservable]
+    if missed:
+        warnings.warn(
+            f"`sign_flip_`: the forward pass did not reach the sites {missed}; they were left as they were.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return pass_state.reports
+
+
+class _SignFlipPass:
+    """State of the single forward pass: the alive mask and the decisions, updated by the hooks.
+
+    A module site is watched by a forward pre-hook on its rectifier (the k-th call of a module applied at several
+    places is its site with ``call_index`` k); a functional site (``F.relu``) by a forward hook on the layer that
+    computes its pre-activation (its norm layer, else its producer), when the discovery found one.
+    """
+
+    def __init__(self, sites: list[Site]) -> None:
+        self.reports: dict[str, SignFlipReport] = {}
+        self.applied: list[_FlipTarget] = []
+        self.error: Exception | None = None
+        self.unobservable: list[str] = []
+        self._negated: dict[str, str] = {}  # target name -> site that negated it
+        self._alive: Tensor | None = None
+        self._num_samples = 0
+        # hook module -> its sites in call order, and how many times it was called in this pass
+        self._inputs: dict[nn.Module, list[Site]] = {}
+        self._outputs: dict[nn.Module, list[Site]] = {}
+        self._calls: dict[nn.Module, int] = {}
+        for site in sites:
+            if site.module is not None:
+                self._inputs.setdefault(site.module, []).append(site)
+            elif site.norm is not None or site.producer is not None:
+                module = site.norm if site.norm is not None else site.producer
+                self._outputs.setdefault(module, []).append(site)
+            else:
+                self.unobservable.append(site.name)
+        for watched in (*self._inputs.values(), *self._outputs.values()):
+            watched.sort(key=lambda site: getattr(site, "call_index", 0))
+
+    def register(self) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = [module.register_forward_pre_hook(self._pre_hook) for module in self._inputs]
+        handles += [module.register_forward_hook(self._post_hook) for module in self._outputs]
+        return handles
+
+    def start(self, num_samples: int) -> None:
+        self._num_samples = num_samples
+        self._alive = None
+        self._calls.clear()
+
+    def undo(self) -> None:
+        for target in reversed(self.applied):
+            target.negate_()
+        self.applied.clear()
+
+    def _next_site(self, module: nn.Module, table: dict[nn.Module, list[Site]]) -> Site | None:
+        count = self._calls.get(module, 0)
+        self._calls[module] = count + 1
+        sites = table[module]
+        return sites[count] if count < len(sites) else None
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        site = self._next_site(module, self._inputs)
+        if site is None or self.error is not None or not args:
+            return None
+        if self._visit(site, args[0]):
+            return (-args[0], *args[1:])
+        return None
+
+    def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        site = self._next_site(module, self._outputs)
+        if site is None or self.error is not None:
+            return None
+        return -output if self._visit(site, output) else None
+
+    def _visit(self, site: Site, z: Any) -> bool:
+        """Decide at ``site`` from its pre-activation ``z``; whether ``z`` must be negated in flight."""
+        n = self._num_samples
+        if not isinstance(z, Tensor) or z.dim() == 0 or z.shape[0] != n:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            self.error = ValueError(
+                f"`sign_flip_` expects every site to see the samples along dimension 0; site {site.name!r} got a"
+                f" pre-activation of shape {shape} for {n} samples"
+            )
+            return False
+        if self._alive is None:
+            self._alive = torch.ones(n, dtype=torch.bool, device=z.device)
+        alive = self._alive
+        living_before = int(alive.sum())
+        survives = (z > 0).reshape(n, -1).any(dim=1)
+        killed = int((alive & ~survives).sum())
+        flipped = False
+        target_name: str | None = None
+
+        target = _flip_target(site)
+        if isinstance(target, str):
+            reason = target
+        else:
+            target_name = target.name
+            if target.name in self._negated:
+                reason = f"{target.name!r} was already negated for site {self._negated[target.name]!r}"
+            elif 2 * killed <= living_before:
+                reason = "at least half of the living samples survive"
+            else:
+                survives_flipped = (z < 0).reshape(n, -1).any(dim=1)
+                killed_flipped = int((alive & ~survives_flipped).sum())
+                if killed_flipped < killed:
+                    target.negate_()
+                    self.applied.append(target)
+                    self._negated[target.name] = site.name
+                    flipped = True
+                    survives = survives_flipped
+                    reason = "more than half of the living samples would be killed"
+                else:
+                    reason = "more than half of the living samples would be killed, flipping does not help"
+
+        self._alive = alive & survives
+        self.reports[site.name] = SignFlipReport(
+            site=site.name,
+            flipped=flipped,
+            target=target_name,
+            reason=reason,
+            living_before=living_before / n,
+            living_after=int(self._alive.sum()) / n,
+            site_fraction=int(survives.sum()) / n,
+            num_samples=n,
+        )
+        return flipped
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _batch_input(batch: Any, input_fn: Callable[[Any], Tensor] | None) -> Tensor:
+    if input_fn is not None:
+        inputs = input_fn(batch)
+        if not isinstance(inputs, Tensor):
+            raise ValueError(f"`input_fn` must return a tensor, got {type(inputs).__name__}")
+        return inputs
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("`data` holds an empty batch; expected a tensor or a tuple/list starting with one")
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise ValueError(
+            f"`data` batches must be tensors or tuples/lists whose first element is the input tensor, got"
+            f" {type(batch).__name__}; pass `input_fn` to extract the input from such batches"
+        )
+    return batch
+
+
+def _collect_inputs(data: Any, input_fn: Callable[[Any], Tensor] | None, max_samples: int | None) -> Tensor:
+    if isinstance(data, Tensor):
+        batches: Iterable[Any] = [data]
+    elif isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+        raise ValueError(f"`data` must be a tensor, a list/tuple of batches or a DataLoader, got {type(data).__name__}")
+    else:
+        batches = data
+    parts: list[Tensor] = []
+    count = 0
+    for batch in batches:
+        inputs = _batch_input(batch, input_fn)
+        if inputs.dim() == 0:
+            raise ValueError("`data` must hold samples along a first dimension, got a 0-dimensional tensor")
+        if parts and inputs.shape[1:] != parts[0].shape[1:]:
+            sample = ", ".join(map(str, parts[0].shape[1:]))
+            raise ValueError(
+                f"`data` batches must share the shape of a sample: expected (*, {sample}), got {tuple(inputs.shape)}"
+            )
+        if max_samples is not None:
+            inputs = inputs[: max_samples - count]
+        if inputs.shape[0] > 0:
+            parts.append(inputs)
+            count += inputs.shape[0]
+        if max_samples is not None and count >= max_samples:
+            break
+    if count == 0:
+        raise ValueError("`data` holds no samples: expected a tensor of shape (num_samples, ...) with num_samples >= 1")
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _expected_input(model: nn.Module) -> str:
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return f"expected samples of shape (..., {module.in_features})"
+        if isinstance(module, _ConvNd):
+            spatial = ", ".join(["*"] * (module.weight.dim() - 2))
+            return f"expected samples of shape (num_samples, {module.in_channels}, {spatial})"
+    return "expected inputs the model accepts, samples along dimension 0"

@@ -1,0 +1,255 @@
+"""ReluInitializer: keep a rectifier network alive from its first training step.
+
+Applies randomized asymmetric initialization (:func:`lightning_relu.init.rai_`), data-dependent sign flipping
+(:func:`lightning_relu.init.sign_flip_`), or both, once, before the first training step of a fresh fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_relu.init import SignFlipReport, _flip_target, rai_, sign_flip_
+from lightning_relu.sites import find_relu_sites
+
+__all__ = ["ReluInitializer"]
+
+_METHODS = ("rai", "sign_flip", "rai+sign_flip")
+
+
+class ReluInitializer(Callback):
+    r"""Initialize the layers that feed rectifiers so that the network, and the data through it, stay alive.
+
+    ``method`` selects what runs, once, before the first training step of a fresh fit:
+
+    - ``"rai"``: randomized asymmetric initialization (Lu et al. 2020) of every Linear/ConvNd feeding a rectifier
+      site, :func:`~lightning_relu.init.rai_`; other layers keep their initialization.
+    - ``"sign_flip"``: sign flipping (Rister and Rubin), :func:`~lightning_relu.init.sign_flip_`, on up to
+      ``max_samples`` samples of the training dataloader, so at least half of the living samples survive every site.
+    - ``"rai+sign_flip"``: RAI, then sign flipping.
+
+    It runs in ``on_train_start``: by then the model is on its device (and wrapped for distributed training), a
+    checkpoint being resumed has been restored, and the training dataloader exists (it does not in
+    ``on_fit_start``). It never runs when the fit resumes from a checkpoint (``trainer.ckpt_path`` is set): its
+    ``state_dict`` records that it ran, and a fit resumed from a checkpoint saved without it is left alone as well.
+    It runs at most once per instance, so a second ``fit`` with the same callback does not re-initialize.
+
+    Under distributed training every rank ends with the same weights: RAI draws from a generator seeded
+    identically on every rank (``seed``, or a seed drawn on rank 0 and broadcast), and the sign-flip decisions of
+    rank 0, made on its shard of the data, are broadcast and applied on every rank.
+
+    What it did is logged once to every logger in ``trainer.loggers`` (rank zero), under ``{log_prefix}/``: per site
+    ``{site}/flipped`` (0 or 1), ``{site}/living_before`` and ``{site}/living_after`` (living-data fractions), and
+    ``rai_layers``, ``flipped_sites``, ``living_data`` (the fraction alive after the last site). The same values are
+    kept in :attr:`metrics`, the per-site reports in :attr:`report`.
+
+    Args:
+        method: ``"rai"``, ``"sign_flip"`` or ``"rai+sign_flip"``.
+        seed: seed of the RAI generator; ``None`` draws one from the global generator (so ``seed_everything``
+            makes it reproducible) on rank 0 and broadcasts it.
+        max_samples: training samples the sign flip looks at, taken from the first batches.
+        input_fn: maps a training batch to the model's input; by default a batch that is a tuple or a list gives
+            its first element and a tensor batch is the input itself.
+        log_prefix: prefix of the logged keys.
+
+    Raises:
+        ValueError: if an argument is invalid.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_relu.initializer import ReluInitializer
+
+        trainer = Trainer(callbacks=[ReluInitializer("rai+sign_flip", seed=0)])
+
+    Attributes:
+        applied: whether the method has been applied (restored from a checkpoint on resume).
+        report: the per-site :class:`~lightning_relu.init.SignFlipReport` of the sign flip, keyed by site name, in
+            forward order (rank 0's decisions on every rank); empty before the run or without sign flipping.
+        rai_layers: qualified names of the layers RAI initialized.
+        seed_used: the RAI seed actually used.
+        metrics: the values logged, keyed with ``/`` as separator.
+    """
+
+    def __init__(
+        self,
+        method: str = "rai",
+        *,
+        seed: int | None = None,
+        max_samples: int = 1024,
+        input_fn: Callable[[Any], Tensor] | None = None,
+        log_prefix: str = "relu_init",
+    ) -> None:
+        if method not in _METHODS:
+            raise ValueError(f"`method` can be {', '.join(map(repr, _METHODS))}, got {method!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise ValueError(f"`max_samples` must be a positive integer, got {max_samples!r}")
+        if input_fn is not None and not callable(input_fn):
+            raise ValueError(f"`input_fn` must be a callable or None, got {input_fn!r}")
+        if not isinstance(log_prefix, str):
+            raise ValueError(f"`log_prefix` must be a string, got {log_prefix!r}")
+        self.method = method
+        self.seed = seed
+        self.max_samples = max_samples
+        self.input_fn = input_fn
+        self.log_prefix = log_prefix
+
+        self.applied = False
+        self.report: dict[str, SignFlipReport] = {}
+        self.rai_layers: list[str] = []
+        self.seed_used: int | None = None
+        self.metrics: dict[str, float] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, log_prefix=self.log_prefix)
+
+    @property
+    def uses_rai(self) -> bool:
+        return self.method in ("rai", "rai+sign_flip")
+
+    @property
+    def uses_sign_flip(self) -> bool:
+        return self.method in ("sign_flip", "rai+sign_flip")
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.applied:
+            return
+        sites = find_relu_sites(pl_module)
+        if not sites:
+            rank_zero_warn(
+                f"`ReluInitializer` found no rectifier site (`nn.ReLU`/`nn.ReLU6` module) in"
+                f" {type(pl_module).__name__}: it will do nothing.",
+                category=RuntimeWarning,
+            )
+        elif self.uses_rai and all(site.producer is None for site in sites):
+            rank_zero_warn(
+                f"`ReluInitializer({self.method!r})`: no rectifier site of {type(pl_module).__name__} has a known"
+                " producer (a Linear/ConvNd before it in an `nn.Sequential`): RAI will initialize nothing.",
+                category=RuntimeWarning,
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.applied:
+            return
+        if trainer.ckpt_path is not None:
+            rank_zero_info(
+                f"`ReluInitializer` skipped: the fit resumes from the checkpoint {trainer.ckpt_path!r}, whose weights"
+                " are kept."
+            )
+            return
+        if self.uses_rai:
+            self._apply_rai(trainer, pl_module)
+        if self.uses_sign_flip:
+            self._apply_sign_flip(trainer, pl_module)
+        self.applied = True
+        self._log(trainer)
+
+    def _apply_rai(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seed = self.seed
+        if seed is None:
+            # every rank draws (their global generators stay in step), rank 0's value is used
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = int(trainer.strategy.broadcast(seed, src=0))
+        self.seed_used = seed
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        names: list[str] = []
+        for site in find_relu_sites(pl_module):
+            if site.producer_name is not None and site.producer_name not in names:
+                names.append(site.producer_name)
+        if names:
+            rai_(pl_module, generator=generator)
+        self.rai_layers = names
+
+    def _apply_sign_flip(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data = _first_loader(trainer.train_dataloader)
+        if data is None:
+            rank_zero_warn(
+                "`ReluInitializer` cannot flip signs: the trainer has no training dataloader.",
+                category=RuntimeWarning,
+            )
+            return
+        local = sign_flip_(pl_module, data, max_samples=self.max_samples, input_fn=self.input_fn)
+        chosen: dict[str, SignFlipReport] = trainer.strategy.broadcast(local, src=0)
+        # ranks saw different shards: every rank takes rank 0's decisions (negation is an involution)
+        differ = [name for name, r in chosen.items() if (name in local and local[name].flipped) != r.flipped]
+        if differ:
+            sites = {site.name: site for site in find_relu_sites(pl_module)}
+            for name in differ:
+                target = _flip_target(sites[name]) if name in sites else "unknown site"
+                if not isinstance(target, str):
+                    target.negate_()
+                    target.negate_running_means_()
+        self.report = chosen
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        metrics: dict[str, float] = {}
+        if self.uses_rai:
+            metrics["rai_layers"] = float(len(self.rai_layers))
+        if self.report:
+            metrics["flipped_sites"] = float(sum(r.flipped for r in self.report.values()))
+            metrics["living_data"] = list(self.report.values())[-1].living_after
+            for name, r in self.report.items():
+                metrics[f"{name}/flipped"] = float(r.flipped)
+                metrics[f"{name}/living_before"] = r.living_before
+                metrics[f"{name}/living_after"] = r.living_after
+        self.metrics = {f"{self.log_prefix}/{key}": value for key, value in metrics.items()}
+        trainer.callback_metrics.update({key: torch.tensor(value) for key, value in self.metrics.items()})
+
+        summary = [f"`ReluInitializer({self.method!r})`"]
+        if self.uses_rai:
+            summary.append(f"RAI on {len(self.rai_layers)} layer(s) (seed {self.seed_used})")
+        if self.report:
+            summary.append(
+                f"flipped {int(metrics['flipped_sites'])} of {len(self.report)} site(s),"
+                f" living data after the last site {metrics['living_data']:.3f}"
+            )
+        rank_zero_info(": ".join([summary[0], "; ".join(summary[1:]) or "nothing to do"]))
+
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            separator = logger.group_separator
+            logger.log_metrics(
+                {separator.join([self.log_prefix, *key.split("/")]): value for key, value in metrics.items()},
+                step=trainer.global_step,
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "applied": self.applied,
+            "method": self.method,
+            "seed_used": self.seed_used,
+            "rai_layers": list(self.rai_layers),
+            "flipped_sites": [name for name, r in self.report.items() if r.flipped],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.applied = bool(state_dict.get("applied", False))
+        self.seed_used = state_dict.get("seed_used", self.seed_used)
+        self.rai_layers = list(state_dict.get("rai_layers", self.rai_layers))
+
+
+def _first_loader(loaders: Any) -> Iterable[Any] | None:
+    """The training dataloader, or the first of several (Lightning's CombinedLoader iterables)."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, Mapping):
+        return _first_loader(next(iter(loaders.values()), None))
+    if isinstance(loaders, (list, tuple)) and loaders and isinstance(loaders[0], torch.utils.data.DataLoader):
+        return loaders[0]
+    return loaders

@@ -1,0 +1,343 @@
+"""Tests of the ReluInitializer callback: applied once, never on resume, identical on every rank."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import Logger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_relu.init import rai_
+from lightning_relu.initializer import ReluInitializer
+
+
+def _data(n: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=generator), torch.randn(n, generator=generator)
+
+
+class _Net(LightningModule):
+    def __init__(self, widths: tuple[int, ...] = (3,) * 8) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        previous = 4
+        for width in widths:
+            layers += [nn.Linear(previous, width), nn.ReLU()]
+            previous = width
+        layers.append(nn.Linear(previous, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*_data()), batch_size=16)
+
+
+class _DictDataset(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = _data()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"inputs": self.x[index], "target": self.y[index]}
+
+
+class _DictNet(_Net):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.mse_loss(self(batch["inputs"]), batch["target"])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_DictDataset(), batch_size=16)
+
+
+def _inputs(batch: dict[str, Tensor]) -> Tensor:
+    return batch["inputs"]
+
+
+class _Snapshot(Callback):
+    """Records the weights the first training step will see (it runs after ReluInitializer)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, Tensor]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+class _RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[dict[str, float], int | None]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((dict(metrics), step))
+
+
+def _trainer(tmp_path: Path, callbacks: list[Callback], max_epochs: int = 1, **kwargs: Any) -> Trainer:
+    kwargs.setdefault("logger", False)
+    return Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=max_epochs,
+        limit_train_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _assert_state_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _brute_force_alive(net: nn.Sequential, x: Tensor) -> list[tuple[int, int]]:
+    alive = torch.ones(x.shape[0], dtype=torch.bool)
+    out = []
+    with torch.no_grad():
+        for layer in net:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                before = int(alive.sum())
+                alive &= x.ne(0).any(dim=1)
+                out.append((before, int(alive.sum())))
+    return out
+
+
+def test_rai_applied_before_first_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Net()
+    expected = copy.deepcopy(model)
+    rai_(expected.net, generator=torch.Generator().manual_seed(3))
+    initializer, snapshot = ReluInitializer("rai", seed=3), _Snapshot()
+    _trainer(tmp_path, [initializer, snapshot]).fit(model)
+    _assert_state_equal(snapshot.states[0], expected.state_dict())
+    assert initializer.applied
+    assert initializer.seed_used == 3
+    assert initializer.rai_layers == [f"net.{2 * i}" for i in range(8)]
+    assert initializer.metrics == {"relu_init/rai_layers": 8.0}
+    assert initializer.report == {}
+
+
+def test_applied_once_per_instance(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = _Net()
+    initializer, snapshot = ReluInitializer("rai", seed=0), _Snapshot()
+    _trainer(tmp_path / "first", [initializer, snapshot]).fit(model)
+    after_first = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _trainer(tmp_path / "second", [initializer, snapshot]).fit(model)
+    _assert_state_equal(snapshot.states[1], after_first)
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_resume_does_not_reinitialize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    first = ReluInitializer("rai+sign_flip", seed=0)
+    trainer = _trainer(tmp_path, [first], max_epochs=1)
+    trainer.fit(_Net())
+    ckpt_path = trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(ckpt_path, weights_only=False)
+    assert checkpoint["callbacks"][first.state_key]["applied"] is True
+
+    calls: list[str] = []
+    monkeypatch.setattr("lightning_relu.initializer.rai_", lambda *args, **kwargs: calls.append("rai"))
+    monkeypatch.setattr("lightning_relu.initializer.sign_flip_", lambda *args, **kwargs: calls.append("flip") or {})
+    second, snapshot = ReluInitializer("rai+sign_flip", seed=0), _Snapshot()
+    _trainer(tmp_path / "resumed", [second, snapshot], max_epochs=2).fit(_Net(), ckpt_path=ckpt_path)
+    assert calls == []
+    assert second.applied  # restored from the checkpoint
+    _assert_state_equal(snapshot.states[0], checkpoint["state_dict"])
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_resume_from_checkpoint_saved_without_it(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    trainer = _trainer(tmp_path, [], max_epochs=1)
+    trainer.fit(_Net())
+    ckpt_path = trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(ckpt_path, weights_only=False)
+    initializer, snapshot = ReluInitializer("rai"), _Snapshot()
+    _trainer(tmp_path / "resumed", [initializer, snapshot], max_epochs=2).fit(_Net(), ckpt_path=ckpt_path)
+    assert not initializer.applied
+    _assert_state_equal(snapshot.states[0], checkpoint["state_dict"])
+
+
+def test_sign_flip_from_training_data(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    model = _Net((2,) * 12)
+    before = copy.deepcopy(model)
+    initializer, snapshot, logger = ReluInitializer("sign_flip", max_samples=40), _Snapshot(), _RecordingLogger()
+    trainer = _trainer(tmp_path, [initializer, snapshot], logger=logger)
+    trainer.fit(model)
+    report = initializer.report
+    assert list(report) == [f"net.{2 * i + 1}" for i in range(12)]
+    assert any(r.flipped for r in report.values())  # 12 layers of 2 units: flips are certain in practice
+    # brute force on the first 40 training samples with the weights the first step saw
+    flipped = copy.deepcopy(before)
+    flipped.load_state_dict(snapshot.states[0])
+    x = _data()[0][:40]
+    for (alive_before, alive_after), r in zip(_brute_force_alive(flipped.net, x), report.values(), strict=True):
+        assert 2 * alive_after >= alive_before
+        assert (r.living_before, r.living_after) == (alive_before / 40, alive_after / 40)
+        assert r.num_samples == 40
+    # only signs changed, layer by layer
+    for i in range(13):
+        sign = -1 if i < 12 and report[f"net.{2 * i + 1}"].flipped else 1
+        assert torch.equal(flipped.net[2 * i].weight, sign * before.net[2 * i].weight)
+    # logged once, to the logger, with the report's values
+    logged = [metrics for metrics, step in logger.logged if "relu_init/flipped_sites" in metrics]
+    assert len(logged) == 1
+    metrics = logged[0]
+    assert metrics["relu_init/flipped_sites"] == sum(r.flipped for r in report.values())
+    assert metrics["relu_init/living_data"] == list(report.values())[-1].living_after
+    for name, r in report.items():
+        assert metrics[f"relu_init/{name}/flipped"] == float(r.flipped)
+        assert metrics[f"relu_init/{name}/living_before"] == r.living_before
+        assert metrics[f"relu_init/{name}/living_after"] == r.living_after
+    assert metrics == initializer.metrics
+    assert float(trainer.callback_metrics["relu_init/flipped_sites"]) == metrics["relu_init/flipped_sites"]
+
+
+def test_rai_then_sign_flip_with_input_fn(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = _DictNet((2,) * 10)
+    initializer, snapshot = ReluInitializer("rai+sign_flip", seed=1, input_fn=_inputs), _Snapshot()
+    _trainer(tmp_path, [initializer, snapshot]).fit(model)
+    expected = copy.deepcopy(model)
+    expected.load_state_dict(snapshot.states[0])
+    assert len(initializer.rai_layers) == 10 and len(initializer.report) == 10
+    x = _data()[0]
+    brute = _brute_force_alive(expected.net, x)
+    for (alive_before, alive_after), r in zip(brute, initializer.report.values(), strict=True):
+        assert 2 * alive_after >= alive_before
+        assert r.living_after == alive_after / 64
+    # RAI first, then flips: |W| is what the seeded RAI gives
+    reference = _DictNet((2,) * 10)
+    rai_(reference.net, generator=torch.Generator().manual_seed(1))
+    for i in range(10):
+        assert torch.equal(expected.net[2 * i].weight.abs(), reference.net[2 * i].weight.abs())
+
+
+def test_dict_batches_without_input_fn_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pass `input_fn`"):
+        _trainer(tmp_path, [ReluInitializer("sign_flip")]).fit(_DictNet())
+
+
+def test_warns_without_sites(tmp_path: Path) -> None:
+    with pytest.warns(RuntimeWarning, match="no rectifier site"):
+        _trainer(tmp_path, [ReluInitializer("rai")]).fit(BoringModel())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "he"}, r"`method` can be 'rai', 'sign_flip', 'rai\+sign_flip', got 'he'"),
+        ({"max_samples": 0}, "`max_samples` must be a positive integer, got 0"),
+        ({"seed": "a"}, "`seed` must be an integer or None, got 'a'"),
+        ({"input_fn": 3}, "`input_fn` must be a callable or None, got 3"),
+        ({"log_prefix": None}, "`log_prefix` must be a string, got None"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ReluInitializer(**kwargs)
+
+
+def test_pickle_and_state_dict_roundtrip() -> None:
+    initializer = ReluInitializer("rai+sign_flip", seed=5, max_samples=10, input_fn=_inputs)
+    clone = pickle.loads(pickle.dumps(initializer))
+    assert (clone.method, clone.seed, clone.max_samples, clone.input_fn) == ("rai+sign_flip", 5, 10, _inputs)
+    initializer.applied, initializer.seed_used, initializer.rai_layers = True, 5, ["net.0"]
+    other = ReluInitializer("rai+sign_flip")
+    other.load_state_dict(initializer.state_dict())
+    assert (other.applied, other.seed_used, other.rai_layers) == (True, 5, ["net.0"])
+    other.load_state_dict({})  # an older or foreign state
+    assert not other.applied
+    assert ReluInitializer("rai").state_key != ReluInitializer("sign_flip").state_key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDP
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _ShardedNet(_Net):
+    """Rank 0 and rank 1 see opposite data (the DistributedSampler interleaves indices) and different global seeds."""
+
+    def setup(self, stage: str) -> None:
+        torch.manual_seed(100 + self.trainer.global_rank)
+
+    def train_dataloader(self) -> DataLoader:
+        x = 20 * torch.ones(64, 4) + 0.1 * torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+        x[1::2] *= -1
+        return DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=16)
+
+
+class _SaveWeights(Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        initializer = next(cb for cb in trainer.callbacks if isinstance(cb, ReluInitializer))
+        torch.save(
+            {
+                "state": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+                "flipped": [name for name, r in initializer.report.items() if r.flipped],
+                "seed": initializer.seed_used,
+            },
+            Path(self.out_dir) / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def test_ddp_ranks_end_identical(tmp_path: Path) -> None:
+    model = _ShardedNet((1, 3, 3, 3, 3, 3))
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ReluInitializer("rai+sign_flip"), _SaveWeights(str(tmp_path))],
+    )
+    trainer.fit(model)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank0["seed"] == rank1["seed"]
+    assert rank0["flipped"] == rank1["flipped"]
+    _assert_state_equal(rank0["state"], rank1["state"])
