@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_relu.revive import DeadUnitReviver
-from lightning_relu.stats import LayerReport
+from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.tracker import DeadUnitTracker
 
 __all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "EpochReport"]
@@ -88,7 +88,8 @@ class DeadUnitMonitor(Callback):
 
     - ``dead_units/<site>``: dead fraction of the site's units, in [0, 1];
     - ``dead_units/total``: dead units over all units of all sites;
-    - ``living_data/<site>``: living-data fraction at the site.
+    - ``living_data/<site>``: living-data fraction at the site;
+    - ``dying_units/<site>``: share of the site's units active on fewer than ``eps`` of their entries.
 
     TensorBoard loggers also get a histogram ``activation_rate/<site>`` of the per-unit share of active
     entries.
@@ -103,6 +104,10 @@ class DeadUnitMonitor(Callback):
             saved with the monitor's.
         trace: trace the model with ``torch.fx`` to find functional rectifier calls and residual-block links
             (see :func:`~lightning_relu.find_relu_sites`).
+        eps: activity threshold of a *dying* unit (Arnekvist et al.), in [0, 1].
+
+    NaN and Inf activations are counted as not active; the first epoch in which a site produces any gets
+    one warning naming the site and the epoch.
 
     Example::
 
@@ -126,6 +131,7 @@ class DeadUnitMonitor(Callback):
         log_histograms: bool = True,
         revive: bool | DeadUnitReviver = False,
         trace: bool = True,
+        eps: float = 0.01,
     ) -> None:
         if sites is not None:
             if isinstance(sites, str) or not all(isinstance(name, str) for name in sites):
@@ -145,14 +151,17 @@ class DeadUnitMonitor(Callback):
             raise ValueError(f"`revive` must be a bool or a `DeadUnitReviver`, got {revive!r}")
         if not isinstance(trace, bool):
             raise ValueError(f"`trace` must be a bool, got {trace!r}")
+        _check_eps(eps)
         self.reviver = reviver
         self.trace = trace
+        self.eps = float(eps)
         self._sites = sites
         self.on_collapse = on_collapse
         self.log_histograms = log_histograms
         self.tracker: DeadUnitTracker | None = None
         self.history: list[EpochReport] = []
         self._collapse_warned: set[str] = set()
+        self._nonfinite_warned: set[str] = set()
         self._listeners: list[ReportListener] = []
 
     @property
@@ -187,7 +196,7 @@ class DeadUnitMonitor(Callback):
         if stage != "fit":
             return
         self._remove_hooks()
-        tracker = DeadUnitTracker(pl_module, sites=self._sites, trace=self.trace)
+        tracker = DeadUnitTracker(pl_module, sites=self._sites, trace=self.trace, eps=self.eps)
         if not tracker.sites:
             rank_zero_warn(
                 f"`DeadUnitMonitor` found no `nn.ReLU`/`nn.ReLU6` module in {type(pl_module).__name__}: "
@@ -240,6 +249,7 @@ class DeadUnitMonitor(Callback):
         metrics = self._metrics(report)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         self._log(trainer, report, metrics)
+        self._check_nonfinite(report)
         for listener in list(self._listeners):
             listener(trainer, pl_module, report)
         self._check_collapse(trainer, report)
@@ -300,6 +310,8 @@ class DeadUnitMonitor(Callback):
         for layer in seen:
             if not math.isnan(layer.living_data_fraction):
                 metrics[f"living_data/{layer.name}"] = layer.living_data_fraction
+        for layer in seen:
+            metrics[f"dying_units/{layer.name}"] = layer.dying_fraction
         return metrics
 
     @rank_zero_only
@@ -318,6 +330,16 @@ class DeadUnitMonitor(Callback):
                             layer.activation_rate.float(),
                             global_step=report.global_step,
                         )
+
+    def _check_nonfinite(self, report: EpochReport) -> None:
+        for layer in report.layers.values():
+            if layer.nonfinite_batches and layer.name not in self._nonfinite_warned:
+                self._nonfinite_warned.add(layer.name)
+                rank_zero_warn(
+                    f"Site {layer.name!r} produced NaN or Inf activations in {layer.nonfinite_batches} training "
+                    f"batches of epoch {report.epoch}; NaN entries are counted as not active.",
+                    category=RuntimeWarning,
+                )
 
     def _check_collapse(self, trainer: pl.Trainer, report: EpochReport) -> None:
         for layer in report.layers.values():

@@ -32,6 +32,11 @@ class LayerReport:
         num_dead: number of dead units.
         dead_fraction: ``num_dead / num_units`` (0.0 when nothing was seen).
         living_data_fraction: share of samples not killed at the site (NaN when nothing was seen).
+        eps: the activity threshold below which a unit is *dying*.
+        dying: per unit, ``True`` when its activation rate is below ``eps`` (dead units included).
+        num_dying: number of dying units.
+        dying_fraction: ``num_dying / num_units``.
+        nonfinite_batches: number of batches whose output at the site held NaN or Inf.
     """
 
     # A plain class, not a dataclass: torchmetrics walks dataclass results of ``compute`` and squeezes
@@ -50,6 +55,11 @@ class LayerReport:
         num_dead: int,
         dead_fraction: float,
         living_data_fraction: float,
+        eps: float = 0.01,
+        dying: Tensor | None = None,
+        num_dying: int = 0,
+        dying_fraction: float = 0.0,
+        nonfinite_batches: int = 0,
     ) -> None:
         self.name = name
         self.num_units = num_units
@@ -62,10 +72,22 @@ class LayerReport:
         self.num_dead = num_dead
         self.dead_fraction = dead_fraction
         self.living_data_fraction = living_data_fraction
+        self.eps = eps
+        self.dying = dying if dying is not None else torch.zeros_like(dead)
+        self.num_dying = num_dying
+        self.dying_fraction = dying_fraction
+        self.nonfinite_batches = nonfinite_batches
 
     @classmethod
     def from_counts(
-        cls, name: str, active_count: Tensor, entries_per_unit: int, samples: int, killed: int
+        cls,
+        name: str,
+        active_count: Tensor,
+        entries_per_unit: int,
+        samples: int,
+        killed: int,
+        eps: float = 0.01,
+        nonfinite_batches: int = 0,
     ) -> LayerReport:
         """Build a report from raw counts (the single place where the definitions live)."""
         active_count = active_count.detach().to("cpu", torch.int64)
@@ -77,6 +99,8 @@ class LayerReport:
         else:
             rate = torch.full((num_units,), math.nan, dtype=torch.float64)
         num_dead = int(dead.sum())
+        dying = (rate < eps) & seen
+        num_dying = int(dying.sum())
         return cls(
             name=name,
             num_units=num_units,
@@ -89,6 +113,11 @@ class LayerReport:
             num_dead=num_dead,
             dead_fraction=num_dead / num_units if num_units else 0.0,
             living_data_fraction=1.0 - killed / samples if samples else math.nan,
+            eps=float(eps),
+            dying=dying,
+            num_dying=num_dying,
+            dying_fraction=num_dying / num_units if num_units else 0.0,
+            nonfinite_batches=int(nonfinite_batches),
         )
 
     @property
@@ -109,6 +138,8 @@ class LayerReport:
             "entries_per_unit": self.entries_per_unit,
             "samples": self.samples,
             "killed": self.killed,
+            "eps": self.eps,
+            "nonfinite_batches": self.nonfinite_batches,
         }
 
     @classmethod
@@ -119,6 +150,8 @@ class LayerReport:
             entries_per_unit=int(state.get("entries_per_unit", 0)),
             samples=int(state.get("samples", 0)),
             killed=int(state.get("killed", 0)),
+            eps=float(state.get("eps", 0.01)),
+            nonfinite_batches=int(state.get("nonfinite_batches", 0)),
         )
 
     def __repr__(self) -> str:
@@ -141,6 +174,7 @@ class ActivationStats(Metric):
         unit_dim: dimension that indexes units: ``1`` (channels) or ``-1`` (last dimension); ``None`` infers
             ``-1`` for 2-D outputs and ``1`` otherwise.
         name: the site's name, copied into the report.
+        eps: activity threshold of a *dying* unit (Arnekvist et al.): active on fewer than ``eps`` of its entries.
         kwargs: passed on to :class:`torchmetrics.Metric`.
 
     Example:
@@ -160,11 +194,19 @@ class ActivationStats(Metric):
     entries: Tensor
     samples: Tensor
     killed: Tensor
+    nonfinite: Tensor
 
     def __init__(
-        self, num_units: int | None = None, unit_dim: int | None = None, name: str = "", **kwargs: Any
+        self,
+        num_units: int | None = None,
+        unit_dim: int | None = None,
+        name: str = "",
+        eps: float = 0.01,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _check_eps(eps)
+        self.eps = float(eps)
         if num_units is not None and (not isinstance(num_units, int) or num_units < 1):
             raise ValueError(f"`num_units` must be a positive integer or None, got {num_units!r}")
         if unit_dim not in (None, 1, -1):
@@ -176,6 +218,7 @@ class ActivationStats(Metric):
         self.add_state("entries", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("samples", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("killed", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("nonfinite", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def unit_axis(self, output: Tensor) -> int:
         """The dimension of ``output`` that indexes units (non-negative)."""
@@ -216,6 +259,9 @@ class ActivationStats(Metric):
         self.killed += (counts.sum(1) == 0).sum()
         self.samples += batch
         self.entries += batch * per_block
+        if output.is_floating_point():
+            # NaN and Inf propagate into a float sum: one cheap read-only pass flags the batch
+            self.nonfinite += ~torch.isfinite(output.sum(dtype=torch.float32))
 
     def compute(self) -> LayerReport:
         """The report over everything seen since the last ``reset`` (summed over processes)."""
@@ -225,4 +271,11 @@ class ActivationStats(Metric):
             entries_per_unit=int(self.entries),
             samples=int(self.samples),
             killed=int(self.killed),
+            eps=self.eps,
+            nonfinite_batches=int(self.nonfinite),
         )
+
+
+def _check_eps(eps: object) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"`eps` must be a number in [0, 1], got {eps!r}")

@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._trace import FUNCTIONAL_RECTIFIERS
 from lightning_relu.sites import Site, find_relu_sites
-from lightning_relu.stats import ActivationStats, LayerReport
+from lightning_relu.stats import ActivationStats, LayerReport, _check_eps
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
 
@@ -49,6 +49,7 @@ class DeadUnitTracker:
             ``ValueError``; naming a module's site also watches its later call positions.
         trace: trace the model with ``torch.fx`` to find functional calls and data-flow links (see
             :func:`~lightning_relu.find_relu_sites`).
+        eps: a unit active on fewer than this share of its entries is *dying* (``LayerReport.dying``).
 
     Example:
         >>> import torch
@@ -61,7 +62,11 @@ class DeadUnitTracker:
         8
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[str] | None = None, trace: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, sites: Sequence[str] | None = None, trace: bool = True, eps: float = 0.01
+    ) -> None:
+        _check_eps(eps)
+        self.eps = float(eps)
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
         if isinstance(sites, str):
@@ -78,7 +83,7 @@ class DeadUnitTracker:
         #: every site found, counted or not
         self.all_sites: list[Site] = found
         self.sites: list[Site] = [site for site in found if self._is_wanted(site.name)]
-        self.stats: dict[str, ActivationStats] = {site.name: _new_stats(site) for site in self.sites}
+        self.stats: dict[str, ActivationStats] = {site.name: _new_stats(site, self.eps) for site in self.sites}
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
@@ -226,7 +231,7 @@ class DeadUnitTracker:
                 parent_name=first.parent_name,
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
-                stats = _new_stats(site)
+                stats = _new_stats(site, self.eps)
                 if self.stats:
                     stats.to(next(iter(self.stats.values())).device)
                 self.sites.append(site)
@@ -318,8 +323,8 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _new_stats(site: Site) -> ActivationStats:
-    return ActivationStats(num_units=site.num_units, unit_dim=site.unit_dim, name=site.name)
+def _new_stats(site: Site, eps: float) -> ActivationStats:
+    return ActivationStats(num_units=site.num_units, unit_dim=site.unit_dim, name=site.name, eps=eps)
 
 
 def _matches_site(name: str, names: list[str]) -> bool:

@@ -383,3 +383,48 @@ def test_revive_flag_attaches_a_reviver_and_checkpoints_it(tmp_path):
     copy.load_state_dict(monitor.state_dict())
     assert copy.reviver.history == monitor.reviver.history
     assert pickle.loads(pickle.dumps(monitor)).reviver.history == monitor.reviver.history
+
+
+def test_dying_units_are_logged(tmp_path):
+    module = _mlp_module()
+    monitor = DeadUnitMonitor(eps=0.3)
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1, limit_train_batches=4)
+    trainer.fit(module)
+    expected = brute_force(module.net, [module.train_x[i : i + 4] for i in range(0, 16, 4)], prefix="net.")
+    for name, exp in expected.items():
+        dying = [rate < 0.3 for rate in exp["rate"]]
+        assert monitor.last_report[name].dying.tolist() == dying
+        assert float(trainer.callback_metrics[f"dying_units/{name}"]) == pytest.approx(sum(dying) / len(dying))
+    with pytest.raises(ValueError, match=r"`eps` must be a number in \[0, 1\], got 2"):
+        DeadUnitMonitor(eps=2)
+
+
+def test_nan_activations_warn_once_naming_site_and_epoch(tmp_path):
+    class NaNModule(SeqModule):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 1 and batch_idx == 1:
+                x = batch[0].clone()
+                x[0, 0] = float("nan")
+                with torch.no_grad():
+                    self(x)  # an extra forward whose first sample is NaN at every site
+            return super().training_step(batch, batch_idx)
+
+    base = _mlp_module()
+    module = NaNModule(base.net, base.train_x)
+    monitor = DeadUnitMonitor()
+    with pytest.warns(
+        RuntimeWarning, match=r"Site 'net.1' produced NaN or Inf activations in 1 training batches of epoch 1"
+    ) as record:
+        _trainer(tmp_path, [monitor], max_epochs=3, limit_train_batches=3).fit(module)
+    assert sum("produced NaN" in str(w.message) and "'net.1'" in str(w.message) for w in record) == 1
+    assert [r.layers["net.1"].nonfinite_batches for r in monitor.history] == [0, 1, 0]
+    layer = monitor.history[1].layers["net.1"]
+    assert layer.samples == 16
+    # brute force: the NaN sample's entries are not active, and it is killed (no entry > 0)
+    x = module.train_x[:12].clone()
+    extra = module.train_x[4:8].clone()
+    extra[0, 0] = float("nan")
+    with torch.no_grad():
+        out = torch.cat([module.net[:2](x), module.net[:2](extra)])
+    assert layer.active_count.tolist() == [int((out[:, u] > 0).sum()) for u in range(6)]
+    assert layer.killed == sum(1 for row in out if not bool((row > 0).any()))
