@@ -12,11 +12,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.stats import LayerReport, _check_eps
+from lightning_relu.theory import alive_probability_lower_bound
 from lightning_relu.tracker import DeadUnitTracker
 
 __all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "EpochReport"]
@@ -160,6 +161,9 @@ class DeadUnitMonitor(Callback):
         self.log_histograms = log_histograms
         self.tracker: DeadUnitTracker | None = None
         self.history: list[EpochReport] = []
+        #: Rister & Rubin's lower bound on the probability that an input stays alive through every site, stated at
+        #: fit start for the model watched (``None`` when a site's width is unknown before the first forward).
+        self.alive_lower_bound: float | None = None
         self._collapse_warned: set[str] = set()
         self._nonfinite_warned: set[str] = set()
         self._listeners: list[ReportListener] = []
@@ -214,6 +218,15 @@ class DeadUnitMonitor(Callback):
         self.tracker.to(pl_module.device)
         self.tracker.pause()
         self.tracker.attach()
+        widths = [site.num_units for site in self.tracker.sites]
+        if widths and all(width is not None for width in widths):
+            bound = alive_probability_lower_bound([int(w) for w in widths if w is not None])
+            self.alive_lower_bound = bound
+            rank_zero_info(
+                f"DeadUnitMonitor: watching {len(widths)} ReLU sites of widths {widths}. With a symmetric iid "
+                f"initialization, a given input stays alive through all of them with probability >= {bound:.4g} "
+                "(Rister & Rubin, prod(1 - 2^-n_i))."
+            )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -428,3 +428,13 @@ def test_nan_activations_warn_once_naming_site_and_epoch(tmp_path):
         out = torch.cat([module.net[:2](x), module.net[:2](extra)])
     assert layer.active_count.tolist() == [int((out[:, u] > 0).sum()) for u in range(6)]
     assert layer.killed == sum(1 for row in out if not bool((row > 0).any()))
+
+
+def test_states_the_alive_lower_bound_at_fit_start(tmp_path, caplog):
+    import logging
+
+    monitor = DeadUnitMonitor()
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path, [monitor], max_epochs=1).fit(_mlp_module())
+    assert monitor.alive_lower_bound == pytest.approx((1 - 2**-6) ** 2)  # two sites of width 6
+    assert f"probability >= {(1 - 2**-6) ** 2:.4g}" in caplog.text
