@@ -343,6 +343,7 @@ def sign_flip_(
             RuntimeWarning,
             stacklevel=2,
         )
+    pass_state.finish()
     missed = [site.name for site in sites if site.name not in pass_state.reports]
     missed = [name for name in missed if name not in pass_state.unobservable]
     if missed:
@@ -364,6 +365,7 @@ class _SignFlipPass:
 
     def __init__(self, sites: list[Site]) -> None:
         self.reports: dict[str, SignFlipReport] = {}
+        self._pending: list[tuple[str, bool, str | None, str, int, Tensor]] = []
         self.applied: list[_FlipTarget] = []
         self.error: Exception | None = None
         self.unobservable: list[str] = []
@@ -391,9 +393,31 @@ class _SignFlipPass:
         return handles
 
     def start(self, num_samples: int) -> None:
+        self._pending.clear()
         self._num_samples = num_samples
         self._alive = None
         self._calls.clear()
+
+    def finish(self) -> None:
+        """Turn the decisions of the pass into reports (one host sync for all sites)."""
+        if not self._pending:
+            return
+        n = self._num_samples
+        after = torch.stack([counts for *_, counts in self._pending]).tolist()
+        for (name, flipped, target, reason, living_before, _), (alive_after, site_alive) in zip(
+            self._pending, after, strict=True
+        ):
+            self.reports[name] = SignFlipReport(
+                site=name,
+                flipped=flipped,
+                target=target,
+                reason=reason,
+                living_before=living_before / n,
+                living_after=int(alive_after) / n,
+                site_fraction=int(site_alive) / n,
+                num_samples=n,
+            )
+        self._pending.clear()
 
     def undo(self) -> None:
         for target in reversed(self.applied):
@@ -433,9 +457,13 @@ class _SignFlipPass:
         if self._alive is None:
             self._alive = torch.ones(n, dtype=torch.bool, device=z.device)
         alive = self._alive
-        living_before = int(alive.sum())
-        survives = (z > 0).reshape(n, -1).any(dim=1)
-        killed = int((alive & ~survives).sum())
+        # one read of z gives both directions: a sample survives when some entry is > 0, and survives the flip when
+        # some entry is < 0 (float reductions; NaN counts as killed); one host sync per site for the decision
+        lowest, highest = torch.aminmax(z.detach().reshape(n, -1), dim=1)
+        survives = highest > 0
+        survives_flipped = lowest < 0
+        counts = torch.stack([alive.sum(), (alive & ~survives).sum(), (alive & ~survives_flipped).sum()])
+        living_before, killed, killed_flipped = (int(v) for v in counts.tolist())
         flipped = False
         target_name: str | None = None
 
@@ -448,29 +476,20 @@ class _SignFlipPass:
                 reason = f"{target.name!r} was already negated for site {self._negated[target.name]!r}"
             elif 2 * killed <= living_before:
                 reason = "at least half of the living samples survive"
+            elif killed_flipped < killed:
+                target.negate_()
+                self.applied.append(target)
+                self._negated[target.name] = site.name
+                flipped = True
+                survives = survives_flipped
+                reason = "more than half of the living samples would be killed"
             else:
-                survives_flipped = (z < 0).reshape(n, -1).any(dim=1)
-                killed_flipped = int((alive & ~survives_flipped).sum())
-                if killed_flipped < killed:
-                    target.negate_()
-                    self.applied.append(target)
-                    self._negated[target.name] = site.name
-                    flipped = True
-                    survives = survives_flipped
-                    reason = "more than half of the living samples would be killed"
-                else:
-                    reason = "more than half of the living samples would be killed, flipping does not help"
+                reason = "more than half of the living samples would be killed, flipping does not help"
 
         self._alive = alive & survives
-        self.reports[site.name] = SignFlipReport(
-            site=site.name,
-            flipped=flipped,
-            target=target_name,
-            reason=reason,
-            living_before=living_before / n,
-            living_after=int(self._alive.sum()) / n,
-            site_fraction=int(survives.sum()) / n,
-            num_samples=n,
+        # the shares after the decision are read at the end of the pass, all at once
+        self._pending.append(
+            (site.name, flipped, target_name, reason, living_before, torch.stack([self._alive.sum(), survives.sum()]))
         )
         return flipped
 
