@@ -15,6 +15,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_relu.dashboards import (
+    HEATMAP_TAG,
+    SUMMARY_TAG,
+    custom_scalars_layout,
+    dead_fraction_heatmap,
+    print_summary,
+    summary_markdown,
+)
 from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.theory import alive_probability_lower_bound
@@ -93,7 +101,10 @@ class DeadUnitMonitor(Callback):
     - ``dying_units/<site>``: share of the site's units active on fewer than ``eps`` of their entries.
 
     TensorBoard loggers also get a histogram ``activation_rate/<site>`` of the per-unit share of active
-    entries.
+    entries and, with ``dashboards=True``, a Custom Scalars layout (one chart per metric with every site), a
+    sites × epochs heatmap image of the dead share (``lightning_relu/dead_heatmap``, updated every epoch) and,
+    at the end of training, a markdown summary table (``lightning_relu/summary``). The same table is printed
+    on rank zero (a ``rich`` table when ``rich`` is installed) unless ``print_summary=False``.
 
     Args:
         sites: names of the sites to watch (default: all). Unknown names raise ``ValueError`` at setup.
@@ -106,6 +117,8 @@ class DeadUnitMonitor(Callback):
         trace: trace the model with ``torch.fx`` to find functional rectifier calls and residual-block links
             (see :func:`~lightning_relu.find_relu_sites`).
         eps: activity threshold of a *dying* unit (Arnekvist et al.), in [0, 1].
+        dashboards: write the Custom Scalars layout, the heatmap image and the summary text to TensorBoard.
+        print_summary: print the per-site summary table at the end of training (rank zero).
 
     NaN and Inf activations are counted as not active; the first epoch in which a site produces any gets
     one warning naming the site and the epoch.
@@ -133,6 +146,8 @@ class DeadUnitMonitor(Callback):
         revive: bool | DeadUnitReviver = False,
         trace: bool = True,
         eps: float = 0.01,
+        dashboards: bool = True,
+        print_summary: bool = True,
     ) -> None:
         if sites is not None:
             if isinstance(sites, str) or not all(isinstance(name, str) for name in sites):
@@ -153,6 +168,11 @@ class DeadUnitMonitor(Callback):
         if not isinstance(trace, bool):
             raise ValueError(f"`trace` must be a bool, got {trace!r}")
         _check_eps(eps)
+        for name, value in (("dashboards", dashboards), ("print_summary", print_summary)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be a bool, got {value!r}")
+        self.dashboards = dashboards
+        self.print_summary = print_summary
         self.reviver = reviver
         self.trace = trace
         self.eps = float(eps)
@@ -218,6 +238,7 @@ class DeadUnitMonitor(Callback):
         self.tracker.to(pl_module.device)
         self.tracker.pause()
         self.tracker.attach()
+        self._write_layout(trainer)
         widths = [site.num_units for site in self.tracker.sites]
         if widths and all(width is not None for width in widths):
             bound = alive_probability_lower_bound([int(w) for w in widths if w is not None])
@@ -266,6 +287,11 @@ class DeadUnitMonitor(Callback):
         for listener in list(self._listeners):
             listener(trainer, pl_module, report)
         self._check_collapse(trainer, report)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.history:
+            self._summarize(trainer, self.history[-1])
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -327,6 +353,45 @@ class DeadUnitMonitor(Callback):
             metrics[f"dying_units/{layer.name}"] = layer.dying_fraction
         return metrics
 
+    def revived_totals(self) -> dict[str, int] | None:
+        """Units revived per site over the fit, by the reviver acting on this monitor's reports (None: no reviver)."""
+        revivers = [self.reviver] if self.reviver is not None else []
+        revivers += [
+            getattr(listener, "__self__", None)
+            for listener in self._listeners
+            if isinstance(getattr(listener, "__self__", None), DeadUnitReviver)
+            and getattr(listener, "__self__", None) is not self.reviver
+        ]
+        if not revivers:
+            return None
+        totals: dict[str, int] = {}
+        for reviver in revivers:
+            for entry in reviver.history:
+                for name, count in entry["revived"].items():
+                    totals[name] = totals.get(name, 0) + int(count)
+        return totals
+
+    @rank_zero_only
+    def _write_layout(self, trainer: pl.Trainer) -> None:
+        if not self.dashboards:
+            return
+        revival = self.reviver is not None or any(isinstance(cb, DeadUnitReviver) for cb in trainer.callbacks)  # type: ignore[attr-defined]
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(custom_scalars_layout(revival=revival))
+
+    @rank_zero_only
+    def _summarize(self, trainer: pl.Trainer, report: EpochReport) -> None:
+        revived = self.revived_totals()
+        if self.dashboards:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text(
+                        SUMMARY_TAG, summary_markdown(report, revived), global_step=report.global_step
+                    )
+        if self.print_summary:
+            print_summary(report, revived)
+
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
         for logger in trainer.loggers:
@@ -343,6 +408,10 @@ class DeadUnitMonitor(Callback):
                             layer.activation_rate.float(),
                             global_step=report.global_step,
                         )
+            if self.dashboards and isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(
+                    HEATMAP_TAG, dead_fraction_heatmap(self.history), global_step=report.global_step, dataformats="HWC"
+                )
 
     def _check_nonfinite(self, report: EpochReport) -> None:
         for layer in report.layers.values():
