@@ -8,7 +8,7 @@ while the model trains (:class:`DeadUnitMonitor`, :class:`DeadUnitTracker`) and 
 from lightning_relu import theory
 from lightning_relu.init import SignFlipReport, rai_, sign_flip_
 from lightning_relu.initializer import ReluInitializer
-from lightning_relu.monitor import CollapseError, CollapseWarning, DeadUnitMonitor, EpochReport
+from lightning_relu.monitor import CollapseError, CollapseWarning, DeadUnitMonitor, DyingWarning, EpochReport
 from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_units_
 from lightning_relu.sites import Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import ActivationStats, LayerReport
@@ -24,6 +24,7 @@ __all__ = [
     "DeadUnitMonitor",
     "DeadUnitReviver",
     "DeadUnitTracker",
+    "DyingWarning",
     "EpochReport",
     "LayerReport",
     "NoReluSitesWarning",

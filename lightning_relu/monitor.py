@@ -28,13 +28,21 @@ from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.theory import alive_probability_lower_bound
 from lightning_relu.tracker import DeadUnitTracker
 
-__all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "EpochReport"]
+__all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "DyingWarning", "EpochReport"]
 
 _ON_COLLAPSE = ("warn", "raise", "stop")
 
 
 class CollapseWarning(RuntimeWarning):
     """Every unit of a site is dead: the network after it computes a constant."""
+
+
+class DyingWarning(RuntimeWarning):
+    """A site's units are drifting into the dead cone while few are dead yet."""
+
+
+# "still low": at most this share of the site's units is dead
+_LOW_DEAD = 0.1
 
 
 class CollapseError(RuntimeError):
@@ -117,6 +125,11 @@ class DeadUnitMonitor(Callback):
         trace: trace the model with ``torch.fx`` to find functional rectifier calls and residual-block links
             (see :func:`~lightning_relu.find_relu_sites`).
         eps: activity threshold of a *dying* unit (Arnekvist et al.), in [0, 1].
+        track_margin: also measure each unit's pre-activation mean and standard deviation over the epoch (two
+            more float reductions per site and step): the death margin ``m = mean / std`` predicts the activity
+            rate ``Φ(m)``, units with ``m < Φ⁻¹(eps)`` are *at risk* (inside Arnekvist et al.'s dead cone), logged
+            as ``at_risk/<site>`` with a ``margin/<site>`` histogram; a site whose at-risk share rises while few
+            of its units are dead gets one early warning.
         dashboards: write the Custom Scalars layout, the heatmap image and the summary text to TensorBoard.
         print_summary: print the per-site summary table at the end of training (rank zero).
 
@@ -146,6 +159,7 @@ class DeadUnitMonitor(Callback):
         revive: bool | DeadUnitReviver = False,
         trace: bool = True,
         eps: float = 0.01,
+        track_margin: bool = False,
         dashboards: bool = True,
         print_summary: bool = True,
     ) -> None:
@@ -168,11 +182,16 @@ class DeadUnitMonitor(Callback):
         if not isinstance(trace, bool):
             raise ValueError(f"`trace` must be a bool, got {trace!r}")
         _check_eps(eps)
-        for name, value in (("dashboards", dashboards), ("print_summary", print_summary)):
+        for name, value in (
+            ("dashboards", dashboards),
+            ("print_summary", print_summary),
+            ("track_margin", track_margin),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be a bool, got {value!r}")
         self.dashboards = dashboards
         self.print_summary = print_summary
+        self.track_margin = track_margin
         self.reviver = reviver
         self.trace = trace
         self.eps = float(eps)
@@ -186,6 +205,7 @@ class DeadUnitMonitor(Callback):
         self.alive_lower_bound: float | None = None
         self._collapse_warned: set[str] = set()
         self._nonfinite_warned: set[str] = set()
+        self._at_risk_warned: set[str] = set()
         self._listeners: list[ReportListener] = []
 
     @property
@@ -220,7 +240,9 @@ class DeadUnitMonitor(Callback):
         if stage != "fit":
             return
         self._remove_hooks()
-        tracker = DeadUnitTracker(pl_module, sites=self._sites, trace=self.trace, eps=self.eps)
+        tracker = DeadUnitTracker(
+            pl_module, sites=self._sites, trace=self.trace, eps=self.eps, track_margin=self.track_margin
+        )
         if not tracker.sites:
             rank_zero_warn(
                 f"`DeadUnitMonitor` found no `nn.ReLU`/`nn.ReLU6` module in {type(pl_module).__name__}: "
@@ -284,6 +306,7 @@ class DeadUnitMonitor(Callback):
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         self._log(trainer, report, metrics)
         self._check_nonfinite(report)
+        self._check_at_risk(report)
         for listener in list(self._listeners):
             listener(trainer, pl_module, report)
         self._check_collapse(trainer, report)
@@ -351,6 +374,9 @@ class DeadUnitMonitor(Callback):
                 metrics[f"living_data/{layer.name}"] = layer.living_data_fraction
         for layer in seen:
             metrics[f"dying_units/{layer.name}"] = layer.dying_fraction
+        for layer in seen:
+            if layer.at_risk is not None:
+                metrics[f"at_risk/{layer.name}"] = layer.at_risk_fraction
         return metrics
 
     def revived_totals(self) -> dict[str, int] | None:
@@ -408,6 +434,13 @@ class DeadUnitMonitor(Callback):
                             layer.activation_rate.float(),
                             global_step=report.global_step,
                         )
+            if self.log_histograms and isinstance(logger, TensorBoardLogger):
+                for layer in report.layers.values():
+                    if layer.seen and layer.margin is not None and bool(torch.isfinite(layer.margin).any()):
+                        finite = layer.margin[torch.isfinite(layer.margin)]
+                        logger.experiment.add_histogram(
+                            f"margin/{layer.name}", finite.float(), global_step=report.global_step
+                        )
             if self.dashboards and isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(
                     HEATMAP_TAG, dead_fraction_heatmap(self.history), global_step=report.global_step, dataformats="HWC"
@@ -421,6 +454,27 @@ class DeadUnitMonitor(Callback):
                     f"Site {layer.name!r} produced NaN or Inf activations in {layer.nonfinite_batches} training "
                     f"batches of epoch {report.epoch}; NaN entries are counted as not active.",
                     category=RuntimeWarning,
+                )
+
+    def _check_at_risk(self, report: EpochReport) -> None:
+        """Warn once per site when its at-risk share rises epoch over epoch while its dead share is still low."""
+        if len(self.history) < 2:
+            return
+        previous, previous_epoch = self.history[-2].layers, self.history[-2].epoch
+        for layer in report.layers.values():
+            before = previous.get(layer.name)
+            if layer.at_risk is None or before is None or before.at_risk is None or not layer.seen:
+                continue
+            rising = layer.at_risk_fraction > before.at_risk_fraction
+            if rising and layer.dead_fraction <= _LOW_DEAD and layer.name not in self._at_risk_warned:
+                self._at_risk_warned.add(layer.name)
+                rank_zero_warn(
+                    f"Site {layer.name!r} is heading for death: at epoch {report.epoch} {layer.num_at_risk} of its "
+                    f"{layer.num_units} units are inside the dead cone (mean/std of the pre-activation below "
+                    f"Phi^-1({layer.eps:g})), up from {before.num_at_risk} at epoch {previous_epoch}, while "
+                    f"only {layer.num_dead} are dead yet. Small target variance with momentum is a known cause "
+                    "(Arnekvist et al.): normalize the targets, lower the momentum or the learning rate.",
+                    category=DyingWarning,
                 )
 
     def _check_collapse(self, trainer: pl.Trainer, report: EpochReport) -> None:

@@ -37,6 +37,12 @@ class LayerReport:
         num_dying: number of dying units.
         dying_fraction: ``num_dying / num_units``.
         nonfinite_batches: number of batches whose output at the site held NaN or Inf.
+        margin: per unit, ``m = mean / std`` of its pre-activation over the window (only with margin tracking,
+            else ``None``). With Gaussian pre-activations the unit is active with probability ``Φ(m)``.
+        predicted_rate: ``Φ(margin)``, the activation rate the margin predicts (``None`` without tracking).
+        at_risk: per unit, ``margin < Φ⁻¹(eps)``: inside the dead cone of Arnekvist et al. (``None`` without
+            tracking; NaN margins are not at risk).
+        at_risk_fraction: share of the site's units at risk (NaN without tracking).
     """
 
     # A plain class, not a dataclass: torchmetrics walks dataclass results of ``compute`` and squeezes
@@ -60,6 +66,8 @@ class LayerReport:
         num_dying: int = 0,
         dying_fraction: float = 0.0,
         nonfinite_batches: int = 0,
+        pre_mean: Tensor | None = None,
+        pre_std: Tensor | None = None,
     ) -> None:
         self.name = name
         self.num_units = num_units
@@ -77,6 +85,20 @@ class LayerReport:
         self.num_dying = num_dying
         self.dying_fraction = dying_fraction
         self.nonfinite_batches = nonfinite_batches
+        self.pre_mean = pre_mean
+        self.pre_std = pre_std
+        self.margin: Tensor | None = None
+        self.predicted_rate: Tensor | None = None
+        self.at_risk: Tensor | None = None
+        self.num_at_risk = 0
+        self.at_risk_fraction = math.nan
+        if pre_mean is not None and pre_std is not None:
+            self.margin = pre_mean / pre_std
+            self.predicted_rate = torch.special.ndtr(self.margin)
+            threshold = torch.special.ndtri(torch.tensor(eps, dtype=torch.float64))
+            self.at_risk = self.margin < threshold  # NaN compares False
+            self.num_at_risk = int(self.at_risk.sum())
+            self.at_risk_fraction = self.num_at_risk / num_units if num_units else 0.0
 
     @classmethod
     def from_counts(
@@ -88,6 +110,9 @@ class LayerReport:
         killed: int,
         eps: float = 0.01,
         nonfinite_batches: int = 0,
+        pre_sum: Tensor | None = None,
+        pre_sumsq: Tensor | None = None,
+        pre_entries: int = 0,
     ) -> LayerReport:
         """Build a report from raw counts (the single place where the definitions live)."""
         active_count = active_count.detach().to("cpu", torch.int64)
@@ -101,6 +126,11 @@ class LayerReport:
         num_dead = int(dead.sum())
         dying = (rate < eps) & seen
         num_dying = int(dying.sum())
+        pre_mean = pre_std = None
+        if pre_sum is not None and pre_sumsq is not None and pre_entries > 0 and pre_sum.numel() == num_units:
+            pre_mean = pre_sum.detach().to("cpu", torch.float64) / pre_entries
+            second = pre_sumsq.detach().to("cpu", torch.float64) / pre_entries
+            pre_std = (second - pre_mean**2).clamp_min(0.0).sqrt()
         return cls(
             name=name,
             num_units=num_units,
@@ -118,6 +148,8 @@ class LayerReport:
             num_dying=num_dying,
             dying_fraction=num_dying / num_units if num_units else 0.0,
             nonfinite_batches=int(nonfinite_batches),
+            pre_mean=pre_mean,
+            pre_std=pre_std,
         )
 
     @property
@@ -140,11 +172,13 @@ class LayerReport:
             "killed": self.killed,
             "eps": self.eps,
             "nonfinite_batches": self.nonfinite_batches,
+            "pre_mean": None if self.pre_mean is None else self.pre_mean.clone(),
+            "pre_std": None if self.pre_std is None else self.pre_std.clone(),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> LayerReport:
-        return cls.from_counts(
+        report = cls.from_counts(
             name=str(state["name"]),
             active_count=torch.as_tensor(state["active_count"], dtype=torch.int64),
             entries_per_unit=int(state.get("entries_per_unit", 0)),
@@ -153,6 +187,22 @@ class LayerReport:
             eps=float(state.get("eps", 0.01)),
             nonfinite_batches=int(state.get("nonfinite_batches", 0)),
         )
+        if state.get("pre_mean") is not None and state.get("pre_std") is not None:
+            mean = torch.as_tensor(state["pre_mean"], dtype=torch.float64)
+            std = torch.as_tensor(state["pre_std"], dtype=torch.float64)
+            report = cls.from_counts(
+                name=report.name,
+                active_count=report.active_count,
+                entries_per_unit=report.entries_per_unit,
+                samples=report.samples,
+                killed=report.killed,
+                eps=report.eps,
+                nonfinite_batches=report.nonfinite_batches,
+                pre_sum=mean,
+                pre_sumsq=std**2 + mean**2,
+                pre_entries=1,
+            )
+        return report
 
     def __repr__(self) -> str:
         return (
@@ -175,6 +225,8 @@ class ActivationStats(Metric):
             ``-1`` for 2-D outputs and ``1`` otherwise.
         name: the site's name, copied into the report.
         eps: activity threshold of a *dying* unit (Arnekvist et al.): active on fewer than ``eps`` of its entries.
+        track_margin: also accumulate per-unit sums of the pre-activation and of its square
+            (:meth:`update_margin`), for the death margin ``mean / std`` in the report.
         kwargs: passed on to :class:`torchmetrics.Metric`.
 
     Example:
@@ -202,11 +254,15 @@ class ActivationStats(Metric):
         unit_dim: int | None = None,
         name: str = "",
         eps: float = 0.01,
+        track_margin: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _check_eps(eps)
+        if not isinstance(track_margin, bool):
+            raise ValueError(f"`track_margin` must be a bool, got {track_margin!r}")
         self.eps = float(eps)
+        self.track_margin = track_margin
         if num_units is not None and (not isinstance(num_units, int) or num_units < 1):
             raise ValueError(f"`num_units` must be a positive integer or None, got {num_units!r}")
         if unit_dim not in (None, 1, -1):
@@ -219,6 +275,11 @@ class ActivationStats(Metric):
         self.add_state("samples", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("killed", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("nonfinite", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        if track_margin:
+            width = num_units or 0
+            self.add_state("pre_sum", default=torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("pre_sumsq", default=torch.zeros(width, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("pre_entries", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def unit_axis(self, output: Tensor) -> int:
         """The dimension of ``output`` that indexes units (non-negative)."""
@@ -263,8 +324,34 @@ class ActivationStats(Metric):
             # NaN and Inf propagate into a float sum: one cheap read-only pass flags the batch
             self.nonfinite += ~torch.isfinite(output.sum(dtype=torch.float32))
 
+    def update_margin(self, pre_activation: Tensor) -> None:
+        """Accumulate per-unit sums of one pre-activation and of its square (with ``track_margin=True``)."""
+        if not self.track_margin:
+            return
+        pre = pre_activation.detach()
+        if pre.ndim == 1:
+            pre = pre.unsqueeze(0)
+        if pre.shape[0] == 0 or not pre.is_floating_point():
+            return
+        axis = self.unit_axis(pre)
+        num_units = pre.shape[axis]
+        if self.pre_sum.numel() == 0:
+            self.pre_sum = torch.zeros(num_units, dtype=torch.float64, device=pre.device)
+            self.pre_sumsq = torch.zeros(num_units, dtype=torch.float64, device=pre.device)
+        elif self.pre_sum.numel() != num_units:
+            return  # the output's width check reports the mismatch
+        dims = tuple(d for d in range(pre.ndim) if d != axis)
+        # two read-only float reductions; the 2-norm gives the sum of squares without a squared copy
+        self.pre_sum += pre.sum(dims, dtype=torch.float32).to(torch.float64)
+        self.pre_sumsq += torch.linalg.vector_norm(pre, 2, dims, dtype=torch.float32).to(torch.float64).square()
+        self.pre_entries += pre.numel() // num_units
+        self._computed = None
+
     def compute(self) -> LayerReport:
         """The report over everything seen since the last ``reset`` (summed over processes)."""
+        margin: dict[str, Any] = {}
+        if self.track_margin:
+            margin = {"pre_sum": self.pre_sum, "pre_sumsq": self.pre_sumsq, "pre_entries": int(self.pre_entries)}
         return LayerReport.from_counts(
             name=self.name,
             active_count=self.active,
@@ -273,6 +360,7 @@ class ActivationStats(Metric):
             killed=int(self.killed),
             eps=self.eps,
             nonfinite_batches=int(self.nonfinite),
+            **margin,
         )
 
 

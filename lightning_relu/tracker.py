@@ -50,6 +50,9 @@ class DeadUnitTracker:
         trace: trace the model with ``torch.fx`` to find functional calls and data-flow links (see
             :func:`~lightning_relu.find_relu_sites`).
         eps: a unit active on fewer than this share of its entries is *dying* (``LayerReport.dying``).
+        track_margin: also measure each unit's pre-activation mean and standard deviation, giving the death
+            margin ``m = mean / std`` and ``LayerReport.at_risk`` (``m < Φ⁻¹(eps)``). It costs two more float
+            reductions per site and step, over the pre-activation.
 
     Example:
         >>> import torch
@@ -63,10 +66,18 @@ class DeadUnitTracker:
     """
 
     def __init__(
-        self, model: nn.Module, sites: Sequence[str] | None = None, trace: bool = True, eps: float = 0.01
+        self,
+        model: nn.Module,
+        sites: Sequence[str] | None = None,
+        trace: bool = True,
+        eps: float = 0.01,
+        track_margin: bool = False,
     ) -> None:
         _check_eps(eps)
+        if not isinstance(track_margin, bool):
+            raise ValueError(f"`track_margin` must be a bool, got {track_margin!r}")
         self.eps = float(eps)
+        self.track_margin = track_margin
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
         if isinstance(sites, str):
@@ -83,7 +94,9 @@ class DeadUnitTracker:
         #: every site found, counted or not
         self.all_sites: list[Site] = found
         self.sites: list[Site] = [site for site in found if self._is_wanted(site.name)]
-        self.stats: dict[str, ActivationStats] = {site.name: _new_stats(site, self.eps) for site in self.sites}
+        self.stats: dict[str, ActivationStats] = {
+            site.name: _new_stats(site, self.eps, track_margin) for site in self.sites
+        }
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
@@ -135,6 +148,8 @@ class DeadUnitTracker:
                 owner = modules.get(first.name.rpartition(".")[0], self.model)
                 owners.setdefault(id(owner), (owner, []))[1].append(key)
                 self._handles.append(first.module.register_forward_hook(self._hook))
+                if self.track_margin:
+                    self._handles.append(first.module.register_forward_pre_hook(self._pre_hook))
             else:
                 parent = first.parent if first.parent is not None else self.model
                 mode = _FunctionalCounter(self, key)
@@ -191,6 +206,28 @@ class DeadUnitTracker:
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self._count(id(module), output)
 
+    def _pre_hook(self, module: nn.Module, inputs: Any) -> None:
+        if inputs and isinstance(inputs[0], Tensor):
+            self._margin(id(module), inputs[0])
+
+    def _margin(self, key: int, pre_activation: Tensor) -> None:
+        """Accumulate the pre-activation of the call about to happen (position = calls so far)."""
+        if not self.enabled:
+            return
+        k = self._calls.get(key, 0)
+        positions = self._positions[key]
+        if k >= len(positions):
+            if k >= _MAX_POSITIONS:
+                return
+            self._add_positions(key, k)
+        entry = positions[k]
+        if entry is not None:
+            stats = entry[1]
+            with torch.no_grad():
+                if stats.device != pre_activation.device:
+                    stats.to(pre_activation.device)
+                stats.update_margin(pre_activation)
+
     def _count(self, key: int, output: Any) -> None:
         k = self._calls.get(key, 0)
         self._calls[key] = k + 1
@@ -231,7 +268,7 @@ class DeadUnitTracker:
                 parent_name=first.parent_name,
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
-                stats = _new_stats(site, self.eps)
+                stats = _new_stats(site, self.eps, self.track_margin)
                 if self.stats:
                     stats.to(next(iter(self.stats.values())).device)
                 self.sites.append(site)
@@ -290,6 +327,9 @@ class _FunctionalCounter(TorchFunctionMode):
         self.pushed: list[bool] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        watch = self.tracker.track_margin and self.depth == 0 and func in FUNCTIONAL_RECTIFIERS
+        if watch and args and isinstance(args[0], Tensor):
+            self.tracker._margin(self.key, args[0])
         out = func(*args, **(kwargs or {}))
         if self.depth == 0 and func in FUNCTIONAL_RECTIFIERS:
             self.tracker._count(self.key, out)
@@ -323,8 +363,10 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _new_stats(site: Site, eps: float) -> ActivationStats:
-    return ActivationStats(num_units=site.num_units, unit_dim=site.unit_dim, name=site.name, eps=eps)
+def _new_stats(site: Site, eps: float, track_margin: bool) -> ActivationStats:
+    return ActivationStats(
+        num_units=site.num_units, unit_dim=site.unit_dim, name=site.name, eps=eps, track_margin=track_margin
+    )
 
 
 def _matches_site(name: str, names: list[str]) -> bool:

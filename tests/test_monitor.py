@@ -438,3 +438,45 @@ def test_states_the_alive_lower_bound_at_fit_start(tmp_path, caplog):
         _trainer(tmp_path, [monitor], max_epochs=1).fit(_mlp_module())
     assert monitor.alive_lower_bound == pytest.approx((1 - 2**-6) ** 2)  # two sites of width 6
     assert f"probability >= {(1 - 2**-6) ** 2:.4g}" in caplog.text
+
+
+class _DriftingModule(SeqModule):
+    """Unit-norm rows on Gaussian inputs, so z ~ N(bias, 1); from epoch 1 on, unit 0's bias sits at -3."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch >= 1:
+            with torch.no_grad():
+                self.net[0].bias[0] = -3.0
+
+
+def _drifting_module() -> _DriftingModule:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 1))
+    with torch.no_grad():
+        net[0].weight.div_(net[0].weight.norm(dim=1, keepdim=True))
+        net[0].bias.zero_()
+    x = torch.randn(400, 10, generator=torch.Generator().manual_seed(1))
+    return _DriftingModule(net, x)
+
+
+def test_margin_at_risk_and_early_warning(tmp_path):
+    from lightning_relu import DyingWarning
+
+    module = _drifting_module()
+    monitor = DeadUnitMonitor(track_margin=True)
+    with pytest.warns(DyingWarning, match=r"Site 'net.1' is heading for death: at epoch 1 1 of its 20 units") as rec:
+        trainer = _trainer(tmp_path, [monitor], max_epochs=3, limit_train_batches=100)
+        trainer.fit(module)
+    assert sum(issubclass(w.category, DyingWarning) for w in rec) == 1
+    # brute force over the last epoch's data (weights fixed: lr = 0)
+    with torch.no_grad():
+        z = module.net[0](module.train_x).double()
+    margin = z.mean(0) / z.std(0, unbiased=False)
+    threshold = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.01)).item()
+    layer = monitor.last_report["net.1"]
+    torch.testing.assert_close(layer.margin, margin, rtol=1e-4, atol=1e-5)
+    assert layer.at_risk.tolist() == (margin < threshold).tolist()
+    assert float(trainer.callback_metrics["at_risk/net.1"]) == pytest.approx(
+        float((margin < threshold).double().mean())
+    )
+    assert monitor.history[0].layers["net.1"].num_at_risk == 0

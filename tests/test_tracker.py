@@ -311,3 +311,41 @@ def test_paused_tracker_skips_functional_calls():
         tracker.resume()
         model(torch.randn(2, 3))
     assert {r.samples for r in tracker.report().values()} == {2}
+
+
+def test_margin_matches_brute_force_and_predicts_the_rate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 6), nn.ReLU(inplace=True), nn.Linear(6, 1))
+    with torch.no_grad():
+        model[0].bias.copy_(torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0]))
+        model[0].weight.mul_(3.0)
+    batches = [torch.randn(500, 20) for _ in range(4)]
+    with DeadUnitTracker(model, track_margin=True, eps=0.05) as tracker:
+        for x in batches:
+            model(x)
+    report = tracker.report()["1"]
+    with torch.no_grad():
+        z = torch.cat([model[0](x) for x in batches]).double()
+    torch.testing.assert_close(report.pre_mean, z.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(report.pre_std, z.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    # Gaussian inputs give Gaussian pre-activations: Phi(mean/std) predicts the measured activity rate
+    torch.testing.assert_close(report.predicted_rate, report.activation_rate, atol=0.03, rtol=0)
+    threshold = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.05)).item()
+    assert report.at_risk.tolist() == [m < threshold for m in (z.mean(0) / z.std(0, unbiased=False)).tolist()]
+    assert report.at_risk.tolist()[0] and not report.at_risk.tolist()[-1]
+
+
+def test_margin_for_functional_and_reused_sites():
+    torch.manual_seed(1)
+    model = _FunctionalNet()
+    batches = [torch.randn(64, 3) for _ in range(2)]
+    with DeadUnitTracker(model, track_margin=True) as tracker:
+        for x in batches:
+            model(x)
+    report = tracker.report()
+    with torch.no_grad():
+        pre = torch.cat([model.fc1(x) for x in batches]).double()
+    torch.testing.assert_close(report["relu"].pre_mean, pre.mean(0), rtol=1e-5, atol=1e-6)
+    assert DeadUnitTracker(model).report()["relu"].margin is None
+    with pytest.raises(ValueError, match="`track_margin` must be a bool, got 1"):
+        DeadUnitTracker(model, track_margin=1)
