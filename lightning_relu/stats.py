@@ -290,39 +290,55 @@ class ActivationStats(Metric):
 
     def update(self, output: Tensor) -> None:
         """Count the active entries of one output of the site (shape ``(batch, ...)``)."""
+        self.accumulate(output)
+
+    def accumulate(self, output: Tensor) -> None:
+        """What :meth:`update` does, without torchmetrics' per-call bookkeeping: the hooks' hot path.
+
+        States change in place only (no attribute assignment, which costs microseconds on a ``Module``), so a
+        forward pass pays for a handful of tensor operations per site.
+        """
         output = output.detach()
         if output.ndim == 1:
             output = output.unsqueeze(0)
         axis = self.unit_axis(output)
         num_units = output.shape[axis]
-        if self.active.numel() == 0:
-            self.active = torch.zeros(num_units, dtype=torch.int64, device=output.device)
-        elif self.active.numel() != num_units:
-            raise ValueError(
-                f"site {self.name!r} has {self.active.numel()} units but got an output of shape "
-                f"{tuple(output.shape)} with {num_units} along dim {axis}"
-            )
+        active = self.active
+        if active.numel() != num_units:
+            if active.numel() != 0:
+                raise ValueError(
+                    f"site {self.name!r} has {active.numel()} units but got an output of shape "
+                    f"{tuple(output.shape)} with {num_units} along dim {axis}"
+                )
+            self.active = active = torch.zeros(num_units, dtype=torch.int64, device=output.device)
         batch = output.shape[0]
         if batch == 0:
             return
         per_block = output.numel() // (batch * num_units)
-        acc = torch.float32 if per_block < _FLOAT32_EXACT else torch.float64
+        floating = output.is_floating_point()
         # sign() is 1 for entries > 0 and 0 for zeros (ReLU outputs are never negative); a float reduction of
         # it is several times cheaper than reducing a bool mask, and nansum counts NaN as not active.
         sign = output.sign()
         if output.ndim == 2:
-            per_sample_unit = sign.nan_to_num_(0.0) if sign.is_floating_point() else sign
+            per_sample_unit = sign.nan_to_num_(0.0) if floating else sign
         else:
+            acc = torch.float32 if per_block < _FLOAT32_EXACT else torch.float64
             dims = tuple(d for d in range(1, output.ndim) if d != axis)
-            per_sample_unit = sign.nansum(dims, dtype=acc) if sign.is_floating_point() else sign.sum(dims)
-        counts = per_sample_unit.to(torch.int64)  # (batch, units), exact integers
-        self.active += counts.sum(0)
-        self.killed += (counts.sum(1) == 0).sum()
-        self.samples += batch
-        self.entries += batch * per_block
-        if output.is_floating_point():
+            per_sample_unit = sign.nansum(dims, dtype=acc) if floating else sign.sum(dims)
+        if floating and per_sample_unit.shape[0] * per_block < _FLOAT32_EXACT:
+            # exact in the accumulation dtype: reduce first, convert the small per-unit vector
+            active.add_(per_sample_unit.sum(0, dtype=torch.float32).to(torch.int64))
+        else:
+            active.add_(per_sample_unit.to(torch.int64).sum(0))
+        self.killed.add_((per_sample_unit.sum(1) == 0).sum())
+        self.samples.add_(batch)
+        self.entries.add_(batch * per_block)
+        if floating:
             # NaN and Inf propagate into a float sum: one cheap read-only pass flags the batch
-            self.nonfinite += ~torch.isfinite(output.sum(dtype=torch.float32))
+            self.nonfinite.add_(torch.isfinite(output.sum(dtype=torch.float32)).logical_not())
+        # what torchmetrics' update wrapper would record, without its per-call attribute assignments
+        self.__dict__["_computed"] = None
+        self.__dict__["_update_count"] = self.__dict__.get("_update_count", 0) + 1
 
     def update_margin(self, pre_activation: Tensor) -> None:
         """Accumulate per-unit sums of one pre-activation and of its square (with ``track_margin=True``)."""
@@ -342,10 +358,10 @@ class ActivationStats(Metric):
             return  # the output's width check reports the mismatch
         dims = tuple(d for d in range(pre.ndim) if d != axis)
         # two read-only float reductions; the 2-norm gives the sum of squares without a squared copy
-        self.pre_sum += pre.sum(dims, dtype=torch.float32).to(torch.float64)
-        self.pre_sumsq += torch.linalg.vector_norm(pre, 2, dims, dtype=torch.float32).to(torch.float64).square()
-        self.pre_entries += pre.numel() // num_units
-        self._computed = None
+        self.pre_sum.add_(pre.sum(dims, dtype=torch.float32))
+        self.pre_sumsq.add_(torch.linalg.vector_norm(pre, 2, dims, dtype=torch.float32).to(torch.float64).square())
+        self.pre_entries.add_(pre.numel() // num_units)
+        self.__dict__["_computed"] = None
 
     def compute(self) -> LayerReport:
         """The report over everything seen since the last ``reset`` (summed over processes)."""

@@ -251,7 +251,7 @@ class DeadUnitTracker:
         with torch.no_grad():
             if stats.device != output.device:
                 stats.to(output.device)
-            stats.update(output)
+            stats.accumulate(output)
 
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]

@@ -22,6 +22,18 @@ def test_bf16_counts_are_exact():
     assert report.killed == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_half_precision_counts_are_exact(dtype):
+    y = torch.zeros(1000, 3, dtype=dtype)
+    y[:, 0] = 2.0
+    y[:700, 1] = 0.5
+    stats = ActivationStats(num_units=3)
+    stats.update(y)
+    report = stats.compute()
+    assert report.active_count.tolist() == [1000, 700, 0]
+    assert report.killed == 0 and report.samples == 1000
+
+
 def test_blocks_beyond_float32_exactness_use_float64():
     n = 2**24 + 3  # float32 sums of ones stop being exact at 2**24
     y = torch.ones(1, 1, n)
