@@ -24,14 +24,15 @@ def test_bf16_counts_are_exact():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dense_half_precision_counts_are_exact(dtype):
-    y = torch.zeros(1000, 3, dtype=dtype)
+    # 4097 and 2049 are not representable in bfloat16 or float16: a sum in the activation dtype would round
+    y = torch.zeros(4097, 3, dtype=dtype)
     y[:, 0] = 2.0
-    y[:700, 1] = 0.5
+    y[:2049, 1] = 0.5
     stats = ActivationStats(num_units=3)
     stats.update(y)
     report = stats.compute()
-    assert report.active_count.tolist() == [1000, 700, 0]
-    assert report.killed == 0 and report.samples == 1000
+    assert report.active_count.tolist() == [4097, 2049, 0]
+    assert report.killed == 0 and report.samples == 4097
 
 
 def test_blocks_beyond_float32_exactness_use_float64():
