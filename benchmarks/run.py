@@ -82,17 +82,19 @@ def interleaved(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_tracker(name: str, rounds: int, block: int) -> dict[str, float]:
+def _tracked_vs_plain(name: str, rounds: int, block: int, compile_model: bool = False) -> tuple[Any, ...]:
+    """Interleaved medians of a training step with and without `DeadUnitTracker` on one workload."""
     build, _ = WORKLOADS[name]
     torch.manual_seed(0)
     model = build()
+    run = torch.compile(model) if compile_model else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = batch(name)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(run(x), y).backward()
         opt.step()
 
     tracker = DeadUnitTracker(model)
@@ -103,11 +105,16 @@ def bench_tracker(name: str, rounds: int, block: int) -> dict[str, float]:
     medians = interleaved(
         {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}, rounds, block
     )
-    return {
+    result = {
         "step_ms": medians["plain"] * 1e3,
         "tracked_step_ms": medians["tracked"] * 1e3,
         "ratio": medians["tracked"] / medians["plain"],
     }
+    return result, model, run, tracker, x
+
+
+def bench_tracker(name: str, rounds: int, block: int) -> dict[str, float]:
+    return _tracked_vs_plain(name, rounds, block)[0]
 
 
 class _Module(L.LightningModule):
@@ -237,27 +244,7 @@ def bench_revival(repeats: int) -> dict[str, float]:
 
 
 def bench_compiled(name: str, rounds: int, block: int) -> dict[str, Any]:
-    build, _ = WORKLOADS[name]
-    torch.manual_seed(0)
-    model = build()
-    compiled = torch.compile(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = batch(name)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(compiled(x), y).backward()
-        opt.step()
-
-    tracker = DeadUnitTracker(model)
-
-    def nothing() -> None:
-        pass
-
-    medians = interleaved(
-        {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}, rounds, block
-    )
+    result, model, compiled, tracker, x = _tracked_vs_plain(name, rounds, block, compile_model=True)
     # correctness: counts from the compiled model equal the counts of an eager pass with the same weights
     with torch.no_grad(), tracker:
         tracker.reset()
@@ -266,12 +253,7 @@ def bench_compiled(name: str, rounds: int, block: int) -> dict[str, Any]:
         tracker.reset()
         model(x)
         from_eager = {k: v.active_count.tolist() for k, v in tracker.report().items()}
-    return {
-        "step_ms": medians["plain"] * 1e3,
-        "tracked_step_ms": medians["tracked"] * 1e3,
-        "ratio": medians["tracked"] / medians["plain"],
-        "counts_match_eager": from_compiled == from_eager,
-    }
+    return {**result, "counts_match_eager": from_compiled == from_eager}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -210,35 +210,32 @@ class DeadUnitTracker:
         if inputs and isinstance(inputs[0], Tensor):
             self._margin(id(module), inputs[0])
 
-    def _margin(self, key: int, pre_activation: Tensor) -> None:
-        """Accumulate the pre-activation of the call about to happen (position = calls so far)."""
-        if not self.enabled:
-            return
-        k = self._calls.get(key, 0)
+    def _entry(self, key: int, k: int) -> tuple[Site, ActivationStats] | None:
+        """The site and counts of call position ``k`` of ``key`` (created on first sight), or None."""
         positions = self._positions[key]
         if k >= len(positions):
             if k >= _MAX_POSITIONS:
-                return
+                return None
             self._add_positions(key, k)
-        entry = positions[k]
-        if entry is not None:
-            stats = entry[1]
-            with torch.no_grad():
-                if stats.device != pre_activation.device:
-                    stats.to(pre_activation.device)
-                stats.update_margin(pre_activation)
+        return positions[k]
+
+    def _margin(self, key: int, pre_activation: Tensor) -> None:
+        """Accumulate the pre-activation of the call about to happen (position = calls so far)."""
+        entry = self._entry(key, self._calls.get(key, 0)) if self.enabled else None
+        if entry is None:
+            return
+        stats = entry[1]
+        with torch.no_grad():
+            if stats.device != pre_activation.device:
+                stats.to(pre_activation.device)
+            stats.update_margin(pre_activation)
 
     def _count(self, key: int, output: Any) -> None:
         k = self._calls.get(key, 0)
         self._calls[key] = k + 1
         if not self.enabled or not isinstance(output, Tensor):
             return
-        positions = self._positions[key]
-        if k >= len(positions):
-            if k >= _MAX_POSITIONS:
-                return
-            self._add_positions(key, k)
-        entry = positions[k]
+        entry = self._entry(key, k)
         if entry is None:
             return
         site, stats = entry
