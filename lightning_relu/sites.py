@@ -182,9 +182,15 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
             _link_forward(site, chain, index)
         _fill_shape(site)
         sites.append(site)
-    if trace:
+    if trace and not _built_in_only(model):
         sites = _add_traced(model, sites)
     return sites
+
+
+def _built_in_only(model: nn.Module) -> bool:
+    """Every module is a ``torch.nn`` built-in: no custom ``forward`` can call a rectifier function, and the
+    ``nn.Sequential`` chains already give every link, so tracing would add nothing."""
+    return all(type(module).__module__.startswith("torch.nn.") for module in model.modules())
 
 
 def _add_traced(model: nn.Module, sites: list[Site]) -> list[Site]:
