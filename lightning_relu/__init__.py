@@ -12,6 +12,7 @@ from lightning_relu.monitor import CollapseError, CollapseWarning, DeadUnitMonit
 from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_units_
 from lightning_relu.sites import Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import ActivationStats, LayerReport
+from lightning_relu.target_check import TargetScaleCheck, TargetScaleWarning
 from lightning_relu.tracker import DeadUnitTracker, NoReluSitesWarning
 
 __version__ = "0.1.0.dev0"
@@ -33,6 +34,8 @@ __all__ = [
     "SignFlipReport",
     "Site",
     "SiteTracingWarning",
+    "TargetScaleCheck",
+    "TargetScaleWarning",
     "__version__",
     "find_relu_sites",
     "rai_",
