@@ -10,8 +10,9 @@ Each figure is a ratio of medians from one process in which the two variants run
   `DeadUnitTracker` in a plain loop and for `DeadUnitMonitor` in `Trainer.fit`;
 - `sign_flip_`: at most 1.5x one plain forward pass over the same data.
 
-Reported without a budget: one `revive_dead_units_` on the CNN relative to one training step, and the
-tracker's overhead on a `torch.compile`d model (with a check that its counts equal eager counts).
+Reported without a budget: the optional death margin (`track_margin=True`), one `revive_dead_units_` on
+the CNN relative to one training step, and the tracker's overhead on a `torch.compile`d model (with a
+check that its counts equal eager counts).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def interleaved(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _tracked_vs_plain(name: str, rounds: int, block: int, compile_model: bool = False) -> tuple[Any, ...]:
+def _tracked_vs_plain(
+    name: str, rounds: int, block: int, compile_model: bool = False, track_margin: bool = False
+) -> tuple[Any, ...]:
     """Interleaved medians of a training step with and without `DeadUnitTracker` on one workload."""
     build, _ = WORKLOADS[name]
     torch.manual_seed(0)
@@ -97,7 +100,7 @@ def _tracked_vs_plain(name: str, rounds: int, block: int, compile_model: bool = 
         loss_fn(run(x), y).backward()
         opt.step()
 
-    tracker = DeadUnitTracker(model)
+    tracker = DeadUnitTracker(model, track_margin=track_margin)
 
     def nothing() -> None:
         pass
@@ -282,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in WORKLOADS:
         r = bench_tracker(name, rounds, block)
         record("tracker", name, r, f"DeadUnitTracker step, {name}", "step_ms", STEP_BUDGET)
+    for name in WORKLOADS:
+        r = _tracked_vs_plain(name, rounds, block, track_margin=True)[0]
+        record("margin", name, r, f"DeadUnitTracker(track_margin=True) step, {name}", "step_ms", None)
     if not args.skip_lightning:
         for name in WORKLOADS:
             r = bench_lightning(name, max(2, rounds // 3), block * 4)
