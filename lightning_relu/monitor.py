@@ -133,8 +133,8 @@ class DeadUnitMonitor(Callback):
         dashboards: write the Custom Scalars layout, the heatmap image and the summary text to TensorBoard.
         print_summary: print the per-site summary table at the end of training (rank zero).
 
-    NaN and Inf activations are counted as not active; the first epoch in which a site produces any gets
-    one warning naming the site and the epoch.
+    A unit is active on an entry when the entry is ``> 0``: NaN entries are not active, +Inf entries are. The
+    first epoch in which a site produces NaN or Inf gets one warning naming the site and the epoch.
 
     Example::
 

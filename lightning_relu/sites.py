@@ -190,7 +190,11 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
 def _built_in_only(model: nn.Module) -> bool:
     """Every module is a ``torch.nn`` built-in: no custom ``forward`` can call a rectifier function, and the
     ``nn.Sequential`` chains already give every link, so tracing would add nothing."""
-    return all(type(module).__module__.startswith("torch.nn.") for module in model.modules())
+    if not all(type(module).__module__.startswith("torch.nn.") for module in model.modules()):
+        return False
+    # a rectifier registered at several places is applied at several places: tracing numbers them
+    rectifiers = [id(m) for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, RECTIFIER_TYPES)]
+    return len(rectifiers) == len(set(rectifiers))
 
 
 def _add_traced(model: nn.Module, sites: list[Site]) -> list[Site]:

@@ -263,7 +263,7 @@ class ActivationStats(Metric):
             raise ValueError(f"`track_margin` must be a bool, got {track_margin!r}")
         self.eps = float(eps)
         self.track_margin = track_margin
-        if num_units is not None and (not isinstance(num_units, int) or num_units < 1):
+        if num_units is not None and (isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1):
             raise ValueError(f"`num_units` must be a positive integer or None, got {num_units!r}")
         if unit_dim not in (None, 1, -1):
             raise ValueError(f"`unit_dim` must be 1, -1 or None, got {unit_dim!r}")
@@ -300,7 +300,7 @@ class ActivationStats(Metric):
         """
         output = output.detach()
         if output.ndim == 1:
-            output = output.unsqueeze(0)
+            output = output.unsqueeze(1)  # (batch,): one unit per sample
         axis = self.unit_axis(output)
         num_units = output.shape[axis]
         active = self.active
@@ -310,7 +310,8 @@ class ActivationStats(Metric):
                     f"site {self.name!r} has {active.numel()} units but got an output of shape "
                     f"{tuple(output.shape)} with {num_units} along dim {axis}"
                 )
-            self.active = active = torch.zeros(num_units, dtype=torch.int64, device=output.device)
+            with torch.inference_mode(False):  # a state born in inference mode could not be updated later
+                self.active = active = torch.zeros(num_units, dtype=torch.int64, device=output.device)
         batch = output.shape[0]
         if batch == 0:
             return
@@ -346,14 +347,15 @@ class ActivationStats(Metric):
             return
         pre = pre_activation.detach()
         if pre.ndim == 1:
-            pre = pre.unsqueeze(0)
+            pre = pre.unsqueeze(1)
         if pre.shape[0] == 0 or not pre.is_floating_point():
             return
         axis = self.unit_axis(pre)
         num_units = pre.shape[axis]
         if self.pre_sum.numel() == 0:
-            self.pre_sum = torch.zeros(num_units, dtype=torch.float64, device=pre.device)
-            self.pre_sumsq = torch.zeros(num_units, dtype=torch.float64, device=pre.device)
+            with torch.inference_mode(False):
+                self.pre_sum = torch.zeros(num_units, dtype=torch.float64, device=pre.device)
+                self.pre_sumsq = torch.zeros(num_units, dtype=torch.float64, device=pre.device)
         elif self.pre_sum.numel() != num_units:
             return  # the output's width check reports the mismatch
         dims = tuple(d for d in range(pre.ndim) if d != axis)

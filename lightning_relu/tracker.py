@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -80,8 +80,10 @@ class DeadUnitTracker:
         self.track_margin = track_margin
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
-        if isinstance(sites, str):
-            raise ValueError(f"`sites` must be a sequence of site names, got the string {sites!r}")
+        if sites is not None and (
+            isinstance(sites, str) or not isinstance(sites, Iterable) or not all(isinstance(n, str) for n in sites)
+        ):
+            raise ValueError(f"`sites` must be a sequence of site names or None, got {sites!r}")
         self.model = model
         found = find_relu_sites(model, trace=trace)
         self._wanted: set[str] | None = None
@@ -141,11 +143,17 @@ class DeadUnitTracker:
             )
             return self
         modules = dict(self.model.named_modules())
+        # a module registered under several names may be called from several forwards: its call positions
+        # restart with the forward of the closest module that holds every one of those names
+        names: dict[int, list[str]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            names.setdefault(id(module), []).append(name)
         owners: dict[int, tuple[nn.Module, list[int]]] = {}
         for key, first in self._first_site.items():
             if first.kind == "module":
                 assert first.module is not None
-                owner = modules.get(first.name.rpartition(".")[0], self.model)
+                parents = {name.rpartition(".")[0] for name in names.get(key, [first.name])}
+                owner = modules.get(_common_prefix(parents), self.model)
                 owners.setdefault(id(owner), (owner, []))[1].append(key)
                 self._handles.append(first.module.register_forward_hook(self._hook))
                 if self.track_margin:
@@ -221,7 +229,7 @@ class DeadUnitTracker:
 
     def _margin(self, key: int, pre_activation: Tensor) -> None:
         """Accumulate the pre-activation of the call about to happen (position = calls so far)."""
-        entry = self._entry(key, self._calls.get(key, 0)) if self.enabled else None
+        entry = self._entry(key, self._calls.get(key, 0)) if self.enabled and not _in_backward() else None
         if entry is None:
             return
         stats = entry[1]
@@ -231,6 +239,8 @@ class DeadUnitTracker:
             stats.update_margin(pre_activation)
 
     def _count(self, key: int, output: Any) -> None:
+        if _in_backward():
+            return  # a forward recomputed by activation checkpointing was counted when it first ran
         k = self._calls.get(key, 0)
         self._calls[key] = k + 1
         if not self.enabled or not isinstance(output, Tensor):
@@ -239,11 +249,12 @@ class DeadUnitTracker:
         if entry is None:
             return
         site, stats = entry
-        if stats.num_units is not None:
-            ndim = output.ndim
+        width = stats.num_units if stats.num_units is not None else stats.active.numel()
+        if width:
+            ndim = max(output.ndim, 2)
             axis = ndim - 1 if ndim <= 2 else (1 if site.unit_dim is None else site.unit_dim) % ndim
-            if output.shape[axis] != stats.num_units:
-                self._warn_width(site, output)
+            if (output.shape[axis] if output.ndim > 1 else 1) != width:
+                self._warn_width(site, output, width)
                 return
         with torch.no_grad():
             if stats.device != output.device:
@@ -281,12 +292,12 @@ class DeadUnitTracker:
                 stacklevel=3,
             )
 
-    def _warn_width(self, site: Site, output: Tensor) -> None:
+    def _warn_width(self, site: Site, output: Tensor, width: int) -> None:
         if site.name in self._width_warned:
             return
         self._width_warned.add(site.name)
         warnings.warn(
-            f"Site {site.name!r} expects {site.num_units} units but produced an output of shape "
+            f"Site {site.name!r} expects {width} units but produced an output of shape "
             f"{tuple(output.shape)}; these outputs are not counted. Is one `nn.ReLU` module used at several "
             "places of different widths? Give each place its own module.",
             RuntimeWarning,
@@ -358,6 +369,23 @@ class _FunctionalCounter(TorchFunctionMode):
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _common_prefix(parents: set[str]) -> str:
+    """The qualified name of the closest module holding every one of ``parents`` ("" for the model)."""
+    split = [parent.split(".") if parent else [] for parent in parents]
+    prefix: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass (where checkpointing recomputes forwards)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
 
 
 def _new_stats(site: Site, eps: float, track_margin: bool) -> ActivationStats:
