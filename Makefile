@@ -8,17 +8,20 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lightning_relu-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint bench install clean
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m lightning_relu demo
 
 test: $(STAMP)
-	$(PY) -m ruff check lightning_relu tests examples
+	$(PY) -m ruff check lightning_relu tests examples benchmarks docs
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check lightning_relu tests examples
+	$(PY) -m ruff check lightning_relu tests examples benchmarks docs
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
 
 install: $(STAMP)
 
