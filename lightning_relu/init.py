@@ -184,6 +184,12 @@ class _FlipTarget:
             for tensor in self.running_means:
                 tensor.neg_()
 
+    def negate_where_(self, flip: Tensor, running_means: bool = False) -> None:
+        """Negate when the 0-d bool tensor ``flip`` is true, without reading it on the host."""
+        with torch.no_grad():
+            for tensor in self.running_means if running_means else self.tensors:
+                tensor.mul_(1 - 2 * flip.to(tensor.dtype))
+
 
 def _flip_target(site: Site) -> _FlipTarget | str:
     """The parameters to negate to negate the site's pre-activation, or the reason why there are none."""
@@ -332,8 +338,8 @@ def sign_flip_(
             for tensor, saved in buffers:
                 tensor.copy_(saved)
     # a norm layer without affine parameters whose producer was negated: its running mean follows
-    for target in pass_state.applied:
-        target.negate_running_means_()
+    for target, flip in pass_state.applied:
+        target.negate_where_(flip, running_means=True)
 
     if pass_state.unobservable:
         warnings.warn(
@@ -366,10 +372,10 @@ class _SignFlipPass:
     def __init__(self, sites: list[Site]) -> None:
         self.reports: dict[str, SignFlipReport] = {}
         self._pending: list[tuple[str, bool, str | None, str, int, Tensor]] = []
-        self.applied: list[_FlipTarget] = []
+        self.applied: list[tuple[_FlipTarget, Tensor]] = []  # each target with its (device) decision
         self.error: Exception | None = None
         self.unobservable: list[str] = []
-        self._negated: dict[str, str] = {}  # target name -> site that negated it
+        self._decided: dict[str, str] = {}  # target name -> the site that decided whether to negate it
         self._alive: Tensor | None = None
         self._num_samples = 0
         # hook module -> its sites in call order, and how many times it was called in this pass
@@ -403,25 +409,32 @@ class _SignFlipPass:
         if not self._pending:
             return
         n = self._num_samples
-        after = torch.stack([counts for *_, counts in self._pending]).tolist()
-        for (name, flipped, target, reason, living_before, _), (alive_after, site_alive) in zip(
-            self._pending, after, strict=True
+        values = torch.stack([counts for *_, counts in self._pending]).tolist()
+        for (name, target, reason), (living, killed, _, alive_after, site_alive, flip) in zip(
+            [entry[:3] for entry in self._pending], values, strict=True
         ):
+            if reason is None:
+                if 2 * killed <= living:
+                    reason = "at least half of the living samples survive"
+                elif flip:
+                    reason = "more than half of the living samples would be killed"
+                else:
+                    reason = "more than half of the living samples would be killed, flipping does not help"
             self.reports[name] = SignFlipReport(
                 site=name,
-                flipped=flipped,
+                flipped=bool(flip),
                 target=target,
                 reason=reason,
-                living_before=living_before / n,
-                living_after=int(alive_after) / n,
-                site_fraction=int(site_alive) / n,
+                living_before=living / n,
+                living_after=alive_after / n,
+                site_fraction=site_alive / n,
                 num_samples=n,
             )
         self._pending.clear()
 
     def undo(self) -> None:
-        for target in reversed(self.applied):
-            target.negate_()
+        for target, flip in reversed(self.applied):
+            target.negate_where_(flip)
         self.applied.clear()
 
     def _next_site(self, module: nn.Module, table: dict[nn.Module, list[Site]]) -> Site | None:
@@ -434,18 +447,26 @@ class _SignFlipPass:
         site = self._next_site(module, self._inputs)
         if site is None or self.error is not None or not args:
             return None
-        if self._visit(site, args[0]):
-            return (-args[0], *args[1:])
+        sign = self._visit(site, args[0])
+        if sign is not None:
+            args[0].mul_(sign)  # in place: the pre-activation of a flippable site feeds nothing else
         return None
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         site = self._next_site(module, self._outputs)
         if site is None or self.error is not None:
             return None
-        return -output if self._visit(site, output) else None
+        sign = self._visit(site, output)
+        if sign is not None:
+            output.mul_(sign)
+        return None
 
-    def _visit(self, site: Site, z: Any) -> bool:
-        """Decide at ``site`` from its pre-activation ``z``; whether ``z`` must be negated in flight."""
+    def _visit(self, site: Site, z: Any) -> Tensor | None:
+        """Decide at ``site`` from its pre-activation ``z``: the sign (a 0-d tensor, -1 to flip) that ``z`` must be
+        multiplied by in flight, or None when the site cannot be flipped.
+
+        The decision stays on the device: no host synchronization during the pass, one at its end (:meth:`finish`).
+        """
         n = self._num_samples
         if not isinstance(z, Tensor) or z.dim() == 0 or z.shape[0] != n:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
@@ -453,45 +474,45 @@ class _SignFlipPass:
                 f"`sign_flip_` expects every site to see the samples along dimension 0; site {site.name!r} got a"
                 f" pre-activation of shape {shape} for {n} samples"
             )
-            return False
+            return None
         if self._alive is None:
             self._alive = torch.ones(n, dtype=torch.bool, device=z.device)
         alive = self._alive
-        # one read of z gives both directions: a sample survives when some entry is > 0, and survives the flip when
-        # some entry is < 0 (float reductions; NaN counts as killed); one host sync per site for the decision
-        lowest, highest = torch.aminmax(z.detach().reshape(n, -1), dim=1)
-        survives = highest > 0
-        survives_flipped = lowest < 0
-        counts = torch.stack([alive.sum(), (alive & ~survives).sum(), (alive & ~survives_flipped).sum()])
-        living_before, killed, killed_flipped = (int(v) for v in counts.tolist())
-        flipped = False
-        target_name: str | None = None
+        # a sample survives when some entry is > 0, and survives the flip when some entry is < 0 (float reductions;
+        # NaN counts as killed; two plain reductions beat one `aminmax` several times over on CPU)
+        flat = z.detach().reshape(n, -1)
+        survives = flat.amax(dim=1) > 0
+        survives_flipped = flat.amin(dim=1) < 0
+        living = alive.sum()
+        killed = (alive & ~survives).sum()
+        killed_flipped = (alive & ~survives_flipped).sum()
 
         target = _flip_target(site)
+        reason: str | None = None
+        target_name: str | None = None
+        flip = torch.zeros((), dtype=torch.bool, device=z.device)
         if isinstance(target, str):
             reason = target
         else:
             target_name = target.name
-            if target.name in self._negated:
-                reason = f"{target.name!r} was already negated for site {self._negated[target.name]!r}"
-            elif 2 * killed <= living_before:
-                reason = "at least half of the living samples survive"
-            elif killed_flipped < killed:
-                target.negate_()
-                self.applied.append(target)
-                self._negated[target.name] = site.name
-                flipped = True
-                survives = survives_flipped
-                reason = "more than half of the living samples would be killed"
+            if target.name in self._decided:
+                reason = f"{target.name!r} was already decided for site {self._decided[target.name]!r}"
             else:
-                reason = "more than half of the living samples would be killed, flipping does not help"
+                # flip when more than half of the living samples would be killed and flipping kills fewer
+                flip = (2 * killed > living) & (killed_flipped < killed)
+                target.negate_where_(flip)
+                self.applied.append((target, flip))
+                self._decided[target.name] = site.name
+                survives = torch.where(flip, survives_flipped, survives)
 
         self._alive = alive & survives
-        # the shares after the decision are read at the end of the pass, all at once
-        self._pending.append(
-            (site.name, flipped, target_name, reason, living_before, torch.stack([self._alive.sum(), survives.sum()]))
+        counts = torch.stack(
+            [living, killed, killed_flipped, self._alive.sum(), survives.sum(), flip.to(living.dtype)]
         )
-        return flipped
+        self._pending.append((site.name, target_name, reason, counts))
+        if reason is not None:
+            return None
+        return 1 - 2 * flip.to(z.dtype)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -320,18 +320,23 @@ class ActivationStats(Metric):
         # sign() is 1 for entries > 0 and 0 for zeros (ReLU outputs are never negative); a float reduction of
         # it is several times cheaper than reducing a bool mask, and nansum counts NaN as not active.
         sign = output.sign()
-        if output.ndim == 2:
-            per_sample_unit = sign.nan_to_num_(0.0) if floating else sign
+        exact = batch * per_block < _FLOAT32_EXACT  # float32 sums of 0/1 are exact below 2**24 terms
+        if not floating:
+            per_sample_unit = sign
+            per_unit = sign.to(torch.int64).sum(0)
+        elif output.ndim == 2:
+            # float32 input: reduce in its own dtype (the fastest path); half types accumulate in float32
+            acc = None if sign.dtype in (torch.float32, torch.float64) else torch.float32
+            per_sample_unit = sign
+            per_unit = sign.nansum(0, dtype=acc) if exact else sign.nan_to_num(0.0).to(torch.int64).sum(0)
         else:
             acc = torch.float32 if per_block < _FLOAT32_EXACT else torch.float64
             dims = tuple(d for d in range(1, output.ndim) if d != axis)
-            per_sample_unit = sign.nansum(dims, dtype=acc) if floating else sign.sum(dims)
-        if floating and per_sample_unit.shape[0] * per_block < _FLOAT32_EXACT:
-            # exact in the accumulation dtype: reduce first, convert the small per-unit vector
-            active.add_(per_sample_unit.sum(0, dtype=torch.float32).to(torch.int64))
-        else:
-            active.add_(per_sample_unit.to(torch.int64).sum(0))
-        self.killed.add_((per_sample_unit.sum(1) == 0).sum())
+            per_sample_unit = sign.nansum(dims, dtype=acc)
+            per_unit = per_sample_unit.sum(0) if exact else per_sample_unit.to(torch.int64).sum(0)
+        active.add_(per_unit.to(torch.int64))
+        # a sample is killed when none of its entries is > 0 (NaN entries are not)
+        self.killed.add_((per_sample_unit.nansum(1) == 0).sum())
         self.samples.add_(batch)
         self.entries.add_(batch * per_block)
         if floating:
