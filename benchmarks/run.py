@@ -61,8 +61,15 @@ def interleaved(
     block: int,
     warmup: int = 3,
 ) -> dict[str, float]:
-    """Median time of one call per variant; each variant is (enter, step, exit), run in interleaved blocks."""
+    """Median time of one call per variant, and the ratio of the second variant to the first.
+
+    Each variant is (enter, step, exit). Every round runs a block of steps of each variant, in alternating
+    order; the ratio is the median over rounds of the ratio of the two block medians, so drift between rounds
+    (other processes, the allocator's state) cancels within each pair.
+    """
     times: dict[str, list[float]] = {name: [] for name in variants}
+    ratios: list[float] = []
+    names = list(variants)
     for enter, step, leave in variants.values():
         enter()
         for _ in range(warmup):
@@ -72,15 +79,22 @@ def interleaved(
         order = list(variants.items())
         if r % 2:
             order.reverse()
+        block_medians: dict[str, float] = {}
         for name, (enter, step, leave) in order:
             enter()
             step()  # one untimed step after switching
+            block_times = []
             for _ in range(block):
                 t0 = time.perf_counter()
                 step()
-                times[name].append(time.perf_counter() - t0)
+                block_times.append(time.perf_counter() - t0)
             leave()
-    return {name: statistics.median(values) for name, values in times.items()}
+            times[name] += block_times
+            block_medians[name] = statistics.median(block_times)
+        ratios.append(block_medians[names[1]] / block_medians[names[0]])
+    result = {name: statistics.median(values) for name, values in times.items()}
+    result["ratio"] = statistics.median(ratios)
+    return result
 
 
 def _tracked_vs_plain(
@@ -111,7 +125,7 @@ def _tracked_vs_plain(
     result = {
         "step_ms": medians["plain"] * 1e3,
         "tracked_step_ms": medians["tracked"] * 1e3,
-        "ratio": medians["tracked"] / medians["plain"],
+        "ratio": medians["ratio"],
     }
     return result, model, run, tracker, x
 
@@ -166,13 +180,15 @@ def bench_lightning(name: str, rounds: int, block: int) -> dict[str, float]:
     data = DataLoader(_Repeat(x, y, block + 1), batch_size=None)
     module = _Module(name)
     times: dict[str, list[float]] = {"plain": [], "monitored": []}
+    ratios: list[float] = []
     for r in range(rounds):
         order = ["plain", "monitored"] if r % 2 == 0 else ["monitored", "plain"]
+        fit_medians: dict[str, float] = {}
         for variant in order:
             timer = _StepTimer()
             callbacks: list[Callback] = [timer]
             if variant == "monitored":
-                callbacks.append(DeadUnitMonitor(log_histograms=False))
+                callbacks.append(DeadUnitMonitor(log_histograms=False, print_summary=False))
             trainer = L.Trainer(
                 max_epochs=1,
                 callbacks=callbacks,
@@ -185,13 +201,18 @@ def bench_lightning(name: str, rounds: int, block: int) -> dict[str, float]:
             )
             trainer.fit(module, data)
             times[variant] += timer.times
+            fit_medians[variant] = statistics.median(timer.times)
+        ratios.append(fit_medians["monitored"] / fit_medians["plain"])
     plain, monitored = statistics.median(times["plain"]), statistics.median(times["monitored"])
-    return {"step_ms": plain * 1e3, "monitored_step_ms": monitored * 1e3, "ratio": monitored / plain}
+    return {"step_ms": plain * 1e3, "monitored_step_ms": monitored * 1e3, "ratio": statistics.median(ratios)}
 
 
 def bench_sign_flip(label: str, model: nn.Module, data: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median time of `sign_flip_` over `data` against one plain forward pass over the same data."""
-    forward, flip = [], []
+    """`sign_flip_` over `data` against one plain forward pass over the same data, run in alternation.
+
+    The ratio is the median over repeats of (flip / forward) within each pair.
+    """
+    forward, flip, ratios = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -200,8 +221,9 @@ def bench_sign_flip(label: str, model: nn.Module, data: torch.Tensor, repeats: i
         t0 = time.perf_counter()
         sign_flip_(model, data, max_samples=None)
         flip.append(time.perf_counter() - t0)
+        ratios.append(flip[-1] / forward[-1])
     f, s = statistics.median(forward), statistics.median(flip)
-    return {"forward_ms": f * 1e3, "sign_flip_ms": s * 1e3, "ratio": s / f}
+    return {"forward_ms": f * 1e3, "sign_flip_ms": s * 1e3, "ratio": statistics.median(ratios)}
 
 
 def deep_mlp(depth: int = 32, width: int = 64, in_features: int = 64) -> nn.Sequential:
@@ -270,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds, block = (3, 2) if args.quick else (25, 6)
+    rounds, block = (3, 2) if args.quick else (41, 5)
 
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
     rows: list[tuple[str, str, str, str]] = []
@@ -292,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in WORKLOADS:
             r = bench_lightning(name, max(2, rounds // 3), block * 4)
             record("lightning", name, r, f"Trainer.fit step with DeadUnitMonitor, {name}", "step_ms", STEP_BUDGET)
-    repeats = 3 if args.quick else 15
+    repeats = 3 if args.quick else 21
     mlp_data = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0))
     r = bench_sign_flip("mlp", deep_mlp(), mlp_data, repeats)
     label = "sign_flip_ vs forward, MLP depth 32 width 64 (8192 samples)"

@@ -382,10 +382,12 @@ def _common_prefix(parents: set[str]) -> str:
     return ".".join(prefix)
 
 
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass (where checkpointing recomputes forwards)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is not None and current() != -1
+    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
 def _new_stats(site: Site, eps: float, track_margin: bool) -> ActivationStats:
