@@ -186,9 +186,12 @@ class _FlipTarget:
 
     def negate_where_(self, flip: Tensor, running_means: bool = False) -> None:
         """Negate when the 0-d bool tensor ``flip`` is true, without reading it on the host."""
+        signs: dict[torch.dtype, Tensor] = {}
         with torch.no_grad():
             for tensor in self.running_means if running_means else self.tensors:
-                tensor.mul_(1 - 2 * flip.to(tensor.dtype))
+                if tensor.dtype not in signs:
+                    signs[tensor.dtype] = 1 - 2 * flip.to(tensor.dtype)
+                tensor.mul_(signs[tensor.dtype])
 
 
 def _flip_target(site: Site) -> _FlipTarget | str:
@@ -371,7 +374,7 @@ class _SignFlipPass:
 
     def __init__(self, sites: list[Site]) -> None:
         self.reports: dict[str, SignFlipReport] = {}
-        self._pending: list[tuple[str, bool, str | None, str, int, Tensor]] = []
+        self._pending: list[tuple[str, str | None, str | None, list[Tensor]]] = []
         self.applied: list[tuple[_FlipTarget, Tensor]] = []  # each target with its (device) decision
         self.error: Exception | None = None
         self.unobservable: list[str] = []
@@ -409,7 +412,7 @@ class _SignFlipPass:
         if not self._pending:
             return
         n = self._num_samples
-        values = torch.stack([counts for *_, counts in self._pending]).tolist()
+        values = torch.stack([torch.stack(counts) for *_, counts in self._pending]).tolist()
         for (name, target, reason), (living, killed, _, alive_after, site_alive, flip) in zip(
             [entry[:3] for entry in self._pending], values, strict=True
         ):
@@ -506,9 +509,8 @@ class _SignFlipPass:
                 survives = torch.where(flip, survives_flipped, survives)
 
         self._alive = alive & survives
-        counts = torch.stack(
-            [living, killed, killed_flipped, self._alive.sum(), survives.sum(), flip.to(living.dtype)]
-        )
+        # stacked and read once, at the end of the pass
+        counts = [living, killed, killed_flipped, self._alive.sum(), survives.sum(), flip.to(living.dtype)]
         self._pending.append((site.name, target_name, reason, counts))
         if reason is not None:
             return None
