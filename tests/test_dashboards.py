@@ -103,3 +103,40 @@ def test_dashboards_and_summary_can_be_turned_off(tmp_path, capsys, dashboards):
     assert "units dead" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="`dashboards` must be a bool, got 1"):
         DeadUnitMonitor(dashboards=1)
+
+
+def test_console_summary_uses_rich_when_installed(monkeypatch):
+    """With `rich` importable, the summary is a rich Table with one row per site (a stand-in module records it)."""
+    import sys
+    import types
+
+    from lightning_relu.dashboards import print_summary
+
+    printed = []
+
+    class Table:
+        def __init__(self, title=""):
+            self.title, self.columns, self.rows = title, [], []
+
+        def add_column(self, name, justify="left"):
+            self.columns.append(name)
+
+        def add_row(self, *cells):
+            self.rows.append(cells)
+
+    class Console:
+        def print(self, table):
+            printed.append(table)
+
+    monkeypatch.setitem(sys.modules, "rich", types.ModuleType("rich"))
+    monkeypatch.setitem(sys.modules, "rich.console", types.SimpleNamespace(Console=Console))
+    monkeypatch.setitem(sys.modules, "rich.table", types.SimpleNamespace(Table=Table))
+    report = EpochReport(1, 10, {"a": _layer("a", 4), "b": _layer("b", 0)})
+    print_summary(report, revived={"a": 2})
+    (table,) = printed
+    assert "4 of 16 units dead" in table.title
+    assert table.columns == ["site", "units", "dead", "dying", "living data", "revived"]
+    assert table.rows == [
+        ("a", "8", "4 (50%)", "4 (50%)", "100.0%", "2"),
+        ("b", "8", "0 (0%)", "0 (0%)", "100.0%", "0"),
+    ]
