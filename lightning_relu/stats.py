@@ -257,6 +257,8 @@ class ActivationStats(Metric):
         track_margin: bool = False,
         **kwargs: Any,
     ) -> None:
+        # the hot path updates states in place, outside torchmetrics' update wrapper: never serve a cached result
+        kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
         _check_eps(eps)
         if not isinstance(track_margin, bool):
@@ -342,8 +344,7 @@ class ActivationStats(Metric):
         if floating:
             # NaN and Inf propagate into a float sum: one cheap read-only pass flags the batch
             self.nonfinite.add_(torch.isfinite(output.sum(dtype=torch.float32)).logical_not())
-        # what torchmetrics' update wrapper would record, without its per-call attribute assignments
-        self.__dict__["_computed"] = None
+        # what torchmetrics' update wrapper would count, without its per-call attribute assignments
         self.__dict__["_update_count"] = self.__dict__.get("_update_count", 0) + 1
 
     def update_margin(self, pre_activation: Tensor) -> None:
@@ -368,7 +369,6 @@ class ActivationStats(Metric):
         self.pre_sum.add_(pre.sum(dims, dtype=torch.float32))
         self.pre_sumsq.add_(torch.linalg.vector_norm(pre, 2, dims, dtype=torch.float32).to(torch.float64).square())
         self.pre_entries.add_(pre.numel() // num_units)
-        self.__dict__["_computed"] = None
 
     def compute(self) -> LayerReport:
         """The report over everything seen since the last ``reset`` (summed over processes)."""

@@ -78,3 +78,11 @@ def test_unseen_report_and_state_round_trip():
     assert report.collapsed and report.living_data_fraction == 0.0
     clone = LayerReport.from_state_dict(report.state_dict())
     assert clone.dead.tolist() == [True, True] and clone.killed == 5
+
+
+def test_compute_sees_updates_made_after_an_earlier_compute():
+    stats = ActivationStats(num_units=2)
+    stats.accumulate(torch.tensor([[1.0, 0.0]]))
+    assert stats.compute().active_count.tolist() == [1, 0]
+    stats.accumulate(torch.tensor([[1.0, 2.0]]))  # the hot path, outside torchmetrics' update wrapper
+    assert stats.compute().active_count.tolist() == [2, 1]
