@@ -360,6 +360,9 @@ class DeadUnitMonitor(Callback):
         for stats, size in zip(lazy, sizes.tolist(), strict=True):
             if stats.active.numel() == 0 and size > 0:
                 stats.active = torch.zeros(int(size), dtype=torch.int64, device=stats.device)
+            if stats.track_margin and stats.pre_sum.numel() == 0 and size > 0:
+                stats.pre_sum = torch.zeros(int(size), dtype=torch.float64, device=stats.device)
+                stats.pre_sumsq = torch.zeros(int(size), dtype=torch.float64, device=stats.device)
 
     @staticmethod
     def _metrics(report: EpochReport) -> dict[str, float]:

@@ -324,7 +324,7 @@ class _SplitModule(L.LightningModule):
 
 class _DumpingMonitor(DeadUnitMonitor):
     def __init__(self, out_dir: str):
-        super().__init__()
+        super().__init__(track_margin=True)
         self.out_dir = out_dir
 
     def on_train_end(self, trainer, pl_module):
@@ -363,6 +363,9 @@ def test_ddp_reduces_across_ranks(tmp_path):
         assert extra.name == "extra"
         assert extra.active_count.tolist() == [8, 8, 8, 8]
         assert extra.samples == 8
+        assert extra.pre_mean.tolist() == [1.0, 1.0, 1.0, 1.0]  # only rank 0 fed it, with ones
+    # the margin of net.1 sums both ranks: unit 0 sees +1 (rank 0) and -1 (rank 1), so its mean is 0
+    assert layer.pre_mean.tolist() == [0.0, 0.0, -1.0]
 
 
 def test_revive_flag_attaches_a_reviver_and_checkpoints_it(tmp_path):
