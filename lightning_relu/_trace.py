@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from lightning_relu.sites import _join
+
 #: Functions and methods that apply a rectifier, as seen by ``torch.fx`` and by ``__torch_function__``.
 FUNCTIONAL_RECTIFIERS: dict[Any, str] = {
     F.relu: "relu",
@@ -100,10 +102,6 @@ def mentions_relu(module: nn.Module) -> bool:
     except (OSError, TypeError):
         return True
     return "relu" in source
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _analyse(prefix: str, root: nn.Module, graph: fx.Graph, result: TraceResult, order: list[int]) -> None:

@@ -292,7 +292,8 @@ def _flatten(prefix: str, seq: nn.Sequential) -> Iterator[tuple[str, nn.Module]]
 
 
 def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    """Qualified name of ``name`` under ``prefix`` (either may be empty, meaning the model itself)."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _link_backward(site: Site, chain: list[tuple[str, nn.Module]], index: int) -> None:

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._trace import FUNCTIONAL_RECTIFIERS
-from lightning_relu.sites import Site, find_relu_sites
+from lightning_relu.sites import Site, _join, find_relu_sites
 from lightning_relu.stats import ActivationStats, LayerReport, _check_eps
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
@@ -250,12 +250,10 @@ class DeadUnitTracker:
             return
         site, stats = entry
         width = stats.num_units if stats.num_units is not None else stats.active.numel()
-        if width:
-            ndim = max(output.ndim, 2)
-            axis = ndim - 1 if ndim <= 2 else (1 if site.unit_dim is None else site.unit_dim) % ndim
-            if (output.shape[axis] if output.ndim > 1 else 1) != width:
-                self._warn_width(site, output, width)
-                return
+        # the same unit axis the counts use; a 1-D output is one unit per sample
+        if width and (output.shape[stats.unit_axis(output)] if output.ndim > 1 else 1) != width:
+            self._warn_width(site, output, width)
+            return
         with torch.no_grad():
             if stats.device != output.device:
                 stats.to(output.device)
@@ -365,10 +363,6 @@ class _FunctionalCounter(TorchFunctionMode):
         while self.pushed:
             if self.pushed.pop():
                 self.__exit__(None, None, None)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def _common_prefix(parents: set[str]) -> str:
