@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -64,3 +65,20 @@ def brute_force(model: nn.Sequential, batches: list[Tensor], prefix: str = "") -
             "living": 1 - killed / out.shape[0],
         }
     return result
+
+
+def make_trainer(tmp_path, callbacks, **overrides) -> L.Trainer:
+    """A small CPU Trainer for tests: 2 epochs of 5 batches, 2 validation batches, logging every step."""
+    settings = dict(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        limit_train_batches=5,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    settings.update(overrides)
+    return L.Trainer(callbacks=callbacks, **settings)

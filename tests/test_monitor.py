@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_relu import CollapseError, CollapseWarning, DeadUnitMonitor, LayerReport
-from tests.helpers import brute_force, conv_bn_net, kill_units, mlp
+from tests.helpers import brute_force, conv_bn_net, kill_units, make_trainer, mlp
 
 
 class SeqModule(L.LightningModule):
@@ -46,20 +46,7 @@ class SeqModule(L.LightningModule):
         return DataLoader(TensorDataset(x), batch_size=4)
 
 
-def _trainer(tmp_path, callbacks, **kwargs):
-    defaults = dict(
-        default_root_dir=tmp_path,
-        max_epochs=2,
-        limit_train_batches=5,
-        limit_val_batches=2,
-        log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **defaults)
+_trainer = make_trainer
 
 
 def _mlp_module(val_negative: bool = True) -> SeqModule:

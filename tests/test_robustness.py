@@ -42,6 +42,7 @@ from lightning_relu import (
     sign_flip_,
     theory,
 )
+from tests import helpers
 
 # ------------------------------------------------------------------------------------------------ brute force
 
@@ -314,21 +315,7 @@ def positive_data(n: int, features: int = 4, seed: int = 0) -> Tensor:
 
 
 def make_trainer(tmp_path: Path, callbacks: list[Callback], **kwargs) -> L.Trainer:
-    defaults = dict(
-        default_root_dir=tmp_path,
-        max_epochs=2,
-        limit_train_batches=5,
-        limit_val_batches=2,
-        log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **defaults)
+    return helpers.make_trainer(tmp_path, callbacks, **{"enable_checkpointing": False, "logger": False, **kwargs})
 
 
 def assert_monitor_matches(monitor: DeadUnitMonitor, module: Replayed, unit_axis: int = -1) -> None:
