@@ -351,6 +351,7 @@ class DeadUnitMonitor(Callback):
     def _agree_on_sizes(self, trainer: pl.Trainer) -> None:
         """Sites sized by their first output: give ranks that saw none the same shape before summing."""
         assert self.tracker is not None
+        self.tracker.flush()
         lazy = [stats for stats in self.tracker.stats.values() if stats.num_units is None]
         if not lazy or trainer.world_size <= 1:
             return
@@ -359,7 +360,7 @@ class DeadUnitMonitor(Callback):
         sizes = trainer.strategy.reduce(sizes, reduce_op="max")
         for stats, size in zip(lazy, sizes.tolist(), strict=True):
             if stats.active.numel() == 0 and size > 0:
-                stats.active = torch.zeros(int(size), dtype=torch.int64, device=stats.device)
+                stats.active = torch.zeros(int(size), dtype=torch.float64, device=stats.device)
             if stats.track_margin and stats.pre_sum.numel() == 0 and size > 0:
                 stats.pre_sum = torch.zeros(int(size), dtype=torch.float64, device=stats.device)
                 stats.pre_sumsq = torch.zeros(int(size), dtype=torch.float64, device=stats.device)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -13,6 +15,11 @@ __all__ = ["ActivationStats", "LayerReport"]
 
 # Sums of 0/1 values are exact in float32 up to 2**24 terms.
 _FLOAT32_EXACT = 2**24
+# elements of the per-thread CPU scratch buffer that counting writes signs into (4 MiB in float32)
+_SCRATCH_NUMEL = 2**20
+_THREAD_LOCAL = threading.local()
+# accumulated outputs that may wait per site before they are folded into the states
+_MAX_PENDING = 32
 
 
 class LayerReport:
@@ -260,6 +267,7 @@ class ActivationStats(Metric):
         # the hot path updates states in place, outside torchmetrics' update wrapper: never serve a cached result
         kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
+        self._pending: list[tuple[Tensor, Tensor, int]] = []
         _check_eps(eps)
         if not isinstance(track_margin, bool):
             raise ValueError(f"`track_margin` must be a bool, got {track_margin!r}")
@@ -272,7 +280,8 @@ class ActivationStats(Metric):
         self.num_units = num_units
         self.unit_dim = unit_dim
         self.name = name
-        self.add_state("active", default=torch.zeros(num_units or 0, dtype=torch.int64), dist_reduce_fx="sum")
+        # active entries per unit: float64 counts are exact up to 2**53, and take float32 batch sums in one op
+        self.add_state("active", default=torch.zeros(num_units or 0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("entries", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("samples", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("killed", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
@@ -293,59 +302,73 @@ class ActivationStats(Metric):
     def update(self, output: Tensor) -> None:
         """Count the active entries of one output of the site (shape ``(batch, ...)``)."""
         self.accumulate(output)
+        self.flush()
 
     def accumulate(self, output: Tensor) -> None:
-        """What :meth:`update` does, without torchmetrics' per-call bookkeeping: the hooks' hot path.
+        """What :meth:`update` does, in the fewest tensor operations: the hooks' hot path.
 
-        States change in place only (no attribute assignment, which costs microseconds on a ``Module``), so a
-        forward pass pays for a handful of tensor operations per site.
+        The two reductions of the output (active entries per unit, output sum per sample) are computed here; adding
+        them to the states is left pending, so that :func:`flush_stats` can fold the results of every site of a
+        forward pass with a few batched (``torch._foreach_*``) operations instead of several per site. Pending
+        results are folded by :meth:`flush`, which :meth:`compute`, :meth:`sync`, :meth:`reset` (which drops them),
+        :meth:`update` and moving the metric call; at most ``_MAX_PENDING`` wait per site. Nothing is assigned to
+        the module (attribute assignment costs microseconds on a ``Module``) and nothing synchronizes with the host.
         """
         output = output.detach()
         if output.ndim == 1:
             output = output.unsqueeze(1)  # (batch,): one unit per sample
         axis = self.unit_axis(output)
         num_units = output.shape[axis]
-        active = self.active
-        if active.numel() != num_units:
-            if active.numel() != 0:
+        if self.active.numel() != num_units:
+            if self.active.numel() != 0:
                 raise ValueError(
-                    f"site {self.name!r} has {active.numel()} units but got an output of shape "
+                    f"site {self.name!r} has {self.active.numel()} units but got an output of shape "
                     f"{tuple(output.shape)} with {num_units} along dim {axis}"
                 )
             with torch.inference_mode(False):  # a state born in inference mode could not be updated later
-                self.active = active = torch.zeros(num_units, dtype=torch.int64, device=output.device)
+                self.active = torch.zeros(num_units, dtype=torch.float64, device=output.device)
         batch = output.shape[0]
         if batch == 0:
             return
         per_block = output.numel() // (batch * num_units)
-        floating = output.is_floating_point()
-        # sign() is 1 for entries > 0 and 0 for zeros (ReLU outputs are never negative); a float reduction of
-        # it is several times cheaper than reducing a bool mask, and nansum counts NaN as not active.
-        sign = output.sign()
-        exact = batch * per_block < _FLOAT32_EXACT  # float32 sums of 0/1 are exact below 2**24 terms
-        if not floating:
-            per_sample_unit = sign
-            per_unit = sign.to(torch.int64).sum(0)
-        elif output.ndim == 2:
-            # float32 input: reduce in its own dtype (the fastest path); half types accumulate in float32
-            acc = None if sign.dtype in (torch.float32, torch.float64) else torch.float32
-            per_sample_unit = sign
-            per_unit = sign.nansum(0, dtype=acc) if exact else sign.nan_to_num(0.0).to(torch.int64).sum(0)
+        others = tuple(d for d in range(1, output.ndim) if d != axis)  # reduced per sample and unit
+        if not output.is_floating_point():
+            per_unit = output.gt(0).sum((0, *others))
+            rows = output.sum(tuple(range(1, output.ndim)))
         else:
-            acc = torch.float32 if per_block < _FLOAT32_EXACT else torch.float64
-            dims = tuple(d for d in range(1, output.ndim) if d != axis)
-            per_sample_unit = sign.nansum(dims, dtype=acc)
-            per_unit = per_sample_unit.sum(0) if exact else per_sample_unit.to(torch.int64).sum(0)
-        active.add_(per_unit.to(torch.int64))
-        # a sample is killed when none of its entries is > 0 (NaN entries are not)
-        self.killed.add_((per_sample_unit.nansum(1) == 0).sum())
-        self.samples.add_(batch)
-        self.entries.add_(batch * per_block)
-        if floating:
-            # NaN and Inf propagate into a float sum: one cheap read-only pass flags the batch
-            self.nonfinite.add_(torch.isfinite(output.sum(dtype=torch.float32)).logical_not())
+            per_unit = _active_per_unit(output, axis, others, per_block)
+            # the output summed per sample: 0 exactly when the sample's whole output is 0 (no cancellation: the
+            # entries are never negative), NaN or Inf when one of its entries is
+            half = output.dtype not in (torch.float32, torch.float64)
+            rows = output.sum(tuple(range(1, output.ndim)), dtype=torch.float32 if half else None)
+        pending = self._pending
+        pending.append((per_unit, rows, per_block))
         # what torchmetrics' update wrapper would count, without its per-call attribute assignments
         self.__dict__["_update_count"] = self.__dict__.get("_update_count", 0) + 1
+        if len(pending) >= _MAX_PENDING:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the pending results of :meth:`accumulate` into the states (a no-op when none wait)."""
+        if self.__dict__.get("_pending"):
+            flush_stats([self])
+
+    @property
+    def pending(self) -> int:
+        """How many accumulated outputs wait to be folded into the states."""
+        return len(self._pending)
+
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        self.flush()
+        super().sync(*args, **kwargs)
+
+    def reset(self) -> None:
+        self._pending.clear()
+        super().reset()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ActivationStats:
+        self.flush()  # pending results live where the outputs were: fold them before the states move
+        return super()._apply(fn, *args, **kwargs)
 
     def update_margin(self, pre_activation: Tensor) -> None:
         """Accumulate per-unit sums of one pre-activation and of its square (with ``track_margin=True``)."""
@@ -372,6 +395,7 @@ class ActivationStats(Metric):
 
     def compute(self) -> LayerReport:
         """The report over everything seen since the last ``reset`` (summed over processes)."""
+        self.flush()
         margin: dict[str, Any] = {}
         if self.track_margin:
             margin = {"pre_sum": self.pre_sum, "pre_sumsq": self.pre_sumsq, "pre_entries": int(self.pre_entries)}
@@ -390,3 +414,76 @@ class ActivationStats(Metric):
 def _check_eps(eps: object) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
         raise ValueError(f"`eps` must be a number in [0, 1], got {eps!r}")
+
+
+def _active_per_unit(output: Tensor, axis: int, others: tuple[int, ...], per_block: int) -> Tensor:
+    """The number of entries > 0 per unit of a float rectifier output (NaN entries are not counted).
+
+    ``sign()`` is 1 for entries > 0 and 0 for zeros (rectifier outputs are never negative); a float reduction of it
+    is several times cheaper than reducing a bool mask, and ``nansum`` leaves NaN out. Float32 sums of 0/1 are exact
+    below 2**24 terms; larger sums accumulate in float64. On the CPU the sign is written into a reused scratch
+    buffer, a few samples at a time: a fresh activation-sized temporary costs more in page faults than the
+    arithmetic itself, and slows the allocations of the training step around it.
+    """
+    batch = output.shape[0]
+    half = output.dtype not in (torch.float32, torch.float64)
+    exact = batch * per_block < _FLOAT32_EXACT
+    per_sample = output[0].numel()
+    scratch = _scratch(output.dtype) if output.device.type == "cpu" and per_sample <= _SCRATCH_NUMEL else None
+    if scratch is None:
+        sign = output.sign()
+        if not others:
+            return sign.nansum(0, dtype=torch.float32 if half and exact else None if exact else torch.float64)
+        acc = torch.float32 if per_block < _FLOAT32_EXACT else torch.float64
+        return sign.nansum(others, dtype=acc).sum(0, dtype=None if exact else torch.float64)
+    step = _SCRATCH_NUMEL // per_sample  # samples per chunk: every chunk sum has fewer than 2**24 terms
+    if not others:  # (batch, units): per-chunk counts, summed
+        parts = []
+        for start in range(0, batch, step):
+            chunk = output[start : start + step]
+            sign = torch.sign(chunk, out=scratch[: chunk.numel()].view(chunk.shape))
+            parts.append(sign.nansum(0, dtype=torch.float32 if half else None))
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0, dtype=None if exact else torch.float64)
+    per_sample_unit = output.new_empty((batch, output.shape[axis]), dtype=torch.float32)
+    for start in range(0, batch, step):
+        chunk = output[start : start + step]
+        sign = torch.sign(chunk, out=scratch[: chunk.numel()].view(chunk.shape))
+        torch.nansum(sign, others, dtype=torch.float32, out=per_sample_unit[start : start + step])
+    return per_sample_unit.sum(0, dtype=None if exact else torch.float64)
+
+
+def _scratch(dtype: torch.dtype) -> Tensor:
+    """This thread's reusable scratch buffer of ``_SCRATCH_NUMEL`` CPU elements of ``dtype``."""
+    buffers: dict[torch.dtype, Tensor] = _THREAD_LOCAL.__dict__.setdefault("scratch", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < _SCRATCH_NUMEL:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buffer = buffers[dtype] = torch.empty(_SCRATCH_NUMEL, dtype=dtype)
+    return buffer
+
+
+def flush_stats(stats: Iterable[ActivationStats]) -> None:
+    """Fold the pending results of several :class:`ActivationStats` into their states with batched operations.
+
+    Whatever the number of sites, this costs about a dozen tensor operations per round (one round per pending
+    output of the site that has the most): the per-unit counts are added with one ``torch._foreach_add_``, the
+    per-sample sums of same-sized batches are stacked and reduced once. It never synchronizes with the host.
+    """
+    waiting = list({id(s): s for s in stats if s._pending}.values())
+    while waiting:
+        # one pending result per site per round: a `_foreach_` list must not hold one tensor twice
+        items = [(s, s._pending.pop(0)) for s in waiting]
+        torch._foreach_add_([s.active for s, _ in items], [per_unit for _, (per_unit, _, _) in items])
+        torch._foreach_add_([s.samples for s, _ in items], [rows.shape[0] for _, (_, rows, _) in items])
+        torch._foreach_add_([s.entries for s, _ in items], [rows.shape[0] * block for _, (_, rows, block) in items])
+        groups: dict[tuple[Any, ...], list[tuple[ActivationStats, Tensor]]] = {}
+        for s, (_, rows, _) in items:
+            groups.setdefault((rows.shape, rows.dtype, rows.device), []).append((s, rows))
+        for group in groups.values():
+            table = torch.stack([rows for _, rows in group])  # (sites, batch)
+            torch._foreach_add_([s.killed for s, _ in group], table.eq(0).sum(1).unbind())
+            if table.is_floating_point():
+                # NaN and Inf propagate into the sums: the batch is flagged
+                flagged = table.sum(1).isfinite().logical_not()
+                torch._foreach_add_([s.nonfinite for s, _ in group], flagged.unbind())
+        waiting = [s for s in waiting if s._pending]

@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._trace import FUNCTIONAL_RECTIFIERS
 from lightning_relu.sites import Site, _join, find_relu_sites
-from lightning_relu.stats import ActivationStats, LayerReport, _check_eps
+from lightning_relu.stats import ActivationStats, LayerReport, _check_eps, flush_stats
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
 
@@ -109,6 +109,8 @@ class DeadUnitTracker:
         self._positions: dict[int, list[tuple[Site, ActivationStats] | None]] = {}
         self._first_site: dict[int, Site] = {}
         self._modes: dict[int, _FunctionalCounter] = {}
+        # sites with results waiting to be folded into their states (see `flush`)
+        self._dirty: list[ActivationStats] = []
         for site in sorted(found, key=lambda s: s.call_index):
             key = id(site.module if site.kind == "module" else site.parent)
             self._first_site.setdefault(key, site)
@@ -169,7 +171,7 @@ class DeadUnitTracker:
                     self._handles.append(child.register_forward_hook(mode.exit_child, always_call=True))
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
         for owner, keys in owners.values():
-            self._handles.append(owner.register_forward_pre_hook(self._make_reset(keys)))
+            self._handles.append(owner.register_forward_pre_hook(self._make_reset(keys, flush=owner is self.model)))
         return self
 
     def detach(self) -> None:
@@ -177,6 +179,7 @@ class DeadUnitTracker:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+        self.flush()
         for mode in self._modes.values():
             mode.close()
         self._modes.clear()
@@ -201,13 +204,29 @@ class DeadUnitTracker:
     def new_pass(self) -> None:
         """Mark the start of a new forward pass (call positions restart; the model's own forward does this)."""
         self._calls.clear()
+        self.flush()
 
-    def _make_reset(self, keys: list[int]) -> Any:
+    def flush(self) -> None:
+        """Fold the counts of the outputs seen so far into :attr:`stats`.
+
+        The hooks only reduce each output; the additions to the states wait and are done for every site at once,
+        with a few batched tensor operations, when the next forward pass of the model (or :meth:`new_pass`)
+        begins. :meth:`report`, :meth:`reset`, :meth:`detach` and :meth:`to` flush too; call it before reading
+        :attr:`stats` directly.
+        """
+        dirty = self._dirty
+        if dirty:
+            flush_stats(dirty)
+            dirty.clear()
+
+    def _make_reset(self, keys: list[int], flush: bool) -> Any:
         calls = self._calls
 
         def reset(module: nn.Module, inputs: Any) -> None:
             for key in keys:
                 calls[key] = 0
+            if flush:
+                self.flush()
 
         return reset
 
@@ -254,10 +273,11 @@ class DeadUnitTracker:
         if width and (output.shape[stats.unit_axis(output)] if output.ndim > 1 else 1) != width:
             self._warn_width(site, output, width)
             return
-        with torch.no_grad():
-            if stats.device != output.device:
-                stats.to(output.device)
-            stats.accumulate(output)
+        if stats.device != output.device:
+            stats.to(output.device)
+        stats.accumulate(output)  # works on the detached output: no autograd graph
+        if stats.pending == 1:
+            self._dirty.append(stats)
 
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]
@@ -308,15 +328,18 @@ class DeadUnitTracker:
 
         In a distributed run every process must call it: counts are summed across processes.
         """
+        self.flush()
         return {name: _compute(stats) for name, stats in self.stats.items()}
 
     def reset(self) -> None:
         """Zero every count."""
+        self._dirty.clear()
         for stats in self.stats.values():
             stats.reset()
 
     def to(self, device: torch.device | str) -> DeadUnitTracker:
         """Move the counts to ``device`` (they also follow the activations automatically)."""
+        self.flush()
         for stats in self.stats.values():
             stats.to(device)
         return self

@@ -55,7 +55,7 @@ def brute_force(model: nn.Sequential, batches: list[Tensor], prefix: str = "") -
         per_unit = out.transpose(0, 1).reshape(units, -1)
         active = [int(sum(1 for v in per_unit[u].tolist() if v > 0)) for u in range(units)]
         entries = per_unit.shape[1]
-        killed = sum(1 for n in range(out.shape[0]) if not bool((out[n] > 0).any()))
+        killed = sum(1 for n in range(out.shape[0]) if bool((out[n] == 0).all()))  # the whole output is 0
         result[name] = {
             "active": active,
             "dead": [a == 0 for a in active],

@@ -410,14 +410,15 @@ def test_nan_activations_warn_once_naming_site_and_epoch(tmp_path):
     assert [r.layers["net.1"].nonfinite_batches for r in monitor.history] == [0, 1, 0]
     layer = monitor.history[1].layers["net.1"]
     assert layer.samples == 16
-    # brute force: the NaN sample's entries are not active, and it is killed (no entry > 0)
+    # brute force: the NaN sample's entries are not active, and it is not killed (its output is not all 0)
     x = module.train_x[:12].clone()
     extra = module.train_x[4:8].clone()
     extra[0, 0] = float("nan")
     with torch.no_grad():
         out = torch.cat([module.net[:2](x), module.net[:2](extra)])
     assert layer.active_count.tolist() == [int((out[:, u] > 0).sum()) for u in range(6)]
-    assert layer.killed == sum(1 for row in out if not bool((row > 0).any()))
+    assert layer.killed == sum(1 for row in out if bool((row == 0).all()))
+    assert any(bool(row.isnan().all()) for row in out)  # the NaN sample's whole output is NaN: not killed
 
 
 def test_states_the_alive_lower_bound_at_fit_start(tmp_path, caplog):
