@@ -442,7 +442,7 @@ def _active_per_unit(output: Tensor, axis: int, others: tuple[int, ...], per_blo
         for start in range(0, batch, step):
             chunk = output[start : start + step]
             sign = torch.sign(chunk, out=scratch[: chunk.numel()].view(chunk.shape))
-            parts.append(sign.nansum(0, dtype=torch.float32 if half else None))
+            parts.append(_column_nansum(sign))
         return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0, dtype=None if exact else torch.float64)
     per_sample_unit = output.new_empty((batch, output.shape[axis]), dtype=torch.float32)
     for start in range(0, batch, step):
@@ -450,6 +450,20 @@ def _active_per_unit(output: Tensor, axis: int, others: tuple[int, ...], per_blo
         sign = torch.sign(chunk, out=scratch[: chunk.numel()].view(chunk.shape))
         torch.nansum(sign, others, dtype=torch.float32, out=per_sample_unit[start : start + step])
     return per_sample_unit.sum(0, dtype=None if exact else torch.float64)
+
+
+def _column_nansum(sign: Tensor) -> Tensor:
+    """``sign.nansum(0, dtype=float32)`` for a freshly written CPU ``(rows, units)`` tensor, in row blocks.
+
+    The threads that wrote ``sign`` each hold a contiguous range of its rows in their cache; a plain column sum
+    would have every thread read every row, pulling half of them from another core. Summing blocks of rows first
+    (one block per thread) keeps each thread on the rows it wrote; the few block sums are then added.
+    """
+    rows, units = sign.shape
+    blocks = math.gcd(rows, torch.get_num_threads())
+    if blocks <= 1:
+        return sign.nansum(0, dtype=torch.float32)
+    return sign.view(blocks, rows // blocks, units).nansum(1, dtype=torch.float32).sum(0)
 
 
 def _scratch(dtype: torch.dtype) -> Tensor:

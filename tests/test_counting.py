@@ -1,0 +1,158 @@
+"""The counting hot path: chunked scratch-buffer counts, row-blocked column sums, pending results and flushes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_relu.stats as stats_module
+from lightning_relu import ActivationStats, DeadUnitTracker
+from lightning_relu.stats import _column_nansum, flush_stats
+
+
+def brute(output: torch.Tensor, unit_dim: int) -> dict:
+    """Per-unit counts, killed samples and the non-finite flag with Python loops over the entries."""
+    if output.ndim == 1:
+        output = output.unsqueeze(1)
+    axis = output.ndim - 1 if output.ndim <= 2 else unit_dim % output.ndim
+    values = output.to(torch.float64).movedim(axis, -1).reshape(output.shape[0], -1, output.shape[axis])
+    units = output.shape[axis]
+    active = [0] * units
+    killed = 0
+    for sample in values.tolist():
+        flat = [v for block in sample for v in block]
+        killed += all(v == 0 for v in flat)  # NaN is not 0: a sample holding NaN is not killed
+        for block in sample:
+            for u, v in enumerate(block):
+                active[u] += v > 0  # NaN is not > 0, +Inf is
+    nonfinite = any(not math.isfinite(v) for v in output.to(torch.float64).flatten().tolist())
+    return {"active": active, "killed": killed, "nonfinite": int(nonfinite), "samples": output.shape[0]}
+
+
+def sample_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int, special: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.relu(torch.randn(*shape, generator=g)).to(dtype)
+    out[1] = 0  # a killed sample
+    if out.ndim > 1:
+        out.select(out.ndim - 1 if out.ndim == 2 else 1, 0).zero_()  # a dead unit
+    if special:
+        out.view(-1)[out.numel() // 2] = float("nan")
+        out.view(-1)[-1] = float("inf")
+    return out
+
+
+SHAPES = [
+    ((37, 5), -1),  # odd batch: no row blocks
+    ((64, 16), -1),  # several chunks of the scratch buffer, row-blocked column sums
+    ((9, 3, 4, 5), 1),  # (batch, channels, h, w)
+    ((7, 6, 3), -1),  # (batch, tokens, features)
+    ((4, 10, 10), 1),  # one sample larger than the scratch buffer: the unbuffered path
+    ((40,), -1),  # one unit per sample
+]
+
+
+@pytest.mark.parametrize(("shape", "unit_dim"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("special", [False, True])
+def test_counts_match_brute_force_in_every_path(monkeypatch, shape, unit_dim, dtype, special):
+    monkeypatch.setattr(stats_module, "_SCRATCH_NUMEL", 64)  # small tensors cross chunk boundaries
+    stats = ActivationStats(unit_dim=unit_dim if len(shape) > 2 else None)
+    outputs = [sample_output(shape, dtype, seed, special and seed == 1) for seed in range(3)]
+    for out in outputs:
+        stats.accumulate(out)
+    report = stats.compute()
+    expected = [brute(out, unit_dim) for out in outputs]
+    assert report.active_count.tolist() == [sum(col) for col in zip(*(e["active"] for e in expected), strict=True)]
+    assert report.killed == sum(e["killed"] for e in expected)
+    assert report.samples == sum(e["samples"] for e in expected)
+    assert report.nonfinite_batches == sum(e["nonfinite"] for e in expected)
+    assert report.entries_per_unit == sum(out.numel() // len(expected[0]["active"]) for out in outputs)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 6, 12, 13])
+def test_row_blocked_column_sum_equals_a_plain_one(threads, rows):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sign = torch.randint(0, 2, (rows, 7)).float()
+        sign[0, 3] = float("nan")
+        assert torch.equal(_column_nansum(sign), sign.nansum(0))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_scratch_buffer_is_reused_and_regrown(monkeypatch):
+    monkeypatch.setattr(stats_module, "_SCRATCH_NUMEL", 16)
+    first = stats_module._scratch(torch.float32)
+    assert first.numel() >= 16 and stats_module._scratch(torch.float32) is first
+    bigger = first.numel() + 1  # another test of this thread may have made the buffer already
+    monkeypatch.setattr(stats_module, "_SCRATCH_NUMEL", bigger)
+    assert stats_module._scratch(torch.float32).numel() == bigger
+
+
+def test_accumulate_leaves_results_pending_until_a_reader_flushes():
+    stats = ActivationStats(num_units=2)
+    stats.accumulate(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert stats.pending == 1 and stats.active.tolist() == [0.0, 0.0]  # not folded yet
+    report = stats.compute()  # compute folds
+    assert stats.pending == 0 and report.active_count.tolist() == [1, 0] and report.killed == 1
+    stats.update(torch.tensor([[2.0, 3.0]]))  # the public update folds at once
+    assert stats.pending == 0 and stats.active.tolist() == [2.0, 1.0] and int(stats.samples) == 3
+
+
+def test_reset_drops_pending_results():
+    stats = ActivationStats(num_units=1)
+    stats.accumulate(torch.ones(3, 1))
+    stats.reset()
+    with pytest.warns(UserWarning, match="before the ``update`` method"):  # torchmetrics: nothing counted since
+        report = stats.compute()
+    assert stats.pending == 0 and not report.seen
+
+
+def test_pending_results_are_bounded():
+    stats = ActivationStats(num_units=1)
+    for _ in range(3 * stats_module._MAX_PENDING):
+        stats.accumulate(torch.ones(2, 1))
+        assert stats.pending < stats_module._MAX_PENDING
+    assert stats.compute().active_count.tolist() == [6 * stats_module._MAX_PENDING]
+
+
+def test_flush_of_several_sites_and_rounds_equals_separate_updates():
+    g = torch.Generator().manual_seed(0)
+    outputs = {name: [torch.relu(torch.randn(b, 4, generator=g)) for b in (5, 5, 3)] for name in "abc"}
+    batched = {name: ActivationStats(num_units=4) for name in outputs}
+    separate = {name: ActivationStats(num_units=4) for name in outputs}
+    for name, outs in outputs.items():
+        for out in outs[: 2 if name == "b" else 3]:  # uneven rounds, mixed batch sizes
+            batched[name].accumulate(out)
+            separate[name].update(out)
+    flush_stats([*batched.values(), batched["a"]])  # a site named twice is folded once
+    for name in outputs:
+        assert batched[name].pending == 0
+        for state in ("active", "samples", "entries", "killed", "nonfinite"):
+            assert torch.equal(getattr(batched[name], state), getattr(separate[name], state)), (name, state)
+
+
+def test_moving_the_metric_folds_pending_results_first():
+    stats = ActivationStats(num_units=2)
+    stats.accumulate(torch.tensor([[1.0, 1.0]]))
+    stats.to(torch.float64)
+    assert stats.pending == 0 and stats.compute().active_count.tolist() == [1, 1]
+
+
+def test_tracker_flushes_when_the_next_forward_begins_and_on_report():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    x = torch.randn(6, 3)
+    with DeadUnitTracker(net) as tracker:
+        net(x)
+        assert all(s.pending == 1 for s in tracker.stats.values())
+        net(x)  # the model's forward folds the previous pass first
+        assert all(s.pending == 1 for s in tracker.stats.values())
+        assert all(int(s.samples) == 6 for s in tracker.stats.values())
+        report = tracker.report()
+    assert all(layer.samples == 12 for layer in report.values())
+    assert all(s.pending == 0 for s in tracker.stats.values())
