@@ -21,6 +21,9 @@ from lightning_relu.sites import Site, find_relu_sites
 
 __all__ = ["RAI_SIGMA_SCALE", "SignFlipReport", "rai_", "sign_flip_"]
 
+# decide with host integers when the pre-activations are on the CPU (tests switch it off to run the device path)
+_HOST_DECISIONS = True
+
 #: Lu et al.'s scale of the symmetric part of RAI: ``sigma = RAI_SIGMA_SCALE / sqrt(fan_in)``.
 RAI_SIGMA_SCALE = 0.6007
 
@@ -184,8 +187,12 @@ class _FlipTarget:
             for tensor in self.running_means:
                 tensor.neg_()
 
-    def negate_where_(self, flip: Tensor, running_means: bool = False) -> None:
-        """Negate when the 0-d bool tensor ``flip`` is true, without reading it on the host."""
+    def negate_where_(self, flip: Tensor | bool, running_means: bool = False) -> None:
+        """Negate when ``flip`` (a 0-d bool tensor, read on the device, or a bool) is true."""
+        if isinstance(flip, bool):
+            if flip:
+                self.negate_running_means_() if running_means else self.negate_()
+            return
         signs: dict[torch.dtype, Tensor] = {}
         with torch.no_grad():
             for tensor in self.running_means if running_means else self.tensors:
@@ -374,12 +381,13 @@ class _SignFlipPass:
 
     def __init__(self, sites: list[Site]) -> None:
         self.reports: dict[str, SignFlipReport] = {}
-        self._pending: list[tuple[str, str | None, str | None, list[Tensor]]] = []
-        self.applied: list[tuple[_FlipTarget, Tensor]] = []  # each target with its (device) decision
+        self._pending: list[tuple[str, str | None, str | None, list[Any]]] = []
+        self.applied: list[tuple[_FlipTarget, Tensor | bool]] = []  # each target with its (device) decision
         self.error: Exception | None = None
         self.unobservable: list[str] = []
         self._decided: dict[str, str] = {}  # target name -> the site that decided whether to negate it
         self._alive: Tensor | None = None
+        self._living = 0
         self._num_samples = 0
         # hook module -> its sites in call order, and how many times it was called in this pass
         self._inputs: dict[nn.Module, list[Site]] = {}
@@ -405,6 +413,7 @@ class _SignFlipPass:
         self._pending.clear()
         self._num_samples = num_samples
         self._alive = None
+        self._living = num_samples  # living samples so far (kept on the host by CPU passes only)
         self._calls.clear()
 
     def finish(self) -> None:
@@ -412,7 +421,10 @@ class _SignFlipPass:
         if not self._pending:
             return
         n = self._num_samples
-        values = torch.stack([torch.stack(counts) for *_, counts in self._pending]).tolist()
+        # counts of CPU passes are host integers already; device counts are read in one go
+        on_device = [counts for *_, counts in self._pending if isinstance(counts[0], Tensor)]
+        read = iter(torch.stack([torch.stack(counts) for counts in on_device]).tolist() if on_device else [])
+        values = [next(read) if isinstance(counts[0], Tensor) else counts for *_, counts in self._pending]
         for (name, target, reason), (living, killed, _, alive_after, site_alive, flip) in zip(
             [entry[:3] for entry in self._pending], values, strict=True
         ):
@@ -478,14 +490,16 @@ class _SignFlipPass:
                 f" pre-activation of shape {shape} for {n} samples"
             )
             return None
-        if self._alive is None:
-            self._alive = torch.ones(n, dtype=torch.bool, device=z.device)
-        alive = self._alive
         # a sample survives when some entry is > 0, and survives the flip when some entry is < 0 (float reductions;
         # NaN counts as killed; two plain reductions beat one `aminmax` several times over on CPU)
         flat = z.detach().reshape(n, -1)
+        if z.device.type == "cpu" and _HOST_DECISIONS:
+            return self._decide_on_host(site, flat)
         survives = flat.amax(dim=1) > 0
         survives_flipped = flat.amin(dim=1) < 0
+        if self._alive is None:
+            self._alive = torch.ones(n, dtype=torch.bool, device=z.device)
+        alive = self._alive
         living = alive.sum()
         killed = (alive & ~survives).sum()
         killed_flipped = (alive & ~survives_flipped).sum()
@@ -515,6 +529,53 @@ class _SignFlipPass:
         if reason is not None:
             return None
         return 1 - 2 * flip.to(z.dtype)
+
+    def _decide_on_host(self, site: Site, flat: Tensor) -> Tensor | None:
+        """:meth:`_visit` for CPU tensors, where reading a count costs nothing: the same decision, with the small
+        arithmetic in Python and only the reductions it needs. The flipped survival (a second pass over ``z``) is
+        measured only when more than half of the living samples would be killed, the living mask is kept only
+        once a sample has been killed, and nothing is multiplied or negated at a site that does not flip.
+        """
+        alive = self._alive  # None while every sample is alive
+        living = self._living
+        survives = flat.amax(dim=1) > 0
+        site_alive = int(survives.sum())
+        survives_alive = survives if alive is None else alive & survives
+        kept = site_alive if alive is None else int(survives_alive.sum())
+        killed = living - kept
+        killed_flipped: int | None = None
+        target = _flip_target(site)
+        reason: str | None = None
+        target_name: str | None = None
+        flip = False
+        if isinstance(target, str):
+            reason = target
+        else:
+            target_name = target.name
+            if target.name in self._decided:
+                reason = f"{target.name!r} was already decided for site {self._decided[target.name]!r}"
+            else:
+                self._decided[target.name] = site.name
+                if 2 * killed > living:
+                    survives_flipped = flat.amin(dim=1) < 0
+                    flipped_alive = survives_flipped if alive is None else alive & survives_flipped
+                    kept_flipped = int(flipped_alive.sum())
+                    killed_flipped = living - kept_flipped
+                    flip = killed_flipped < killed
+                    if flip:
+                        target.negate_()
+                        self.applied.append((target, True))
+                        site_alive = int(survives_flipped.sum())
+                        survives_alive, kept = flipped_alive, kept_flipped
+        if killed_flipped is None:  # not measured: a flip is considered only when the site kills the majority
+            killed_flipped = killed
+        self._alive = None if kept == self._num_samples else survives_alive
+        self._living = kept
+        counts = [living, killed, killed_flipped, kept, site_alive, int(flip)]
+        self._pending.append((site.name, target_name, reason, counts))
+        if not flip:
+            return None
+        return torch.tensor(-1, dtype=flat.dtype)
 
 
 def _model_device(model: nn.Module) -> torch.device:

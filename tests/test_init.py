@@ -17,12 +17,22 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_relu.init as init_module
 from lightning_relu.init import RAI_SIGMA_SCALE, SignFlipReport, rai_, sign_flip_
 from lightning_relu.sites import find_relu_sites
 
 # --------------------------------------------------------------------------------------------------------------------
 # rai_
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module", params=["host decisions", "device decisions"])
+def decision_path(request):
+    """Every test runs with the CPU's host-integer decisions and with the device path CUDA tensors take."""
+    previous = init_module._HOST_DECISIONS
+    init_module._HOST_DECISIONS = request.param == "host decisions"
+    yield request.param
+    init_module._HOST_DECISIONS = previous
 
 
 def _rows(layer: nn.Module) -> Tensor:
