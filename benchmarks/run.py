@@ -261,6 +261,17 @@ def deep_mlp(depth: int = 32, width: int = 64, in_features: int = 64) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
+def bench_sign_flip_mlp(repeats: int) -> dict[str, float]:
+    data = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0))
+    return bench_sign_flip("mlp", deep_mlp(), data, repeats)
+
+
+def bench_sign_flip_cnn(repeats: int) -> dict[str, float]:
+    data = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    return bench_sign_flip("cnn", WORKLOADS["cnn"][0](), data, repeats)
+
+
 def bench_revival(repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = WORKLOADS["cnn"][0]()
@@ -346,13 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = in_fresh_processes(bench_lightning, (name, max(2, rounds // 3), block * 4), processes)
             record("lightning", name, r, f"Trainer.fit step with DeadUnitMonitor, {name}", "step_ms", STEP_BUDGET)
     repeats = 3 if args.quick else 21
-    mlp_data = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0))
-    r = bench_sign_flip("mlp", deep_mlp(), mlp_data, repeats)
+    r = in_fresh_processes(bench_sign_flip_mlp, (repeats,), processes)
     label = "sign_flip_ vs forward, MLP depth 32 width 64 (8192 samples)"
     record("sign_flip", "mlp_depth32_width64", r, label, "forward_ms", SIGN_FLIP_BUDGET)
-    cnn_data = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    r = bench_sign_flip("cnn", WORKLOADS["cnn"][0](), cnn_data, repeats)
+    r = in_fresh_processes(bench_sign_flip_cnn, (repeats,), processes)
     record("sign_flip", "cnn", r, "sign_flip_ vs forward, CNN (256 images)", "forward_ms", SIGN_FLIP_BUDGET)
     r = bench_revival(repeats)
     record("revival", "cnn", r, "revive_dead_units_ vs training step, CNN", "step_ms", None)

@@ -342,8 +342,12 @@ def sign_flip_(
     finally:
         for handle in handles:
             handle.remove()
+        # one recursive `train()` from the root (module overrides see it), then the modules whose own mode differed;
+        # calling `train()` on every module would walk each subtree again: quadratic in the depth of the nesting
+        model.train(modes[model])
         for module, training in modes.items():
-            module.train(training)
+            if module.training != training:
+                module.training = training
         with torch.no_grad():
             for tensor, saved in buffers:
                 tensor.copy_(saved)
