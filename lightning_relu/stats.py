@@ -267,7 +267,8 @@ class ActivationStats(Metric):
         # the hot path updates states in place, outside torchmetrics' update wrapper: never serve a cached result
         kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
-        self._pending: list[tuple[Tensor, Tensor, int]] = []
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._host = [0, 0]  # samples and entries per unit counted since the last fold into the states
         _check_eps(eps)
         if not isinstance(track_margin, bool):
             raise ValueError(f"`track_margin` must be a bool, got {track_margin!r}")
@@ -342,7 +343,10 @@ class ActivationStats(Metric):
             half = output.dtype not in (torch.float32, torch.float64)
             rows = output.sum(tuple(range(1, output.ndim)), dtype=torch.float32 if half else None)
         pending = self._pending
-        pending.append((per_unit, rows, per_block))
+        pending.append((per_unit, rows))
+        host = self._host
+        host[0] += batch
+        host[1] += batch * per_block
         # what torchmetrics' update wrapper would count, without its per-call attribute assignments
         self.__dict__["_update_count"] = self.__dict__.get("_update_count", 0) + 1
         if len(pending) >= _MAX_PENDING:
@@ -352,6 +356,11 @@ class ActivationStats(Metric):
         """Fold the pending results of :meth:`accumulate` into the states (a no-op when none wait)."""
         if self.__dict__.get("_pending"):
             flush_stats([self])
+        host = self.__dict__.get("_host")
+        if host and host[0]:
+            self.samples.add_(host[0])
+            self.entries.add_(host[1])
+            host[0] = host[1] = 0
 
     @property
     def pending(self) -> int:
@@ -364,6 +373,7 @@ class ActivationStats(Metric):
 
     def reset(self) -> None:
         self._pending.clear()
+        self._host[0] = self._host[1] = 0
         super().reset()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ActivationStats:
@@ -421,49 +431,35 @@ def _active_per_unit(output: Tensor, axis: int, others: tuple[int, ...], per_blo
 
     ``sign()`` is 1 for entries > 0 and 0 for zeros (rectifier outputs are never negative); a float reduction of it
     is several times cheaper than reducing a bool mask, and ``nansum`` leaves NaN out. Float32 sums of 0/1 are exact
-    below 2**24 terms; larger sums accumulate in float64. On the CPU the sign is written into a reused scratch
-    buffer, a few samples at a time: a fresh activation-sized temporary costs more in page faults than the
-    arithmetic itself, and slows the allocations of the training step around it.
+    below 2**24 terms; larger sums accumulate in float64. A CPU output larger than the scratch buffer has its sign
+    written into that reused buffer a few samples at a time: a fresh temporary of several MiB costs more in page
+    faults than the arithmetic itself, and slows the allocations of the training step around it.
     """
     batch = output.shape[0]
     half = output.dtype not in (torch.float32, torch.float64)
     exact = batch * per_block < _FLOAT32_EXACT
     per_sample = output[0].numel()
-    scratch = _scratch(output.dtype) if output.device.type == "cpu" and per_sample <= _SCRATCH_NUMEL else None
-    if scratch is None:
+    if output.device.type != "cpu" or output.numel() <= _SCRATCH_NUMEL or per_sample > _SCRATCH_NUMEL:
         sign = output.sign()
         if not others:
             return sign.nansum(0, dtype=torch.float32 if half and exact else None if exact else torch.float64)
         acc = torch.float32 if per_block < _FLOAT32_EXACT else torch.float64
         return sign.nansum(others, dtype=acc).sum(0, dtype=None if exact else torch.float64)
+    scratch = _scratch(output.dtype)
     step = _SCRATCH_NUMEL // per_sample  # samples per chunk: every chunk sum has fewer than 2**24 terms
     if not others:  # (batch, units): per-chunk counts, summed
         parts = []
         for start in range(0, batch, step):
             chunk = output[start : start + step]
             sign = torch.sign(chunk, out=scratch[: chunk.numel()].view(chunk.shape))
-            parts.append(_column_nansum(sign))
-        return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0, dtype=None if exact else torch.float64)
+            parts.append(sign.nansum(0, dtype=torch.float32))
+        return torch.stack(parts).sum(0, dtype=None if exact else torch.float64)
     per_sample_unit = output.new_empty((batch, output.shape[axis]), dtype=torch.float32)
     for start in range(0, batch, step):
         chunk = output[start : start + step]
         sign = torch.sign(chunk, out=scratch[: chunk.numel()].view(chunk.shape))
         torch.nansum(sign, others, dtype=torch.float32, out=per_sample_unit[start : start + step])
     return per_sample_unit.sum(0, dtype=None if exact else torch.float64)
-
-
-def _column_nansum(sign: Tensor) -> Tensor:
-    """``sign.nansum(0, dtype=float32)`` for a freshly written CPU ``(rows, units)`` tensor, in row blocks.
-
-    The threads that wrote ``sign`` each hold a contiguous range of its rows in their cache; a plain column sum
-    would have every thread read every row, pulling half of them from another core. Summing blocks of rows first
-    (one block per thread) keeps each thread on the rows it wrote; the few block sums are then added.
-    """
-    rows, units = sign.shape
-    blocks = math.gcd(rows, torch.get_num_threads())
-    if blocks <= 1:
-        return sign.nansum(0, dtype=torch.float32)
-    return sign.view(blocks, rows // blocks, units).nansum(1, dtype=torch.float32).sum(0)
 
 
 def _scratch(dtype: torch.dtype) -> Tensor:
@@ -487,11 +483,9 @@ def flush_stats(stats: Iterable[ActivationStats]) -> None:
     while waiting:
         # one pending result per site per round: a `_foreach_` list must not hold one tensor twice
         items = [(s, s._pending.pop(0)) for s in waiting]
-        torch._foreach_add_([s.active for s, _ in items], [per_unit for _, (per_unit, _, _) in items])
-        torch._foreach_add_([s.samples for s, _ in items], [rows.shape[0] for _, (_, rows, _) in items])
-        torch._foreach_add_([s.entries for s, _ in items], [rows.shape[0] * block for _, (_, rows, block) in items])
+        torch._foreach_add_([s.active for s, _ in items], [per_unit for _, (per_unit, _) in items])
         groups: dict[tuple[Any, ...], list[tuple[ActivationStats, Tensor]]] = {}
-        for s, (_, rows, _) in items:
+        for s, (_, rows) in items:
             groups.setdefault((rows.shape, rows.dtype, rows.device), []).append((s, rows))
         for group in groups.values():
             table = torch.stack([rows for _, rows in group])  # (sites, batch)

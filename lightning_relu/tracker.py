@@ -204,7 +204,7 @@ class DeadUnitTracker:
     def new_pass(self) -> None:
         """Mark the start of a new forward pass (call positions restart; the model's own forward does this)."""
         self._calls.clear()
-        self.flush()
+        self._flush_pending()
 
     def flush(self) -> None:
         """Fold the counts of the outputs seen so far into :attr:`stats`.
@@ -214,6 +214,11 @@ class DeadUnitTracker:
         begins. :meth:`report`, :meth:`reset`, :meth:`detach` and :meth:`to` flush too; call it before reading
         :attr:`stats` directly.
         """
+        self._flush_pending()
+        for stats in self.stats.values():
+            stats.flush()  # also the sample and entry counts, kept on the host until a reader needs them
+
+    def _flush_pending(self) -> None:
         dirty = self._dirty
         if dirty:
             flush_stats(dirty)
@@ -226,7 +231,7 @@ class DeadUnitTracker:
             for key in keys:
                 calls[key] = 0
             if flush:
-                self.flush()
+                self._flush_pending()
 
         return reset
 
