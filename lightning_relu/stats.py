@@ -310,9 +310,10 @@ class ActivationStats(Metric):
 
         The two reductions of the output (active entries per unit, output sum per sample) are computed here; adding
         them to the states is left pending, so that :func:`flush_stats` can fold the results of every site of a
-        forward pass with a few batched (``torch._foreach_*``) operations instead of several per site. Pending
-        results are folded by :meth:`flush`, which :meth:`compute`, :meth:`sync`, :meth:`reset` (which drops them),
-        :meth:`update` and moving the metric call; at most ``_MAX_PENDING`` wait per site. Nothing is assigned to
+        forward pass with a few batched (``torch._foreach_*``) operations instead of several per site. The sample
+        and entry counts, known from the shape, wait as host integers. Everything pending is folded by
+        :meth:`flush`, which :meth:`compute`, :meth:`sync`, :meth:`merge_state`, :meth:`update` and moving the
+        metric call (:meth:`reset` drops it); at most ``_MAX_PENDING`` outputs wait per site. Nothing is assigned to
         the module (attribute assignment costs microseconds on a ``Module``) and nothing synchronizes with the host.
         """
         output = output.detach()
@@ -370,6 +371,12 @@ class ActivationStats(Metric):
     def sync(self, *args: Any, **kwargs: Any) -> None:
         self.flush()
         super().sync(*args, **kwargs)
+
+    def merge_state(self, incoming_state: Any) -> None:
+        if isinstance(incoming_state, ActivationStats):
+            incoming_state.flush()
+        self.flush()
+        super().merge_state(incoming_state)
 
     def reset(self) -> None:
         self._pending.clear()

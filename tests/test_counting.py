@@ -146,3 +146,12 @@ def test_tracker_flushes_when_the_next_forward_begins_and_on_report():
         report = tracker.report()
     assert all(layer.samples == 12 for layer in report.values())
     assert all(s.pending == 0 for s in tracker.stats.values())
+
+
+def test_merge_state_folds_pending_results_of_both_metrics():
+    a, b = ActivationStats(num_units=2), ActivationStats(num_units=2)
+    a.accumulate(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    b.accumulate(torch.tensor([[1.0, 2.0]]))
+    a.merge_state(b)
+    report = a.compute()
+    assert report.active_count.tolist() == [2, 1] and report.samples == 3 and report.killed == 1
