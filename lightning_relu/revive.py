@@ -64,6 +64,7 @@ def revive_dead_units_(
     init: str = "default",
     max_fraction: float = 1.0,
     exclude: Iterable[str] = (),
+    sites: Iterable[Site] | None = None,
 ) -> dict[str, int]:
     r"""Re-initialize the dead units of ``model`` in place without changing what the network computes.
 
@@ -112,6 +113,8 @@ def revive_dead_units_(
         max_fraction: at most ``max(1, floor(max_fraction * num_units))`` units of a site are revived at once;
             when more are dead, which ones is drawn uniformly at random through ``generator``.
         exclude: names of sites never to revive (unknown names raise ``ValueError``).
+        sites: the model's sites as :func:`~lightning_relu.find_relu_sites` returns them (e.g. a tracker's
+            ``all_sites``), to skip discovering them again; default: discovered here.
 
     Returns:
         The number of units revived at every site of ``report`` not in ``exclude`` (0 where none was).
@@ -140,12 +143,15 @@ def revive_dead_units_(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
 
-    sites = {site.name: site for site in find_relu_sites(model)}
-    unknown_excluded = sorted(excluded - sites.keys())
+    found = find_relu_sites(model) if sites is None else _as_sites(sites, model)
+    sites_by_name = {site.name: site for site in found}
+    unknown_excluded = sorted(excluded - sites_by_name.keys())
     if unknown_excluded:
-        raise ValueError(f"`exclude` has unknown site names {unknown_excluded}; the model's sites are {list(sites)}")
+        raise ValueError(
+            f"`exclude` has unknown site names {unknown_excluded}; the model's sites are {list(sites_by_name)}"
+        )
     for name, layer in layers.items():
-        _validate_layer(name, layer, sites)
+        _validate_layer(name, layer, sites_by_name)
 
     # ---- decide everything (no tensor of the model is touched before this loop is done)
     counts: dict[str, int] = {}
@@ -157,7 +163,7 @@ def revive_dead_units_(
         if name in excluded:
             continue
         counts[name] = 0
-        site = sites[name]
+        site = sites_by_name[name]
         units = torch.nonzero(layer.dead.reshape(-1)).reshape(-1)
         if units.numel() == 0:
             continue
@@ -252,6 +258,19 @@ def _as_names(names: Any, argument: str) -> set[str]:
 def _check_fraction(max_fraction: Any) -> None:
     if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0.0 < max_fraction <= 1.0:
         raise ValueError(f"`max_fraction` must be a number in (0, 1], got {max_fraction!r}")
+
+
+def _as_sites(sites: Any, model: nn.Module) -> list[Site]:
+    if isinstance(sites, (str, bytes)) or not isinstance(sites, Iterable):
+        raise ValueError(f"`sites` must be the model's `Site`s (from `find_relu_sites`) or None, got {sites!r}")
+    found = list(sites)
+    if not all(isinstance(site, Site) for site in found):
+        raise ValueError(f"`sites` must be the model's `Site`s (from `find_relu_sites`) or None, got {sites!r}")
+    modules = {id(module) for module in model.modules()}
+    foreign = [site.name for site in found if site.producer is not None and id(site.producer) not in modules]
+    if foreign:
+        raise ValueError(f"`sites` has sites of another model: the producers of {foreign} are not in `model`")
+    return found
 
 
 def _validate_layer(name: str, layer: Any, sites: dict[str, Site]) -> None:
@@ -492,6 +511,8 @@ class DeadUnitReviver(Callback):
         self.history: list[dict[str, Any]] = []
         self._resolved_seed: int | None = seed
         self._monitor: DeadUnitMonitor | None = None
+        self._sites: list[Site] | None = None  # the sites of `_sites_model`, found once per fit
+        self._sites_model: nn.Module | None = None
         self._warned: set[str] = set()
 
     @property
@@ -520,6 +541,11 @@ class DeadUnitReviver(Callback):
         """
         if not callable(getattr(monitor, "add_report_listener", None)):
             raise ValueError(f"`monitor` must be a `DeadUnitMonitor`, got {type(monitor).__name__}")
+        # the monitor's tracker found the sites already (with tracing, as revival needs): one discovery per fit
+        tracker = getattr(monitor, "tracker", None)
+        traced = getattr(monitor, "trace", False) is True and tracker is not None and tracker.model is pl_module
+        self._sites = list(tracker.all_sites) if traced else None
+        self._sites_model = pl_module if traced else None
         if pl_module is not None:
             self._check_exclude(pl_module)
         if self._monitor is not None and self._monitor is not monitor:
@@ -591,13 +617,16 @@ class DeadUnitReviver(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_monitor"] = None  # the link is re-made in `setup`/`attach`
+        state["_sites"] = state["_sites_model"] = None  # they hold the model's modules
         return state
 
     # --------------------------------------------------------------- acting
     def _check_exclude(self, pl_module: nn.Module) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SiteTracingWarning)  # the monitor has said it already
-            names = [site.name for site in find_relu_sites(pl_module)]
+            if self._sites is None or self._sites_model is not pl_module:
+                self._sites, self._sites_model = find_relu_sites(pl_module), pl_module
+            names = [site.name for site in self._sites]
         self._site_names = set(names)
         unknown = [name for name in self.exclude if name not in names]
         if unknown:
@@ -627,6 +656,7 @@ class DeadUnitReviver(Callback):
                 max_fraction=self.max_fraction,
                 exclude=self.exclude,
                 generator=generator,
+                sites=self._sites if self._sites_model is pl_module else None,
             )
         for warning in caught:
             message = str(warning.message)

@@ -547,3 +547,55 @@ def test_example_quick_mode(capsys: pytest.CaptureFixture[str]) -> None:
         assert (sum(r.revived) > 0) == (r.arm == "revival")
     out = capsys.readouterr().out
     assert "| epoch | lr | dead, no revival | dead, revival |" in out and "| mean ± std |" in out
+
+
+def test_sites_from_a_tracker_revive_exactly_as_a_fresh_discovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_relu.revive as revive_module
+
+    first, second = _DeadModule(), _DeadModule()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+    with DeadUnitTracker(first) as tracker:
+        first(x)
+    report = tracker.report()
+    counts = revive_dead_units_(second, report, generator=torch.Generator().manual_seed(3))
+    calls: list[nn.Module] = []
+    monkeypatch.setattr(revive_module, "find_relu_sites", lambda model, **kw: calls.append(model) or [])
+    reused = revive_dead_units_(first, report, generator=torch.Generator().manual_seed(3), sites=tracker.all_sites)
+    assert calls == []  # no second discovery
+    assert reused == counts == {"net.1": 3}
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)  # the same surgery, drawn from the same generator state
+
+
+@pytest.mark.parametrize(
+    ("sites", "match"),
+    [("net.1", "`sites` must be the model's `Site`s"), ([1, 2], "`sites` must be the model's `Site`s")],
+)
+def test_sites_argument_is_checked(sites: Any, match: str) -> None:
+    model = _DeadModule()
+    with pytest.raises(ValueError, match=match):
+        revive_dead_units_(model, {}, sites=sites)
+
+
+def test_sites_of_another_model_are_refused() -> None:
+    a, b = _DeadModule(), _DeadModule()
+    with DeadUnitTracker(a) as tracker:
+        a(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"`sites` has sites of another model: the producers of \['net.1'\]"):
+        revive_dead_units_(b, tracker.report(), sites=tracker.all_sites)
+
+
+def test_monitor_with_revival_discovers_sites_once_per_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_relu.revive as revive_module
+    import lightning_relu.tracker as tracker_module
+
+    calls: list[str] = []
+    for module in (revive_module, tracker_module):
+        original = module.find_relu_sites
+        monkeypatch.setattr(
+            module, "find_relu_sites", lambda model, _f=original, **kw: calls.append("found") or _f(model, **kw)
+        )
+    monitor = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
+    _trainer(tmp_path, [monitor], logger=False, max_epochs=2, limit_train_batches=2).fit(_DeadModule())
+    assert monitor.reviver is not None and len(monitor.reviver.history) == 2  # it revived at every epoch end
+    assert calls == ["found"]
