@@ -342,12 +342,12 @@ def sign_flip_(
     finally:
         for handle in handles:
             handle.remove()
-        # one recursive `train()` from the root (module overrides see it), then the modules whose own mode differed;
-        # calling `train()` on every module would walk each subtree again: quadratic in the depth of the nesting
+        # one recursive `train()` from the root, then `train()` again only where a module's own mode differed (overrides
+        # run either way); calling `train()` on every module would walk each subtree again: quadratic in the nesting
         model.train(modes[model])
-        for module, training in modes.items():
+        for module, training in modes.items():  # pre-order: a subtree set here is corrected below where it differs
             if module.training != training:
-                module.training = training
+                module.train(training)
         with torch.no_grad():
             for tensor, saved in buffers:
                 tensor.copy_(saved)
@@ -495,12 +495,13 @@ class _SignFlipPass:
             )
             return None
         # a sample survives when some entry is > 0, and survives the flip when some entry is < 0 (float reductions;
-        # NaN counts as killed; two plain reductions beat one `aminmax` several times over on CPU)
+        # a NaN entry keeps a sample alive, as its output is not zero; two plain reductions beat one `aminmax`
+        # several times over on CPU)
         flat = z.detach().reshape(n, -1)
         if z.device.type == "cpu" and _HOST_DECISIONS:
             return self._decide_on_host(site, flat)
-        survives = flat.amax(dim=1) > 0
-        survives_flipped = flat.amin(dim=1) < 0
+        survives = flat.amax(dim=1).le(0).logical_not_()  # NaN propagates into amax/amin: not <= 0, survives
+        survives_flipped = flat.amin(dim=1).ge(0).logical_not_()
         if self._alive is None:
             self._alive = torch.ones(n, dtype=torch.bool, device=z.device)
         alive = self._alive
@@ -542,7 +543,7 @@ class _SignFlipPass:
         """
         alive = self._alive  # None while every sample is alive
         living = self._living
-        survives = flat.amax(dim=1) > 0
+        survives = flat.amax(dim=1).le(0).logical_not_()  # NaN propagates into amax: the sample survives
         site_alive = int(survives.sum())
         survives_alive = survives if alive is None else alive & survives
         kept = site_alive if alive is None else int(survives_alive.sum())
@@ -561,7 +562,7 @@ class _SignFlipPass:
             else:
                 self._decided[target.name] = site.name
                 if 2 * killed > living:
-                    survives_flipped = flat.amin(dim=1) < 0
+                    survives_flipped = flat.amin(dim=1).ge(0).logical_not_()
                     flipped_alive = survives_flipped if alive is None else alive & survives_flipped
                     kept_flipped = int(flipped_alive.sum())
                     killed_flipped = living - kept_flipped

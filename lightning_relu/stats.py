@@ -18,6 +18,8 @@ _FLOAT32_EXACT = 2**24
 # elements of the per-thread CPU scratch buffer that counting writes signs into (4 MiB in float32)
 _SCRATCH_NUMEL = 2**20
 _THREAD_LOCAL = threading.local()
+# states holding counts in float64: moved with the metric, never cast to another dtype
+_FLOAT64_STATES = ("active", "pre_sum", "pre_sumsq")
 # accumulated outputs that may wait per site before they are folded into the states
 _MAX_PENDING = 32
 
@@ -385,7 +387,24 @@ class ActivationStats(Metric):
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ActivationStats:
         self.flush()  # pending results live where the outputs were: fold them before the states move
-        return super()._apply(fn, *args, **kwargs)
+        # the float64 counts follow the device only: `.to(dtype)` (bf16-true / 16-true precision) would round them
+        exact = tuple(key for key in _FLOAT64_STATES if key in self._defaults)
+        excluded = (*exact, *kwargs.pop("exclude_state", ()), *args)
+        this = super()._apply(fn, exclude_state=excluded)
+        device = this.samples.device  # an integer state: moved, never cast
+        for key in exact:
+            this._defaults[key] = this._defaults[key].to(device)
+            setattr(this, key, getattr(this, key).to(device))
+        return this
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.flush()  # torchmetrics' forward copies the states and resets: fold what waits first
+        return super().forward(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.active.dtype != torch.float64:  # saved by an older version with int64 counts
+            self.active = self.active.to(torch.float64)
 
     def update_margin(self, pre_activation: Tensor) -> None:
         """Accumulate per-unit sums of one pre-activation and of its square (with ``track_margin=True``)."""

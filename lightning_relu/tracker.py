@@ -109,8 +109,8 @@ class DeadUnitTracker:
         self._positions: dict[int, list[tuple[Site, ActivationStats] | None]] = {}
         self._first_site: dict[int, Site] = {}
         self._modes: dict[int, _FunctionalCounter] = {}
-        # sites with results waiting to be folded into their states (see `flush`)
-        self._dirty: list[ActivationStats] = []
+        # sites with results waiting to be folded into their states (see `flush`), by id
+        self._dirty: dict[int, ActivationStats] = {}
         for site in sorted(found, key=lambda s: s.call_index):
             key = id(site.module if site.kind == "module" else site.parent)
             self._first_site.setdefault(key, site)
@@ -211,8 +211,8 @@ class DeadUnitTracker:
 
         The hooks only reduce each output; the additions to the states wait and are done for every site at once,
         with a few batched tensor operations, when the next forward pass of the model (or :meth:`new_pass`)
-        begins. :meth:`report`, :meth:`reset`, :meth:`detach` and :meth:`to` flush too; call it before reading
-        :attr:`stats` directly.
+        begins. :meth:`report`, :meth:`detach` and :meth:`to` flush too (:meth:`reset` drops what waits); call it
+        before reading :attr:`stats` directly.
         """
         self._flush_pending()
         for stats in self.stats.values():
@@ -221,7 +221,7 @@ class DeadUnitTracker:
     def _flush_pending(self) -> None:
         dirty = self._dirty
         if dirty:
-            flush_stats(dirty)
+            flush_stats(dirty.values())
             dirty.clear()
 
     def _make_reset(self, keys: list[int], flush: bool) -> Any:
@@ -281,8 +281,7 @@ class DeadUnitTracker:
         if stats.device != output.device:
             stats.to(output.device)
         stats.accumulate(output)  # works on the detached output: no autograd graph
-        if stats.pending == 1:
-            self._dirty.append(stats)
+        self._dirty[id(stats)] = stats
 
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]

@@ -155,3 +155,43 @@ def test_merge_state_folds_pending_results_of_both_metrics():
     a.merge_state(b)
     report = a.compute()
     assert report.active_count.tolist() == [2, 1] and report.samples == 3 and report.killed == 1
+
+
+def test_float64_counts_are_not_cast_by_a_dtype_move():
+    holder = nn.Module()
+    holder.stats = ActivationStats(num_units=1, track_margin=True)
+    holder.to(dtype=torch.bfloat16)  # what bf16-true precision does to the LightningModule
+    assert holder.stats.active.dtype == torch.float64 and holder.stats.pre_sum.dtype == torch.float64
+    for _ in range(1000):  # bfloat16 integers stop being exact at 256
+        holder.stats.update(torch.ones(1, 1))
+    assert holder.stats.compute().active_count.tolist() == [1000]
+
+
+def test_torchmetrics_forward_folds_pending_results_first():
+    stats = ActivationStats(num_units=2)
+    stats.accumulate(torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    stats(torch.tensor([[1.0, 1.0]]))
+    report = stats.compute()
+    assert report.active_count.tolist() == [3, 2] and report.samples == 3
+
+
+def test_counts_saved_as_int64_load_and_keep_counting():
+    old = ActivationStats(num_units=2)
+    old.persistent(True)
+    old.update(torch.tensor([[1.0, 0.0]]))
+    state = {key: value.to(torch.int64) if key == "active" else value for key, value in old.state_dict().items()}
+    new = ActivationStats(num_units=2)
+    new.persistent(True)
+    new.load_state_dict(state)
+    new.update(torch.tensor([[1.0, 1.0]]))
+    assert new.active.dtype == torch.float64 and new.compute().active_count.tolist() == [2, 1]
+
+
+def test_sites_waiting_for_a_flush_are_listed_once():
+    outer = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU()))
+    with DeadUnitTracker(outer) as tracker:
+        for _ in range(3 * stats_module._MAX_PENDING):
+            outer[0](torch.randn(2, 3))  # the inner module only: the model's forward never folds
+        assert len(tracker._dirty) == 1
+        report = tracker.report()
+    assert report["0.1"].samples == 2 * 3 * stats_module._MAX_PENDING

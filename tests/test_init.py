@@ -644,3 +644,30 @@ def test_sign_flip_functional_sites() -> None:
         assert 2 * alive_after >= alive_before
         assert (r.living_before, r.living_after) == (alive_before / 200, alive_after / 200)
     assert any(r.flipped for r in report.values())
+
+
+def test_sign_flip_a_nan_sample_is_not_killed() -> None:
+    torch.manual_seed(11)
+    model = _mlp(3, 6)
+    x = torch.randn(50, 3)
+    x[0, 0] = float("nan")  # NaN flows through every layer: its outputs are NaN, not zero
+    report = sign_flip_(copy.deepcopy(model), x)
+    flipped = copy.deepcopy(model)
+    sign_flip_(flipped, x)
+    brute = _brute_force_alive(flipped, x)  # `ne(0).any()`: a NaN output is not zero
+    for (before, after, here), r in zip(brute, report.values(), strict=True):
+        assert (r.living_before, r.living_after, r.site_fraction) == (before / 50, after / 50, here / 50)
+
+
+def test_sign_flip_restores_modes_through_train_overrides() -> None:
+    class Frozen(nn.Linear):
+        def train(self, mode: bool = True) -> Frozen:
+            self.weight.requires_grad_(mode)  # a common way to freeze a block
+            return super().train(mode)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Frozen(4, 4), nn.ReLU())
+    model.train()
+    model[2].eval()
+    sign_flip_(model, torch.randn(32, 3))
+    assert model.training and not model[2].training and not model[2].weight.requires_grad
+    assert [m.training for m in model] == [True, True, False, True]
