@@ -509,23 +509,14 @@ class _SignFlipPass:
         killed = (alive & ~survives).sum()
         killed_flipped = (alive & ~survives_flipped).sum()
 
-        target = _flip_target(site)
-        reason: str | None = None
-        target_name: str | None = None
+        target, target_name, reason = self._claim(site)
         flip = torch.zeros((), dtype=torch.bool, device=z.device)
-        if isinstance(target, str):
-            reason = target
-        else:
-            target_name = target.name
-            if target.name in self._decided:
-                reason = f"{target.name!r} was already decided for site {self._decided[target.name]!r}"
-            else:
-                # flip when more than half of the living samples would be killed and flipping kills fewer
-                flip = (2 * killed > living) & (killed_flipped < killed)
-                target.negate_where_(flip)
-                self.applied.append((target, flip))
-                self._decided[target.name] = site.name
-                survives = torch.where(flip, survives_flipped, survives)
+        if target is not None:
+            # flip when more than half of the living samples would be killed and flipping kills fewer
+            flip = (2 * killed > living) & (killed_flipped < killed)
+            target.negate_where_(flip)
+            self.applied.append((target, flip))
+            survives = torch.where(flip, survives_flipped, survives)
 
         self._alive = alive & survives
         # stacked and read once, at the end of the pass
@@ -534,6 +525,17 @@ class _SignFlipPass:
         if reason is not None:
             return None
         return 1 - 2 * flip.to(z.dtype)
+
+    def _claim(self, site: Site) -> tuple[_FlipTarget | None, str | None, str | None]:
+        """The parameters ``site`` decides whether to negate, claimed for it, with their name; or None and the reason
+        why the site cannot flip (no affine map found, or one that an earlier site already decided)."""
+        target = _flip_target(site)
+        if isinstance(target, str):
+            return None, None, target
+        if target.name in self._decided:
+            return None, target.name, f"{target.name!r} was already decided for site {self._decided[target.name]!r}"
+        self._decided[target.name] = site.name
+        return target, target.name, None
 
     def _decide_on_host(self, site: Site, flat: Tensor) -> Tensor | None:
         """:meth:`_visit` for CPU tensors, where reading a count costs nothing: the same decision, with the small
@@ -549,29 +551,19 @@ class _SignFlipPass:
         kept = site_alive if alive is None else int(survives_alive.sum())
         killed = living - kept
         killed_flipped: int | None = None
-        target = _flip_target(site)
-        reason: str | None = None
-        target_name: str | None = None
+        target, target_name, reason = self._claim(site)
         flip = False
-        if isinstance(target, str):
-            reason = target
-        else:
-            target_name = target.name
-            if target.name in self._decided:
-                reason = f"{target.name!r} was already decided for site {self._decided[target.name]!r}"
-            else:
-                self._decided[target.name] = site.name
-                if 2 * killed > living:
-                    survives_flipped = flat.amin(dim=1).ge(0).logical_not_()
-                    flipped_alive = survives_flipped if alive is None else alive & survives_flipped
-                    kept_flipped = int(flipped_alive.sum())
-                    killed_flipped = living - kept_flipped
-                    flip = killed_flipped < killed
-                    if flip:
-                        target.negate_()
-                        self.applied.append((target, True))
-                        site_alive = int(survives_flipped.sum())
-                        survives_alive, kept = flipped_alive, kept_flipped
+        if target is not None and 2 * killed > living:
+            survives_flipped = flat.amin(dim=1).ge(0).logical_not_()
+            flipped_alive = survives_flipped if alive is None else alive & survives_flipped
+            kept_flipped = int(flipped_alive.sum())
+            killed_flipped = living - kept_flipped
+            flip = killed_flipped < killed
+            if flip:
+                target.negate_()
+                self.applied.append((target, True))
+                site_alive = int(survives_flipped.sum())
+                survives_alive, kept = flipped_alive, kept_flipped
         if killed_flipped is None:  # not measured: a flip is considered only when the site kills the majority
             killed_flipped = killed
         self._alive = None if kept == self._num_samples else survives_alive

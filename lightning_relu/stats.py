@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -385,12 +385,11 @@ class ActivationStats(Metric):
         self._host[0] = self._host[1] = 0
         super().reset()
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ActivationStats:
+    def _apply(self, fn: Any, exclude_state: Sequence[str] = ()) -> ActivationStats:
         self.flush()  # pending results live where the outputs were: fold them before the states move
         # the float64 counts follow the device only: `.to(dtype)` (bf16-true / 16-true precision) would round them
         exact = tuple(key for key in _FLOAT64_STATES if key in self._defaults)
-        excluded = (*exact, *kwargs.pop("exclude_state", ()), *args)
-        this = super()._apply(fn, exclude_state=excluded)
+        this = super()._apply(fn, exclude_state=(*exact, *exclude_state))
         device = this.samples.device  # an integer state: moved, never cast
         for key in exact:
             this._defaults[key] = this._defaults[key].to(device)
