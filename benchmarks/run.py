@@ -1,6 +1,7 @@
 """Benchmark suite: what monitoring costs, measured against the same training step without it.
 
     python benchmarks/run.py [--quick] [--json benchmarks/results.json] [--no-budgets] [--processes 3]
+                             [--system-malloc]
 
 Each step-overhead figure is a ratio of medians from a process in which the two variants run in interleaved
 blocks (many rounds of "a block of steps with, a block without"), so that machine drift cancels; it is
@@ -10,6 +11,15 @@ processes' own figures. Budgets (checked unless --no-budgets; the script exits 1
 - monitoring with exact per-unit counts on every training step: at most 1.02x the step time, for
   `DeadUnitTracker` in a plain loop and for `DeadUnitMonitor` in `Trainer.fit`;
 - `sign_flip_`: at most 1.5x one plain forward pass over the same data.
+
+Memory allocator: glibc's malloc hands freed memory back to the kernel once enough of it sits at the top of
+the heap, and the next allocation of an activation faults those pages in again (a few thousand page faults
+per step, or none, depending on where small allocations happened to land). Whether a run is in that state is
+close to chaotic: the same code measured 0 or 4000 page faults per pass, and timings moved by 1.5x with it.
+So that the figures measure the code, the benchmark runs with glibc told to keep what it frees
+(``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_``; PyTorch's CPU tuning advice, jemalloc or tcmalloc,
+has the same effect); ``--system-malloc`` keeps the defaults. Minor page faults per step are reported for
+each variant.
 
 Reported without a budget: the optional death margin (`track_margin=True`), one `revive_dead_units_` on
 the CNN relative to one training step, and the tracker's overhead on a `torch.compile`d model (with a
@@ -44,6 +54,17 @@ from lightning_relu.init import sign_flip_
 
 STEP_BUDGET = 1.02
 SIGN_FLIP_BUDGET = 1.5
+# glibc keeps freed memory instead of returning it to the kernel (32 MiB is the largest mmap threshold it accepts)
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def machine() -> dict[str, object]:
@@ -63,13 +84,15 @@ def interleaved(
     block: int,
     warmup: int = 3,
 ) -> dict[str, float]:
-    """Median time of one call per variant, and the ratio of the second variant to the first.
+    """Median time of one call per variant, the ratio of the second variant to the first, and the minor page faults
+    per call of each variant (``faults``: the median over blocks; a block where the heap grew stands out alone).
 
     Each variant is (enter, step, exit). Every round runs a block of steps of each variant, in alternating
     order; the ratio is the median over rounds of the ratio of the two block medians, so drift between rounds
     (other processes, the allocator's state) cancels within each pair.
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
+    faults: dict[str, list[float]] = {name: [] for name in variants}  # per block: page faults per step
     ratios: list[float] = []
     names = list(variants)
     for enter, step, leave in variants.values():
@@ -86,16 +109,19 @@ def interleaved(
             enter()
             step()  # one untimed step after switching
             block_times = []
+            f0 = page_faults()
             for _ in range(block):
                 t0 = time.perf_counter()
                 step()
                 block_times.append(time.perf_counter() - t0)
+            faults[name].append((page_faults() - f0) / block)
             leave()
             times[name] += block_times
             block_medians[name] = statistics.median(block_times)
         ratios.append(block_medians[names[1]] / block_medians[names[0]])
     result = {name: statistics.median(values) for name, values in times.items()}
     result["ratio"] = statistics.median(ratios)
+    result["faults"] = {name: statistics.median(counts) for name, counts in faults.items()}
     return result
 
 
@@ -128,6 +154,7 @@ def _tracked_vs_plain(
         "step_ms": medians["plain"] * 1e3,
         "tracked_step_ms": medians["tracked"] * 1e3,
         "ratio": medians["ratio"],
+        "page_faults_per_step": medians["faults"],
     }
     return result, model, run, tracker, x
 
@@ -175,6 +202,82 @@ class _Module(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
+class _Blocks(Callback):
+    """Times every training step of one fit, switching the monitor's hooks off and on in alternating blocks.
+
+    Registered before the monitor, so a step's time includes the monitor's own batch callbacks. Each round runs a
+    block of steps without the hooks and one with them (in alternating order); the first step of a block is not
+    timed. With the hooks removed the monitor's callbacks still run (they set a flag and find nothing to fold).
+    """
+
+    def __init__(self, monitor: DeadUnitMonitor, block: int) -> None:
+        self.monitor, self.block = monitor, block
+        self.times: dict[str, list[list[float]]] = {"plain": [], "monitored": []}
+        self.faults: dict[str, list[int]] = {"plain": [], "monitored": []}
+        self._variant = "plain"
+        self._timed = False
+        self._t0 = 0.0
+        self._f0 = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        round_, index = divmod(batch_idx, 2 * (self.block + 1))
+        first, second = ("plain", "monitored") if round_ % 2 == 0 else ("monitored", "plain")
+        variant = first if index <= self.block else second
+        tracker = self.monitor.tracker
+        assert tracker is not None
+        self._timed = index not in (0, self.block + 1)
+        if not self._timed:  # the first step of a block is not timed
+            tracker.attach() if variant == "monitored" else tracker.detach()
+            self._variant = variant
+            self.times[variant].append([])
+            self.faults[variant].append(0)
+        self._f0 = page_faults()
+        self._t0 = time.perf_counter()
+
+    def faults_per_step(self, variant: str) -> float:
+        """Minor page faults per step of ``variant``: the median over its blocks, the first one left out."""
+        blocks = zip(self.faults[variant][1:], self.times[variant][1:], strict=True)
+        return statistics.median(count / len(times) for count, times in blocks)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._timed:
+            self.times[self._variant][-1].append(time.perf_counter() - self._t0)
+            self.faults[self._variant][-1] += page_faults() - self._f0
+
+
+def bench_lightning(name: str, rounds: int, block: int) -> dict[str, Any]:
+    """One `Trainer.fit` whose steps alternate, in blocks, between the monitor's hooks removed and attached."""
+    x, y = batch(name)
+    module = _Module(name)
+    monitor = DeadUnitMonitor(log_histograms=False, print_summary=False)
+    blocks = _Blocks(monitor, block)
+    warmup = 2 * (block + 1)  # one round, not counted
+    data = DataLoader(_Repeat(x, y, warmup + 2 * rounds * (block + 1)), batch_size=None)
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[blocks, monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(module, data)
+    plain_blocks, monitored_blocks = blocks.times["plain"][1:], blocks.times["monitored"][1:]
+    ratios = [
+        statistics.median(on) / statistics.median(off) for off, on in zip(plain_blocks, monitored_blocks, strict=True)
+    ]
+    plain = [t for block_times in plain_blocks for t in block_times]
+    monitored = [t for block_times in monitored_blocks for t in block_times]
+    return {
+        "step_ms": statistics.median(plain) * 1e3,
+        "monitored_step_ms": statistics.median(monitored) * 1e3,
+        "ratio": statistics.median(ratios),
+        "page_faults_per_step": {variant: blocks.faults_per_step(variant) for variant in ("plain", "monitored")},
+    }
+
+
 class _Repeat(Dataset):
     """The same batch, `n` times (the loader is used with `batch_size=None`)."""
 
@@ -188,68 +291,31 @@ class _Repeat(Dataset):
         return self.x, self.y
 
 
-class _StepTimer(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx > 0:  # the first step of a fit pays for warm-up
-            self.times.append(time.perf_counter() - self._t0)
-
-
-def bench_lightning(name: str, rounds: int, block: int) -> dict[str, float]:
-    x, y = batch(name)
-    data = DataLoader(_Repeat(x, y, block + 1), batch_size=None)
-    module = _Module(name)
-    times: dict[str, list[float]] = {"plain": [], "monitored": []}
-    ratios: list[float] = []
-    for r in range(rounds):
-        order = ["plain", "monitored"] if r % 2 == 0 else ["monitored", "plain"]
-        fit_medians: dict[str, float] = {}
-        for variant in order:
-            timer = _StepTimer()
-            callbacks: list[Callback] = [timer]
-            if variant == "monitored":
-                callbacks.append(DeadUnitMonitor(log_histograms=False, print_summary=False))
-            trainer = L.Trainer(
-                max_epochs=1,
-                callbacks=callbacks,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                accelerator="cpu",
-                devices=1,
-            )
-            trainer.fit(module, data)
-            times[variant] += timer.times
-            fit_medians[variant] = statistics.median(timer.times)
-        ratios.append(fit_medians["monitored"] / fit_medians["plain"])
-    plain, monitored = statistics.median(times["plain"]), statistics.median(times["monitored"])
-    return {"step_ms": plain * 1e3, "monitored_step_ms": monitored * 1e3, "ratio": statistics.median(ratios)}
-
-
 def bench_sign_flip(label: str, model: nn.Module, data: torch.Tensor, repeats: int) -> dict[str, float]:
     """`sign_flip_` over `data` against one plain forward pass over the same data, run in alternation.
 
     The ratio is the median over repeats of (flip / forward) within each pair.
     """
     forward, flip, ratios = [], [], []
+    faults = {"forward": 0, "sign_flip": 0}
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        f0, t0 = page_faults(), time.perf_counter()
         with torch.no_grad():
             model(data)
         forward.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        f1, t0 = page_faults(), time.perf_counter()
         sign_flip_(model, data, max_samples=None)
         flip.append(time.perf_counter() - t0)
+        faults["forward"] += f1 - f0
+        faults["sign_flip"] += page_faults() - f1
         ratios.append(flip[-1] / forward[-1])
     f, s = statistics.median(forward), statistics.median(flip)
-    return {"forward_ms": f * 1e3, "sign_flip_ms": s * 1e3, "ratio": statistics.median(ratios)}
+    return {
+        "forward_ms": f * 1e3,
+        "sign_flip_ms": s * 1e3,
+        "ratio": statistics.median(ratios),
+        "page_faults_per_call": {name: count / repeats for name, count in faults.items()},
+    }
 
 
 def deep_mlp(depth: int = 32, width: int = 64, in_features: int = 64) -> nn.Sequential:
@@ -329,20 +395,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--processes", type=int, default=3, help="fresh processes per step-overhead figure (median of them)"
     )
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="keep glibc's default malloc settings (by default it is told to keep freed memory; see above)",
+    )
     args = parser.parse_args(argv)
+    allocator = "system" if args.system_malloc else "keeps freed memory"
+    if not args.system_malloc and platform.system() == "Linux":
+        missing = {k: v for k, v in KEEP_FREED_MEMORY.items() if os.environ.get(k) != v}
+        if missing:
+            # glibc reads these when the process starts: set them for the spawned measuring processes, and run
+            # this one again under them when it was started from the command line
+            os.environ.update(missing)
+            if argv is None:
+                sys.stdout.flush()
+                os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.threads:
         torch.set_num_threads(args.threads)
     processes = 1 if args.quick else max(1, args.processes)
     rounds, block = (3, 2) if args.quick else (max(11, 45 // processes), 5)
 
-    results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
-    rows: list[tuple[str, str, str, str]] = []
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "allocator": allocator}
+    rows: list[tuple[str, ...]] = []
     failures: list[str] = []
 
     def record(section: str, key: str, r: dict[str, Any], label: str, base: str, budget: float | None) -> None:
         results.setdefault(section, {})[key] = r
         spread = f" ({min(r['ratios']):.3f}-{max(r['ratios']):.3f})" if "ratios" in r else ""
-        rows.append((label, f"{r[base]:.2f} ms", f"{r['ratio']:.3f}x{spread}", f"{budget}x" if budget else "-"))
+        faults = r.get("page_faults_per_step", r.get("page_faults_per_call"))
+        faults_cell = " -> ".join(f"{count:.0f}" for count in faults.values()) if faults else "-"
+        ratio = f"{r['ratio']:.3f}x{spread}"
+        rows.append((label, f"{r[base]:.2f} ms", ratio, faults_cell, f"{budget}x" if budget else "-"))
         if budget is not None and r["ratio"] > budget:
             failures.append(f"{label}: {r['ratio']:.3f}x > {budget}x")
 
@@ -354,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         record("margin", name, r, f"DeadUnitTracker(track_margin=True) step, {name}", "step_ms", None)
     if not args.skip_lightning:
         for name in WORKLOADS:
-            r = in_fresh_processes(bench_lightning, (name, max(2, rounds // 3), block * 4), processes)
+            r = in_fresh_processes(bench_lightning, (name, rounds, block), processes)
             record("lightning", name, r, f"Trainer.fit step with DeadUnitMonitor, {name}", "step_ms", STEP_BUDGET)
     repeats = 3 if args.quick else 21
     r = in_fresh_processes(bench_sign_flip_mlp, (repeats,), processes)
@@ -371,12 +455,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not r["counts_match_eager"]:
                 failures.append(f"compiled {name}: counts differ from eager counts")
 
-    print("| measurement | baseline | ratio | budget |")
-    print("|---|---|---|---|")
+    print("| measurement | baseline | ratio | page faults per call (without -> with) | budget |")
+    print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     m = results["machine"]
     print(f"\nmachine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)")
+    print(f"malloc: {allocator}")
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.json}")
     if failures and not args.no_budgets and not args.quick:

@@ -324,6 +324,8 @@ def sign_flip_(
                 if isinstance(module, _BatchNorm):
                     module.train()
             pass_state.start(inputs.shape[0])
+            if inputs.device.type == "cpu" and _HOST_DECISIONS and inputs.is_floating_point():
+                pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
             handles = pass_state.register()
             try:
                 model(inputs)
@@ -392,6 +394,7 @@ class _SignFlipPass:
         self._decided: dict[str, str] = {}  # target name -> the site that decided whether to negate it
         self._alive: Tensor | None = None
         self._living = 0
+        self._buffers: dict[torch.dtype, tuple[Tensor, ...]] = {}  # per-pass buffers of CPU decisions
         self._num_samples = 0
         # hook module -> its sites in call order, and how many times it was called in this pass
         self._inputs: dict[nn.Module, list[Site]] = {}
@@ -418,6 +421,7 @@ class _SignFlipPass:
         self._num_samples = num_samples
         self._alive = None
         self._living = num_samples  # living samples so far (kept on the host by CPU passes only)
+        self._buffers.clear()
         self._calls.clear()
 
     def finish(self) -> None:
@@ -537,38 +541,55 @@ class _SignFlipPass:
         self._decided[target.name] = site.name
         return target, target.name, None
 
+    def _host_buffers(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """The CPU decisions' per-sample buffers for pre-activations of ``dtype``: the extreme value of each
+        sample, its killed, killed-when-flipped, scratch and living masks (allocated once per pass and dtype)."""
+        buffers = self._buffers.get(dtype)
+        if buffers is None:
+            n = self._num_samples
+            buffers = self._buffers[dtype] = (torch.empty(n, dtype=dtype), *torch.empty(4, n, dtype=torch.bool))
+        return buffers
+
     def _decide_on_host(self, site: Site, flat: Tensor) -> Tensor | None:
         """:meth:`_visit` for CPU tensors, where reading a count costs nothing: the same decision, with the small
         arithmetic in Python and only the reductions it needs. The flipped survival (a second pass over ``z``) is
         measured only when more than half of the living samples would be killed, the living mask is kept only
-        once a sample has been killed, and nothing is multiplied or negated at a site that does not flip.
+        once a sample has been killed, and nothing is multiplied or negated at a site that does not flip. Every
+        per-sample result is written into buffers allocated once per pass: the pass allocates nothing per site
+        beyond what the model does, so it leaves the memory allocator in the state a plain forward pass would.
         """
+        n = self._num_samples
+        peak, dead, dead_flipped, scratch, alive_buffer = self._host_buffers(flat.dtype)
         alive = self._alive  # None while every sample is alive
         living = self._living
-        survives = flat.amax(dim=1).le(0).logical_not_()  # NaN propagates into amax: the sample survives
-        site_alive = int(survives.sum())
-        survives_alive = survives if alive is None else alive & survives
-        kept = site_alive if alive is None else int(survives_alive.sum())
-        killed = living - kept
-        killed_flipped: int | None = None
+        torch.amax(flat, dim=1, out=peak)
+        torch.le(peak, 0, out=dead)  # NaN propagates into amax and is not <= 0: the sample survives
+        site_killed = int(dead.sum())
+        killed = site_killed if alive is None else int(torch.logical_and(alive, dead, out=scratch).sum())
+        killed_flipped = killed  # measured only when the site kills the majority (a flip is considered then)
         target, target_name, reason = self._claim(site)
         flip = False
         if target is not None and 2 * killed > living:
-            survives_flipped = flat.amin(dim=1).ge(0).logical_not_()
-            flipped_alive = survives_flipped if alive is None else alive & survives_flipped
-            kept_flipped = int(flipped_alive.sum())
-            killed_flipped = living - kept_flipped
+            torch.amin(flat, dim=1, out=peak)
+            torch.ge(peak, 0, out=dead_flipped)
+            site_killed_flipped = int(dead_flipped.sum())
+            killed_flipped = (
+                site_killed_flipped if alive is None else int(torch.logical_and(alive, dead_flipped, out=scratch).sum())
+            )
             flip = killed_flipped < killed
             if flip:
                 target.negate_()
                 self.applied.append((target, True))
-                site_alive = int(survives_flipped.sum())
-                survives_alive, kept = flipped_alive, kept_flipped
-        if killed_flipped is None:  # not measured: a flip is considered only when the site kills the majority
-            killed_flipped = killed
-        self._alive = None if kept == self._num_samples else survives_alive
+                dead, site_killed = dead_flipped, site_killed_flipped
+        kept = living - (killed_flipped if flip else killed)
+        if kept < living:  # someone was killed here: the living mask loses them
+            if alive is None:
+                alive = torch.logical_not(dead, out=alive_buffer)
+            else:
+                alive.logical_and_(dead.logical_not_())
+        self._alive = alive
         self._living = kept
-        counts = [living, killed, killed_flipped, kept, site_alive, int(flip)]
+        counts = [living, killed, killed_flipped, kept, n - site_killed, int(flip)]
         self._pending.append((site.name, target_name, reason, counts))
         if not flip:
             return None
