@@ -463,7 +463,7 @@ def _active_per_unit(output: Tensor, axis: int, others: tuple[int, ...], per_blo
     batch = output.shape[0]
     half = output.dtype not in (torch.float32, torch.float64)
     exact = batch * per_block < _FLOAT32_EXACT
-    per_sample = output[0].numel()
+    per_sample = output.numel() // batch  # not output[0]: indexing costs an op
     if output.device.type != "cpu" or output.numel() <= _SCRATCH_NUMEL or per_sample > _SCRATCH_NUMEL:
         sign = output.sign()
         if not others:
@@ -500,23 +500,46 @@ def _scratch(dtype: torch.dtype) -> Tensor:
 def flush_stats(stats: Iterable[ActivationStats]) -> None:
     """Fold the pending results of several :class:`ActivationStats` into their states with batched operations.
 
-    Whatever the number of sites, this costs about a dozen tensor operations per round (one round per pending
-    output of the site that has the most): the per-unit counts are added with one ``torch._foreach_add_``, the
-    per-sample sums of same-sized batches are stacked and reduced once. It never synchronizes with the host.
+    Everything that waits is folded at once, in about a dozen tensor operations whatever the number of sites and
+    of pending results: the per-unit counts of sites of one width are stacked and summed per site (in float64,
+    exact), then added with one ``torch._foreach_add_``; the per-sample sums of batches of one size are stacked
+    and reduced per site once. It never synchronizes with the host.
     """
     waiting = list({id(s): s for s in stats if s._pending}.values())
-    while waiting:
-        # one pending result per site per round: a `_foreach_` list must not hold one tensor twice
-        items = [(s, s._pending.pop(0)) for s in waiting]
-        torch._foreach_add_([s.active for s, _ in items], [per_unit for _, (per_unit, _) in items])
-        groups: dict[tuple[Any, ...], list[tuple[ActivationStats, Tensor]]] = {}
-        for s, (_, rows) in items:
-            groups.setdefault((rows.shape, rows.dtype, rows.device), []).append((s, rows))
-        for group in groups.values():
-            table = torch.stack([rows for _, rows in group])  # (sites, batch)
-            torch._foreach_add_([s.killed for s, _ in group], table.eq(0).sum(1).unbind())
+    if not waiting:
+        return
+    pending = [s._pending for s in waiting]
+    for s in waiting:
+        s._pending = []
+    # per-unit counts: sites grouped by the shape of their counts and how many wait
+    by_width: dict[tuple[Any, ...], list[tuple[ActivationStats, list[Tensor]]]] = {}
+    for s, results in zip(waiting, pending, strict=True):
+        counts = [per_unit for per_unit, _ in results]
+        by_width.setdefault((len(counts), counts[0].shape, counts[0].device), []).append((s, counts))
+    targets, sums = [], []
+    for (waits, shape, _), members in by_width.items():
+        targets += [s.active for s, _ in members]
+        if waits == 1:
+            sums += [counts[0] for _, counts in members]
+        else:  # (sites, waits, units) summed over the waits; float64 keeps the sums exact
+            table = torch.stack([c for _, counts in members for c in counts]).view(len(members), waits, *shape)
+            sums += table.sum(1, dtype=torch.float64).unbind()
+    torch._foreach_add_(targets, sums)
+    # per-sample sums: every site's results for batches of one size, stacked; a site appears at most once per
+    # `_foreach_` list (one list per batch size)
+    by_batch: dict[tuple[Any, ...], dict[int, tuple[ActivationStats, list[Tensor]]]] = {}
+    for s, results in zip(waiting, pending, strict=True):
+        for _, rows in results:
+            by_batch.setdefault((rows.shape, rows.dtype, rows.device), {}).setdefault(id(s), (s, []))[1].append(rows)
+    for members in by_batch.values():
+        sites = list(members.values())
+        even = len({len(rows) for _, rows in sites}) == 1
+        groups = [sites] if even else [[site] for site in sites]  # uneven numbers of such batches: one per site
+        for group in groups:
+            waits = len(group[0][1])
+            table = torch.stack([r for _, rows in group for r in rows]).view(len(group), waits, -1)
+            torch._foreach_add_([s.killed for s, _ in group], table.eq(0).sum((1, 2)).unbind())
             if table.is_floating_point():
-                # NaN and Inf propagate into the sums: the batch is flagged
-                flagged = table.sum(1).isfinite().logical_not()
+                # NaN and Inf propagate into a batch's sum: the batch is flagged
+                flagged = table.sum(2).isfinite().logical_not_().sum(1)
                 torch._foreach_add_([s.nonfinite for s, _ in group], flagged.unbind())
-        waiting = [s for s in waiting if s._pending]

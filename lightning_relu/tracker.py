@@ -20,6 +20,8 @@ __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
 
 # Call positions counted per rectifier module and forward pass.
 _MAX_POSITIONS = 64
+# forward passes whose results wait before the tracker folds them into the states, all sites at once
+_FOLD_AFTER = 16
 
 
 class NoReluSitesWarning(UserWarning):
@@ -210,19 +212,24 @@ class DeadUnitTracker:
         """Fold the counts of the outputs seen so far into :attr:`stats`.
 
         The hooks only reduce each output; the additions to the states wait and are done for every site at once,
-        with a few batched tensor operations, when the next forward pass of the model (or :meth:`new_pass`)
-        begins. :meth:`report`, :meth:`detach` and :meth:`to` flush too (:meth:`reset` drops what waits); call it
-        before reading :attr:`stats` directly.
+        with about a dozen batched tensor operations, when a forward pass of the model (or :meth:`new_pass`)
+        begins after results of ``_FOLD_AFTER`` (16) passes have piled up. :meth:`report`, :meth:`detach` and
+        :meth:`to` flush too (:meth:`reset` drops what waits); call it before reading :attr:`stats` directly.
         """
-        self._flush_pending()
+        self._flush_pending(force=True)
         for stats in self.stats.values():
             stats.flush()  # also the sample and entry counts, kept on the host until a reader needs them
 
-    def _flush_pending(self) -> None:
+    def _flush_pending(self, force: bool = False) -> None:
         dirty = self._dirty
-        if dirty:
-            flush_stats(dirty.values())
-            dirty.clear()
+        if not dirty:
+            return
+        # the first site counted since the last fold stands for all (a site that is called more often folds
+        # itself when `_MAX_PENDING` of its results wait)
+        if not force and next(iter(dirty.values())).pending < _FOLD_AFTER:
+            return
+        flush_stats(dirty.values())
+        dirty.clear()
 
     def _make_reset(self, keys: list[int], flush: bool) -> Any:
         calls = self._calls

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lightning_relu.stats as stats_module
+import lightning_relu.tracker as tracker_module
 from lightning_relu import ActivationStats, DeadUnitTracker
 from lightning_relu.stats import flush_stats
 
@@ -132,20 +133,59 @@ def test_moving_the_metric_folds_pending_results_first():
     assert stats.pending == 0 and stats.compute().active_count.tolist() == [1, 1]
 
 
-def test_tracker_flushes_when_the_next_forward_begins_and_on_report():
+def test_tracker_folds_after_a_number_of_passes_and_on_report():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
-    x = torch.randn(6, 3)
-    with torch.no_grad():
-        expected = [int((out > 0).sum()) for out in (net[:2](x), net(x))]  # active entries of one pass per site
+    g = torch.Generator().manual_seed(0)
+    fold_after = tracker_module._FOLD_AFTER
+    inputs = [torch.randn(6, 3, generator=g) for _ in range(fold_after + 1)]
+    with torch.no_grad():  # active entries per site, summed over the first `fold_after` passes
+        expected = [sum(int((part(x) > 0).sum()) for x in inputs[:fold_after]) for part in (net[:2], net)]
     with DeadUnitTracker(net) as tracker:
-        net(x)
+        for n, x in enumerate(inputs[:fold_after], start=1):
+            net(x)
+            assert all(s.pending == n for s in tracker.stats.values())  # nothing folded yet
+            assert all(int(s.active.sum()) == 0 for s in tracker.stats.values())
+        net(inputs[fold_after])  # begins with `fold_after` passes waiting: they are folded, all sites at once
         assert all(s.pending == 1 for s in tracker.stats.values())
-        net(x)  # the model's forward folds the previous pass first
-        assert all(s.pending == 1 for s in tracker.stats.values())
-        assert [int(s.active.sum()) for s in tracker.stats.values()] == expected  # one pass folded
+        assert [int(s.active.sum()) for s in tracker.stats.values()] == expected
         report = tracker.report()
-    assert all(layer.samples == 12 for layer in report.values())
+    assert all(layer.samples == 6 * (fold_after + 1) for layer in report.values())
     assert all(s.pending == 0 for s in tracker.stats.values())
+
+
+def test_flush_of_uneven_pending_results_equals_separate_updates():
+    """Sites with different numbers of waiting results per batch size, widths, NaN/Inf batches, integer outputs."""
+    g = torch.Generator().manual_seed(1)
+
+    def out(batch: int, width: int) -> torch.Tensor:
+        return torch.relu(torch.randn(batch, width, generator=g))
+
+    nan, inf = out(4, 3), out(4, 3)
+    nan[1, 2], inf[0, 0] = float("nan"), float("inf")
+    plans = {
+        "a": [out(4, 3), out(4, 3), out(2, 3), nan],
+        "b": [out(4, 3), inf],  # fewer batches of 4 than "a"
+        "c": [out(2, 5), out(2, 5), out(2, 5), out(4, 5)],  # another width
+        "d": [torch.randint(0, 2, (4, 3), generator=g), torch.randint(0, 2, (4, 3), generator=g)],  # integers
+        "e": [out(3, 2)],  # a single waiting result
+    }
+    batched = {name: ActivationStats(num_units=outs[0].shape[1]) for name, outs in plans.items()}
+    separate = {name: ActivationStats(num_units=outs[0].shape[1]) for name, outs in plans.items()}
+    for name, outs in plans.items():
+        for output in outs:
+            batched[name].accumulate(output)
+            separate[name].update(output)
+    flush_stats(batched.values())
+    for name, outs in plans.items():
+        assert batched[name].pending == 0
+        batched[name].flush()
+        for state in ("active", "samples", "entries", "killed", "nonfinite"):
+            assert torch.equal(getattr(batched[name], state), getattr(separate[name], state)), (name, state)
+        expected = [brute(output, 1) for output in outs]  # independent of the code under test
+        assert batched[name].active.tolist() == [sum(e["active"][u] for e in expected) for u in range(outs[0].shape[1])]
+        assert int(batched[name].killed) == sum(e["killed"] for e in expected)
+        assert int(batched[name].nonfinite) == sum(e["nonfinite"] for e in expected)
+    assert int(batched["a"].nonfinite) == 1 and int(batched["b"].nonfinite) == 1  # the data holds what is tested
 
 
 def test_merge_state_folds_pending_results_of_both_metrics():
