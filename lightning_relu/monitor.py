@@ -263,12 +263,13 @@ class DeadUnitMonitor(Callback):
         self._write_layout(trainer)
         widths = [site.num_units for site in self.tracker.sites]
         if widths and all(width is not None for width in widths):
-            bound = alive_probability_lower_bound([int(w) for w in widths if w is not None])
+            known = [int(w) for w in widths if w is not None]
+            bound = alive_probability_lower_bound(known)
             self.alive_lower_bound = bound
             rank_zero_info(
                 f"DeadUnitMonitor: watching {len(widths)} ReLU sites of widths {widths}. With a symmetric iid "
-                f"initialization, a given input stays alive through all of them with probability >= {bound:.4g} "
-                "(Rister & Rubin, prod(1 - 2^-n_i))."
+                f"initialization, a given input stays alive through all of them with probability >= "
+                f"{_probability_text(bound, known)} (Rister & Rubin, prod(1 - 2^-n_i))."
             )
 
     @override
@@ -497,3 +498,14 @@ class DeadUnitMonitor(Callback):
                 rank_zero_warn(message + suffix, category=CollapseWarning)
             if self.on_collapse == "stop":
                 trainer.should_stop = True
+
+
+def _probability_text(bound: float, widths: list[int]) -> str:
+    """``bound`` to 4 significant digits; when that reads 1, the weaker bound ``1 - 2^-m`` with
+    ``2^-m = sum(2^-n_i)`` (the union bound), computed without underflow, ``m`` rounded down to 0.01."""
+    text = f"{bound:.4g}"
+    if text != "1" or not widths:
+        return text
+    low = min(widths)
+    exponent = low - math.log2(math.fsum(2.0 ** (low - width) for width in widths))
+    return f"1 - 2^-{math.floor(exponent * 100) / 100:g}"  # rounded down: still a lower bound

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import pickle
 from pathlib import Path
 
@@ -429,6 +430,20 @@ def test_states_the_alive_lower_bound_at_fit_start(tmp_path, caplog):
         _trainer(tmp_path, [monitor], max_epochs=1).fit(_mlp_module())
     assert monitor.alive_lower_bound == pytest.approx((1 - 2**-6) ** 2)  # two sites of width 6
     assert f"probability >= {(1 - 2**-6) ** 2:.4g}" in caplog.text
+
+
+def test_alive_bound_that_rounds_to_one_is_stated_as_a_power_of_two():
+    from lightning_relu.monitor import _probability_text
+    from lightning_relu.theory import alive_probability_lower_bound
+
+    assert _probability_text(alive_probability_lower_bound([6, 6]), [6, 6]) == f"{(1 - 2**-6) ** 2:.4g}"
+    # four sites of width 1024: the union bound is 4 * 2^-1024 = 2^-1022 (the product rounds to 1.0 in floats)
+    assert _probability_text(alive_probability_lower_bound([1024] * 4), [1024] * 4) == "1 - 2^-1022"
+    widths = [20, 21]  # representable: the stated bound must not exceed the product
+    text = _probability_text(alive_probability_lower_bound(widths), widths)
+    exponent = float(text.removeprefix("1 - 2^-"))
+    assert -math.log2(2**-20 + 2**-21) - 0.01 <= exponent <= -math.log2(2**-20 + 2**-21)
+    assert 1 - 2**-exponent <= (1 - 2**-20) * (1 - 2**-21)
 
 
 class _DriftingModule(SeqModule):
