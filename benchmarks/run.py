@@ -23,6 +23,9 @@ So that the figures measure the code, the benchmark runs with glibc told to keep
 has the same effect); ``--system-malloc`` keeps the defaults. Minor page faults per step are reported for
 each variant.
 
+With each tracker row comes the floor it sits on: bare forward hooks on the same sites that compute only the
+counting operations (the median process's figure).
+
 Reported without a budget: the optional death margin (`track_margin=True`), one `revive_dead_units_` on
 the CNN relative to one training step, and the tracker's overhead on a `torch.compile`d model (with a
 check that its counts equal eager counts).
@@ -51,8 +54,9 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, batch
 
-from lightning_relu import DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
+from lightning_relu import ActivationStats, DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
 from lightning_relu.init import sign_flip_
+from lightning_relu.stats import _active_per_unit
 from lightning_relu.tracker import _FOLD_AFTER
 
 STEP_BUDGET = 1.02
@@ -86,17 +90,18 @@ def interleaved(
     rounds: int,
     block: int,
     warmup: int = 3,
-) -> dict[str, float]:
-    """Median time of one call per variant, the ratio of the second variant to the first, and the minor page faults
-    per call of each variant (``faults``: the median over blocks; a block where the heap grew stands out alone).
+) -> dict[str, Any]:
+    """Median time of one call per variant, the ratio of the second variant to the first (``ratio``) and of every
+    variant to the first (``ratios``), and the minor page faults per call of each variant (``faults``: the median
+    over blocks; a block where the heap grew stands out alone).
 
     Each variant is (enter, step, exit). Every round runs a block of steps of each variant, in alternating
-    order; the ratio is the median over rounds of the ratio of the two block medians, so drift between rounds
-    (other processes, the allocator's state) cancels within each pair.
+    order; a ratio is the median over rounds of the ratio of two block medians, so drift between rounds
+    (other processes, the allocator's state) cancels within each round.
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
     faults: dict[str, list[float]] = {name: [] for name in variants}  # per block: page faults per step
-    ratios: list[float] = []
+    ratios: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for enter, step, leave in variants.values():
         enter()
@@ -121,9 +126,11 @@ def interleaved(
             leave()
             times[name] += block_times
             block_medians[name] = statistics.median(block_times)
-        ratios.append(block_medians[names[1]] / block_medians[names[0]])
-    result = {name: statistics.median(values) for name, values in times.items()}
-    result["ratio"] = statistics.median(ratios)
+        for name in names:
+            ratios[name].append(block_medians[name] / block_medians[names[0]])
+    result: dict[str, Any] = {name: statistics.median(values) for name, values in times.items()}
+    result["ratios"] = {name: statistics.median(values) for name, values in ratios.items()}
+    result["ratio"] = result["ratios"][names[1]]
     result["faults"] = {name: statistics.median(counts) for name, counts in faults.items()}
     return result
 
@@ -154,10 +161,42 @@ def _with_fold(result: dict[str, Any], fold: float, step: float) -> dict[str, An
     return result
 
 
+def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(attach, detach) of bare forward hooks on the tracker's module sites that compute what its hooks compute
+    (active entries per unit as the tracker reduces them, the sum per sample) and throw it away: the floor the
+    tracker's own bookkeeping sits on."""
+    handles: list[Any] = []
+    stats = ActivationStats()
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        out = output.detach()
+        axis = stats.unit_axis(out)
+        others = tuple(d for d in range(1, out.ndim) if d != axis)
+        _active_per_unit(out, axis, others, out.numel() // (out.shape[0] * out.shape[axis]))
+        out.sum(tuple(range(1, out.ndim)))
+
+    def attach() -> None:
+        modules = {id(site.module): site.module for site in tracker.sites if site.module is not None}
+        handles.extend(module.register_forward_hook(hook) for module in modules.values())
+
+    def detach() -> None:
+        for handle in handles:
+            handle.remove()
+        handles.clear()
+
+    return attach, detach
+
+
 def _tracked_vs_plain(
-    name: str, rounds: int, block: int, compile_model: bool = False, track_margin: bool = False
+    name: str,
+    rounds: int,
+    block: int,
+    compile_model: bool = False,
+    track_margin: bool = False,
+    floor: bool = False,
 ) -> tuple[Any, ...]:
-    """Interleaved medians of a training step with and without `DeadUnitTracker` on one workload."""
+    """Interleaved medians of a training step with and without `DeadUnitTracker` on one workload (and, with
+    ``floor``, with bare hooks that only compute the counting operations)."""
     build, _ = WORKLOADS[name]
     torch.manual_seed(0)
     model = build()
@@ -176,9 +215,11 @@ def _tracked_vs_plain(
     def nothing() -> None:
         pass
 
-    medians = interleaved(
-        {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}, rounds, block
-    )
+    variants = {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}
+    if floor:
+        attach_bare, detach_bare = _counting_only(tracker)
+        variants["counting_only"] = (attach_bare, step, detach_bare)
+    medians = interleaved(variants, rounds, block)
     tracker.attach()
     fold = fold_cost(tracker, step)
     tracker.detach()
@@ -188,11 +229,13 @@ def _tracked_vs_plain(
         "ratio": medians["ratio"],
         "page_faults_per_step": medians["faults"],
     }
+    if floor:
+        result["counting_only_ratio"] = medians["ratios"]["counting_only"]
     return _with_fold(result, fold, medians["plain"]), model, run, tracker, x
 
 
 def bench_tracker(name: str, rounds: int, block: int) -> dict[str, float]:
-    return _tracked_vs_plain(name, rounds, block)[0]
+    return _tracked_vs_plain(name, rounds, block, floor=True)[0]
 
 
 def bench_margin(name: str, rounds: int, block: int) -> dict[str, float]:
@@ -474,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in WORKLOADS:
         r = in_fresh_processes(bench_tracker, (name, rounds, block), processes)
         record("tracker", name, r, f"DeadUnitTracker step, {name}", "step_ms", STEP_BUDGET)
+        label = f"  the counting operations alone (bare hooks, same loop), {name}"
+        rows.append((label, f"{r['step_ms']:.2f} ms", f"{r['counting_only_ratio']:.3f}x", "-", "-"))
     for name in WORKLOADS:
         r = in_fresh_processes(bench_margin, (name, rounds, block), processes)
         record("margin", name, r, f"DeadUnitTracker(track_margin=True) step, {name}", "step_ms", None)
@@ -496,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not r["counts_match_eager"]:
                 failures.append(f"compiled {name}: counts differ from eager counts")
 
-    print("| measurement | baseline | ratio | page faults per call (without -> with) | budget |")
+    print("| measurement | baseline | ratio | page faults per call (without -> with [-> bare hooks]) | budget |")
     print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
