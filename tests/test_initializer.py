@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_relu.init import rai_
 from lightning_relu.initializer import ReluInitializer
+from tests.helpers import retry_spawn_abort
 
 
 def _data(n: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -320,6 +321,7 @@ class _SaveWeights(Callback):
         )
 
 
+@retry_spawn_abort
 def test_ddp_ranks_end_identical(tmp_path: Path) -> None:
     model = _ShardedNet((1, 3, 3, 3, 3, 3))
     trainer = Trainer(

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_relu import CollapseError, CollapseWarning, DeadUnitMonitor, LayerReport
-from tests.helpers import brute_force, conv_bn_net, kill_units, make_trainer, mlp
+from tests.helpers import brute_force, conv_bn_net, kill_units, make_trainer, mlp, retry_spawn_abort
 
 
 class SeqModule(L.LightningModule):
@@ -320,6 +320,7 @@ class _DumpingMonitor(DeadUnitMonitor):
         torch.save(states, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+@retry_spawn_abort
 def test_ddp_reduces_across_ranks(tmp_path):
     trainer = L.Trainer(
         default_root_dir=tmp_path,

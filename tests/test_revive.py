@@ -27,6 +27,7 @@ from lightning_relu.monitor import DeadUnitMonitor
 from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_units_
 from lightning_relu.stats import LayerReport
 from lightning_relu.tracker import DeadUnitTracker
+from tests.helpers import retry_spawn_abort
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -504,6 +505,7 @@ def test_reviver_needs_a_monitor(tmp_path: Path) -> None:
         trainer.fit(_DeadModule())
 
 
+@retry_spawn_abort
 def test_ddp_ranks_perform_identical_surgery(tmp_path: Path) -> None:
     reviver = DeadUnitReviver(seed=None)  # the seed comes from rank zero: spawned ranks have their own
     trainer = _trainer(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_relu.target_check import TargetScaleCheck, TargetScaleWarning, optimizer_momentum
+from tests.helpers import retry_spawn_abort
 
 BATCH = 16
 
@@ -367,6 +368,7 @@ class _SaveCheckState(Callback):
         torch.save(check.state_dict(), Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
+@retry_spawn_abort
 def test_ddp_statistics_cover_every_rank(tmp_path: Path) -> None:
     model = _ShardedRegressor()
     callbacks = [TargetScaleCheck(), _SaveCheckState(str(tmp_path))]
