@@ -280,7 +280,8 @@ class _Module(L.LightningModule):
 class _Blocks(Callback):
     """Times every training step of one fit, switching the monitor's hooks off and on in alternating blocks.
 
-    Registered before the monitor, so a step's time includes the monitor's own batch callbacks. Each round runs a
+    Registered before the monitor, so a step's time includes the monitor's ``on_train_batch_start`` (where it
+    folds); its ``on_train_batch_end`` (a flag) runs after the timer stops. Each round runs a
     block of steps without the hooks and one with them (in alternating order); the first step of a block is not
     timed. With the hooks removed the monitor's callbacks still run (they set a flag and find nothing to fold).
     """
@@ -485,16 +486,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="keep glibc's default malloc settings (by default it is told to keep freed memory; see above)",
     )
     args = parser.parse_args(argv)
-    allocator = "system" if args.system_malloc else "keeps freed memory"
+    allocator = "system"
     if not args.system_malloc and platform.system() == "Linux":
+        allocator = "keeps freed memory (up to 32 MiB blocks)"
         missing = {k: v for k, v in KEEP_FREED_MEMORY.items() if os.environ.get(k) != v}
         if missing:
             # glibc reads these when the process starts: set them for the spawned measuring processes, and run
-            # this one again under them when it was started from the command line
+            # this one again under them when it was started from the command line (called from Python, this
+            # process keeps its allocator: what it measures itself runs with the system's)
             os.environ.update(missing)
             if argv is None:
                 sys.stdout.flush()
                 os.execv(sys.executable, [sys.executable, *sys.argv])
+            allocator += " in spawned processes; system in this one"
     if args.threads:
         torch.set_num_threads(args.threads)
     processes = 1 if args.quick else max(1, args.processes)

@@ -501,11 +501,15 @@ class DeadUnitMonitor(Callback):
 
 
 def _probability_text(bound: float, widths: list[int]) -> str:
-    """``bound`` to 4 significant digits; when that reads 1, the weaker bound ``1 - 2^-m`` with
-    ``2^-m = sum(2^-n_i)`` (the union bound), computed without underflow, ``m`` rounded down to 0.01."""
-    text = f"{bound:.4g}"
-    if text != "1" or not widths:
-        return text
-    low = min(widths)
-    exponent = low - math.log2(math.fsum(2.0 ** (low - width) for width in widths))
-    return f"1 - 2^-{math.floor(exponent * 100) / 100:g}"  # rounded down: still a lower bound
+    """``bound`` rounded down to 4 significant digits; within 1e-4 of 1, the weaker bound ``1 - 2^-m`` with
+    ``2^-m = sum(2^-n_i)`` (the union bound, computed without underflow), ``m`` rounded down to 0.01. Rounding
+    down keeps the text a lower bound."""
+    if widths and 1.0 - bound < 1e-4:
+        low = min(widths)
+        exponent = low - math.log2(math.fsum(2.0 ** (low - width) for width in widths))
+        return "1 - 2^-" + f"{math.floor(exponent * 100) / 100:.2f}".rstrip("0").rstrip(".")
+    if bound <= 0:
+        return "0"
+    power = math.floor(math.log10(bound))
+    scaled = math.floor(bound / 10.0**power * 1000)  # 4 significant digits, rounded down
+    return f"{scaled / 1000 * 10.0**power:.4g}"

@@ -500,10 +500,12 @@ def _scratch(dtype: torch.dtype) -> Tensor:
 def flush_stats(stats: Iterable[ActivationStats]) -> None:
     """Fold the pending results of several :class:`ActivationStats` into their states with batched operations.
 
-    Everything that waits is folded at once, in about a dozen tensor operations whatever the number of sites and
-    of pending results: the per-unit counts of sites of one width are stacked and summed per site (in float64,
-    exact), then added with one ``torch._foreach_add_``; the per-sample sums of batches of one size are stacked
-    and reduced per site once. It never synchronizes with the host.
+    Everything that waits is folded at once: the per-unit counts of sites of one width are stacked and summed per
+    site (in float64, exact), then added with one ``torch._foreach_add_``; the per-sample sums of batches of one
+    size are stacked and reduced per site, with one ``torch._foreach_add_`` per state and batch size. When every
+    site waits with as many results (a model whose sites all run at every pass) that is about a dozen tensor
+    operations whatever the number of sites and passes; sites with uneven numbers of results of one batch size
+    get one stack each. It never synchronizes with the host.
     """
     waiting = list({id(s): s for s in stats if s._pending}.values())
     if not waiting:
@@ -522,7 +524,10 @@ def flush_stats(stats: Iterable[ActivationStats]) -> None:
         if waits == 1:
             sums += [counts[0] for _, counts in members]
         else:  # (sites, waits, units) summed over the waits; float64 keeps the sums exact
-            table = torch.stack([c for _, counts in members for c in counts]).view(len(members), waits, *shape)
+            parts = [c for _, counts in members for c in counts]
+            if len({c.dtype for c in parts}) > 1 and any(not c.is_floating_point() for c in parts):
+                parts = [c.to(torch.float64) for c in parts]  # stacked beside float32, int64 would become float32
+            table = torch.stack(parts).view(len(members), waits, *shape)
             sums += table.sum(1, dtype=torch.float64).unbind()
     torch._foreach_add_(targets, sums)
     # per-sample sums: every site's results for batches of one size, stacked; a site appears at most once per

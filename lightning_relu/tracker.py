@@ -113,6 +113,7 @@ class DeadUnitTracker:
         self._modes: dict[int, _FunctionalCounter] = {}
         # sites with results waiting to be folded into their states (see `flush`), by id
         self._dirty: dict[int, ActivationStats] = {}
+        self._passes_unfolded = 0  # passes begun with results waiting since the last fold
         for site in sorted(found, key=lambda s: s.call_index):
             key = id(site.module if site.kind == "module" else site.parent)
             self._first_site.setdefault(key, site)
@@ -212,8 +213,8 @@ class DeadUnitTracker:
         """Fold the counts of the outputs seen so far into :attr:`stats`.
 
         The hooks only reduce each output; the additions to the states wait and are done for every site at once,
-        with about a dozen batched tensor operations, when a forward pass of the model (or :meth:`new_pass`)
-        begins after results of ``_FOLD_AFTER`` (16) passes have piled up. :meth:`report`, :meth:`detach` and
+        with a few batched tensor operations, when a forward pass of the model (or :meth:`new_pass`) begins and
+        ``_FOLD_AFTER`` (16) such beginnings have passed with results waiting. :meth:`report`, :meth:`detach` and
         :meth:`to` flush too (:meth:`reset` drops what waits); call it before reading :attr:`stats` directly.
         """
         self._flush_pending(force=True)
@@ -224,12 +225,13 @@ class DeadUnitTracker:
         dirty = self._dirty
         if not dirty:
             return
-        # the first site counted since the last fold stands for all (a site that is called more often folds
-        # itself when `_MAX_PENDING` of its results wait)
-        if not force and next(iter(dirty.values())).pending < _FOLD_AFTER:
-            return
+        if not force:  # a pass begins: fold once `_FOLD_AFTER` have begun since the last fold
+            self._passes_unfolded += 1
+            if self._passes_unfolded < _FOLD_AFTER:
+                return
         flush_stats(dirty.values())
         dirty.clear()
+        self._passes_unfolded = 0
 
     def _make_reset(self, keys: list[int], flush: bool) -> Any:
         calls = self._calls
@@ -345,6 +347,7 @@ class DeadUnitTracker:
     def reset(self) -> None:
         """Zero every count."""
         self._dirty.clear()
+        self._passes_unfolded = 0
         for stats in self.stats.values():
             stats.reset()
 

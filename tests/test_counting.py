@@ -235,3 +235,13 @@ def test_sites_waiting_for_a_flush_are_listed_once():
         assert len(tracker._dirty) == 1
         report = tracker.report()
     assert report["0.1"].samples == 2 * 3 * stats_module._MAX_PENDING
+
+
+def test_fold_of_integer_beside_float32_counts_stays_exact():
+    """Integer outputs give int64 counts; folded in one stack with float32 counts they must not pass through float32."""
+    ints, floats = ActivationStats(num_units=1), ActivationStats(num_units=1)
+    rows = torch.ones(1)
+    ints._pending = [(torch.tensor([2**24 + 1]), rows), (torch.tensor([1]), rows)]  # 2**24 + 1 is not a float32
+    floats._pending = [(torch.tensor([1.0]), rows), (torch.tensor([1.0]), rows)]
+    flush_stats([ints, floats])
+    assert ints.active.tolist() == [2**24 + 2] and floats.active.tolist() == [2.0]

@@ -430,16 +430,21 @@ def test_states_the_alive_lower_bound_at_fit_start(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         _trainer(tmp_path, [monitor], max_epochs=1).fit(_mlp_module())
     assert monitor.alive_lower_bound == pytest.approx((1 - 2**-6) ** 2)  # two sites of width 6
-    assert f"probability >= {(1 - 2**-6) ** 2:.4g}" in caplog.text
+    assert "probability >= 0.9689" in caplog.text  # (63/64)^2 = 0.96899..., rounded down
 
 
-def test_alive_bound_that_rounds_to_one_is_stated_as_a_power_of_two():
+def test_alive_bound_text_is_a_lower_bound():
     from lightning_relu.monitor import _probability_text
     from lightning_relu.theory import alive_probability_lower_bound
 
-    assert _probability_text(alive_probability_lower_bound([6, 6]), [6, 6]) == f"{(1 - 2**-6) ** 2:.4g}"
+    # (63/64)^2 = 3969/4096 = 0.96899...: rounded down to 4 significant digits
+    assert _probability_text(alive_probability_lower_bound([6, 6]), [6, 6]) == "0.9689"
+    assert _probability_text(alive_probability_lower_bound([14, 14]), [14, 14]) == "0.9998"  # 0.999878
+    assert _probability_text(0.5**30, [1] * 30) == "9.313e-10"  # 9.3132257e-10
     # four sites of width 1024: the union bound is 4 * 2^-1024 = 2^-1022 (the product rounds to 1.0 in floats)
     assert _probability_text(alive_probability_lower_bound([1024] * 4), [1024] * 4) == "1 - 2^-1022"
+    # five of width 16384: 2^-m = 5 * 2^-16384, m = 16381.678...: rounded down, never up
+    assert _probability_text(1.0, [16384] * 5) == "1 - 2^-16381.67"
     widths = [20, 21]  # representable: the stated bound must not exceed the product
     text = _probability_text(alive_probability_lower_bound(widths), widths)
     exponent = float(text.removeprefix("1 - 2^-"))
