@@ -56,7 +56,7 @@ from workloads import WORKLOADS, batch
 
 from lightning_relu import ActivationStats, DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
 from lightning_relu.init import sign_flip_
-from lightning_relu.stats import _active_per_unit
+from lightning_relu.stats import _reductions
 from lightning_relu.tracker import _FOLD_AFTER
 
 STEP_BUDGET = 1.02
@@ -171,9 +171,7 @@ def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callab
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
         out = output.detach()
         axis = stats.unit_axis(out)
-        others = tuple(d for d in range(1, out.ndim) if d != axis)
-        _active_per_unit(out, axis, others, out.numel() // (out.shape[0] * out.shape[axis]))
-        out.sum(tuple(range(1, out.ndim)))
+        _reductions(out, axis, out.numel() // (out.shape[0] * out.shape[axis]))
 
     def attach() -> None:
         modules = {id(site.module): site.module for site in tracker.sites if site.module is not None}

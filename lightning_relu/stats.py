@@ -335,18 +335,8 @@ class ActivationStats(Metric):
         if batch == 0:
             return
         per_block = output.numel() // (batch * num_units)
-        others = tuple(d for d in range(1, output.ndim) if d != axis)  # reduced per sample and unit
-        if not output.is_floating_point():
-            per_unit = output.gt(0).sum((0, *others))
-            rows = output.sum(tuple(range(1, output.ndim)))
-        else:
-            per_unit = _active_per_unit(output, axis, others, per_block)
-            # the output summed per sample: 0 exactly when the sample's whole output is 0 (no cancellation: the
-            # entries are never negative), NaN or Inf when one of its entries is
-            half = output.dtype not in (torch.float32, torch.float64)
-            rows = output.sum(tuple(range(1, output.ndim)), dtype=torch.float32 if half else None)
         pending = self._pending
-        pending.append((per_unit, rows))
+        pending.append(_reductions(output, axis, per_block))
         host = self._host
         host[0] += batch
         host[1] += batch * per_block
@@ -449,6 +439,18 @@ class ActivationStats(Metric):
 def _check_eps(eps: object) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps <= 1.0:
         raise ValueError(f"`eps` must be a number in [0, 1], got {eps!r}")
+
+
+def _reductions(output: Tensor, axis: int, per_block: int) -> tuple[Tensor, Tensor]:
+    """The two reductions of a (non-empty, at least 2-D) rectifier output that counting needs: active entries per
+    unit, and the output summed per sample (0 exactly when the sample's whole output is 0, since the entries are
+    never negative; NaN or Inf when one of its entries is)."""
+    others = tuple(d for d in range(1, output.ndim) if d != axis)  # reduced per sample and unit
+    if not output.is_floating_point():
+        return output.gt(0).sum((0, *others)), output.sum(tuple(range(1, output.ndim)))
+    half = output.dtype not in (torch.float32, torch.float64)
+    rows = output.sum(tuple(range(1, output.ndim)), dtype=torch.float32 if half else None)
+    return _active_per_unit(output, axis, others, per_block), rows
 
 
 def _active_per_unit(output: Tensor, axis: int, others: tuple[int, ...], per_block: int) -> Tensor:
