@@ -23,6 +23,9 @@ So that the figures measure the code, the benchmark runs with glibc told to keep
 has the same effect); ``--system-malloc`` keeps the defaults. Minor page faults per step are reported for
 each variant.
 
+CPU outputs are counted by the fused C kernel where it builds (the counting path is printed and kept in the
+JSON); ``LIGHTNING_RELU_KERNEL=off python benchmarks/run.py`` measures the ATen operations instead.
+
 With each tracker row comes the floor it sits on: bare forward hooks on the same sites that compute only the
 counting operations (the median process's figure).
 
@@ -54,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, batch
 
-from lightning_relu import ActivationStats, DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
+from lightning_relu import ActivationStats, DeadUnitMonitor, DeadUnitTracker, _native, revive_dead_units_
 from lightning_relu.init import sign_flip_
 from lightning_relu.stats import _reductions
 from lightning_relu.tracker import _FOLD_AFTER
@@ -82,6 +85,7 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "counting": _native.describe(),  # the spawned processes count the same way (same environment)
     }
 
 
@@ -550,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = results["machine"]
     print(f"\nmachine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)")
     print(f"malloc: {allocator}")
+    print(f"counting: {m['counting']}")
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.json}")
     if failures and not args.no_budgets and not args.quick:

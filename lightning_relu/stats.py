@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_relu import _native
+
 __all__ = ["ActivationStats", "LayerReport"]
 
 # Sums of 0/1 values are exact in float32 up to 2**24 terms.
@@ -448,6 +450,12 @@ def _reductions(output: Tensor, axis: int, per_block: int) -> tuple[Tensor, Tens
     others = tuple(d for d in range(1, output.ndim) if d != axis)  # reduced per sample and unit
     if not output.is_floating_point():
         return output.gt(0).sum((0, *others)), output.sum(tuple(range(1, output.ndim)))
+    if output.device.type == "cpu" and type(output) is Tensor and not torch.compiler.is_compiling():
+        kernel = _native.counting_kernel()
+        if kernel is not None:
+            done = kernel.count(output, axis)
+            if done is not None:
+                return done
     half = output.dtype not in (torch.float32, torch.float64)
     rows = output.sum(tuple(range(1, output.ndim)), dtype=torch.float32 if half else None)
     return _active_per_unit(output, axis, others, per_block), rows

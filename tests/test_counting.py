@@ -1,4 +1,5 @@
-"""The counting hot path: chunked scratch-buffer counts, row-blocked column sums, pending results and flushes."""
+"""The counting hot path (fused C kernel and ATen operations): scratch-buffer counts, pending results and
+flushes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import lightning_relu.stats as stats_module
 import lightning_relu.tracker as tracker_module
 from lightning_relu import ActivationStats, DeadUnitTracker
 from lightning_relu.stats import flush_stats
+from tests.helpers import counting_path
 
 
 def brute(output: torch.Tensor, unit_dim: int) -> dict:
@@ -58,12 +60,14 @@ SHAPES = [
 @pytest.mark.parametrize(("shape", "unit_dim"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("special", [False, True])
-def test_counts_match_brute_force_in_every_path(monkeypatch, shape, unit_dim, dtype, special):
+@pytest.mark.parametrize("path", ["kernel", "aten"])
+def test_counts_match_brute_force_in_every_path(monkeypatch, shape, unit_dim, dtype, special, path):
     monkeypatch.setattr(stats_module, "_SCRATCH_NUMEL", 64)  # small tensors cross chunk boundaries
     stats = ActivationStats(unit_dim=unit_dim if len(shape) > 2 else None)
     outputs = [sample_output(shape, dtype, seed, special and seed == 1) for seed in range(3)]
-    for out in outputs:
-        stats.accumulate(out)
+    with counting_path(path):
+        for out in outputs:
+            stats.accumulate(out)
     report = stats.compute()
     expected = [brute(out, unit_dim) for out in outputs]
     assert report.active_count.tolist() == [sum(col) for col in zip(*(e["active"] for e in expected), strict=True)]

@@ -1,0 +1,231 @@
+"""The fused C counting kernel: its counts against brute force in every layout it takes, the outputs it hands
+back to ATen, its build fallbacks and the environment switch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lightning_relu import DeadUnitTracker, _native
+from tests.helpers import conv_bn_net, counting_path, mlp
+
+
+def brute(output: torch.Tensor, axis: int) -> tuple[list[int], list[str]]:
+    """Per-unit counts of entries > 0, and per sample "zero", "finite" or "nonfinite", with Python loops."""
+    values = output.to(torch.float64).movedim(axis, -1).reshape(output.shape[0], -1, output.shape[axis])
+    counts = [0] * output.shape[axis]
+    kinds = []
+    for sample in values.tolist():
+        flat = [v for block in sample for v in block]
+        for block in sample:
+            for u, v in enumerate(block):
+                counts[u] += v > 0
+        if any(not math.isfinite(v) for v in flat):
+            kinds.append("nonfinite")
+        else:
+            kinds.append("zero" if all(v == 0 for v in flat) else "finite")
+    return counts, kinds
+
+
+def kinds_of(sums: torch.Tensor) -> list[str]:
+    return ["nonfinite" if not math.isfinite(v) else "zero" if v == 0 else "finite" for v in sums.tolist()]
+
+
+def relu_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int, special: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.relu(torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+    if shape[0] > 1:
+        out[1] = 0  # a killed sample
+    if special and out.numel() > 2:
+        out.view(-1)[out.numel() // 2] = float("nan")
+        out.view(-1)[-1] = float("inf")
+    return out
+
+
+@pytest.fixture
+def kernel():
+    with counting_path("kernel"):
+        yield _native.counting_kernel()
+
+
+LAYOUTS = [
+    ((5, 7), 1, None),  # Linear output: units last
+    ((300, 3), 1, None),  # more samples than threads, parallel
+    ((7, 6, 3), 2, None),  # (batch, tokens, features): units last with positions
+    ((9, 3, 4, 5), 1, None),  # NCHW: units first
+    ((4, 33), 1, None),  # a width that is no multiple of a SIMD vector
+    ((2, 3, 1000), 1, None),  # (batch, channels, length): units first, long rows
+    ((64, 16, 8, 8), 1, None),  # 65536 entries: the parallel path
+    ((64, 16, 8, 8), 1, torch.channels_last),  # NHWC memory: units last
+    ((3, 4, 2, 3, 5), 1, torch.channels_last_3d),
+    ((1, 1), 1, None),
+]
+
+
+@pytest.mark.parametrize(("shape", "axis", "memory_format"), LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("special", [False, True])
+def test_kernel_counts_match_brute_force(kernel, shape, axis, memory_format, dtype, special):
+    out = relu_output(shape, dtype, seed=len(shape), special=special)
+    if memory_format is not None:
+        out = out.contiguous(memory_format=memory_format)
+    result = kernel.count(out, axis)
+    assert result is not None
+    counts, sums = result
+    expected_counts, expected_kinds = brute(out, axis)
+    assert counts.dtype == torch.float64 and counts.tolist() == expected_counts
+    assert sums.dtype == dtype and kinds_of(sums) == expected_kinds
+    finite = sums.isfinite()
+    reference = out.to(torch.float64).sum(tuple(range(1, out.ndim)))
+    torch.testing.assert_close(sums[finite].double(), reference[finite], rtol=1e-5, atol=1e-6)
+
+
+@given(
+    batch=st.integers(1, 40),
+    middle=st.lists(st.integers(1, 9), max_size=2),
+    units=st.integers(1, 40),
+    units_first=st.booleans(),
+    zero_share=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_kernel_counts_match_brute_force_on_random_shapes(kernel, batch, middle, units, units_first, zero_share, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, units, *middle) if units_first else (batch, *middle, units)
+    out = torch.rand(shape, generator=g)
+    out[out < zero_share] = 0
+    axis = 1 if units_first else out.ndim - 1
+    counts, sums = kernel.count(out, axis)
+    expected_counts, expected_kinds = brute(out, axis)
+    assert counts.tolist() == expected_counts
+    assert kinds_of(sums) == expected_kinds
+
+
+def test_kernel_threads_agree(kernel):
+    out = relu_output((128, 64, 4, 4), torch.float32, seed=3, special=True)
+    wide = relu_output((64, 2048), torch.float32, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = [kernel.count(out, 1), kernel.count(wide, 1)]
+        torch.set_num_threads(max(2, threads))
+        parallel = [kernel.count(out, 1), kernel.count(wide, 1)]
+    finally:
+        torch.set_num_threads(threads)
+    for (c1, s1), (c2, s2) in zip(serial, parallel, strict=True):
+        assert torch.equal(c1, c2)
+        assert kinds_of(s1) == kinds_of(s2)
+
+
+def test_int32_counts_are_folded_before_they_could_overflow():
+    """Each thread keeps int32 counts and folds them into int64 every LR_FOLD_EVERY positions (2**30): built with
+    a fold every 3 positions, the counts stay exact across many folds."""
+    with counting_path("kernel"):
+        library, _ = _native._build(_native._compiler(), defines={"LR_FOLD_EVERY": 3})
+    kernel = _native._Kernel(library, "test")
+    for shape, axis in (((10, 7, 5), 2), ((4, 5, 11), 1)):
+        out = relu_output(shape, torch.float32, seed=1)
+        counts, _ = kernel.count(out, axis)
+        assert counts.tolist() == brute(out, axis)[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda: relu_output((6, 5), torch.float32, 0).t(), "not contiguous"),
+        (lambda: relu_output((6, 5), torch.bfloat16, 0), "bfloat16"),
+        (lambda: relu_output((6, 5), torch.float16, 0), "float16"),
+        (lambda: relu_output((6, 5, 4), torch.float32, 0)[:, :, ::2], "strided"),
+        (lambda: torch._neg_view(relu_output((6, 5), torch.float32, 0)), "negative view"),
+    ],
+)
+def test_outputs_the_kernel_does_not_take_go_to_aten(kernel, make, why):
+    assert kernel.count(make(), 1) is None, why
+
+
+def test_tracker_reports_are_identical_on_both_paths():
+    torch.manual_seed(0)
+    batches = [torch.randn(32, 3, 8, 8) for _ in range(3)]
+    reports = {}
+    for path in ("aten", "kernel"):
+        with counting_path(path):
+            for name, model, data in (
+                ("cnn", conv_bn_net(), batches),
+                ("mlp", mlp([12, 40, 30, 3]), [b.flatten(1)[:, :12] for b in batches]),
+            ):
+                with DeadUnitTracker(model) as tracker:
+                    for x in data:
+                        model(x)
+                    reports[path, name] = tracker.report()
+    for name in ("cnn", "mlp"):
+        a, k = reports["aten", name], reports["kernel", name]
+        assert a.keys() == k.keys()
+        for site in a:
+            assert torch.equal(a[site].active_count, k[site].active_count), site
+            assert (a[site].killed, a[site].samples, a[site].nonfinite_batches) == (
+                k[site].killed,
+                k[site].samples,
+                k[site].nonfinite_batches,
+            )
+
+
+def test_environment_switch(monkeypatch):
+    saved = dict(_native._state)
+    try:
+        monkeypatch.setenv(_native.ENV, "sometimes")
+        _native._reset()
+        expected = r"LIGHTNING_RELU_KERNEL must be one of auto, off, require; got 'sometimes'"
+        with pytest.raises(ValueError, match=expected):
+            _native.counting_kernel()
+        monkeypatch.setenv(_native.ENV, "OFF")
+        _native._reset()
+        assert _native.counting_kernel() is None
+        assert _native.describe() == "ATen operations (LIGHTNING_RELU_KERNEL=off)"
+    finally:
+        _native._state.clear()
+        _native._state.update(saved)
+
+
+def test_without_a_compiler_counting_falls_back_or_raises_when_required(monkeypatch):
+    saved = dict(_native._state)
+    try:
+        monkeypatch.setenv("CC", "no-such-compiler-here")
+        monkeypatch.setenv(_native.ENV, "auto")
+        _native._reset()
+        assert _native.counting_kernel() is None
+        assert "no C compiler 'no-such-compiler-here' found" in _native.describe()
+        model = mlp([6, 9, 2])
+        x = torch.randn(20, 6)
+        with DeadUnitTracker(model) as tracker:
+            model(x)
+            report = tracker.report()["1"]
+        hidden = torch.relu(model[0](x)).detach()
+        assert report.active_count.tolist() == brute(hidden, 1)[0]
+        monkeypatch.setenv(_native.ENV, "require")
+        _native._reset()
+        with pytest.raises(RuntimeError, match="LIGHTNING_RELU_KERNEL=require, but no C compiler"):
+            _native.counting_kernel()
+    finally:
+        _native._state.clear()
+        _native._state.update(saved)
+
+
+def test_a_failing_build_falls_back(monkeypatch, tmp_path):
+    """A compiler that fails every attempt (a script exiting 1) leaves counting on ATen with the error kept."""
+    fake = tmp_path / "broken-cc"
+    fake.write_text("#!/bin/sh\necho 'fatal error: nothing works' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    saved = dict(_native._state)
+    try:
+        monkeypatch.setenv("CC", str(fake))
+        monkeypatch.setenv(_native.ENV, "auto")
+        _native._reset()
+        assert _native.counting_kernel() is None
+        assert "did not compile" in _native.describe() and "nothing works" in _native.describe()
+    finally:
+        _native._state.clear()
+        _native._state.update(saved)
