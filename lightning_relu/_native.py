@@ -8,9 +8,10 @@ temporary, and is several times cheaper inside a training step (see the README's
 It is compiled once per process with the C compiler on the machine (``$CC``, else ``cc``), for the CPU it runs on
 (``-march=native``; nothing is cached on disk, so a shared home directory across different machines cannot hand a
 process a library built for another CPU), and loaded with :mod:`ctypes`. It uses OpenMP only when the OpenMP
-runtime PyTorch itself uses (``libgomp``) is already loaded, so that both share one thread pool; otherwise it runs
-on the calling thread. Where no compiler is found or the build fails, counting uses the ATen operations: the
-counts are the same either way (the test suite runs both).
+runtime PyTorch itself uses (``libgomp``) is already loaded and the compiler is GCC (whose ``-fopenmp`` links that
+runtime), so that both share one thread pool; otherwise it runs on the calling thread. Where no compiler is found
+or the build fails, counting uses the ATen operations: the counts are the same either way (the test suite runs
+both).
 
 ``LIGHTNING_RELU_KERNEL`` chooses: ``auto`` (default: the kernel where it builds, else ATen), ``off`` (always ATen)
 or ``require`` (raise when the kernel cannot be built).
@@ -244,6 +245,14 @@ def _openmp_shared() -> bool:
         return False
 
 
+def _is_gcc(path: str) -> bool:
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Free Software Foundation" in done.stdout and "clang" not in done.stdout.lower()
+
+
 def _compiler() -> str:
     return os.environ.get("CC") or "cc"
 
@@ -255,7 +264,7 @@ def _build(compiler: str, defines: dict[str, int] | None = None) -> tuple[ctypes
     if path is None:
         raise RuntimeError(f"no C compiler {compiler!r} found (set CC)")
     attempts = []
-    if _openmp_shared():
+    if _openmp_shared() and _is_gcc(path):  # GCC's -fopenmp links libgomp, the runtime PyTorch already runs
         attempts += [["-march=native", "-fopenmp"], ["-fopenmp"]]
     attempts += [["-march=native"], []]
     errors = []
