@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -51,15 +52,24 @@ _SOURCE = r"""
 #endif
 #ifdef _OPENMP
 #include <omp.h>
-#define LR_THREADS() omp_get_max_threads()
 #define LR_THREAD() omp_get_thread_num()
 #else
-#define LR_THREADS() 1
 #define LR_THREAD() 0
 #endif
 
-/* per-thread scratch (0: int32 counts, 1: per-sample doubles), grown when needed and kept: once warm, a call
-   allocates nothing but its int64 totals */
+/* threads for one call: the caller's count (PyTorch's), 1 for small outputs or without OpenMP, never more than
+   the rows the work is split over */
+static int lr_team(int wanted, int64_t entries, int64_t rows) {
+#ifndef _OPENMP
+    wanted = 1;
+#endif
+    if (entries < LR_PARALLEL_MIN || wanted < 1) wanted = 1;
+    if (wanted > rows) wanted = (int)rows;
+    return wanted < 1 ? 1 : wanted;
+}
+
+/* scratch of the calling thread (0: int32 counts, 1: per-sample doubles), grown when needed and kept: once warm,
+   a call allocates nothing but its int64 totals */
 static __thread void *lr_scratch[2] = {NULL, NULL};
 static __thread size_t lr_scratch_bytes[2] = {0, 0};
 
@@ -72,60 +82,54 @@ static void *lr_buffer(int which, size_t bytes) {
     return lr_scratch[which];
 }
 
-/* x: (batch, positions, units). counts: (units,), sums: (batch,). Returns 0, or -1 when out of memory. */
-#define LR_UNITS_LAST(NAME, T)                                                                               \
-int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, double *counts, T *sums) {             \
-    int threads = (batch * positions * units >= LR_PARALLEL_MIN) ? LR_THREADS() : 1;                         \
-    if (threads > batch) threads = (int)batch;                                                               \
-    if (threads < 1) threads = 1;                                                                            \
-    int failed = 0;                                                                                          \
-    int64_t *totals = (int64_t *)calloc((size_t)units, sizeof(int64_t));                                     \
-    if (!totals) return -1;                                                                                  \
-    _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                             \
-    {                                                                                                        \
-        int32_t *mine = (int32_t *)lr_buffer(0, (size_t)units * sizeof(int32_t));                                \
-        if (!mine) {                                                                                         \
-            _Pragma("omp atomic write")                                                                      \
-            failed = 1;                                                                                      \
-        } else {                                                                                             \
-            for (int64_t u = 0; u < units; u++) mine[u] = 0;                                                 \
-            int64_t since = 0;                                                                               \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (int64_t b = 0; b < batch; b++) {                                                            \
-                const T *row = x + b * positions * units;                                                    \
-                double sum = 0;                                                                              \
-                for (int64_t p = 0; p < positions; p++, row += units) {                                      \
-                    T part = 0;                                                                              \
-                    _Pragma("omp simd reduction(+:part)")                                                    \
-                    for (int64_t u = 0; u < units; u++) {                                                    \
-                        mine[u] += row[u] > 0;                                                               \
-                        part += row[u];                                                                      \
-                    }                                                                                        \
-                    sum += part;                                                                             \
-                    if (++since == LR_FOLD_EVERY) { /* int32 counts: folded long before overflow */                \
-                        _Pragma("omp critical(lr_totals)")                                                   \
-                        for (int64_t u = 0; u < units; u++) totals[u] += mine[u];                            \
-                        for (int64_t u = 0; u < units; u++) mine[u] = 0;                                     \
-                        since = 0;                                                                           \
-                    }                                                                                        \
-                }                                                                                            \
-                sums[b] = (T)sum;                                                                            \
-            }                                                                                                \
-            _Pragma("omp critical(lr_totals)")                                                               \
-            for (int64_t u = 0; u < units; u++) totals[u] += mine[u];                                        \
-        }                                                                                                    \
-    }                                                                                                        \
-    for (int64_t u = 0; u < units; u++) counts[u] = (double)totals[u];                                       \
-    free(totals);                                                                                            \
-    return failed ? -1 : 0;                                                                                  \
-}
+/* x: (batch, positions, units). counts: (units,), sums: (batch,). Returns 0, or -1 when out of memory. */       \
+#define LR_UNITS_LAST(NAME, T)                                                                                   \
+int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, double *counts, T *sums, int wanted) {     \
+    int threads = lr_team(wanted, batch * positions * units, batch);                                             \
+    /* per thread: int32 counts of its samples, allocated and zeroed before the region */                        \
+    int32_t *scratch = (int32_t *)lr_buffer(0, (size_t)threads * (size_t)units * sizeof(int32_t));               \
+    int64_t *totals = (int64_t *)calloc((size_t)units, sizeof(int64_t));                                         \
+    if (!scratch || !totals) { free(totals); return -1; }                                                        \
+    for (int64_t i = 0; i < (int64_t)threads * units; i++) scratch[i] = 0;                                       \
+    _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                                 \
+    {                                                                                                            \
+        int32_t *mine = scratch + (int64_t)LR_THREAD() * units;                                                  \
+        int64_t since = 0;                                                                                       \
+        _Pragma("omp for schedule(static)")                                                                      \
+        for (int64_t b = 0; b < batch; b++) {                                                                    \
+            const T *row = x + b * positions * units;                                                            \
+            double sum = 0;                                                                                      \
+            for (int64_t p = 0; p < positions; p++, row += units) {                                              \
+                T part = 0;                                                                                      \
+                _Pragma("omp simd reduction(+:part)")                                                            \
+                for (int64_t u = 0; u < units; u++) {                                                            \
+                    mine[u] += row[u] > 0;                                                                       \
+                    part += row[u];                                                                              \
+                }                                                                                                \
+                sum += part;                                                                                     \
+                if (++since == LR_FOLD_EVERY) { /* int32 counts: folded long before they could overflow */       \
+                    _Pragma("omp critical(lr_totals)")                                                           \
+                    for (int64_t u = 0; u < units; u++) totals[u] += mine[u];                                    \
+                    for (int64_t u = 0; u < units; u++) mine[u] = 0;                                             \
+                    since = 0;                                                                                   \
+                }                                                                                                \
+            }                                                                                                    \
+            sums[b] = (T)sum;                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (int64_t u = 0; u < units; u++) {                                                                        \
+        int64_t total = totals[u];                                                                               \
+        for (int t = 0; t < threads; t++) total += scratch[(int64_t)t * units + u];                              \
+        counts[u] = (double)total;                                                                               \
+    }                                                                                                            \
+    free(totals);                                                                                                \
+    return 0;                                                                                                    \
+}                                                                                                                \
 
 /* x: (batch, units, positions). counts: (units,), sums: (batch,). Returns 0, or -1 when out of memory. */
 #define LR_UNITS_FIRST(NAME, T)                                                                              \
-int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, double *counts, T *sums) {             \
-    int threads = (batch * positions * units >= LR_PARALLEL_MIN) ? LR_THREADS() : 1;                         \
-    if (threads > units) threads = (int)units;                                                               \
-    if (threads < 1) threads = 1;                                                                            \
+int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, double *counts, T *sums, int wanted) { \
+    int threads = lr_team(wanted, batch * positions * units, units);                                         \
     /* per thread: the sum per sample of the units it counts */                                                  \
     double *partial = (double *)lr_buffer(1, (size_t)threads * (size_t)batch * sizeof(double));                  \
     if (!partial) return -1;                                                                                 \
@@ -181,7 +185,8 @@ class _Kernel:
     def __init__(self, library: ctypes.CDLL, description: str) -> None:
         self.library = library  # keeps the library loaded
         self.description = description
-        args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        int64, pointer = ctypes.c_int64, ctypes.c_void_p
+        args = [pointer, int64, int64, int64, pointer, pointer, ctypes.c_int]
         self.functions = {}
         for layout in ("units_last", "units_first"):
             for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
@@ -194,14 +199,19 @@ class _Kernel:
         """Active entries per unit (float64) and the sum per sample (the output's dtype) of a CPU float32/64
         output whose memory is one of the two layouts; None for anything else (the caller uses ATen)."""
         dtype = output.dtype
-        if dtype not in (torch.float32, torch.float64) or output.device.type != "cpu" or output.is_neg():
+        if (
+            dtype not in (torch.float32, torch.float64)
+            or output.device.type != "cpu"
+            or output.layout != torch.strided
+            or output.is_neg()
+        ):
             return None
         ndim = output.ndim
         batch, units = output.shape[0], output.shape[axis]
         positions = output.numel() // (batch * units) if batch and units else 0
         if not positions:
             return None
-        if axis == ndim - 1 and output.is_contiguous():
+        if (axis == ndim - 1 or positions == 1) and output.is_contiguous():
             layout, sizes = "units_last", (batch, positions, units)
         elif axis == 1 and output.is_contiguous():
             layout, sizes = "units_first", (batch, units, positions)
@@ -212,11 +222,15 @@ class _Kernel:
             layout, sizes = "units_last", (batch, positions, units)
         else:
             return None
+        try:
+            address = output.data_ptr()  # tensors without storage (functorch wrappers) raise here
+        except RuntimeError:
+            return None
         counts = torch.empty(units, dtype=torch.float64)
         sums = torch.empty(batch, dtype=dtype)
-        status = self.functions[layout, dtype](output.data_ptr(), *sizes, counts.data_ptr(), sums.data_ptr())
-        if status != 0:
-            raise MemoryError("lightning_relu's counting kernel could not allocate its scratch memory")
+        threads = torch.get_num_threads()
+        if self.functions[layout, dtype](address, *sizes, counts.data_ptr(), sums.data_ptr(), threads) != 0:
+            return None  # its scratch memory could not be allocated: the ATen operations count instead
         return counts, sums
 
 
@@ -237,34 +251,38 @@ def _reset() -> None:
 
 
 def _openmp_shared() -> bool:
-    """Whether PyTorch's process already has GNU OpenMP loaded (then the kernel shares its threads)."""
+    """Whether GNU OpenMP is loaded under the name ``-fopenmp`` links (``libgomp.so.1``), as PyTorch's wheels load
+    it: the kernel then shares its thread pool. A copy under another name (a renamed, bundled one) would not be
+    shared: a second runtime would start, so the kernel is then built without OpenMP."""
     try:
         with open("/proc/self/maps") as maps:
-            return any("libgomp" in line for line in maps)
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in maps)
     except OSError:
         return False
 
 
-def _is_gcc(path: str) -> bool:
+def _is_gcc(command: list[str]) -> bool:
     try:
-        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+        done = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return False
     return "Free Software Foundation" in done.stdout and "clang" not in done.stdout.lower()
 
 
-def _compiler() -> str:
-    return os.environ.get("CC") or "cc"
+def _compiler() -> list[str]:
+    """The C compiler command: ``$CC`` (which may carry arguments, e.g. ``ccache gcc``), else ``cc``."""
+    return shlex.split(os.environ.get("CC") or "") or ["cc"]
 
 
-def _build(compiler: str, defines: dict[str, int] | None = None) -> tuple[ctypes.CDLL, str]:
+def _build(compiler: list[str], defines: dict[str, int] | None = None) -> tuple[ctypes.CDLL, str]:
     """Compile and load the kernel (tries OpenMP and -march=native first, then plainer flag sets); ``defines``
     overrides the source's constants (tests)."""
-    path = shutil.which(compiler)
+    path = shutil.which(compiler[0])
     if path is None:
-        raise RuntimeError(f"no C compiler {compiler!r} found (set CC)")
+        raise RuntimeError(f"no C compiler {compiler[0]!r} found (set CC)")
+    command_head = [path, *compiler[1:]]
     attempts = []
-    if _openmp_shared() and _is_gcc(path):  # GCC's -fopenmp links libgomp, the runtime PyTorch already runs
+    if _openmp_shared() and _is_gcc(command_head):  # GCC's -fopenmp links libgomp, the runtime PyTorch runs
         attempts += [["-march=native", "-fopenmp"], ["-fopenmp"]]
     attempts += [["-march=native"], []]
     errors = []
@@ -275,13 +293,16 @@ def _build(compiler: str, defines: dict[str, int] | None = None) -> tuple[ctypes
             handle.write("".join(f"#define {name} {value}\n" for name, value in constants.items()) + _SOURCE)
         for index, flags in enumerate(attempts):
             library = os.path.join(folder, f"count{index}.so")
-            command = [path, "-O3", "-shared", "-fPIC", *flags, "-fopenmp-simd", source, "-o", library]
+            command = [*command_head, "-O3", "-shared", "-fPIC", *flags, "-fopenmp-simd", source, "-o", library]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            if done.returncode == 0:
-                # loaded now; the file may go with the folder (the mapping stays)
-                return ctypes.CDLL(library), " ".join([os.path.basename(path), "-O3", *flags])
-            errors.append(f"{' '.join(command)}: {done.stderr.strip()[-500:]}")
-    raise RuntimeError("the counting kernel did not compile:\n" + "\n".join(errors))
+            if done.returncode != 0:
+                errors.append(f"{' '.join(command)}: {done.stderr.strip()[-500:]}")
+                continue
+            try:  # loaded now; the file may go with the folder (the mapping stays)
+                return ctypes.CDLL(library), " ".join([os.path.basename(path), *compiler[1:], "-O3", *flags])
+            except OSError as error:  # e.g. a temporary folder mounted noexec
+                errors.append(f"loading {library}: {error}")
+    raise RuntimeError("the counting kernel could not be built:\n" + "\n".join(errors))
 
 
 def counting_kernel() -> _Kernel | None:
@@ -314,7 +335,7 @@ def describe() -> str:
     """How this process counts CPU outputs: the kernel's build flags, or why ATen operations are used."""
     try:
         kernel = counting_kernel()
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         return f"ATen operations ({error})"
     if kernel is not None:
         return f"fused C kernel ({kernel.description})"

@@ -4,6 +4,7 @@ back to ATen, its build fallbacks and the environment switch."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -63,6 +64,11 @@ LAYOUTS = [
     ((64, 16, 8, 8), 1, torch.channels_last),  # NHWC memory: units last
     ((3, 4, 2, 3, 5), 1, torch.channels_last_3d),
     ((1, 1), 1, None),
+    ((6, 5, 1, 1), 1, None),  # one position: read as units last
+    ((6, 1, 4, 4), 1, torch.channels_last),  # one channel: channels-last memory is also contiguous
+    ((6, 5, 1, 1), 1, torch.channels_last),
+    ((5, 4, 3), 1, "offset"),  # a view that starts inside its storage
+    ((5, 4, 3), 1, "odd size-1 strides"),
 ]
 
 
@@ -71,7 +77,14 @@ LAYOUTS = [
 @pytest.mark.parametrize("special", [False, True])
 def test_kernel_counts_match_brute_force(kernel, shape, axis, memory_format, dtype, special):
     out = relu_output(shape, dtype, seed=len(shape), special=special)
-    if memory_format is not None:
+    if memory_format == "offset":
+        out = torch.cat([torch.full_like(out[:2], 7.0), out])[2:]  # entries before the view must not be read
+        assert out.storage_offset() > 0
+    elif memory_format == "odd size-1 strides":
+        a, b, c = out.stride()
+        out = out.as_strided((shape[0], shape[1], 1, shape[2]), (a, b, 1000, c))  # a size-1 dim's stride is free
+        assert out.is_contiguous()
+    elif memory_format is not None:
         out = out.contiguous(memory_format=memory_format)
     result = kernel.count(out, axis)
     assert result is not None
@@ -123,14 +136,58 @@ def test_kernel_threads_agree(kernel):
 
 def test_int32_counts_are_folded_before_they_could_overflow():
     """Each thread keeps int32 counts and folds them into int64 every LR_FOLD_EVERY positions (2**30): built with
-    a fold every 3 positions, the counts stay exact across many folds."""
+    a fold every 3 positions and every output split over threads, counts and sums stay right across many folds."""
     with counting_path("kernel"):
-        library, _ = _native._build(_native._compiler(), defines={"LR_FOLD_EVERY": 3})
+        library, _ = _native._build(_native._compiler(), defines={"LR_FOLD_EVERY": 3, "LR_PARALLEL_MIN": 1})
     kernel = _native._Kernel(library, "test")
-    for shape, axis in (((10, 7, 5), 2), ((4, 5, 11), 1)):
-        out = relu_output(shape, torch.float32, seed=1)
-        counts, _ = kernel.count(out, axis)
-        assert counts.tolist() == brute(out, axis)[0]
+    threads = torch.get_num_threads()
+    try:
+        for count in sorted({1, 2, threads}):
+            torch.set_num_threads(count)
+            for shape, axis in (((10, 7, 5), 2), ((4, 5, 11), 1), ((9, 4), 1)):
+                out = relu_output(shape, torch.float32, seed=1, special=True)
+                counts, sums = kernel.count(out, axis)
+                expected_counts, expected_kinds = brute(out, axis)
+                assert counts.tolist() == expected_counts, (count, shape)
+                assert kinds_of(sums) == expected_kinds, (count, shape)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_counting_goes_through_the_kernel(monkeypatch):
+    """The tracker's hot path calls the kernel for the outputs it takes (else every "kernel" test above could pass on
+    ATen alone), and its results are what the reports hold."""
+    with counting_path("kernel"):
+        kernel = _native.counting_kernel()
+        taken = []
+
+        class Spy:
+            def count(self, output, axis):
+                result = kernel.count(output, axis)
+                taken.append(result is not None)
+                return result
+
+        monkeypatch.setitem(_native._state, "kernel", Spy())
+        model = conv_bn_net()
+        x = torch.randn(6, 3, 8, 8)
+        with DeadUnitTracker(model) as tracker:
+            model(x)
+            report = tracker.report()
+        assert taken == [True, True, True]
+        with torch.no_grad():
+            hidden = model[2](model[1](model[0](x)))
+        assert report["2"].active_count.tolist() == brute(hidden, 1)[0]
+
+
+def test_environment_compiler_may_carry_arguments(monkeypatch):
+    """``CC="env cc"``: the first word is the program, the rest its arguments."""
+    if shutil.which("env") is None or shutil.which("cc") is None:
+        pytest.skip("needs env and cc")
+    monkeypatch.setenv("CC", "env cc")
+    library, description = _native._build(_native._compiler())
+    assert description.startswith("env cc -O3")
+    out = relu_output((5, 6), torch.float32, seed=2)
+    assert _native._Kernel(library, description).count(out, 1)[0].tolist() == brute(out, 1)[0]
 
 
 @pytest.mark.parametrize(
@@ -225,7 +282,7 @@ def test_a_failing_build_falls_back(monkeypatch, tmp_path):
         monkeypatch.setenv(_native.ENV, "auto")
         _native._reset()
         assert _native.counting_kernel() is None
-        assert "did not compile" in _native.describe() and "nothing works" in _native.describe()
+        assert "could not be built" in _native.describe() and "nothing works" in _native.describe()
     finally:
         _native._state.clear()
         _native._state.update(saved)
