@@ -166,15 +166,24 @@ def _with_fold(result: dict[str, Any], fold: float, step: float) -> dict[str, An
 
 
 def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(attach, detach) of bare forward hooks on the tracker's module sites that compute what its hooks compute
-    (active entries per unit as the tracker reduces them, the sum per sample) and throw it away: the floor the
-    tracker's own bookkeeping sits on."""
+    """(attach, detach) of bare forward hooks on the tracker's module sites that do the counting the tracker's hooks
+    do (the kernel adding into per-unit counts, or the ATen reductions where it does not take the output) and
+    nothing else: the floor the tracker's own bookkeeping sits on."""
     handles: list[Any] = []
     stats = ActivationStats()
+    kernel = _native.counting_kernel()
+    states: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
         out = output.detach()
         axis = stats.unit_axis(out)
+        if kernel is not None:
+            key = (id(module), out.shape[axis])
+            if key not in states:  # made once: the tracker's states are not allocated per call either
+                counts = torch.zeros(out.shape[axis], dtype=torch.float64)
+                states[key] = counts, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+            if kernel.accumulate(out, axis, *states[key]):
+                return
         _reductions(out, axis, out.numel() // (out.shape[0] * out.shape[axis]))
 
     def attach() -> None:

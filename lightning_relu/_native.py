@@ -45,6 +45,7 @@ _PARALLEL_MIN = 1 << 16
 # propagate there, which is how non-finite batches are seen). Counts are int32 per thread and per row block,
 # int64 per unit, written as double: exact far beyond any batch.
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifndef LR_FOLD_EVERY
@@ -53,8 +54,10 @@ _SOURCE = r"""
 #ifdef _OPENMP
 #include <omp.h>
 #define LR_THREAD() omp_get_thread_num()
+#define LR_TEAM() omp_get_num_threads()
 #else
 #define LR_THREAD() 0
+#define LR_TEAM() 1
 #endif
 
 /* threads for one call: the caller's count (PyTorch's), 1 for small outputs or without OpenMP, never more than
@@ -68,10 +71,10 @@ static int lr_team(int wanted, int64_t entries, int64_t rows) {
     return wanted < 1 ? 1 : wanted;
 }
 
-/* scratch of the calling thread (0: int32 counts, 1: per-sample doubles), grown when needed and kept: once warm,
-   a call allocates nothing but its int64 totals */
-static __thread void *lr_scratch[2] = {NULL, NULL};
-static __thread size_t lr_scratch_bytes[2] = {0, 0};
+/* scratch of the calling thread (0: int32 counts per thread, 1: per-sample doubles per thread, 2: per-sample sums,
+   3: int64 counts per unit), grown when needed and kept: once warm, a call allocates nothing */
+static __thread void *lr_scratch[4] = {NULL, NULL, NULL, NULL};
+static __thread size_t lr_scratch_bytes[4] = {0, 0, 0, 0};
 
 static void *lr_buffer(int which, size_t bytes) {
     if (lr_scratch_bytes[which] < bytes) {
@@ -82,15 +85,36 @@ static void *lr_buffer(int which, size_t bytes) {
     return lr_scratch[which];
 }
 
-/* x: (batch, positions, units). counts: (units,), sums: (batch,). Returns 0, or -1 when out of memory. */       \
+/* Every function adds each unit's active entries to counts[u] (doubles holding integers) and takes the sum per
+   sample: written to sums (batch,) when sums is not NULL, else into the calling thread's scratch; when killed is
+   not NULL, the samples whose sum is 0 (the whole output is 0) are added to *killed, and 1 to *nonfinite when a
+   sum is NaN or Inf. `wanted` is the caller's thread count. Returns 0, or -1 when out of memory (nothing was
+   added then). */
+#define LR_ARGUMENTS(T) double *counts, T *sums, int64_t *killed, int64_t *nonfinite, int wanted
+#define LR_SUMS(T) if (!sums) sums = (T *)lr_buffer(2, (size_t)batch * sizeof(T));
+#define LR_FINISH(T)                                                                                         \
+    if (killed) {                                                                                            \
+        int64_t zero = 0, bad = 0;                                                                           \
+        for (int64_t b = 0; b < batch; b++) {                                                                \
+            zero += sums[b] == 0;                                                                            \
+            bad |= !isfinite(sums[b]);                                                                       \
+        }                                                                                                    \
+        *killed += zero;                                                                                     \
+        *nonfinite += bad;                                                                                   \
+    }                                                                                                        \
+    return 0;
+
+/* x: (batch, positions, units). See LR_ARGUMENTS. */
 #define LR_UNITS_LAST(NAME, T)                                                                                   \
-int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, double *counts, T *sums, int wanted) {     \
+int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, LR_ARGUMENTS(T)) {                         \
     int threads = lr_team(wanted, batch * positions * units, batch);                                             \
+    LR_SUMS(T)                                                                                                   \
     /* per thread: int32 counts of its samples, allocated and zeroed before the region */                        \
     int32_t *scratch = (int32_t *)lr_buffer(0, (size_t)threads * (size_t)units * sizeof(int32_t));               \
-    int64_t *totals = (int64_t *)calloc((size_t)units, sizeof(int64_t));                                         \
-    if (!scratch || !totals) { free(totals); return -1; }                                                        \
+    int64_t *totals = (int64_t *)lr_buffer(3, (size_t)units * sizeof(int64_t));                                  \
+    if (!scratch || !totals || !sums) return -1;                                                                 \
     for (int64_t i = 0; i < (int64_t)threads * units; i++) scratch[i] = 0;                                       \
+    for (int64_t u = 0; u < units; u++) totals[u] = 0;                                                           \
     _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                                 \
     {                                                                                                            \
         int32_t *mine = scratch + (int64_t)LR_THREAD() * units;                                                  \
@@ -120,31 +144,35 @@ int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, double *co
     for (int64_t u = 0; u < units; u++) {                                                                        \
         int64_t total = totals[u];                                                                               \
         for (int t = 0; t < threads; t++) total += scratch[(int64_t)t * units + u];                              \
-        counts[u] = (double)total;                                                                               \
+        counts[u] += (double)total;                                                                              \
     }                                                                                                            \
-    free(totals);                                                                                                \
-    return 0;                                                                                                    \
-}                                                                                                                \
+    LR_FINISH(T)                                                                                                 \
+}
 
-/* x: (batch, units, positions). counts: (units,), sums: (batch,). Returns 0, or -1 when out of memory. */
+/* x: (batch, units, positions). See LR_ARGUMENTS. */
 #define LR_UNITS_FIRST(NAME, T)                                                                              \
-int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, double *counts, T *sums, int wanted) { \
+int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, LR_ARGUMENTS(T)) {                     \
     int threads = lr_team(wanted, batch * positions * units, units);                                         \
-    /* per thread: the sum per sample of the units it counts */                                                  \
-    double *partial = (double *)lr_buffer(1, (size_t)threads * (size_t)batch * sizeof(double));                  \
-    if (!partial) return -1;                                                                                 \
+    LR_SUMS(T)                                                                                               \
+    /* per thread: the sum per sample of the units it counts; per unit: its count */                         \
+    double *partial = (double *)lr_buffer(1, (size_t)threads * (size_t)batch * sizeof(double));              \
+    int64_t *totals = (int64_t *)lr_buffer(3, (size_t)units * sizeof(int64_t));                              \
+    if (!partial || !totals || !sums) return -1;                                                             \
     /* zeroed here: OpenMP may run fewer threads than asked, and their slices must still read as 0 */        \
     for (int64_t i = 0; i < (int64_t)threads * batch; i++) partial[i] = 0;                                   \
+    for (int64_t u = 0; u < units; u++) totals[u] = 0;                                                       \
     _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                             \
     {                                                                                                        \
-        double *mine = partial + (int64_t)LR_THREAD() * batch;                                               \
-        _Pragma("omp for schedule(static)")                                                                  \
-        for (int64_t u = 0; u < units; u++) {                                                                \
-            int64_t total = 0;                                                                               \
-            for (int64_t b = 0; b < batch; b++) {                                                            \
+        /* each thread takes a range of units and reads it sample after sample, in memory order: one        \
+           contiguous stretch per sample, which the hardware prefetcher follows */                           \
+        int64_t team = LR_TEAM(), me = LR_THREAD();                                                          \
+        int64_t first = units * me / team, last = units * (me + 1) / team;                                   \
+        double *mine = partial + me * batch;                                                                 \
+        for (int64_t b = 0; b < batch; b++) {                                                                \
+            T part = 0;                                                                                      \
+            for (int64_t u = first; u < last; u++) {                                                         \
                 const T *block = x + (b * units + u) * positions;                                            \
                 int64_t done = 0;                                                                            \
-                T part = 0;                                                                                  \
                 while (done < positions) { /* int32 counts over at most LR_FOLD_EVERY entries at a time */  \
                     int64_t end = positions - done > LR_FOLD_EVERY ? done + LR_FOLD_EVERY : positions;       \
                     int32_t active = 0;                                                                      \
@@ -153,20 +181,20 @@ int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, double *co
                         active += block[p] > 0;                                                              \
                         part += block[p];                                                                    \
                     }                                                                                        \
-                    total += active;                                                                         \
+                    totals[u] += active;                                                                     \
                     done = end;                                                                              \
                 }                                                                                            \
-                mine[b] += part;                                                                             \
             }                                                                                                \
-            counts[u] = (double)total;                                                                       \
+            mine[b] += part;                                                                                 \
         }                                                                                                    \
     }                                                                                                        \
+    for (int64_t u = 0; u < units; u++) counts[u] += (double)totals[u];                                      \
     for (int64_t b = 0; b < batch; b++) {                                                                    \
         double sum = 0;                                                                                      \
         for (int t = 0; t < threads; t++) sum += partial[(int64_t)t * batch + b];                            \
         sums[b] = (T)sum;                                                                                    \
     }                                                                                                        \
-    return 0;                                                                                                \
+    LR_FINISH(T)                                                                                             \
 }
 
 LR_UNITS_LAST(lr_units_last_f32, float)
@@ -180,13 +208,14 @@ _state: dict[str, Any] = {}
 
 
 class _Kernel:
-    """The loaded library: ``count(output, axis)`` or None where the layout is not one it handles."""
+    """The loaded library: :meth:`count` and :meth:`accumulate` (None / False where the output's layout is not one
+    the kernel handles: the caller uses ATen then)."""
 
     def __init__(self, library: ctypes.CDLL, description: str) -> None:
         self.library = library  # keeps the library loaded
         self.description = description
         int64, pointer = ctypes.c_int64, ctypes.c_void_p
-        args = [pointer, int64, int64, int64, pointer, pointer, ctypes.c_int]
+        args = [pointer, int64, int64, int64, pointer, pointer, pointer, pointer, ctypes.c_int]
         self.functions = {}
         for layout in ("units_last", "units_first"):
             for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
@@ -195,9 +224,9 @@ class _Kernel:
                 function.restype = ctypes.c_int
                 self.functions[layout, dtype] = function
 
-    def count(self, output: Tensor, axis: int) -> tuple[Tensor, Tensor] | None:
-        """Active entries per unit (float64) and the sum per sample (the output's dtype) of a CPU float32/64
-        output whose memory is one of the two layouts; None for anything else (the caller uses ATen)."""
+    def _plan(self, output: Tensor, axis: int) -> tuple[Any, int, int, int, int] | None:
+        """(function, output address, the three sizes of its layout) for a CPU float32/64 output whose memory is
+        one of the two layouts; None for anything else."""
         dtype = output.dtype
         if (
             dtype not in (torch.float32, torch.float64)
@@ -212,26 +241,58 @@ class _Kernel:
         if not positions:
             return None
         if (axis == ndim - 1 or positions == 1) and output.is_contiguous():
-            layout, sizes = "units_last", (batch, positions, units)
+            layout, first, second = "units_last", positions, units
         elif axis == 1 and output.is_contiguous():
-            layout, sizes = "units_first", (batch, units, positions)
+            layout, first, second = "units_first", units, positions
         elif axis == 1 and (
             (ndim == 4 and output.is_contiguous(memory_format=torch.channels_last))
             or (ndim == 5 and output.is_contiguous(memory_format=torch.channels_last_3d))
         ):
-            layout, sizes = "units_last", (batch, positions, units)
+            layout, first, second = "units_last", positions, units
         else:
             return None
         try:
             address = output.data_ptr()  # tensors without storage (functorch wrappers) raise here
         except RuntimeError:
             return None
-        counts = torch.empty(units, dtype=torch.float64)
-        sums = torch.empty(batch, dtype=dtype)
-        threads = torch.get_num_threads()
-        if self.functions[layout, dtype](address, *sizes, counts.data_ptr(), sums.data_ptr(), threads) != 0:
+        return self.functions[layout, dtype], address, batch, first, second
+
+    def count(self, output: Tensor, axis: int) -> tuple[Tensor, Tensor] | None:
+        """Active entries per unit (float64) and the sum per sample (the output's dtype) of ``output``; None where
+        the kernel does not take it."""
+        plan = self._plan(output, axis)
+        if plan is None:
+            return None
+        function, address, *sizes = plan
+        counts = torch.zeros(output.shape[axis], dtype=torch.float64)
+        sums = torch.empty(output.shape[0], dtype=output.dtype)
+        if function(address, *sizes, counts.data_ptr(), sums.data_ptr(), None, None, torch.get_num_threads()) != 0:
             return None  # its scratch memory could not be allocated: the ATen operations count instead
         return counts, sums
+
+    def accumulate(self, output: Tensor, axis: int, active: Tensor, killed: Tensor, nonfinite: Tensor) -> bool:
+        """Add the output's active entries per unit to ``active`` (CPU float64, one per unit), its samples whose
+        whole output is 0 to ``killed``, and 1 to ``nonfinite`` when it holds NaN or Inf (CPU int64 scalars), in
+        place and in one call that allocates nothing once warm. False, with nothing added, where the kernel does
+        not take the output or the states."""
+        plan = self._plan(output, axis)
+        if (
+            plan is None
+            or active.dtype != torch.float64
+            or active.device.type != "cpu"
+            or not active.is_contiguous()
+            or active.numel() != output.shape[axis]
+            or killed.dtype != torch.int64
+            or nonfinite.dtype != torch.int64
+            or killed.device.type != "cpu"
+            or nonfinite.device.type != "cpu"
+            or killed.numel() != 1
+            or nonfinite.numel() != 1
+        ):
+            return False
+        function, address, *sizes = plan
+        threads = torch.get_num_threads()
+        return function(address, *sizes, active.data_ptr(), None, killed.data_ptr(), nonfinite.data_ptr(), threads) == 0
 
 
 def _mode() -> str:
@@ -299,7 +360,9 @@ def _build(compiler: list[str], defines: dict[str, int] | None = None) -> tuple[
                 errors.append(f"{' '.join(command)}: {done.stderr.strip()[-500:]}")
                 continue
             try:  # loaded now; the file may go with the folder (the mapping stays)
-                return ctypes.CDLL(library), " ".join([os.path.basename(path), *compiler[1:], "-O3", *flags])
+                # PyDLL: calls keep the GIL, so two Python threads never add into one state at once (the kernel's
+                # own threads are OpenMP's, which never touch Python)
+                return ctypes.PyDLL(library), " ".join([os.path.basename(path), *compiler[1:], "-O3", *flags])
             except OSError as error:  # e.g. a temporary folder mounted noexec
                 errors.append(f"loading {library}: {error}")
     raise RuntimeError("the counting kernel could not be built:\n" + "\n".join(errors))

@@ -309,16 +309,19 @@ class ActivationStats(Metric):
         self.accumulate(output)
         self.flush()
 
-    def accumulate(self, output: Tensor) -> None:
-        """What :meth:`update` does, in the fewest tensor operations: the hooks' hot path.
+    def accumulate(self, output: Tensor) -> bool:
+        """What :meth:`update` does, in the fewest tensor operations: the hooks' hot path. Returns whether results
+        wait to be folded (see below).
 
-        The two reductions of the output (active entries per unit, output sum per sample) are computed here; adding
-        them to the states is left pending, so that :func:`flush_stats` can fold the results of every site of a
-        forward pass with a few batched (``torch._foreach_*``) operations instead of several per site. The sample
-        and entry counts, known from the shape, wait as host integers. Everything pending is folded by
-        :meth:`flush`, which :meth:`compute`, :meth:`sync`, :meth:`merge_state`, :meth:`update` and moving the
-        metric call (:meth:`reset` drops it); at most ``_MAX_PENDING`` outputs wait per site. Nothing is assigned to
-        the module (attribute assignment costs microseconds on a ``Module``) and nothing synchronizes with the host.
+        A CPU output the fused C kernel takes (:mod:`lightning_relu._native`) is counted straight into the states,
+        in one call that allocates nothing. Otherwise the two reductions of the output (active entries per unit,
+        output sum per sample) are computed here and adding them to the states is left pending, so that
+        :func:`flush_stats` can fold the results of every site of a forward pass with a few batched
+        (``torch._foreach_*``) operations instead of several per site. The sample and entry counts, known from the
+        shape, wait as host integers either way. Everything pending is folded by :meth:`flush`, which
+        :meth:`compute`, :meth:`sync`, :meth:`merge_state`, :meth:`update` and moving the metric call
+        (:meth:`reset` drops it); at most ``_MAX_PENDING`` outputs wait per site. Nothing is assigned to the module
+        (attribute assignment costs microseconds on a ``Module``) and nothing synchronizes with the host.
         """
         output = output.detach()
         if output.ndim == 1:
@@ -335,17 +338,23 @@ class ActivationStats(Metric):
                 self.active = torch.zeros(num_units, dtype=torch.float64, device=output.device)
         batch = output.shape[0]
         if batch == 0:
-            return
+            return False
         per_block = output.numel() // (batch * num_units)
-        pending = self._pending
-        pending.append(_reductions(output, axis, per_block))
         host = self._host
         host[0] += batch
         host[1] += batch * per_block
         # what torchmetrics' update wrapper would count, without its per-call attribute assignments
         self.__dict__["_update_count"] = self.__dict__.get("_update_count", 0) + 1
+        if output.device.type == "cpu" and type(output) is Tensor and not torch.compiler.is_compiling():
+            kernel = _native.counting_kernel()
+            if kernel is not None and kernel.accumulate(output, axis, self.active, self.killed, self.nonfinite):
+                return False  # added to the states in place: nothing waits
+        pending = self._pending
+        pending.append(_reductions(output, axis, per_block))
         if len(pending) >= _MAX_PENDING:
             self.flush()
+            return False
+        return True
 
     def flush(self) -> None:
         """Fold the pending results of :meth:`accumulate` into the states (a no-op when none wait)."""

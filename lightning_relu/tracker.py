@@ -289,8 +289,8 @@ class DeadUnitTracker:
             return
         if stats.device != output.device:
             stats.to(output.device)
-        stats.accumulate(output)  # works on the detached output: no autograd graph
-        self._dirty[id(stats)] = stats
+        if stats.accumulate(output):  # works on the detached output: no autograd graph
+            self._dirty[id(stats)] = stats  # results wait to be folded
 
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]

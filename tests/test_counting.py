@@ -86,7 +86,34 @@ def test_scratch_buffer_is_reused_and_regrown(monkeypatch):
     assert stats_module._scratch(torch.float32).numel() == bigger
 
 
-def test_accumulate_leaves_results_pending_until_a_reader_flushes():
+@pytest.fixture
+def aten():
+    """Count with ATen operations: their results wait to be folded (the kernel adds into the states at once)."""
+    with counting_path("aten"):
+        yield
+
+
+@pytest.fixture(params=["kernel", "aten"])
+def path(request):
+    with counting_path(request.param):
+        yield request.param
+
+
+def test_kernel_counts_straight_into_the_states():
+    out = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, float("nan")]])
+    with counting_path("kernel"):
+        stats = ActivationStats(num_units=3)
+        assert stats.accumulate(out) is False  # nothing waits
+        assert stats.accumulate(out[:2]) is False
+    assert stats.pending == 0
+    assert stats.active.tolist() == [3.0, 0.0, 2.0]  # already in the state, added to what was there
+    assert int(stats.killed) == 2 and int(stats.nonfinite) == 1
+    assert int(stats.samples) == 0  # the sample count waits on the host until a reader folds it
+    report = stats.compute()
+    assert report.samples == 5 and report.entries_per_unit == 5 and report.killed == 2
+
+
+def test_accumulate_leaves_results_pending_until_a_reader_flushes(aten):
     stats = ActivationStats(num_units=2)
     stats.accumulate(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     assert stats.pending == 1 and stats.active.tolist() == [0.0, 0.0]  # not folded yet
@@ -96,7 +123,7 @@ def test_accumulate_leaves_results_pending_until_a_reader_flushes():
     assert stats.pending == 0 and stats.active.tolist() == [2.0, 1.0] and int(stats.samples) == 3
 
 
-def test_reset_drops_pending_results():
+def test_reset_drops_pending_results(aten):
     stats = ActivationStats(num_units=1)
     stats.accumulate(torch.ones(3, 1))
     stats.reset()
@@ -105,7 +132,7 @@ def test_reset_drops_pending_results():
     assert stats.pending == 0 and not report.seen
 
 
-def test_pending_results_are_bounded():
+def test_pending_results_are_bounded(aten):
     stats = ActivationStats(num_units=1)
     for _ in range(3 * stats_module._MAX_PENDING):
         stats.accumulate(torch.ones(2, 1))
@@ -113,7 +140,7 @@ def test_pending_results_are_bounded():
     assert stats.compute().active_count.tolist() == [6 * stats_module._MAX_PENDING]
 
 
-def test_flush_of_several_sites_and_rounds_equals_separate_updates():
+def test_flush_of_several_sites_and_rounds_equals_separate_updates(aten):
     g = torch.Generator().manual_seed(0)
     outputs = {name: [torch.relu(torch.randn(b, 4, generator=g)) for b in (5, 5, 3)] for name in "abc"}
     batched = {name: ActivationStats(num_units=4) for name in outputs}
@@ -130,14 +157,14 @@ def test_flush_of_several_sites_and_rounds_equals_separate_updates():
             assert torch.equal(getattr(batched[name], state), getattr(separate[name], state)), (name, state)
 
 
-def test_moving_the_metric_folds_pending_results_first():
+def test_moving_the_metric_folds_pending_results_first(path):
     stats = ActivationStats(num_units=2)
     stats.accumulate(torch.tensor([[1.0, 1.0]]))
     stats.to(torch.float64)
     assert stats.pending == 0 and stats.compute().active_count.tolist() == [1, 1]
 
 
-def test_tracker_folds_after_a_number_of_passes_and_on_report():
+def test_tracker_folds_after_a_number_of_passes_and_on_report(aten):
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
     g = torch.Generator().manual_seed(0)
     fold_after = tracker_module._FOLD_AFTER
@@ -155,6 +182,21 @@ def test_tracker_folds_after_a_number_of_passes_and_on_report():
         report = tracker.report()
     assert all(layer.samples == 6 * (fold_after + 1) for layer in report.values())
     assert all(s.pending == 0 for s in tracker.stats.values())
+
+
+def test_tracker_on_the_kernel_path_holds_every_pass_in_its_states():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    g = torch.Generator().manual_seed(0)
+    with counting_path("kernel"), DeadUnitTracker(net) as tracker, torch.no_grad():
+        expected = [0, 0]
+        for _ in range(3):
+            x = torch.randn(6, 3, generator=g)
+            tracker.pause()  # the reference passes are not counted
+            expected = [e + int((part(x) > 0).sum()) for e, part in zip(expected, (net[:2], net), strict=True)]
+            tracker.resume()
+            net(x)
+            assert not tracker._dirty and all(s.pending == 0 for s in tracker.stats.values())
+            assert [int(s.active.sum()) for s in tracker.stats.values()] == expected
 
 
 def test_flush_of_uneven_pending_results_equals_separate_updates():
@@ -192,7 +234,7 @@ def test_flush_of_uneven_pending_results_equals_separate_updates():
     assert int(batched["a"].nonfinite) == 1 and int(batched["b"].nonfinite) == 1  # the data holds what is tested
 
 
-def test_merge_state_folds_pending_results_of_both_metrics():
+def test_merge_state_folds_pending_results_of_both_metrics(path):
     a, b = ActivationStats(num_units=2), ActivationStats(num_units=2)
     a.accumulate(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     b.accumulate(torch.tensor([[1.0, 2.0]]))
@@ -211,7 +253,7 @@ def test_float64_counts_are_not_cast_by_a_dtype_move():
     assert holder.stats.compute().active_count.tolist() == [1000]
 
 
-def test_torchmetrics_forward_folds_pending_results_first():
+def test_torchmetrics_forward_folds_pending_results_first(path):
     stats = ActivationStats(num_units=2)
     stats.accumulate(torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
     stats(torch.tensor([[1.0, 1.0]]))
@@ -231,7 +273,7 @@ def test_counts_saved_as_int64_load_and_keep_counting():
     assert new.active.dtype == torch.float64 and new.compute().active_count.tolist() == [2, 1]
 
 
-def test_sites_waiting_for_a_flush_are_listed_once():
+def test_sites_waiting_for_a_flush_are_listed_once(aten):
     outer = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU()))
     with DeadUnitTracker(outer) as tracker:
         for _ in range(3 * stats_module._MAX_PENDING):

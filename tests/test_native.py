@@ -36,6 +36,19 @@ def kinds_of(sums: torch.Tensor) -> list[str]:
     return ["nonfinite" if not math.isfinite(v) else "zero" if v == 0 else "finite" for v in sums.tolist()]
 
 
+def check_accumulate(kernel, out: torch.Tensor, axis: int) -> None:
+    """``kernel.accumulate`` adds to states that already hold counts exactly what brute force finds: the active
+    entries per unit, the samples whose whole output is 0, and 1 when the output holds NaN or Inf."""
+    units = out.shape[axis]
+    before = torch.arange(units, dtype=torch.float64) * 2**40  # counts already there, beyond float32's integers
+    active, killed, nonfinite = before.clone(), torch.tensor(5), torch.tensor(2)
+    assert kernel.accumulate(out, axis, active, killed, nonfinite)
+    expected_counts, expected_kinds = brute(out, axis)
+    assert (active - before).tolist() == expected_counts
+    assert int(killed) == 5 + expected_kinds.count("zero")
+    assert int(nonfinite) == 2 + ("nonfinite" in expected_kinds)
+
+
 def relu_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int, special: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     out = torch.relu(torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
@@ -95,6 +108,7 @@ def test_kernel_counts_match_brute_force(kernel, shape, axis, memory_format, dty
     finite = sums.isfinite()
     reference = out.to(torch.float64).sum(tuple(range(1, out.ndim)))
     torch.testing.assert_close(sums[finite].double(), reference[finite], rtol=1e-5, atol=1e-6)
+    check_accumulate(kernel, out, axis)
 
 
 @given(
@@ -116,6 +130,7 @@ def test_kernel_counts_match_brute_force_on_random_shapes(kernel, batch, middle,
     expected_counts, expected_kinds = brute(out, axis)
     assert counts.tolist() == expected_counts
     assert kinds_of(sums) == expected_kinds
+    check_accumulate(kernel, out, axis)
 
 
 def test_kernel_threads_agree(kernel):
@@ -134,6 +149,33 @@ def test_kernel_threads_agree(kernel):
         assert kinds_of(s1) == kinds_of(s2)
 
 
+@pytest.mark.parametrize(
+    "states",
+    [
+        {"active": torch.zeros(4, dtype=torch.int64)},  # counts loaded as int64: ATen folds them
+        {"active": torch.zeros(4, dtype=torch.float32)},
+        {"active": torch.zeros(5, dtype=torch.float64)},  # another width
+        {"active": torch.zeros(8, dtype=torch.float64)[::2]},  # not contiguous
+        {"killed": torch.zeros((), dtype=torch.float64)},
+        {"nonfinite": torch.zeros(2, dtype=torch.int64)},
+        {"killed": torch.zeros((), dtype=torch.int64, device="meta")},
+    ],
+    ids=["int64", "float32", "width", "strided", "float killed", "two flags", "meta"],
+)
+def test_accumulate_declines_states_it_cannot_write(kernel, states):
+    """States of another dtype, size or device are left untouched (False): the caller counts with ATen."""
+    full = {
+        "active": torch.zeros(4, dtype=torch.float64),
+        "killed": torch.zeros((), dtype=torch.int64),
+        "nonfinite": torch.zeros((), dtype=torch.int64),
+        **states,
+    }
+    before = {name: state.clone() for name, state in full.items()}
+    assert not kernel.accumulate(relu_output((6, 4), torch.float32, seed=0, special=True), 1, **full)
+    for name, state in full.items():
+        assert state.device.type == "meta" or torch.equal(state, before[name]), name
+
+
 def test_int32_counts_are_folded_before_they_could_overflow():
     """Each thread keeps int32 counts and folds them into int64 every LR_FOLD_EVERY positions (2**30): built with
     a fold every 3 positions and every output split over threads, counts and sums stay right across many folds."""
@@ -150,6 +192,7 @@ def test_int32_counts_are_folded_before_they_could_overflow():
                 expected_counts, expected_kinds = brute(out, axis)
                 assert counts.tolist() == expected_counts, (count, shape)
                 assert kinds_of(sums) == expected_kinds, (count, shape)
+                check_accumulate(kernel, out, axis)
     finally:
         torch.set_num_threads(threads)
 
@@ -162,16 +205,17 @@ def test_counting_goes_through_the_kernel(monkeypatch):
         taken = []
 
         class Spy:
-            def count(self, output, axis):
-                result = kernel.count(output, axis)
-                taken.append(result is not None)
-                return result
+            def accumulate(self, output, axis, active, killed, nonfinite):
+                done = kernel.accumulate(output, axis, active, killed, nonfinite)
+                taken.append(done)
+                return done
 
         monkeypatch.setitem(_native._state, "kernel", Spy())
         model = conv_bn_net()
         x = torch.randn(6, 3, 8, 8)
         with DeadUnitTracker(model) as tracker:
             model(x)
+            assert not tracker._dirty  # counted straight into the states: nothing waits for a fold
             report = tracker.report()
         assert taken == [True, True, True]
         with torch.no_grad():
