@@ -77,10 +77,22 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def cpu_model() -> str:
+    """The CPU's model name where /proc/cpuinfo gives it, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, object]:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -513,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     processes = 1 if args.quick else max(1, args.processes)
-    rounds, block = (3, 2) if args.quick else (max(11, 45 // processes), 5)
+    rounds, block = (3, 2) if args.quick else (max(20, 100 // processes), 5)
 
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "allocator": allocator}
     rows: list[tuple[str, ...]] = []
