@@ -3,13 +3,16 @@
 Counting needs two reductions of a rectifier output: the entries ``> 0`` per unit and the output summed per
 sample. With ATen operations that is three passes over the output (``sign``, a per-unit ``nansum`` and a
 per-sample ``sum``) and a temporary as large as the output. The kernel below does both in one pass, without a
-temporary, and is several times cheaper inside a training step (see the README's Performance section).
+temporary, and is several times cheaper inside a training step (see the README's Performance section). The hooks
+use :meth:`_Kernel.accumulate`, which adds the counts, the killed samples and the non-finite flag straight into a
+site's states (nothing allocated, nothing left to fold); :meth:`_Kernel.count` hands the two reductions back.
 
 It is compiled once per process with the C compiler on the machine (``$CC``, else ``cc``), for the CPU it runs on
 (``-march=native``; nothing is cached on disk, so a shared home directory across different machines cannot hand a
-process a library built for another CPU), and loaded with :mod:`ctypes`. It uses OpenMP only when the OpenMP
-runtime PyTorch itself uses (``libgomp``) is already loaded and the compiler is GCC (whose ``-fopenmp`` links that
-runtime), so that both share one thread pool; otherwise it runs on the calling thread. Where no compiler is found
+process a library built for another CPU), and loaded with :class:`ctypes.PyDLL` (calls keep the GIL). It uses
+OpenMP only when the OpenMP runtime PyTorch itself uses (``libgomp``) is already loaded and the compiler is GCC
+(whose ``-fopenmp`` links that runtime), so that both share one thread pool; otherwise it runs on the calling
+thread. Where no compiler is found
 or the build fails, counting uses the ATen operations: the counts are the same either way (the test suite runs
 both).
 
