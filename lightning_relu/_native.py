@@ -12,9 +12,8 @@ It is compiled once per process with the C compiler on the machine (``$CC``, els
 process a library built for another CPU), and loaded with :class:`ctypes.PyDLL` (calls keep the GIL). It uses
 OpenMP only when the OpenMP runtime PyTorch itself uses (``libgomp``) is already loaded and the compiler is GCC
 (whose ``-fopenmp`` links that runtime), so that both share one thread pool; otherwise it runs on the calling
-thread. Where no compiler is found
-or the build fails, counting uses the ATen operations: the counts are the same either way (the test suite runs
-both).
+thread. Where no compiler is found or the build fails, counting uses the ATen operations: the counts are the same
+either way (the test suite runs both).
 
 ``LIGHTNING_RELU_KERNEL`` chooses: ``auto`` (default: the kernel where it builds, else ATen), ``off`` (always ATen)
 or ``require`` (raise when the kernel cannot be built).
@@ -46,7 +45,7 @@ _PARALLEL_MIN = 1 << 16
 # sequences and channels-last images, and units first (batch, units, positions), e.g. NCHW images. Each entry
 # adds 1 to its unit's count when it is > 0 (NaN is not) and is added to its sample's sum (NaN and Inf
 # propagate there, which is how non-finite batches are seen). Counts are int32 per thread and per row block,
-# int64 per unit, written as double: exact far beyond any batch.
+# int64 per unit, added to double counts: exact far beyond any batch.
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -172,10 +171,11 @@ int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, LR_ARGUMEN
         int64_t first = units * me / team, last = units * (me + 1) / team;                                   \
         double *mine = partial + me * batch;                                                                 \
         for (int64_t b = 0; b < batch; b++) {                                                                \
-            T part = 0;                                                                                      \
+            double sample = 0;                                                                               \
             for (int64_t u = first; u < last; u++) {                                                         \
                 const T *block = x + (b * units + u) * positions;                                            \
                 int64_t done = 0;                                                                            \
+                T part = 0; /* one unit's block in T, the sample's sum in double */                          \
                 while (done < positions) { /* int32 counts over at most LR_FOLD_EVERY entries at a time */  \
                     int64_t end = positions - done > LR_FOLD_EVERY ? done + LR_FOLD_EVERY : positions;       \
                     int32_t active = 0;                                                                      \
@@ -187,8 +187,9 @@ int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, LR_ARGUMEN
                     totals[u] += active;                                                                     \
                     done = end;                                                                              \
                 }                                                                                            \
+                sample += part;                                                                              \
             }                                                                                                \
-            mine[b] += part;                                                                                 \
+            mine[b] += sample;                                                                               \
         }                                                                                                    \
     }                                                                                                        \
     for (int64_t u = 0; u < units; u++) counts[u] += (double)totals[u];                                      \
