@@ -345,10 +345,9 @@ class ActivationStats(Metric):
         host[1] += batch * per_block
         # what torchmetrics' update wrapper would count, without its per-call attribute assignments
         self.__dict__["_update_count"] = self.__dict__.get("_update_count", 0) + 1
-        if output.device.type == "cpu" and type(output) is Tensor and not torch.compiler.is_compiling():
-            kernel = _native.counting_kernel()
-            if kernel is not None and kernel.accumulate(output, axis, self.active, self.killed, self.nonfinite):
-                return False  # added to the states in place: nothing waits
+        kernel = _kernel_for(output)
+        if kernel is not None and kernel.accumulate(output, axis, self.active, self.killed, self.nonfinite):
+            return False  # added to the states in place: nothing waits
         pending = self._pending
         pending.append(_reductions(output, axis, per_block))
         if len(pending) >= _MAX_PENDING:
@@ -452,6 +451,14 @@ def _check_eps(eps: object) -> None:
         raise ValueError(f"`eps` must be a number in [0, 1], got {eps!r}")
 
 
+def _kernel_for(output: Tensor) -> _native._Kernel | None:
+    """The fused C kernel where it may count ``output`` (a plain CPU tensor, outside ``torch.compile`` tracing), else
+    None. The kernel itself still declines layouts and dtypes it does not take."""
+    if output.device.type == "cpu" and type(output) is Tensor and not torch.compiler.is_compiling():
+        return _native.counting_kernel()
+    return None
+
+
 def _reductions(output: Tensor, axis: int, per_block: int) -> tuple[Tensor, Tensor]:
     """The two reductions of a (non-empty, at least 2-D) rectifier output that counting needs: active entries per
     unit, and the output summed per sample (0 exactly when the sample's whole output is 0, since the entries are
@@ -460,12 +467,11 @@ def _reductions(output: Tensor, axis: int, per_block: int) -> tuple[Tensor, Tens
     others = tuple(d for d in range(1, output.ndim) if d != axis)  # reduced per sample and unit
     if not output.is_floating_point():
         return output.gt(0).sum((0, *others)), output.sum(tuple(range(1, output.ndim)))
-    if output.device.type == "cpu" and type(output) is Tensor and not torch.compiler.is_compiling():
-        kernel = _native.counting_kernel()
-        if kernel is not None:
-            done = kernel.count(output, axis)
-            if done is not None:
-                return done
+    kernel = _kernel_for(output)
+    if kernel is not None:
+        done = kernel.count(output, axis)
+        if done is not None:
+            return done
     half = output.dtype not in (torch.float32, torch.float64)
     rows = output.sum(tuple(range(1, output.ndim)), dtype=torch.float32 if half else None)
     return _active_per_unit(output, axis, others, per_block), rows

@@ -212,10 +212,12 @@ class DeadUnitTracker:
     def flush(self) -> None:
         """Fold the counts of the outputs seen so far into :attr:`stats`.
 
-        The hooks only reduce each output; the additions to the states wait and are done for every site at once,
-        with a few batched tensor operations, when a forward pass of the model (or :meth:`new_pass`) begins and
-        ``_FOLD_AFTER`` (16) such beginnings have passed with results waiting. :meth:`report`, :meth:`detach` and
-        :meth:`to` flush too (:meth:`reset` drops what waits); call it before reading :attr:`stats` directly.
+        CPU outputs the fused kernel takes are counted straight into the states. Otherwise the hooks only reduce each
+        output; the additions to the states wait and are done for every site at once, with a few batched tensor
+        operations, when a forward pass of the model (or :meth:`new_pass`) begins and ``_FOLD_AFTER`` (16) such
+        beginnings have passed with results waiting. Sample and entry counts wait on the host either way.
+        :meth:`report`, :meth:`detach` and :meth:`to` flush too (:meth:`reset` drops what waits); call it before
+        reading :attr:`stats` directly.
         """
         self._flush_pending(force=True)
         for stats in self.stats.values():
