@@ -44,8 +44,10 @@ _PARALLEL_MIN = 1 << 16
 # Two layouts cover every contiguous output: units last (batch, positions, units), e.g. Linear outputs,
 # sequences and channels-last images, and units first (batch, units, positions), e.g. NCHW images. Each entry
 # adds 1 to its unit's count when it is > 0 (NaN is not) and is added to its sample's sum (NaN and Inf
-# propagate there, which is how non-finite batches are seen). Counts are int32 per thread and per row block,
-# int64 per unit, added to double counts: exact far beyond any batch.
+# propagate there, which is how non-finite batches are seen). Both read four rows (units last) or four samples
+# (units first) at a time: one load and store of the counts per four entries, and four independent sums, so that
+# the loop is not bound by the latency of one running sum. Counts are int32 per thread and per row block, int64
+# per unit, added to double counts: exact far beyond any batch.
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -106,41 +108,62 @@ static void *lr_buffer(int which, size_t bytes) {
     }                                                                                                        \
     return 0;
 
-/* x: (batch, positions, units). See LR_ARGUMENTS. */
+/* x: (batch, positions, units): rows of `units` entries, `positions` rows per sample. See LR_ARGUMENTS. */
 #define LR_UNITS_LAST(NAME, T)                                                                                   \
 int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, LR_ARGUMENTS(T)) {                         \
     int threads = lr_team(wanted, batch * positions * units, batch);                                             \
     LR_SUMS(T)                                                                                                   \
-    /* per thread: int32 counts of its samples, allocated and zeroed before the region */                        \
+    /* per thread: int32 counts of its rows; per unit: the int64 totals they fold into; per sample: its sum */   \
     int32_t *scratch = (int32_t *)lr_buffer(0, (size_t)threads * (size_t)units * sizeof(int32_t));               \
+    double *sample = (double *)lr_buffer(1, (size_t)batch * sizeof(double));                                     \
     int64_t *totals = (int64_t *)lr_buffer(3, (size_t)units * sizeof(int64_t));                                  \
-    if (!scratch || !totals || !sums) return -1;                                                                 \
+    if (!scratch || !sample || !totals || !sums) return -1;                                                      \
     for (int64_t i = 0; i < (int64_t)threads * units; i++) scratch[i] = 0;                                       \
     for (int64_t u = 0; u < units; u++) totals[u] = 0;                                                           \
+    for (int64_t b = 0; b < batch; b++) sample[b] = 0;                                                           \
     _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                                 \
     {                                                                                                            \
-        int32_t *mine = scratch + (int64_t)LR_THREAD() * units;                                                  \
-        int64_t since = 0;                                                                                       \
-        _Pragma("omp for schedule(static)")                                                                      \
-        for (int64_t b = 0; b < batch; b++) {                                                                    \
-            const T *row = x + b * positions * units;                                                            \
-            double sum = 0;                                                                                      \
-            for (int64_t p = 0; p < positions; p++, row += units) {                                              \
-                T part = 0;                                                                                      \
-                _Pragma("omp simd reduction(+:part)")                                                            \
+        /* each thread takes a range of samples and reads its rows four at a time: one load and store of its    \
+           counts per four entries, and four independent sums */                                                 \
+        int64_t team = LR_TEAM(), me = LR_THREAD();                                                              \
+        int32_t *mine = scratch + me * units;                                                                    \
+        int64_t row = batch * me / team * positions, end = batch * (me + 1) / team * positions, since = 0;       \
+        while (row < end) {                                                                                      \
+            const T *a = x + row * units;                                                                        \
+            if (end - row >= 4 && since + 4 <= LR_FOLD_EVERY) {                                                  \
+                const T *b = a + units, *c = b + units, *d = c + units;                                          \
+                T sa = 0, sb = 0, sc = 0, sd = 0;                                                                \
+                _Pragma("omp simd reduction(+:sa,sb,sc,sd)")                                                     \
                 for (int64_t u = 0; u < units; u++) {                                                            \
-                    mine[u] += row[u] > 0;                                                                       \
-                    part += row[u];                                                                              \
+                    mine[u] += (a[u] > 0) + (b[u] > 0) + (c[u] > 0) + (d[u] > 0);                                \
+                    sa += a[u];                                                                                  \
+                    sb += b[u];                                                                                  \
+                    sc += c[u];                                                                                  \
+                    sd += d[u];                                                                                  \
                 }                                                                                                \
-                sum += part;                                                                                     \
-                if (++since == LR_FOLD_EVERY) { /* int32 counts: folded long before they could overflow */       \
-                    _Pragma("omp critical(lr_totals)")                                                           \
-                    for (int64_t u = 0; u < units; u++) totals[u] += mine[u];                                    \
-                    for (int64_t u = 0; u < units; u++) mine[u] = 0;                                             \
-                    since = 0;                                                                                   \
+                sample[row / positions] += sa;                                                                   \
+                sample[(row + 1) / positions] += sb;                                                             \
+                sample[(row + 2) / positions] += sc;                                                             \
+                sample[(row + 3) / positions] += sd;                                                             \
+                row += 4;                                                                                        \
+                since += 4;                                                                                      \
+            } else {                                                                                             \
+                T sa = 0;                                                                                        \
+                _Pragma("omp simd reduction(+:sa)")                                                              \
+                for (int64_t u = 0; u < units; u++) {                                                            \
+                    mine[u] += a[u] > 0;                                                                         \
+                    sa += a[u];                                                                                  \
                 }                                                                                                \
+                sample[row / positions] += sa;                                                                   \
+                row += 1;                                                                                        \
+                since += 1;                                                                                      \
             }                                                                                                    \
-            sums[b] = (T)sum;                                                                                    \
+            if (since == LR_FOLD_EVERY) { /* int32 counts: folded long before they could overflow */             \
+                _Pragma("omp critical(lr_totals)")                                                               \
+                for (int64_t u = 0; u < units; u++) totals[u] += mine[u];                                        \
+                for (int64_t u = 0; u < units; u++) mine[u] = 0;                                                 \
+                since = 0;                                                                                       \
+            }                                                                                                    \
         }                                                                                                        \
     }                                                                                                            \
     for (int64_t u = 0; u < units; u++) {                                                                        \
@@ -148,6 +171,7 @@ int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, LR_ARGUMEN
         for (int t = 0; t < threads; t++) total += scratch[(int64_t)t * units + u];                              \
         counts[u] += (double)total;                                                                              \
     }                                                                                                            \
+    for (int64_t b = 0; b < batch; b++) sums[b] = (T)sample[b];                                                  \
     LR_FINISH(T)                                                                                                 \
 }
 
@@ -165,31 +189,54 @@ int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, LR_ARGUMEN
     for (int64_t u = 0; u < units; u++) totals[u] = 0;                                                       \
     _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                             \
     {                                                                                                        \
-        /* each thread takes a range of units and reads it sample after sample, in memory order: one        \
-           contiguous stretch per sample, which the hardware prefetcher follows */                           \
+        /* each thread takes a range of units and reads it four samples at a time (one contiguous stretch    \
+           per sample, which the hardware prefetcher follows): four independent sums, one count per unit */  \
         int64_t team = LR_TEAM(), me = LR_THREAD();                                                          \
-        int64_t first = units * me / team, last = units * (me + 1) / team;                                   \
+        int64_t first = units * me / team, last = units * (me + 1) / team, stride = units * positions;        \
         double *mine = partial + me * batch;                                                                 \
-        for (int64_t b = 0; b < batch; b++) {                                                                \
-            double sample = 0;                                                                               \
+        for (int64_t b = 0; b < batch;) {                                                                    \
+            int four = batch - b >= 4 && LR_FOLD_EVERY >= 4;                                                 \
+            int64_t chunk = four ? LR_FOLD_EVERY / 4 : LR_FOLD_EVERY; /* positions per int32 count */         \
+            double s0 = 0, s1 = 0, s2 = 0, s3 = 0; /* per sample, in double */                               \
             for (int64_t u = first; u < last; u++) {                                                         \
-                const T *block = x + (b * units + u) * positions;                                            \
-                int64_t done = 0;                                                                            \
-                T part = 0; /* one unit's block in T, the sample's sum in double */                          \
-                while (done < positions) { /* int32 counts over at most LR_FOLD_EVERY entries at a time */  \
-                    int64_t end = positions - done > LR_FOLD_EVERY ? done + LR_FOLD_EVERY : positions;       \
+                const T *x0 = x + (b * units + u) * positions;                                               \
+                const T *x1 = four ? x0 + stride : x0, *x2 = four ? x1 + stride : x0;                        \
+                const T *x3 = four ? x2 + stride : x0;                                                       \
+                T a0 = 0, a1 = 0, a2 = 0, a3 = 0; /* one unit's block per sample, in T */                    \
+                for (int64_t done = 0; done < positions;) {                                                  \
+                    int64_t end = positions - done > chunk ? done + chunk : positions;                       \
                     int32_t active = 0;                                                                      \
-                    _Pragma("omp simd reduction(+:active,part)")                                             \
-                    for (int64_t p = done; p < end; p++) {                                                   \
-                        active += block[p] > 0;                                                              \
-                        part += block[p];                                                                    \
+                    if (four) {                                                                              \
+                        _Pragma("omp simd reduction(+:active,a0,a1,a2,a3)")                                  \
+                        for (int64_t p = done; p < end; p++) {                                               \
+                            active += (x0[p] > 0) + (x1[p] > 0) + (x2[p] > 0) + (x3[p] > 0);                 \
+                            a0 += x0[p];                                                                     \
+                            a1 += x1[p];                                                                     \
+                            a2 += x2[p];                                                                     \
+                            a3 += x3[p];                                                                     \
+                        }                                                                                    \
+                    } else {                                                                                 \
+                        _Pragma("omp simd reduction(+:active,a0)")                                           \
+                        for (int64_t p = done; p < end; p++) {                                               \
+                            active += x0[p] > 0;                                                             \
+                            a0 += x0[p];                                                                     \
+                        }                                                                                    \
                     }                                                                                        \
                     totals[u] += active;                                                                     \
                     done = end;                                                                              \
                 }                                                                                            \
-                sample += part;                                                                              \
+                s0 += a0;                                                                                    \
+                s1 += a1;                                                                                    \
+                s2 += a2;                                                                                    \
+                s3 += a3;                                                                                    \
             }                                                                                                \
-            mine[b] += sample;                                                                               \
+            mine[b] += s0;                                                                                   \
+            if (four) {                                                                                      \
+                mine[b + 1] += s1;                                                                           \
+                mine[b + 2] += s2;                                                                           \
+                mine[b + 3] += s3;                                                                           \
+            }                                                                                                \
+            b += four ? 4 : 1;                                                                               \
         }                                                                                                    \
     }                                                                                                        \
     for (int64_t u = 0; u < units; u++) counts[u] += (double)totals[u];                                      \
@@ -274,11 +321,13 @@ class _Kernel:
             return None  # its scratch memory could not be allocated: the ATen operations count instead
         return counts, sums
 
-    def accumulate(self, output: Tensor, axis: int, active: Tensor, killed: Tensor, nonfinite: Tensor) -> bool:
-        """Add the output's active entries per unit to ``active`` (CPU float64, one per unit), its samples whose
-        whole output is 0 to ``killed``, and 1 to ``nonfinite`` when it holds NaN or Inf (CPU int64 scalars), in
-        place and in one call that allocates nothing once warm. False, with nothing added, where the kernel does
-        not take the output or the states."""
+    def bind(
+        self, output: Tensor, axis: int, active: Tensor, killed: Tensor, nonfinite: Tensor
+    ) -> tuple[Any, tuple[Any, ...]] | None:
+        """The call that adds an output like ``output`` (same shape, strides and dtype, on the CPU) into these states
+        (see :meth:`accumulate`): ``(function, arguments)``, run as ``function(output.data_ptr(), *arguments,
+        threads)``, which returns 0 once it has added, else nothing was added. None where the kernel does not take
+        the output or the states. The hooks keep it and check only that the next output is alike."""
         plan = self._plan(output, axis)
         if (
             plan is None
@@ -293,10 +342,20 @@ class _Kernel:
             or killed.numel() != 1
             or nonfinite.numel() != 1
         ):
+            return None
+        function, _, *sizes = plan
+        return function, (*sizes, active.data_ptr(), None, killed.data_ptr(), nonfinite.data_ptr())
+
+    def accumulate(self, output: Tensor, axis: int, active: Tensor, killed: Tensor, nonfinite: Tensor) -> bool:
+        """Add the output's active entries per unit to ``active`` (CPU float64, one per unit), its samples whose
+        whole output is 0 to ``killed``, and 1 to ``nonfinite`` when it holds NaN or Inf (CPU int64 scalars), in
+        place and in one call that allocates nothing once warm. False, with nothing added, where the kernel does
+        not take the output or the states."""
+        bound = self.bind(output, axis, active, killed, nonfinite)
+        if bound is None:
             return False
-        function, address, *sizes = plan
-        threads = torch.get_num_threads()
-        return function(address, *sizes, active.data_ptr(), None, killed.data_ptr(), nonfinite.data_ptr(), threads) == 0
+        function, arguments = bound
+        return function(output.data_ptr(), *arguments, torch.get_num_threads()) == 0
 
 
 def _mode() -> str:

@@ -346,13 +346,58 @@ class ActivationStats(Metric):
         # what torchmetrics' update wrapper would count, without its per-call attribute assignments
         self.__dict__["_update_count"] = self.__dict__.get("_update_count", 0) + 1
         kernel = _kernel_for(output)
-        if kernel is not None and kernel.accumulate(output, axis, self.active, self.killed, self.nonfinite):
-            return False  # added to the states in place: nothing waits
+        if kernel is not None:
+            bound = kernel.bind(output, axis, self.active, self.killed, self.nonfinite)
+            if bound is not None and bound[0](output.data_ptr(), *bound[1], torch.get_num_threads()) == 0:
+                # added to the states in place: nothing waits. Kept for `accumulate_again`, which counts the next
+                # output like this one without repeating the checks above
+                states = (self.active, self.killed, self.nonfinite)
+                again = (output.shape, output.stride(), output.dtype, bound, states, kernel, (batch, batch * per_block))
+                self.__dict__["_again"] = again
+                return False
         pending = self._pending
         pending.append(_reductions(output, axis, per_block))
         if len(pending) >= _MAX_PENDING:
             self.flush()
             return False
+        return True
+
+    def accumulate_again(self, output: Tensor) -> bool:
+        """Count ``output`` with the kernel call that :meth:`accumulate` made for the last output it counted with
+        the kernel, when ``output`` is alike (a plain CPU tensor of the same shape, strides and dtype, the same
+        states and kernel, not inside ``torch.compile`` tracing); True once counted. False, with nothing counted,
+        for anything else: :meth:`accumulate` then.
+
+        The hooks' hot path: a few attribute reads instead of the dozens :meth:`accumulate` makes. Inside a
+        training step, where each one runs with cold caches, those cost about as much as reading the output.
+        """
+        again = self.__dict__.get("_again")
+        if again is None or torch.compiler.is_compiling():
+            return False
+        shape, stride, dtype, (function, arguments), states, kernel, (samples, entries) = again
+        if (
+            type(output) is not Tensor
+            or not output.is_cpu
+            or output.dtype is not dtype
+            or output.shape != shape
+            or self.active is not states[0]  # states are replaced, never moved in place, by reset, to, load...
+            or self.killed is not states[1]
+            or self.nonfinite is not states[2]
+            or _native._state.get("kernel") is not kernel  # the counting path was switched
+        ):
+            return False
+        try:
+            if output.stride() != stride or output.is_neg():
+                return False
+        except RuntimeError:  # a layout without strides
+            return False
+        if function(output.data_ptr(), *arguments, torch.get_num_threads()) != 0:
+            return False
+        host = self._host
+        host[0] += samples
+        host[1] += entries
+        attributes = self.__dict__
+        attributes["_update_count"] = attributes.get("_update_count", 0) + 1
         return True
 
     def flush(self) -> None:
@@ -379,6 +424,11 @@ class ActivationStats(Metric):
             incoming_state.flush()
         self.flush()
         super().merge_state(incoming_state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_again", None)  # holds the kernel's C function, which does not pickle
+        return state
 
     def reset(self) -> None:
         self._pending.clear()

@@ -276,14 +276,18 @@ class DeadUnitTracker:
     def _count(self, key: int, output: Any) -> None:
         if _in_backward():
             return  # a forward recomputed by activation checkpointing was counted when it first ran
-        k = self._calls.get(key, 0)
-        self._calls[key] = k + 1
+        calls = self._calls
+        k = calls.get(key, 0)
+        calls[key] = k + 1
         if not self.enabled or not isinstance(output, Tensor):
             return
-        entry = self._entry(key, k)
+        positions = self._positions[key]
+        entry = positions[k] if k < len(positions) else self._entry(key, k)
         if entry is None:
             return
         site, stats = entry
+        if stats.accumulate_again(output):  # an output like the site's last one, counted by the kernel
+            return
         width = stats.num_units if stats.num_units is not None else stats.active.numel()
         # the same unit axis the counts use; a 1-D output is one unit per sample
         if width and (output.shape[stats.unit_axis(output)] if output.ndim > 1 else 1) != width:

@@ -176,11 +176,13 @@ def test_accumulate_declines_states_it_cannot_write(kernel, states):
         assert state.device.type == "meta" or torch.equal(state, before[name]), name
 
 
-def test_int32_counts_are_folded_before_they_could_overflow():
+@pytest.mark.parametrize("every", [3, 6])
+def test_int32_counts_are_folded_before_they_could_overflow(every):
     """Each thread keeps int32 counts and folds them into int64 every LR_FOLD_EVERY positions (2**30): built with
-    a fold every 3 positions and every output split over threads, counts and sums stay right across many folds."""
+    a fold every 3 positions (rows one at a time) or 6 (four at a time, then single rows up to the fold) and every
+    output split over threads, counts and sums stay right across many folds."""
     with counting_path("kernel"):
-        library, _ = _native._build(_native._compiler(), defines={"LR_FOLD_EVERY": 3, "LR_PARALLEL_MIN": 1})
+        library, _ = _native._build(_native._compiler(), defines={"LR_FOLD_EVERY": every, "LR_PARALLEL_MIN": 1})
     kernel = _native._Kernel(library, "test")
     threads = torch.get_num_threads()
     try:
@@ -199,28 +201,110 @@ def test_int32_counts_are_folded_before_they_could_overflow():
 
 def test_counting_goes_through_the_kernel(monkeypatch):
     """The tracker's hot path calls the kernel for the outputs it takes (else every "kernel" test above could pass on
-    ATen alone), and its results are what the reports hold."""
+    ATen alone): each site binds the kernel call once, on its first output, and later passes run that call again
+    without binding; the reports hold what the calls counted."""
     with counting_path("kernel"):
         kernel = _native.counting_kernel()
-        taken = []
+        bound, runs = [], []
 
         class Spy:
-            def accumulate(self, output, axis, active, killed, nonfinite):
-                done = kernel.accumulate(output, axis, active, killed, nonfinite)
-                taken.append(done)
-                return done
+            def bind(self, output, axis, active, killed, nonfinite):
+                call = kernel.bind(output, axis, active, killed, nonfinite)
+                bound.append(call is not None)
+                if call is None:
+                    return None
+                function, arguments = call
+
+                def counted(*args):
+                    runs.append(args[0])
+                    return function(*args)
+
+                return counted, arguments
 
         monkeypatch.setitem(_native._state, "kernel", Spy())
         model = conv_bn_net()
         x = torch.randn(6, 3, 8, 8)
         with DeadUnitTracker(model) as tracker:
-            model(x)
+            for _ in range(3):
+                model(x)
             assert not tracker._dirty  # counted straight into the states: nothing waits for a fold
             report = tracker.report()
-        assert taken == [True, True, True]
+        assert bound == [True, True, True]  # the first pass binds each site's call...
+        assert len(runs) == 9  # ...which every pass runs
         with torch.no_grad():
             hidden = model[2](model[1](model[0](x)))
-        assert report["2"].active_count.tolist() == brute(hidden, 1)[0]
+        assert report["2"].active_count.tolist() == [3 * c for c in brute(hidden, 1)[0]]
+        assert report["2"].samples == 18
+
+
+def test_accumulate_again_takes_only_outputs_like_the_last(kernel):
+    """``accumulate_again`` reruns the last kernel call only for a plain CPU output of the same shape, strides and
+    dtype into the same states; anything else is declined untouched and ``accumulate`` counts it. Whatever the mix,
+    the counts are brute force's over every output."""
+    from lightning_relu import ActivationStats
+
+    class Marked(torch.Tensor):
+        pass
+
+    stats = ActivationStats()
+    first = relu_output((6, 3, 4, 4), torch.float32, seed=0, special=True)
+    assert not stats.accumulate_again(first)  # nothing bound yet
+    stats.accumulate(first)
+    seen = [first]
+    alike = relu_output((6, 3, 4, 4), torch.float32, seed=1)
+    others = [
+        relu_output((7, 3, 4, 4), torch.float32, seed=2),  # another batch size
+        relu_output((6, 3, 4, 4), torch.float64, seed=3),  # another dtype
+        relu_output((6, 3, 4, 4), torch.float32, seed=4).contiguous(memory_format=torch.channels_last),  # strides
+        relu_output((6, 3, 4, 4), torch.float32, seed=5).as_subclass(Marked),
+        torch._neg_view(-relu_output((6, 3, 4, 4), torch.float32, seed=6)),  # same strides, negated view
+        relu_output((6, 3, 4, 4), torch.float32, seed=7).to_sparse(),
+    ]
+    for other in others:
+        stats.accumulate(first)  # bind the call for `first` again
+        seen.append(first)
+        before = {name: getattr(stats, name).clone() for name in ("active", "killed", "nonfinite")}
+        assert not stats.accumulate_again(other), other.layout
+        for name, state in before.items():
+            assert torch.equal(getattr(stats, name), state), name
+        if other.layout == torch.strided:
+            stats.accumulate(other)
+            seen.append(other)
+    stats.accumulate(first)
+    assert stats.accumulate_again(alike)
+    seen += [first, alike]
+    report = stats.compute()
+    expected = [sum(column) for column in zip(*(brute(out.resolve_neg(), 1)[0] for out in seen), strict=True)]
+    assert report.active_count.tolist() == expected
+    assert report.samples == sum(out.shape[0] for out in seen)
+    kinds = [kind for out in seen for kind in brute(out.resolve_neg(), 1)[1]]
+    assert report.killed == kinds.count("zero")
+
+    stats.reset()  # new states: the call bound to the old ones is not used
+    assert not stats.accumulate_again(alike)
+    with counting_path("aten"):  # the counting path was switched: neither
+        stats.accumulate(alike)
+        assert not stats.accumulate_again(alike)
+    assert stats.compute().active_count.tolist() == brute(alike, 1)[0]
+
+
+def test_stats_with_a_bound_call_pickle_and_copy(kernel):
+    """The bound call (a C function) is left out of pickles and copies; the copy binds its own."""
+    import copy
+    import pickle
+
+    from lightning_relu import ActivationStats
+
+    stats = ActivationStats()
+    out = relu_output((5, 8), torch.float32, seed=0)
+    stats.accumulate(out)
+    assert stats.accumulate_again(out)
+    for twin in (pickle.loads(pickle.dumps(stats)), copy.deepcopy(stats)):
+        assert not twin.accumulate_again(out)
+        twin.accumulate(out)
+        assert twin.accumulate_again(out)
+        assert twin.compute().active_count.tolist() == [4 * c for c in brute(out, 1)[0]]
+    assert stats.compute().active_count.tolist() == [2 * c for c in brute(out, 1)[0]]
 
 
 def test_environment_compiler_may_carry_arguments(monkeypatch):
