@@ -1,7 +1,7 @@
 """Benchmark suite: what monitoring costs, measured against the same training step without it.
 
     python benchmarks/run.py [--quick] [--json benchmarks/results.json] [--no-budgets] [--processes 5]
-                             [--system-malloc]
+                             [--system-malloc] [--only tracker,lightning,...]
 
 Each step-overhead figure is a ratio of medians from a process in which the two variants run in interleaved
 blocks (many rounds of "a block of steps with, a block without"), so that machine drift cancels; it is
@@ -62,6 +62,7 @@ from lightning_relu.init import sign_flip_
 from lightning_relu.stats import _reductions
 from lightning_relu.tracker import _FOLD_AFTER
 
+SECTIONS = ("tracker", "margin", "lightning", "sign_flip", "revival", "compiled")
 STEP_BUDGET = 1.02
 SIGN_FLIP_BUDGET = 1.5
 # glibc keeps freed memory instead of returning it to the kernel (32 MiB is the largest mmap threshold it accepts)
@@ -179,22 +180,32 @@ def _with_fold(result: dict[str, Any], fold: float, step: float) -> dict[str, An
 
 def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callable[[], None]]:
     """(attach, detach) of bare forward hooks on the tracker's module sites that do the counting the tracker's hooks
-    do (the kernel adding into per-unit counts, or the ATen reductions where it does not take the output) and
-    nothing else: the floor the tracker's own bookkeeping sits on."""
+    do and nothing else: the floor the tracker's own bookkeeping sits on. Each hook binds the kernel call into states
+    of its own once, on its first output, and then only runs it (the kernel's bare cost); where the kernel does not
+    take the output, it computes the ATen reductions (the workloads' outputs keep their shape)."""
     handles: list[Any] = []
     stats = ActivationStats()
     kernel = _native.counting_kernel()
-    states: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    bound: dict[int, Any] = {}
+    states: list[tuple[torch.Tensor, ...]] = []  # kept alive: the bound calls write into them
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        call = bound.get(id(module))
+        if call is not None:
+            function, arguments = call
+            function(output.data_ptr(), *arguments, torch.get_num_threads())
+            return
         out = output.detach()
         axis = stats.unit_axis(out)
         if kernel is not None:
-            key = (id(module), out.shape[axis])
-            if key not in states:  # made once: the tracker's states are not allocated per call either
-                counts = torch.zeros(out.shape[axis], dtype=torch.float64)
-                states[key] = counts, torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
-            if kernel.accumulate(out, axis, *states[key]):
+            # states made once, as the tracker's are; the call is bound to them
+            counts = torch.zeros(out.shape[axis], dtype=torch.float64)
+            killed, nonfinite = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
+            call = kernel.bind(out, axis, counts, killed, nonfinite)
+            if call is not None:
+                bound[id(module)] = call
+                states.append((counts, killed, nonfinite))
+                call[0](out.data_ptr(), *call[1], torch.get_num_threads())
                 return
         _reductions(out, axis, out.numel() // (out.shape[0] * out.shape[axis]))
 
@@ -210,6 +221,43 @@ def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callab
     return attach, detach
 
 
+def time_in_hooks(tracker: DeadUnitTracker, step: Callable[[], None], steps: int) -> float:
+    """Median seconds per step spent inside the tracker's hooks (its per-site forward hooks and its per-pass
+    pre-hook on the model), timed where they run, around each call, over ``steps`` training steps.
+
+    A direct measurement of what the hooks cost, not subject to the step-to-step noise that the interleaved ratio
+    has to average away; it leaves out what the hooks may cost the rest of the step (caches, allocations), which
+    the ratio includes. Only module sites are timed (the reference workloads have no functional ones).
+    """
+    spent = [0.0]
+
+    def timed(function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        return wrapper
+
+    make_reset = tracker._make_reset
+    tracker._hook = timed(tracker._hook)  # type: ignore[method-assign]
+    tracker._make_reset = lambda keys, flush: timed(make_reset(keys, flush))  # type: ignore[method-assign]
+    per_step = []
+    try:
+        tracker.attach()
+        step()  # untimed, as the first step of every block
+        for _ in range(steps):
+            spent[0] = 0.0
+            step()
+            per_step.append(spent[0])
+    finally:
+        tracker.detach()
+        del tracker._hook, tracker._make_reset  # the class's methods again
+    return statistics.median(per_step)
+
+
 def _tracked_vs_plain(
     name: str,
     rounds: int,
@@ -219,7 +267,8 @@ def _tracked_vs_plain(
     floor: bool = False,
 ) -> tuple[Any, ...]:
     """Interleaved medians of a training step with and without `DeadUnitTracker` on one workload (and, with
-    ``floor``, with bare hooks that only compute the counting operations)."""
+    ``floor``, with bare hooks that only compute the counting operations, and the time spent inside the tracker's
+    hooks)."""
     build, _ = WORKLOADS[name]
     torch.manual_seed(0)
     model = build()
@@ -254,6 +303,10 @@ def _tracked_vs_plain(
     }
     if floor:
         result["counting_only_ratio"] = medians["ratios"]["counting_only"]
+        in_hooks = time_in_hooks(tracker, step, 4 * block)
+        result["hooks_ms"] = in_hooks * 1e3
+        # the share of a plain step spent in the hooks, plus the fold's share (a sixteenth of a fold per step)
+        result["hooks_share"] = (in_hooks + fold / _FOLD_AFTER) / medians["plain"]
     return _with_fold(result, fold, medians["plain"]), model, run, tracker, x
 
 
@@ -282,6 +335,8 @@ def in_fresh_processes(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...],
     runs.sort(key=lambda run: run["ratio"])
     result = dict(runs[len(runs) // 2])
     result["ratios"] = [run["ratio"] for run in runs]
+    if "hooks_share" in result:
+        result["hooks_shares"] = sorted(run["hooks_share"] for run in runs)
     return result
 
 
@@ -504,11 +559,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--processes", type=int, default=5, help="fresh processes per step-overhead figure (median of them)"
     )
     parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})",
+    )
+    parser.add_argument(
         "--system-malloc",
         action="store_true",
         help="keep glibc's default malloc settings (by default it is told to keep freed memory; see above)",
     )
     args = parser.parse_args(argv)
+    only = {section.strip() for section in args.only.split(",") if section.strip()}
+    if not only or only - set(SECTIONS):
+        parser.error(f"--only takes sections among {', '.join(SECTIONS)}; got {args.only!r}")
     allocator = "system"
     if not args.system_malloc and platform.system() == "Linux":
         allocator = "keeps freed memory (up to 32 MiB blocks)"
@@ -541,27 +604,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         if budget is not None and r["ratio"] > budget:
             failures.append(f"{label}: {r['ratio']:.3f}x > {budget}x")
 
-    for name in WORKLOADS:
-        r = in_fresh_processes(bench_tracker, (name, rounds, block), processes)
-        record("tracker", name, r, f"DeadUnitTracker step, {name}", "step_ms", STEP_BUDGET)
-        label = f"  the counting operations alone (bare hooks, same loop), {name}"
-        rows.append((label, f"{r['step_ms']:.2f} ms", f"{r['counting_only_ratio']:.3f}x", "-", "-"))
-    for name in WORKLOADS:
-        r = in_fresh_processes(bench_margin, (name, rounds, block), processes)
-        record("margin", name, r, f"DeadUnitTracker(track_margin=True) step, {name}", "step_ms", None)
-    if not args.skip_lightning:
+    if "tracker" in only:
+        for name in WORKLOADS:
+            r = in_fresh_processes(bench_tracker, (name, rounds, block), processes)
+            record("tracker", name, r, f"DeadUnitTracker step, {name}", "step_ms", STEP_BUDGET)
+            label = f"  the counting operations alone (bare hooks, same loop), {name}"
+            rows.append((label, f"{r['step_ms']:.2f} ms", f"{r['counting_only_ratio']:.3f}x", "-", "-"))
+            label = f"  time inside the tracker's hooks (+ fold share) per step, {name}"
+            shares = f" ({min(r['hooks_shares']):.3f}-{max(r['hooks_shares']):.3f})" if "hooks_shares" in r else ""
+            share = f"{1 + r['hooks_share']:.3f}x{shares}"
+            rows.append((label, f"{r['step_ms']:.2f} ms", share, f"{r['hooks_ms']:.3f} ms in hooks", "-"))
+    if "margin" in only:
+        for name in WORKLOADS:
+            r = in_fresh_processes(bench_margin, (name, rounds, block), processes)
+            record("margin", name, r, f"DeadUnitTracker(track_margin=True) step, {name}", "step_ms", None)
+    if "lightning" in only and not args.skip_lightning:
         for name in WORKLOADS:
             r = in_fresh_processes(bench_lightning, (name, rounds, block), processes)
             record("lightning", name, r, f"Trainer.fit step with DeadUnitMonitor, {name}", "step_ms", STEP_BUDGET)
     repeats = 3 if args.quick else 21
-    r = in_fresh_processes(bench_sign_flip_mlp, (repeats,), processes)
-    label = "sign_flip_ vs forward, MLP depth 32 width 64 (8192 samples)"
-    record("sign_flip", "mlp_depth32_width64", r, label, "forward_ms", SIGN_FLIP_BUDGET)
-    r = in_fresh_processes(bench_sign_flip_cnn, (repeats,), processes)
-    record("sign_flip", "cnn", r, "sign_flip_ vs forward, CNN (256 images)", "forward_ms", SIGN_FLIP_BUDGET)
-    r = bench_revival(repeats)
-    record("revival", "cnn", r, "revive_dead_units_ vs training step, CNN", "step_ms", None)
-    if not args.skip_compile:
+    if "sign_flip" in only:
+        r = in_fresh_processes(bench_sign_flip_mlp, (repeats,), processes)
+        label = "sign_flip_ vs forward, MLP depth 32 width 64 (8192 samples)"
+        record("sign_flip", "mlp_depth32_width64", r, label, "forward_ms", SIGN_FLIP_BUDGET)
+        r = in_fresh_processes(bench_sign_flip_cnn, (repeats,), processes)
+        record("sign_flip", "cnn", r, "sign_flip_ vs forward, CNN (256 images)", "forward_ms", SIGN_FLIP_BUDGET)
+    if "revival" in only:
+        r = bench_revival(repeats)
+        record("revival", "cnn", r, "revive_dead_units_ vs training step, CNN", "step_ms", None)
+    if "compiled" in only and not args.skip_compile:
         for name in WORKLOADS:
             r = in_fresh_processes(bench_compiled, (name, rounds, block), processes)
             record("compiled", name, r, f"DeadUnitTracker step, torch.compile, {name}", "step_ms", None)
