@@ -389,9 +389,10 @@ class ActivationStats(Metric):
         try:
             if output.stride() != stride or output.is_neg():
                 return False
-        except RuntimeError:  # a layout without strides
+            address = output.data_ptr()
+        except RuntimeError:  # a layout without strides, a tensor without storage (torch.func's wrappers)
             return False
-        if function(output.data_ptr(), *arguments, torch.get_num_threads()) != 0:
+        if function(address, *arguments, torch.get_num_threads()) != 0:
             return False
         host = self._host
         host[0] += samples

@@ -104,6 +104,7 @@ class DeadUnitTracker:
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
+        self._transformed_warned = False
         # Call positions: a rectifier module applied at several places of one forward is one site per place,
         # and so is each functional call of a parent's forward. Position k of key m is the k-th call since the
         # forward of m's owner (or of the model) began; keys are id(module) for modules, id(parent) for calls.
@@ -268,6 +269,9 @@ class DeadUnitTracker:
         if entry is None:
             return
         stats = entry[1]
+        if _transformed(pre_activation):
+            self._warn_transformed()
+            return
         with torch.no_grad():
             if stats.device != pre_activation.device:
                 stats.to(pre_activation.device)
@@ -287,6 +291,9 @@ class DeadUnitTracker:
             return
         site, stats = entry
         if stats.accumulate_again(output):  # an output like the site's last one, counted by the kernel
+            return
+        if _transformed(output):
+            self._warn_transformed()
             return
         width = stats.num_units if stats.num_units is not None else stats.active.numel()
         # the same unit axis the counts use; a 1-D output is one unit per sample
@@ -328,6 +335,18 @@ class DeadUnitTracker:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def _warn_transformed(self) -> None:
+        if self._transformed_warned:
+            return
+        self._transformed_warned = True
+        warnings.warn(
+            "Outputs computed inside torch.func transforms (vmap, grad, jacrev, ...) are not counted: they are "
+            "wrappers without storage of their own, and their results could not be added to the counts outside "
+            "the transform.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _warn_width(self, site: Site, output: Tensor, width: int) -> None:
         if site.name in self._width_warned:
@@ -420,6 +439,13 @@ def _common_prefix(parents: set[str]) -> str:
 
 
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _transformed(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a wrapper of a ``torch.func`` transform (vmap's batched tensors, grad's tracking
+    tensors). Never asked while ``torch.compile`` traces (the call would break the graph there)."""
+    return _IS_WRAPPED is not None and not torch.compiler.is_compiling() and bool(_IS_WRAPPED(tensor))
 
 
 def _in_backward() -> bool:

@@ -1523,3 +1523,27 @@ def test_revive_with_a_report_measured_on_a_deep_copy():
         twin(torch.randn(8, 4))
     counts = revive_dead_units_(model, tracker.report(), optimizer, generator=torch.Generator().manual_seed(1))
     assert counts["2"] == int(tracker.report()["2"].num_dead) >= 1
+
+
+@pytest.mark.parametrize("counting", ["kernel", "aten"])
+@pytest.mark.parametrize("margin", [False, True])
+def test_outputs_inside_torch_func_transforms_are_skipped_with_one_warning(counting, margin):
+    """Inside ``torch.func.vmap``/``grad`` a site sees wrappers without storage, whose results could not be folded
+    outside the transform: they are not counted (one RuntimeWarning), the plain passes around them still are, and
+    reports still work. Outputs of the same shape as a site's last one do not slip through the kernel's fast path."""
+    with helpers.counting_path(counting):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
+        x = torch.randn(3, 5, 4)
+        with DeadUnitTracker(model, track_margin=margin) as tracker:
+            model(x[0])  # a plain pass: (5, 6) outputs
+            with pytest.warns(RuntimeWarning, match="torch.func transforms") as caught:
+                torch.func.vmap(model)(x)  # per call (5, 6) outputs again, batched wrappers
+                torch.func.grad(lambda inputs: model(inputs).sum())(x[1])
+            model(x[2])
+            report = tracker.report()["1"]
+        assert sum("torch.func" in str(w.message) for w in caught) == 1
+        with torch.no_grad():
+            hidden = torch.clamp(F.linear(x[[0, 2]], model[0].weight, model[0].bias), min=0)
+        assert report.samples == 10
+        assert report.active_count.tolist() == (hidden > 0).sum((0, 1)).tolist()
