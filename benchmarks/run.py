@@ -205,7 +205,7 @@ def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callab
             if call is not None:
                 bound[id(module)] = call
                 states.append((counts, killed, nonfinite))
-                call[0](out.data_ptr(), *call[1], torch.get_num_threads())
+                kernel.run(call, out)
                 return
         _reductions(out, axis, out.numel() // (out.shape[0] * out.shape[axis]))
 

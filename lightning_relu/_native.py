@@ -4,8 +4,10 @@ Counting needs two reductions of a rectifier output: the entries ``> 0`` per uni
 sample. With ATen operations that is three passes over the output (``sign``, a per-unit ``nansum`` and a
 per-sample ``sum``) and a temporary as large as the output. The kernel below does both in one pass, without a
 temporary, and is several times cheaper inside a training step (see the README's Performance section). The hooks
-use :meth:`_Kernel.accumulate`, which adds the counts, the killed samples and the non-finite flag straight into a
-site's states (nothing allocated, nothing left to fold); :meth:`_Kernel.count` hands the two reductions back.
+use :meth:`_Kernel.bind`: the call that adds an output's counts, killed samples and non-finite flag straight into a
+site's states (nothing allocated, nothing left to fold), which a site keeps and reruns for the next output of the
+same shape, strides and dtype; :meth:`_Kernel.accumulate` binds and runs it once, and :meth:`_Kernel.count` hands
+the two reductions back.
 
 It is compiled once per process with the C compiler on the machine (``$CC``, else ``cc``), for the CPU it runs on
 (``-march=native``; nothing is cached on disk, so a shared home directory across different machines cannot hand a
@@ -259,8 +261,8 @@ _state: dict[str, Any] = {}
 
 
 class _Kernel:
-    """The loaded library: :meth:`count` and :meth:`accumulate` (None / False where the output's layout is not one
-    the kernel handles: the caller uses ATen then)."""
+    """The loaded library: :meth:`count`, :meth:`bind` and :meth:`accumulate` (None / False where the output's
+    layout is not one the kernel handles: the caller uses ATen then)."""
 
     def __init__(self, library: ctypes.CDLL, description: str) -> None:
         self.library = library  # keeps the library loaded
@@ -346,16 +348,20 @@ class _Kernel:
         function, _, *sizes = plan
         return function, (*sizes, active.data_ptr(), None, killed.data_ptr(), nonfinite.data_ptr())
 
+    @staticmethod
+    def run(bound: tuple[Any, tuple[Any, ...]], output: Tensor) -> bool:
+        """Run a call from :meth:`bind` on ``output`` (which must be alike the output it was bound for); whether it
+        added (False: out of scratch memory, nothing added)."""
+        function, arguments = bound
+        return function(output.data_ptr(), *arguments, torch.get_num_threads()) == 0
+
     def accumulate(self, output: Tensor, axis: int, active: Tensor, killed: Tensor, nonfinite: Tensor) -> bool:
         """Add the output's active entries per unit to ``active`` (CPU float64, one per unit), its samples whose
         whole output is 0 to ``killed``, and 1 to ``nonfinite`` when it holds NaN or Inf (CPU int64 scalars), in
         place and in one call that allocates nothing once warm. False, with nothing added, where the kernel does
         not take the output or the states."""
         bound = self.bind(output, axis, active, killed, nonfinite)
-        if bound is None:
-            return False
-        function, arguments = bound
-        return function(output.data_ptr(), *arguments, torch.get_num_threads()) == 0
+        return bound is not None and self.run(bound, output)
 
 
 def _mode() -> str:

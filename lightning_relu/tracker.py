@@ -285,8 +285,7 @@ class DeadUnitTracker:
         calls[key] = k + 1
         if not self.enabled or not isinstance(output, Tensor):
             return
-        positions = self._positions[key]
-        entry = positions[k] if k < len(positions) else self._entry(key, k)
+        entry = self._entry(key, k)
         if entry is None:
             return
         site, stats = entry
