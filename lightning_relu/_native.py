@@ -7,7 +7,8 @@ temporary, and is several times cheaper inside a training step (see the README's
 use :meth:`_Kernel.bind`: the call that adds an output's counts, killed samples and non-finite flag straight into a
 site's states (nothing allocated, nothing left to fold), which a site keeps and reruns for the next output of the
 same shape, strides and dtype; :meth:`_Kernel.accumulate` binds and runs it once, and :meth:`_Kernel.count` hands
-the two reductions back.
+the two reductions back. The same library answers :func:`~lightning_relu.init.sign_flip_`'s question on CPU,
+which samples a site kills (:meth:`_Kernel.dead_rows`), reading each sample only up to its first living entries.
 
 It is compiled once per process with the C compiler on the machine (``$CC``, else ``cc``), for the CPU it runs on
 (``-march=native``; nothing is cached on disk, so a shared home directory across different machines cannot hand a
@@ -250,10 +251,48 @@ int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, LR_ARGUMEN
     LR_FINISH(T)                                                                                             \
 }
 
+/* sign_flip_'s question of a pre-activation x (batch rows, one per sample, of `length` entries each, contiguous;
+   row b starts at x + b * stride): is the rectifier's output of the row all zero, that is, is no entry > 0
+   (flipped: no entry < 0)? A NaN entry is neither <= 0 nor >= 0: it keeps its row alive, as its output is not 0.
+   Writes dead[b] (1: all zero, 0: not), reads each row only up to its first block of 16 entries that lives,
+   returns how many rows are dead and writes to *killed how many of them have alive[b] != 0 (alive NULL: all). */
+#define LR_DEAD_ROWS(NAME, T)                                                                                \
+int64_t NAME(const T *x, int64_t batch, int64_t length, int64_t stride, int flipped, const uint8_t *alive,    \
+             uint8_t *dead, int64_t *killed, int wanted) {                                                   \
+    int threads = lr_team(wanted, batch * length, batch);                                                    \
+    int64_t total = 0, among = 0;                                                                            \
+    _Pragma("omp parallel for num_threads(threads) if(threads > 1) schedule(static) reduction(+:total,among)") \
+    for (int64_t b = 0; b < batch; b++) {                                                                    \
+        const T *row = x + b * stride;                                                                       \
+        int lives = 0;                                                                                       \
+        int64_t i = 0;                                                                                       \
+        if (flipped) {                                                                                       \
+            for (; i + 16 <= length && !lives; i += 16) {                                                    \
+                _Pragma("omp simd reduction(|:lives)")                                                       \
+                for (int j = 0; j < 16; j++) lives |= !(row[i + j] >= 0);                                    \
+            }                                                                                                \
+            for (; i < length && !lives; i++) lives = !(row[i] >= 0);                                       \
+        } else {                                                                                             \
+            for (; i + 16 <= length && !lives; i += 16) {                                                    \
+                _Pragma("omp simd reduction(|:lives)")                                                       \
+                for (int j = 0; j < 16; j++) lives |= !(row[i + j] <= 0);                                    \
+            }                                                                                                \
+            for (; i < length && !lives; i++) lives = !(row[i] <= 0);                                       \
+        }                                                                                                    \
+        dead[b] = !lives;                                                                                    \
+        total += !lives;                                                                                     \
+        among += !lives && (!alive || alive[b]);                                                             \
+    }                                                                                                        \
+    *killed = among;                                                                                         \
+    return total;                                                                                            \
+}
+
 LR_UNITS_LAST(lr_units_last_f32, float)
 LR_UNITS_LAST(lr_units_last_f64, double)
 LR_UNITS_FIRST(lr_units_first_f32, float)
 LR_UNITS_FIRST(lr_units_first_f64, double)
+LR_DEAD_ROWS(lr_dead_rows_f32, float)
+LR_DEAD_ROWS(lr_dead_rows_f64, double)
 """
 
 _lock = threading.Lock()
@@ -276,6 +315,12 @@ class _Kernel:
                 function.argtypes = args
                 function.restype = ctypes.c_int
                 self.functions[layout, dtype] = function
+        self.dead_rows_functions = {}
+        for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+            function = getattr(library, f"lr_dead_rows_{suffix}")
+            function.argtypes = [pointer, int64, int64, int64, ctypes.c_int, pointer, pointer, pointer, ctypes.c_int]
+            function.restype = ctypes.c_int64
+            self.dead_rows_functions[dtype] = function
 
     def _plan(self, output: Tensor, axis: int) -> tuple[Any, int, int, int, int] | None:
         """(function, output address, the three sizes of its layout) for a CPU float32/64 output whose memory is
@@ -362,6 +407,46 @@ class _Kernel:
         not take the output or the states."""
         bound = self.bind(output, axis, active, killed, nonfinite)
         return bound is not None and self.run(bound, output)
+
+    def dead_rows(self, z: Tensor, flipped: bool, alive: Tensor | None, dead: Tensor) -> tuple[int, int] | None:
+        """Which samples (dimension 0) of the CPU pre-activation ``z`` a rectifier kills, that is, have no entry
+        > 0 (``flipped``: no entry < 0; NaN keeps a sample alive), written to ``dead``, reading each sample only up
+        to its first block of entries that lives. Returns (the killed samples, how many of them ``alive`` marks;
+        None: all of them); None, with nothing written, where the kernel does not take ``z`` (another dtype, a
+        negated view, a sample's entries not one dense block of memory). ``dead`` and ``alive`` must be contiguous
+        CPU bool tensors of one entry per sample (the caller's buffers: not checked here, on the hot path)."""
+        function = self.dead_rows_functions.get(z.dtype)
+        if function is None or z.device.type != "cpu" or z.layout != torch.strided or z.is_neg() or z.dim() == 0:
+            return None
+        if not z.numel():
+            return None
+        batch = z.shape[0]
+        if z.is_contiguous():
+            length = stride = z.numel() // batch
+        else:  # a sample's entries in any order, as long as they fill one block (channels last, say)
+            length, stride = 1, z.stride(0)
+            for step, size in sorted(zip(z.stride()[1:], z.shape[1:], strict=True)):
+                if size != 1:
+                    if step != length:
+                        return None
+                    length *= size
+        try:
+            address = z.data_ptr()  # tensors without storage (functorch wrappers) raise here
+        except RuntimeError:
+            return None
+        killed = ctypes.c_int64(0)
+        total = function(
+            address,
+            batch,
+            length,
+            stride,
+            flipped,
+            None if alive is None else alive.data_ptr(),
+            dead.data_ptr(),
+            ctypes.byref(killed),
+            torch.get_num_threads(),
+        )
+        return total, killed.value
 
 
 def _mode() -> str:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_relu import _native
 from lightning_relu.sites import Site, find_relu_sites
 
 __all__ = ["RAI_SIGMA_SCALE", "SignFlipReport", "rai_", "sign_flip_"]
@@ -324,8 +325,12 @@ def sign_flip_(
                 if isinstance(module, _BatchNorm):
                     module.train()
             pass_state.start(inputs.shape[0])
-            if inputs.device.type == "cpu" and _HOST_DECISIONS and inputs.is_floating_point():
-                pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
+            if inputs.device.type == "cpu" and _HOST_DECISIONS:
+                # the C kernel the monitors count with (built on the first call in a process) answers the CPU
+                # decisions' question in one call per site, reading each sample only up to its first living entries
+                pass_state.kernel = _native.counting_kernel()
+                if inputs.is_floating_point():
+                    pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
             handles = pass_state.register()
             try:
                 model(inputs)
@@ -395,6 +400,7 @@ class _SignFlipPass:
         self._alive: Tensor | None = None
         self._living = 0
         self._buffers: dict[torch.dtype, tuple[Tensor, ...]] = {}  # per-pass buffers of CPU decisions
+        self.kernel: _native._Kernel | None = None  # CPU decisions: the C kernel, where it is built
         self._num_samples = 0
         # hook module -> its sites in call order, and how many times it was called in this pass
         self._inputs: dict[nn.Module, list[Site]] = {}
@@ -501,9 +507,9 @@ class _SignFlipPass:
         # a sample survives when some entry is > 0, and survives the flip when some entry is < 0 (float reductions;
         # a NaN entry keeps a sample alive, as its output is not zero; two plain reductions beat one `aminmax`
         # several times over on CPU)
-        flat = z.detach().reshape(n, -1)
         if z.device.type == "cpu" and _HOST_DECISIONS:
-            return self._decide_on_host(site, flat)
+            return self._decide_on_host(site, z.detach())
+        flat = z.detach().reshape(n, -1)
         survives = flat.amax(dim=1).le(0).logical_not_()  # NaN propagates into amax/amin: not <= 0, survives
         survives_flipped = flat.amin(dim=1).ge(0).logical_not_()
         if self._alive is None:
@@ -550,32 +556,44 @@ class _SignFlipPass:
             buffers = self._buffers[dtype] = (torch.empty(n, dtype=dtype), *torch.empty(4, n, dtype=torch.bool))
         return buffers
 
-    def _decide_on_host(self, site: Site, flat: Tensor) -> Tensor | None:
+    def _killed_on_host(self, z: Tensor, flipped: bool, dead: Tensor) -> tuple[int, int]:
+        """Mark in ``dead`` the samples the site kills (``flipped``: would kill were it negated) and count them:
+        (all of them, the living ones among them). With the C kernel where it takes ``z``, else two reductions."""
+        alive = self._alive
+        if self.kernel is not None:
+            found = self.kernel.dead_rows(z, flipped, alive, dead)
+            if found is not None:
+                return found
+        peak, _, _, scratch, _ = self._host_buffers(z.dtype)
+        flat = z.reshape(z.shape[0], -1)
+        # NaN propagates into amax and amin and is neither <= 0 nor >= 0: the sample survives
+        if flipped:
+            torch.ge(torch.amin(flat, dim=1, out=peak), 0, out=dead)
+        else:
+            torch.le(torch.amax(flat, dim=1, out=peak), 0, out=dead)
+        site_killed = int(dead.sum())
+        return site_killed, site_killed if alive is None else int(torch.logical_and(alive, dead, out=scratch).sum())
+
+    def _decide_on_host(self, site: Site, z: Tensor) -> Tensor | None:
         """:meth:`_visit` for CPU tensors, where reading a count costs nothing: the same decision, with the small
         arithmetic in Python and only the reductions it needs. The flipped survival (a second pass over ``z``) is
         measured only when more than half of the living samples would be killed, the living mask is kept only
-        once a sample has been killed, and nothing is multiplied or negated at a site that does not flip. Every
+        once a sample has been killed, and nothing is multiplied or negated at a site that does not flip. The C
+        kernel, where it is built and takes ``z``, answers which samples are killed in one call that reads each
+        sample only up to its first block of entries that lives (two reductions over all of ``z`` else). Every
         per-sample result is written into buffers allocated once per pass: the pass allocates nothing per site
         beyond what the model does, so it leaves the memory allocator in the state a plain forward pass would.
         """
         n = self._num_samples
-        peak, dead, dead_flipped, scratch, alive_buffer = self._host_buffers(flat.dtype)
+        _, dead, dead_flipped, _, alive_buffer = self._host_buffers(z.dtype)
         alive = self._alive  # None while every sample is alive
         living = self._living
-        torch.amax(flat, dim=1, out=peak)
-        torch.le(peak, 0, out=dead)  # NaN propagates into amax and is not <= 0: the sample survives
-        site_killed = int(dead.sum())
-        killed = site_killed if alive is None else int(torch.logical_and(alive, dead, out=scratch).sum())
+        site_killed, killed = self._killed_on_host(z, False, dead)
         killed_flipped = killed  # measured only when the site kills the majority (a flip is considered then)
         target, target_name, reason = self._claim(site)
         flip = False
         if target is not None and 2 * killed > living:
-            torch.amin(flat, dim=1, out=peak)
-            torch.ge(peak, 0, out=dead_flipped)
-            site_killed_flipped = int(dead_flipped.sum())
-            killed_flipped = (
-                site_killed_flipped if alive is None else int(torch.logical_and(alive, dead_flipped, out=scratch).sum())
-            )
+            site_killed_flipped, killed_flipped = self._killed_on_host(z, True, dead_flipped)
             flip = killed_flipped < killed
             if flip:
                 target.negate_()
@@ -593,7 +611,7 @@ class _SignFlipPass:
         self._pending.append((site.name, target_name, reason, counts))
         if not flip:
             return None
-        return torch.tensor(-1, dtype=flat.dtype)
+        return torch.tensor(-1, dtype=z.dtype)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -20,18 +20,21 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_relu.init as init_module
 from lightning_relu.init import RAI_SIGMA_SCALE, SignFlipReport, rai_, sign_flip_
 from lightning_relu.sites import find_relu_sites
+from tests.helpers import counting_path
 
 # --------------------------------------------------------------------------------------------------------------------
 # rai_
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module", params=["host decisions", "device decisions"])
+@pytest.fixture(autouse=True, scope="module", params=["host decisions", "host decisions, ATen", "device decisions"])
 def decision_path(request):
-    """Every test runs with the CPU's host-integer decisions and with the device path CUDA tensors take."""
+    """Every test runs with the CPU's host-integer decisions (answered by the C kernel where it builds, and by ATen
+    reductions) and with the device path CUDA tensors take."""
     previous = init_module._HOST_DECISIONS
-    init_module._HOST_DECISIONS = request.param == "host decisions"
-    yield request.param
+    init_module._HOST_DECISIONS = request.param != "device decisions"
+    with counting_path("aten" if request.param == "host decisions, ATen" else "kernel"):
+        yield request.param
     init_module._HOST_DECISIONS = previous
 
 

@@ -309,6 +309,143 @@ def test_stats_with_a_bound_call_pickle_and_copy(kernel):
     assert stats.compute().active_count.tolist() == [2 * c for c in brute(out, 1)[0]]
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# dead_rows: sign_flip_'s question of a pre-activation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def brute_dead(z: torch.Tensor, flipped: bool) -> list[bool]:
+    """Per sample: whether no entry is > 0 (flipped: < 0), NaN being neither, with Python loops."""
+    rows = z.to(torch.float64).reshape(z.shape[0], -1).tolist()
+    if flipped:
+        return [all(v >= 0 for v in row) for row in rows]
+    return [all(v <= 0 for v in row) for row in rows]
+
+
+def pre_activation(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Samples of every kind: random, all negative, all zero (with -0.0), negative but for a NaN, a +Inf or one
+    positive entry at the end (past the last full block of 16), all positive, all -Inf."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, generator=g, dtype=torch.float64)
+    flat = z.view(shape[0], -1)
+    kinds = [
+        lambda row: row.copy_(-row.abs()),
+        lambda row: row.zero_().view(-1)[::2].fill_(-0.0),
+        lambda row: row.copy_(-row.abs()).view(-1)[-1:].fill_(float("nan")),
+        lambda row: row.copy_(-row.abs()).view(-1)[:1].fill_(float("inf")),
+        lambda row: row.copy_(-row.abs()).view(-1)[-1:].fill_(0.5),
+        lambda row: row.copy_(row.abs() + 0.1),
+        lambda row: row.fill_(-float("inf")),
+    ]
+    for sample in range(1, shape[0], 2):
+        kinds[(sample // 2) % len(kinds)](flat[sample])
+    return z.to(dtype)
+
+
+DEAD_ROW_LAYOUTS = [
+    ((5, 7), None),  # fewer entries than a block
+    ((9, 16), None),  # exactly one block
+    ((9, 33), None),  # two blocks and a tail
+    ((15, 3, 4, 5), None),  # NCHW: a sample is one block of 60 entries
+    ((15, 3, 4, 5), torch.channels_last),  # the same entries in another order, still one block
+    ((7, 4, 6), "transposed"),  # dims 1 and 2 swapped: still one block
+    ((9, 5, 4), "offset"),  # a view that starts inside its storage
+    ((64, 32, 8, 4), None),  # 65536 entries: the parallel path
+    ((1, 20), None),
+    ((14, 1), None),
+]
+
+
+@pytest.mark.parametrize(("shape", "layout"), DEAD_ROW_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("flipped", [False, True])
+@pytest.mark.parametrize("with_alive", [False, True])
+def test_dead_rows_match_brute_force(kernel, shape, layout, dtype, flipped, with_alive):
+    z = pre_activation(shape, dtype, seed=len(shape))
+    if layout == "offset":
+        z = torch.cat([torch.full_like(z[:2], 7.0), z])[2:]  # entries before the view must not be read
+        assert z.storage_offset() > 0
+    elif layout == "transposed":
+        z = z.transpose(1, 2)
+        assert not z.is_contiguous()
+    elif layout is not None:
+        z = z.contiguous(memory_format=layout)
+    n = shape[0]
+    alive = (torch.arange(n) % 3 != 0) if with_alive else None
+    dead = torch.ones(n, dtype=torch.bool)
+    dead[::2] = False  # whatever it held is overwritten
+    found = kernel.dead_rows(z, flipped, alive, dead)
+    expected = brute_dead(z, flipped)
+    assert dead.tolist() == expected
+    marked = alive.tolist() if alive is not None else [True] * n
+    assert found == (sum(expected), sum(d and a for d, a in zip(expected, marked, strict=True)))
+    assert 0 < sum(expected) < n or n < 3  # the samples hold both kinds
+
+
+@given(
+    batch=st.integers(1, 40),
+    rest=st.lists(st.integers(1, 40), min_size=1, max_size=2),
+    negative_share=st.floats(0, 1),
+    zero_share=st.floats(0, 0.5),
+    flipped=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_dead_rows_match_brute_force_on_random_shapes(kernel, batch, rest, negative_share, zero_share, flipped, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.rand(batch, *rest, generator=g)
+    z[torch.rand(z.shape, generator=g) < negative_share] *= -1
+    z[torch.rand(z.shape, generator=g) < zero_share] = 0
+    alive = torch.rand(batch, generator=g) < 0.5
+    dead = torch.empty(batch, dtype=torch.bool)
+    found = kernel.dead_rows(z, flipped, alive, dead)
+    expected = brute_dead(z, flipped)
+    assert dead.tolist() == expected
+    assert found == (sum(expected), sum(d and a for d, a in zip(expected, alive.tolist(), strict=True)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda z: z.half(),
+        lambda z: z.bfloat16(),
+        lambda z: z[:, ::2],  # a sample's entries are not one block
+        lambda z: z.t().contiguous().t(),  # a sample's entries spread over the whole storage
+        lambda z: torch._neg_view(z),  # memory holds -z
+        lambda z: z[:0],
+        lambda z: torch.empty(4, 0),
+        lambda z: z.to("meta"),
+    ],
+    ids=["half", "bfloat16", "strided", "samples interleaved", "neg view", "no samples", "no entries", "meta"],
+)
+def test_dead_rows_declines_what_it_cannot_read(kernel, make):
+    """None, with nothing written: the caller answers with ATen reductions."""
+    z = make(pre_activation((4, 6), torch.float32, seed=0))
+    dead = torch.tensor([True, False, True, False])
+    assert kernel.dead_rows(z, False, None, dead) is None
+    assert dead.tolist() == [True, False, True, False]
+
+
+def test_dead_rows_threads_agree():
+    """Built to split every call over the threads: the same answer with 1, 2 and all of them."""
+    with counting_path("kernel"):
+        library, _ = _native._build(_native._compiler(), defines={"LR_PARALLEL_MIN": 1})
+    kernel = _native._Kernel(library, "test")
+    z = pre_activation((37, 3, 11), torch.float32, seed=5)
+    alive = torch.arange(37) % 4 != 1
+    expected = brute_dead(z, False)
+    threads = torch.get_num_threads()
+    try:
+        for count in sorted({1, 2, threads}):
+            torch.set_num_threads(count)
+            dead = torch.empty(37, dtype=torch.bool)
+            found = kernel.dead_rows(z, False, alive, dead)
+            assert dead.tolist() == expected, count
+            assert found == (sum(expected), sum(d and a for d, a in zip(expected, alive.tolist(), strict=True)))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_environment_compiler_may_carry_arguments(monkeypatch):
     """``CC="env cc"``: the first word is the program, the rest its arguments."""
     if shutil.which("env") is None or shutil.which("cc") is None:
