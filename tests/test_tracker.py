@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_relu import DeadUnitTracker, NoReluSitesWarning
-from tests.helpers import brute_force, conv_bn_net, kill_units, mlp
+from tests.helpers import brute_force, conv_bn_net, counting_path, kill_units, mlp
 
 
 def _assert_matches(report, expected):
@@ -132,13 +132,18 @@ def test_width_mismatch_warns_and_skips():
     assert tracker.report()["1"].samples == 0
 
 
-def test_hook_path_does_not_sync_or_keep_tensors(monkeypatch):
-    """The per-step path never calls host-syncing methods and keeps no activation alive."""
+@pytest.mark.parametrize("path", ["kernel", "aten"])
+@pytest.mark.parametrize("track_margin", [False, True])
+def test_hook_path_does_not_sync_or_keep_tensors(monkeypatch, path, track_margin):
+    """The per-step path never calls host-syncing methods and keeps no activation alive: on the kernel and on the
+    ATen path (the one GPU tensors take), with the margin's statistics too, over enough steps that the tracker
+    folds its pending results (every 16 passes) inside the watched steps."""
     import weakref
 
     model = conv_bn_net()
     calls = []
-    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+    methods = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal")
+    for method in methods:
         original = getattr(torch.Tensor, method)
 
         def spy(self, *args, _name=method, _original=original, **kwargs):
@@ -151,13 +156,15 @@ def test_hook_path_does_not_sync_or_keep_tensors(monkeypatch):
     def keep_ref(module, inputs, output):
         refs.append(weakref.ref(output))
 
-    with DeadUnitTracker(model):
+    with counting_path(path), DeadUnitTracker(model, track_margin=track_margin) as tracker:
         handle = model[2].register_forward_hook(keep_ref)
-        for _ in range(5):
+        for _ in range(20):
             model(torch.randn(4, 3, 8, 8)).sum().backward()
         handle.remove()
         assert calls == []
-    monkeypatch.undo()
+        assert tracker.report()["2"].samples == 4 * 20  # every step was counted
+        assert calls  # a reader returns host numbers: the spies see that
+        monkeypatch.undo()
     import gc
 
     gc.collect()
