@@ -79,9 +79,10 @@ static int lr_team(int wanted, int64_t entries, int64_t rows) {
 }
 
 /* scratch of the calling thread (0: int32 counts per thread, 1: per-sample doubles per thread, 2: per-sample sums,
-   3: int64 counts per unit), grown when needed and kept: once warm, a call allocates nothing */
-static __thread void *lr_scratch[4] = {NULL, NULL, NULL, NULL};
-static __thread size_t lr_scratch_bytes[4] = {0, 0, 0, 0};
+   3: int64 counts per unit, 4: per-unit sums and sums of squares per thread), grown when needed and kept: once
+   warm, a call allocates nothing */
+static __thread void *lr_scratch[5] = {NULL, NULL, NULL, NULL, NULL};
+static __thread size_t lr_scratch_bytes[5] = {0, 0, 0, 0, 0};
 
 static void *lr_buffer(int which, size_t bytes) {
     if (lr_scratch_bytes[which] < bytes) {
@@ -287,12 +288,89 @@ int64_t NAME(const T *x, int64_t batch, int64_t length, int64_t stride, int flip
     return total;                                                                                            \
 }
 
+/* The margin's statistics of a pre-activation, in one pass: each unit's entries summed and their squares summed, in
+   double, added to sum[u] and sumsq[u], and the entries per unit added to *entries. Returns 0, or -1 when out of
+   memory (nothing added then). Units last: each thread sums a range of rows into its own per-unit scratch. */
+#define LR_MOMENTS_LAST(NAME, T)                                                                             \
+int NAME(const T *x, int64_t batch, int64_t positions, int64_t units, double *sum, double *sumsq,            \
+         int64_t *entries, int wanted) {                                                                     \
+    int64_t rows = batch * positions;                                                                        \
+    int threads = lr_team(wanted, rows * units, rows);                                                       \
+    double *scratch = (double *)lr_buffer(4, (size_t)threads * 2 * (size_t)units * sizeof(double));          \
+    if (!scratch) return -1;                                                                                 \
+    for (int64_t i = 0; i < (int64_t)threads * 2 * units; i++) scratch[i] = 0;                               \
+    _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                             \
+    {                                                                                                        \
+        int64_t team = LR_TEAM(), me = LR_THREAD();                                                          \
+        double *s = scratch + me * 2 * units, *q = s + units;                                                \
+        int64_t r = rows * me / team, end = rows * (me + 1) / team;                                          \
+        for (; r + 4 <= end; r += 4) { /* four rows: one load and store of the scratch per four entries */  \
+            const T *a = x + r * units, *b = a + units, *c = b + units, *d = c + units;                      \
+            _Pragma("omp simd")                                                                              \
+            for (int64_t u = 0; u < units; u++) {                                                            \
+                double va = a[u], vb = b[u], vc = c[u], vd = d[u];                                           \
+                s[u] += (va + vb) + (vc + vd);                                                               \
+                q[u] += (va * va + vb * vb) + (vc * vc + vd * vd);                                           \
+            }                                                                                                \
+        }                                                                                                    \
+        for (; r < end; r++) {                                                                               \
+            const T *a = x + r * units;                                                                      \
+            _Pragma("omp simd")                                                                              \
+            for (int64_t u = 0; u < units; u++) {                                                            \
+                double v = a[u];                                                                             \
+                s[u] += v;                                                                                   \
+                q[u] += v * v;                                                                               \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    for (int t = 0; t < threads; t++) {                                                                      \
+        const double *s = scratch + (int64_t)t * 2 * units, *q = s + units;                                  \
+        for (int64_t u = 0; u < units; u++) {                                                                \
+            sum[u] += s[u];                                                                                  \
+            sumsq[u] += q[u];                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    *entries += rows;                                                                                        \
+    return 0;                                                                                                \
+}
+
+/* Units first: each thread takes a range of units and sums each one's stretch of every sample. */
+#define LR_MOMENTS_FIRST(NAME, T)                                                                            \
+int NAME(const T *x, int64_t batch, int64_t units, int64_t positions, double *sum, double *sumsq,            \
+         int64_t *entries, int wanted) {                                                                     \
+    int threads = lr_team(wanted, batch * units * positions, units);                                         \
+    _Pragma("omp parallel num_threads(threads) if(threads > 1)")                                             \
+    {                                                                                                        \
+        int64_t team = LR_TEAM(), me = LR_THREAD();                                                          \
+        for (int64_t u = units * me / team; u < units * (me + 1) / team; u++) {                              \
+            double s = 0, q = 0;                                                                             \
+            for (int64_t b = 0; b < batch; b++) {                                                            \
+                const T *a = x + (b * units + u) * positions;                                                \
+                _Pragma("omp simd reduction(+:s,q)")                                                         \
+                for (int64_t p = 0; p < positions; p++) {                                                    \
+                    double v = a[p];                                                                         \
+                    s += v;                                                                                  \
+                    q += v * v;                                                                              \
+                }                                                                                            \
+            }                                                                                                \
+            sum[u] += s;                                                                                     \
+            sumsq[u] += q;                                                                                   \
+        }                                                                                                    \
+    }                                                                                                        \
+    *entries += batch * positions;                                                                           \
+    return 0;                                                                                                \
+}
+
 LR_UNITS_LAST(lr_units_last_f32, float)
 LR_UNITS_LAST(lr_units_last_f64, double)
 LR_UNITS_FIRST(lr_units_first_f32, float)
 LR_UNITS_FIRST(lr_units_first_f64, double)
 LR_DEAD_ROWS(lr_dead_rows_f32, float)
 LR_DEAD_ROWS(lr_dead_rows_f64, double)
+LR_MOMENTS_LAST(lr_moments_units_last_f32, float)
+LR_MOMENTS_LAST(lr_moments_units_last_f64, double)
+LR_MOMENTS_FIRST(lr_moments_units_first_f32, float)
+LR_MOMENTS_FIRST(lr_moments_units_first_f64, double)
 """
 
 _lock = threading.Lock()
@@ -315,6 +393,13 @@ class _Kernel:
                 function.argtypes = args
                 function.restype = ctypes.c_int
                 self.functions[layout, dtype] = function
+        self.moment_functions = {}
+        for layout in ("units_last", "units_first"):
+            for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
+                function = getattr(library, f"lr_moments_{layout}_{suffix}")
+                function.argtypes = [pointer, int64, int64, int64, pointer, pointer, pointer, ctypes.c_int]
+                function.restype = ctypes.c_int
+                self.moment_functions[layout, dtype] = function
         self.dead_rows_functions = {}
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64")):
             function = getattr(library, f"lr_dead_rows_{suffix}")
@@ -323,8 +408,18 @@ class _Kernel:
             self.dead_rows_functions[dtype] = function
 
     def _plan(self, output: Tensor, axis: int) -> tuple[Any, int, int, int, int] | None:
-        """(function, output address, the three sizes of its layout) for a CPU float32/64 output whose memory is
-        one of the two layouts; None for anything else."""
+        """(counting function, output address, the three sizes of its layout) for a CPU float32/64 output whose
+        memory is one of the two layouts; None for anything else."""
+        layout = self._layout(output, axis)
+        if layout is None:
+            return None
+        name, *rest = layout
+        return self.functions[name, output.dtype], *rest
+
+    @staticmethod
+    def _layout(output: Tensor, axis: int) -> tuple[str, int, int, int, int] | None:
+        """(layout, output address, the three sizes of the layout) for a CPU float32/64 tensor whose memory is one of
+        the two layouts, with units along ``axis``; None for anything else."""
         dtype = output.dtype
         if (
             dtype not in (torch.float32, torch.float64)
@@ -353,7 +448,7 @@ class _Kernel:
             address = output.data_ptr()  # tensors without storage (functorch wrappers) raise here
         except RuntimeError:
             return None
-        return self.functions[layout, dtype], address, batch, first, second
+        return layout, address, batch, first, second
 
     def count(self, output: Tensor, axis: int) -> tuple[Tensor, Tensor] | None:
         """Active entries per unit (float64) and the sum per sample (the output's dtype) of ``output``; None where
@@ -447,6 +542,31 @@ class _Kernel:
             torch.get_num_threads(),
         )
         return total, killed.value
+
+    def moments(self, pre: Tensor, axis: int, total: Tensor, squares: Tensor, entries: Tensor) -> bool:
+        """Add each unit's entries of the pre-activation ``pre`` (units along ``axis``), summed, to ``total``, their
+        squares summed to ``squares`` (CPU float64, one per unit; sums taken in double) and the entries per unit to
+        ``entries`` (a CPU int64 scalar), in one pass. False, with nothing added, where the kernel does not take
+        ``pre`` or the states."""
+        if pre.dim() == 0:
+            return False
+        layout = self._layout(pre, axis)
+        units = pre.shape[axis]
+        if (
+            layout is None
+            or any(s.dtype != torch.float64 or s.device.type != "cpu" for s in (total, squares))
+            or not (total.is_contiguous() and squares.is_contiguous())
+            or total.numel() != units
+            or squares.numel() != units
+            or entries.dtype != torch.int64
+            or entries.device.type != "cpu"
+            or entries.numel() != 1
+        ):
+            return False
+        name, address, *sizes = layout
+        function = self.moment_functions[name, pre.dtype]
+        threads = torch.get_num_threads()
+        return function(address, *sizes, total.data_ptr(), squares.data_ptr(), entries.data_ptr(), threads) == 0
 
 
 def _mode() -> str:

@@ -458,7 +458,8 @@ class ActivationStats(Metric):
             self.active = self.active.to(torch.float64)
 
     def update_margin(self, pre_activation: Tensor) -> None:
-        """Accumulate per-unit sums of one pre-activation and of its square (with ``track_margin=True``)."""
+        """Accumulate per-unit sums of one pre-activation and of its square (with ``track_margin=True``): on CPU
+        in one pass of the C kernel (sums in double) where it takes the layout, else with two float reductions."""
         if not self.track_margin:
             return
         pre = pre_activation.detach()
@@ -474,6 +475,9 @@ class ActivationStats(Metric):
                 self.pre_sumsq = torch.zeros(num_units, dtype=torch.float64, device=pre.device)
         elif self.pre_sum.numel() != num_units:
             return  # the output's width check reports the mismatch
+        kernel = _kernel_for(pre)
+        if kernel is not None and kernel.moments(pre, axis, self.pre_sum, self.pre_sumsq, self.pre_entries):
+            return  # both sums in one pass of the C kernel, in double, straight into the states
         dims = tuple(d for d in range(pre.ndim) if d != axis)
         # two read-only float reductions; the 2-norm gives the sum of squares without a squared copy
         self.pre_sum.add_(pre.sum(dims, dtype=torch.float32))

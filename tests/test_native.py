@@ -426,8 +426,8 @@ def test_dead_rows_declines_what_it_cannot_read(kernel, make):
     assert dead.tolist() == [True, False, True, False]
 
 
-def test_dead_rows_threads_agree():
-    """Built to split every call over the threads: the same answer with 1, 2 and all of them."""
+def test_dead_rows_and_moments_threads_agree():
+    """Built to split every call over the threads: the same answers with 1, 2 and all of them."""
     with counting_path("kernel"):
         library, _ = _native._build(_native._compiler(), defines={"LR_PARALLEL_MIN": 1})
     kernel = _native._Kernel(library, "test")
@@ -442,8 +442,75 @@ def test_dead_rows_threads_agree():
             found = kernel.dead_rows(z, False, alive, dead)
             assert dead.tolist() == expected, count
             assert found == (sum(expected), sum(d and a for d, a in zip(expected, alive.tolist(), strict=True)))
+            for axis in (1, 2):  # units first, then last (rows of 11 units: four at a time, then the rest)
+                check_moments(kernel, torch.randn(37, 3, 11, generator=torch.Generator().manual_seed(6)), axis)
     finally:
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# moments: the margin's per-unit sums
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def brute_moments(pre: torch.Tensor, axis: int) -> tuple[list[float], list[float], int]:
+    """Per unit: the entries summed and their squares summed, with Python floats (double); entries per unit."""
+    rows = pre.to(torch.float64).movedim(axis, -1).reshape(-1, pre.shape[axis]).tolist()
+    sums = [math.fsum(column) for column in zip(*rows, strict=True)]
+    squares = [math.fsum(v * v for v in column) for column in zip(*rows, strict=True)]
+    return sums, squares, len(rows)
+
+
+def check_moments(kernel, pre: torch.Tensor, axis: int) -> None:
+    """``kernel.moments`` adds to states that already hold sums exactly what brute force finds (to double
+    rounding)."""
+    units = pre.shape[axis]
+    total, squares, entries = (
+        torch.full((units,), 2.5, dtype=torch.float64),
+        torch.ones(units, dtype=torch.float64),
+        torch.tensor(7),
+    )
+    assert kernel.moments(pre, axis, total, squares, entries)
+    sums, sums_of_squares, count = brute_moments(pre, axis)
+    torch.testing.assert_close(total, torch.tensor(sums, dtype=torch.float64) + 2.5, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(squares, torch.tensor(sums_of_squares, dtype=torch.float64) + 1, rtol=1e-12, atol=1e-9)
+    assert int(entries) == 7 + count
+
+
+@pytest.mark.parametrize(("shape", "axis", "memory_format"), LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_match_brute_force(kernel, shape, axis, memory_format, dtype):
+    pre = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)), dtype=torch.float64).to(dtype)
+    if memory_format == "offset":
+        pre = torch.cat([torch.full_like(pre[:2], 7.0), pre])[2:]  # entries before the view must not be read
+    elif memory_format == "odd size-1 strides":
+        a, b, c = pre.stride()
+        pre = pre.as_strided((shape[0], shape[1], 1, shape[2]), (a, b, 1000, c))
+    elif memory_format is not None:
+        pre = pre.contiguous(memory_format=memory_format)
+    check_moments(kernel, pre, axis)
+
+
+def test_moments_propagate_nan_and_decline_what_they_cannot_take(kernel):
+    pre = torch.randn(6, 4)
+    pre[2, 1] = float("nan")
+    total, squares, entries = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.tensor(0)
+    assert kernel.moments(pre, 1, total, squares, entries)
+    assert [math.isnan(v) for v in total.tolist()] == [False, True, False, False]
+    assert [math.isnan(v) for v in squares.tolist()] == [False, True, False, False]
+    good = (torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.tensor(0))
+    for other, states in [
+        (pre.half(), good),
+        (pre[:, ::2], (good[0][:2], good[1][:2], good[2])),  # a strided view
+        (torch._neg_view(pre), good),
+        (pre, (torch.zeros(4), good[1], good[2])),  # float32 sums
+        (pre, (good[0], torch.zeros(5, dtype=torch.float64), good[2])),  # another width
+        (pre, (good[0], good[1], torch.tensor(0.0))),  # a float entry count
+        (pre, (torch.zeros(8, dtype=torch.float64)[::2], good[1], good[2])),  # not contiguous
+    ]:
+        before = [state.clone() for state in states]
+        assert not kernel.moments(other, 1, *states)
+        assert all(torch.equal(a, b) for a, b in zip(states, before, strict=True))
 
 
 def test_environment_compiler_may_carry_arguments(monkeypatch):

@@ -320,14 +320,15 @@ def test_paused_tracker_skips_functional_calls():
     assert {r.samples for r in tracker.report().values()} == {2}
 
 
-def test_margin_matches_brute_force_and_predicts_the_rate():
+@pytest.mark.parametrize("path", ["kernel", "aten"])
+def test_margin_matches_brute_force_and_predicts_the_rate(path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 6), nn.ReLU(inplace=True), nn.Linear(6, 1))
     with torch.no_grad():
         model[0].bias.copy_(torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 3.0]))
         model[0].weight.mul_(3.0)
     batches = [torch.randn(500, 20) for _ in range(4)]
-    with DeadUnitTracker(model, track_margin=True, eps=0.05) as tracker:
+    with counting_path(path), DeadUnitTracker(model, track_margin=True, eps=0.05) as tracker:
         for x in batches:
             model(x)
     report = tracker.report()["1"]
@@ -342,11 +343,12 @@ def test_margin_matches_brute_force_and_predicts_the_rate():
     assert report.at_risk.tolist()[0] and not report.at_risk.tolist()[-1]
 
 
-def test_margin_for_functional_and_reused_sites():
+@pytest.mark.parametrize("path", ["kernel", "aten"])
+def test_margin_for_functional_and_reused_sites(path):
     torch.manual_seed(1)
     model = _FunctionalNet()
     batches = [torch.randn(64, 3) for _ in range(2)]
-    with DeadUnitTracker(model, track_margin=True) as tracker:
+    with counting_path(path), DeadUnitTracker(model, track_margin=True) as tracker:
         for x in batches:
             model(x)
     report = tracker.report()
