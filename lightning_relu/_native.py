@@ -7,8 +7,9 @@ temporary, and is several times cheaper inside a training step (see the README's
 use :meth:`_Kernel.bind`: the call that adds an output's counts, killed samples and non-finite flag straight into a
 site's states (nothing allocated, nothing left to fold), which a site keeps and reruns for the next output of the
 same shape, strides and dtype; :meth:`_Kernel.accumulate` binds and runs it once, and :meth:`_Kernel.count` hands
-the two reductions back. The same library answers :func:`~lightning_relu.init.sign_flip_`'s question on CPU,
-which samples a site kills (:meth:`_Kernel.dead_rows`), reading each sample only up to its first living entries.
+the two reductions back. The same library sums the margin's statistics (each unit's pre-activation entries and their
+squares, :meth:`_Kernel.moments`) and answers :func:`~lightning_relu.init.sign_flip_`'s question on CPU, which
+samples a site kills (:meth:`_Kernel.dead_rows`), reading each sample only up to its first living entries.
 
 It is compiled once per process with the C compiler on the machine (``$CC``, else ``cc``), for the CPU it runs on
 (``-march=native``; nothing is cached on disk, so a shared home directory across different machines cannot hand a
