@@ -549,8 +549,16 @@ class _Kernel:
         squares summed to ``squares`` (CPU float64, one per unit; sums taken in double) and the entries per unit to
         ``entries`` (a CPU int64 scalar), in one pass. False, with nothing added, where the kernel does not take
         ``pre`` or the states."""
+        bound = self.bind_moments(pre, axis, total, squares, entries)
+        return bound is not None and self.run(bound, pre)
+
+    def bind_moments(
+        self, pre: Tensor, axis: int, total: Tensor, squares: Tensor, entries: Tensor
+    ) -> tuple[Any, tuple[Any, ...]] | None:
+        """The call that adds a pre-activation like ``pre`` into these states (see :meth:`moments`), run with
+        :meth:`run` like the one :meth:`bind` returns; None where the kernel does not take ``pre`` or the states."""
         if pre.dim() == 0:
-            return False
+            return None
         layout = self._layout(pre, axis)
         units = pre.shape[axis]
         if (
@@ -563,11 +571,14 @@ class _Kernel:
             or entries.device.type != "cpu"
             or entries.numel() != 1
         ):
-            return False
-        name, address, *sizes = layout
-        function = self.moment_functions[name, pre.dtype]
-        threads = torch.get_num_threads()
-        return function(address, *sizes, total.data_ptr(), squares.data_ptr(), entries.data_ptr(), threads) == 0
+            return None
+        name, _, *sizes = layout
+        return self.moment_functions[name, pre.dtype], (
+            *sizes,
+            total.data_ptr(),
+            squares.data_ptr(),
+            entries.data_ptr(),
+        )
 
 
 def _mode() -> str:

@@ -352,7 +352,7 @@ class ActivationStats(Metric):
                 # added to the states in place: nothing waits. Kept for `accumulate_again`, which counts the next
                 # output like this one without repeating the checks above
                 states = (self.active, self.killed, self.nonfinite)
-                again = (output.shape, output.stride(), output.dtype, bound, states, kernel, (batch, batch * per_block))
+                again = (output.shape, output.stride(), output.dtype, bound, kernel, states, (batch, batch * per_block))
                 self.__dict__["_again"] = again
                 return False
         pending = self._pending
@@ -372,28 +372,13 @@ class ActivationStats(Metric):
         training step, where each one runs with cold caches, those cost about as much as reading the output.
         """
         again = self.__dict__.get("_again")
-        if again is None or torch.compiler.is_compiling():
+        if again is None:
             return False
-        shape, stride, dtype, (function, arguments), states, kernel, (samples, entries) = again
-        if (
-            type(output) is not Tensor
-            or not output.is_cpu
-            or output.dtype is not dtype
-            or output.shape != shape
-            or self.active is not states[0]  # states are replaced, never moved in place, by reset, to, load...
-            or self.killed is not states[1]
-            or self.nonfinite is not states[2]
-            or _native._state.get("kernel") is not kernel  # the counting path was switched
-        ):
+        *call, states, (samples, entries) = again
+        # states are replaced, never moved in place, by reset, to, load...: the bound addresses are theirs
+        if self.active is not states[0] or self.killed is not states[1] or self.nonfinite is not states[2]:
             return False
-        try:
-            if output.stride() != stride or output.is_neg():
-                return False
-            address = output.data_ptr()
-        except RuntimeError:  # a layout without strides, a tensor without storage (torch.func's wrappers)
-            return False
-        # the call inline, not through `_Kernel.run`: one Python call less on the hot path
-        if function(address, *arguments, torch.get_num_threads()) != 0:
+        if not _run_again(output, *call):
             return False
         host = self._host
         host[0] += samples
@@ -430,6 +415,7 @@ class ActivationStats(Metric):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_again", None)  # holds the kernel's C function, which does not pickle
+        state.pop("_margin_again", None)
         return state
 
     def reset(self) -> None:
@@ -476,13 +462,30 @@ class ActivationStats(Metric):
         elif self.pre_sum.numel() != num_units:
             return  # the output's width check reports the mismatch
         kernel = _kernel_for(pre)
-        if kernel is not None and kernel.moments(pre, axis, self.pre_sum, self.pre_sumsq, self.pre_entries):
-            return  # both sums in one pass of the C kernel, in double, straight into the states
+        states = (self.pre_sum, self.pre_sumsq, self.pre_entries)
+        bound = None if kernel is None else kernel.bind_moments(pre, axis, *states)
+        if bound is not None and _native._Kernel.run(bound, pre):
+            # both sums in one pass of the C kernel, in double, straight into the states; the call is kept for
+            # `update_margin_again`, which reruns it for the next pre-activation alike
+            self.__dict__["_margin_again"] = (pre.shape, pre.stride(), pre.dtype, bound, kernel, states)
+            return
         dims = tuple(d for d in range(pre.ndim) if d != axis)
         # two read-only float reductions; the 2-norm gives the sum of squares without a squared copy
         self.pre_sum.add_(pre.sum(dims, dtype=torch.float32))
         self.pre_sumsq.add_(torch.linalg.vector_norm(pre, 2, dims, dtype=torch.float32).to(torch.float64).square())
         self.pre_entries.add_(pre.numel() // num_units)
+
+    def update_margin_again(self, pre_activation: Tensor) -> bool:
+        """:meth:`update_margin` with the kernel call it made for the last pre-activation it summed with the
+        kernel, when ``pre_activation`` is alike (as :meth:`accumulate_again` checks its output); True once added.
+        False, with nothing added, for anything else: :meth:`update_margin` then."""
+        again = self.__dict__.get("_margin_again")
+        if again is None:
+            return False
+        *call, states = again
+        if self.pre_sum is not states[0] or self.pre_sumsq is not states[1] or self.pre_entries is not states[2]:
+            return False  # replaced states (see `accumulate_again`)
+        return _run_again(pre_activation, *call)
 
     def compute(self) -> LayerReport:
         """The report over everything seen since the last ``reset`` (summed over processes)."""
@@ -500,6 +503,32 @@ class ActivationStats(Metric):
             nonfinite_batches=int(self.nonfinite),
             **margin,
         )
+
+
+def _run_again(
+    tensor: Tensor, shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype, bound: Any, kernel: Any
+) -> bool:
+    """Run the kernel call ``bound`` for a tensor of this shape, strides and dtype on ``tensor`` when it is alike
+    (a plain CPU tensor, not negated, with storage) and the process still counts with ``kernel``, outside
+    ``torch.compile`` tracing; whether it ran and added. The caller has checked that the call's states are still
+    its own. Inline rather than through `_Kernel.run`: the hooks' hot path, where every Python call costs."""
+    if (
+        torch.compiler.is_compiling()
+        or type(tensor) is not Tensor
+        or not tensor.is_cpu
+        or tensor.dtype is not dtype
+        or tensor.shape != shape
+        or _native._state.get("kernel") is not kernel  # the counting path was switched
+    ):
+        return False
+    try:
+        if tensor.stride() != stride or tensor.is_neg():
+            return False
+        address = tensor.data_ptr()
+    except RuntimeError:  # a layout without strides, a tensor without storage (torch.func's wrappers)
+        return False
+    function, arguments = bound
+    return function(address, *arguments, torch.get_num_threads()) == 0
 
 
 def _check_eps(eps: object) -> None:

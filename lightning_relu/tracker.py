@@ -269,6 +269,8 @@ class DeadUnitTracker:
         if entry is None:
             return
         stats = entry[1]
+        if stats.update_margin_again(pre_activation):  # a pre-activation like the site's last one, by the kernel
+            return
         if _transformed(pre_activation):
             self._warn_transformed()
             return

@@ -491,6 +491,65 @@ def test_moments_match_brute_force(kernel, shape, axis, memory_format, dtype):
     check_moments(kernel, pre, axis)
 
 
+def test_update_margin_again_takes_only_pre_activations_like_the_last(kernel):
+    """``update_margin_again`` reruns the last kernel call only for a plain CPU pre-activation of the same shape,
+    strides and dtype into the same states; anything else is declined untouched and ``update_margin`` sums it.
+    Whatever the mix, the sums are brute force's over every pre-activation; pickles and copies bind their own."""
+    import copy
+    import pickle
+
+    from lightning_relu import ActivationStats
+
+    class Marked(torch.Tensor):
+        pass
+
+    def pre(seed, shape=(6, 3, 4, 4), dtype=torch.float32):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+    stats = ActivationStats(track_margin=True)
+    first = pre(0)
+    assert not stats.update_margin_again(first)  # nothing bound yet
+    stats.update_margin(first)
+    seen = [first]
+    others = [
+        pre(2, shape=(7, 3, 4, 4)),  # another batch size
+        pre(3, dtype=torch.float64),
+        pre(4).contiguous(memory_format=torch.channels_last),  # same shape, other strides
+        pre(5).as_subclass(Marked),
+        torch._neg_view(pre(6)),  # same strides, negated view
+    ]
+    for other in others:
+        stats.update_margin(first)  # bind the call for `first` again
+        seen.append(first)
+        states = (stats.pre_sum, stats.pre_sumsq, stats.pre_entries)
+        before = [state.clone() for state in states]
+        assert not stats.update_margin_again(other)
+        assert all(torch.equal(a, b) for a, b in zip(states, before, strict=True))
+        stats.update_margin(other)
+        seen.append(other.resolve_neg().as_subclass(torch.Tensor))
+    stats.update_margin(first)
+    alike = pre(1)
+    assert stats.update_margin_again(alike)
+    seen += [first, alike]
+    # brute force over all of them at once: every pre-activation's entries per unit, side by side
+    sums, squares, count = brute_moments(torch.cat([one.double().movedim(1, -1).reshape(-1, 3) for one in seen]), 1)
+    torch.testing.assert_close(stats.pre_sum, torch.tensor(sums, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.pre_sumsq, torch.tensor(squares, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert int(stats.pre_entries) == count
+
+    for twin in (pickle.loads(pickle.dumps(stats)), copy.deepcopy(stats)):
+        assert not twin.update_margin_again(alike)
+        twin.update_margin(alike)
+        assert twin.update_margin_again(alike)
+    stats.reset()  # new states: the call bound to the old ones is not used
+    assert not stats.update_margin_again(alike)
+    with counting_path("aten"):  # the counting path was switched: neither
+        stats.update_margin(alike)
+        assert not stats.update_margin_again(alike)
+    expected = torch.tensor(brute_moments(alike, 1)[0], dtype=torch.float64)
+    torch.testing.assert_close(stats.pre_sum, expected, rtol=1e-5, atol=1e-5)  # ATen sums in float32
+
+
 def test_moments_propagate_nan_and_decline_what_they_cannot_take(kernel):
     pre = torch.randn(6, 4)
     pre[2, 1] = float("nan")
