@@ -611,8 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             label = f"  the counting operations alone (bare hooks, same loop), {name}"
             rows.append((label, f"{r['step_ms']:.2f} ms", f"{r['counting_only_ratio']:.3f}x", "-", "-"))
             label = f"  time inside the tracker's hooks (+ fold share) per step, {name}"
-            low, high = (1 + min(r["hooks_shares"]), 1 + max(r["hooks_shares"])) if "hooks_shares" in r else (0, 0)
-            shares = f" ({low:.3f}-{high:.3f})" if "hooks_shares" in r else ""
+            spread = r.get("hooks_shares")
+            shares = f" ({1 + min(spread):.3f}-{1 + max(spread):.3f})" if spread else ""
             share = f"{1 + r['hooks_share']:.3f}x{shares}"
             rows.append((label, f"{r['step_ms']:.2f} ms", share, f"{r['hooks_ms']:.3f} ms in hooks", "-"))
     if "margin" in only:

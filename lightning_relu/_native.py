@@ -474,16 +474,9 @@ class _Kernel:
         plan = self._plan(output, axis)
         if (
             plan is None
-            or active.dtype != torch.float64
-            or active.device.type != "cpu"
-            or not active.is_contiguous()
-            or active.numel() != output.shape[axis]
-            or killed.dtype != torch.int64
-            or nonfinite.dtype != torch.int64
-            or killed.device.type != "cpu"
-            or nonfinite.device.type != "cpu"
-            or killed.numel() != 1
-            or nonfinite.numel() != 1
+            or not _per_unit_state(active, output.shape[axis])
+            or not _scalar_state(killed)
+            or not _scalar_state(nonfinite)
         ):
             return None
         function, _, *sizes = plan
@@ -512,9 +505,14 @@ class _Kernel:
         negated view, a sample's entries not one dense block of memory). ``dead`` and ``alive`` must be contiguous
         CPU bool tensors of one entry per sample (the caller's buffers: not checked here, on the hot path)."""
         function = self.dead_rows_functions.get(z.dtype)
-        if function is None or z.device.type != "cpu" or z.layout != torch.strided or z.is_neg() or z.dim() == 0:
-            return None
-        if not z.numel():
+        if (
+            function is None
+            or z.device.type != "cpu"
+            or z.layout != torch.strided
+            or z.is_neg()
+            or z.dim() == 0
+            or not z.numel()
+        ):
             return None
         batch = z.shape[0]
         if z.is_contiguous():
@@ -563,13 +561,9 @@ class _Kernel:
         units = pre.shape[axis]
         if (
             layout is None
-            or any(s.dtype != torch.float64 or s.device.type != "cpu" for s in (total, squares))
-            or not (total.is_contiguous() and squares.is_contiguous())
-            or total.numel() != units
-            or squares.numel() != units
-            or entries.dtype != torch.int64
-            or entries.device.type != "cpu"
-            or entries.numel() != 1
+            or not _per_unit_state(total, units)
+            or not _per_unit_state(squares, units)
+            or not _scalar_state(entries)
         ):
             return None
         name, _, *sizes = layout
@@ -579,6 +573,18 @@ class _Kernel:
             squares.data_ptr(),
             entries.data_ptr(),
         )
+
+
+def _per_unit_state(state: Tensor, units: int) -> bool:
+    """Whether the kernel may write ``state`` as one double per unit: CPU float64, contiguous, ``units`` long."""
+    return (
+        state.dtype == torch.float64 and state.device.type == "cpu" and state.is_contiguous() and state.numel() == units
+    )
+
+
+def _scalar_state(state: Tensor) -> bool:
+    """Whether the kernel may add to ``state`` as one int64: a CPU int64 tensor of one element."""
+    return state.dtype == torch.int64 and state.device.type == "cpu" and state.numel() == 1
 
 
 def _mode() -> str:

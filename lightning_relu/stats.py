@@ -464,7 +464,7 @@ class ActivationStats(Metric):
         kernel = _kernel_for(pre)
         states = (self.pre_sum, self.pre_sumsq, self.pre_entries)
         bound = None if kernel is None else kernel.bind_moments(pre, axis, *states)
-        if bound is not None and _native._Kernel.run(bound, pre):
+        if bound is not None and kernel.run(bound, pre):
             # both sums in one pass of the C kernel, in double, straight into the states; the call is kept for
             # `update_margin_again`, which reruns it for the next pre-activation alike
             self.__dict__["_margin_again"] = (pre.shape, pre.stride(), pre.dtype, bound, kernel, states)
