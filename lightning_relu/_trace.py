@@ -70,10 +70,16 @@ class TraceResult:
     calls: list[TracedCall] = field(default_factory=list)
     failures: list[tuple[str, nn.Module, Exception]] = field(default_factory=list)
     complete: bool = False  # the whole model traced in one graph
+    module_uses: Counter[int] = field(default_factory=Counter)  # calls of each leaf module (by id) in the graphs
 
 
-def trace_model(model: nn.Module, leaf_types: tuple[type[nn.Module], ...]) -> TraceResult:
-    """Trace ``model`` (or, where that fails, its children, recursively) and list every rectifier call."""
+def trace_model(model: nn.Module, leaf_types: tuple[type[nn.Module], ...], owners: dict[int, str]) -> TraceResult:
+    """Trace ``model`` (or, where that fails, its children, recursively) and list every rectifier call.
+
+    ``owners`` maps each rectifier module (by id) to the module whose forward applies it: call positions count
+    from the start of each run of that forward, so a block run twice has the same sites in both runs (as at run
+    time, where the positions restart with the owner's forward).
+    """
     result = TraceResult()
     order = [0]
 
@@ -89,7 +95,7 @@ def trace_model(model: nn.Module, leaf_types: tuple[type[nn.Module], ...]) -> Tr
             return
         if module is model:
             result.complete = True
-        _analyse(prefix, module, graph, result, order)
+        _analyse(prefix, module, graph, result, order, owners)
 
     visit("", model)
     return result
@@ -104,9 +110,14 @@ def mentions_relu(module: nn.Module) -> bool:
     return "relu" in source
 
 
-def _analyse(prefix: str, root: nn.Module, graph: fx.Graph, result: TraceResult, order: list[int]) -> None:
+def _analyse(
+    prefix: str, root: nn.Module, graph: fx.Graph, result: TraceResult, order: list[int], owners: dict[int, str]
+) -> None:
     modules = dict(root.named_modules())
     module_calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for target, count in module_calls.items():
+        if str(target) in modules:
+            result.module_uses[id(modules[str(target)])] += count
 
     def module_of(node: Any) -> nn.Module | None:
         if isinstance(node, fx.Node) and node.op == "call_module":
@@ -154,29 +165,34 @@ def _analyse(prefix: str, root: nn.Module, graph: fx.Graph, result: TraceResult,
 
     from lightning_relu.sites import RECTIFIER_TYPES
 
-    module_index: Counter[str] = Counter()
-    function_index: Counter[str] = Counter()
-    base_index: Counter[tuple[str, str]] = Counter()
+    # call positions, per rectifier (or parent) and per run of the forward they count from
+    module_index: Counter[tuple[str, str]] = Counter()
+    function_index: Counter[tuple[str, str]] = Counter()
+    base_index: Counter[tuple[str, str, str]] = Counter()
     for node in graph.nodes:
         kind = base = None
         name_index = 0
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), RECTIFIER_TYPES):
+        # the modules whose forward is running at this node: (key, qualified name); the key tells runs apart
+        stack = [(key, str(value[0])) for key, value in (node.meta.get("nn_module_stack") or {}).items()]
+        rectifier = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(rectifier, RECTIFIER_TYPES):
             kind = "module"
             owner = _join(prefix, str(node.target))
-            index = module_index[owner]
-            module_index[owner] += 1
+            home = owners.get(id(rectifier), "")
+            run = next((key for key, name in stack if _join(prefix, name) == home), "")
+            index = module_index[owner, run]
+            module_index[owner, run] += 1
         elif (node.op == "call_function" and node.target in FUNCTIONAL_RECTIFIERS) or (
             node.op == "call_method" and node.target in _RECTIFIER_METHODS
         ):
             kind = "function"
             base = FUNCTIONAL_RECTIFIERS.get(node.target) or _RECTIFIER_METHODS[str(node.target)]
-            stack = node.meta.get("nn_module_stack") or {}
-            inner = list(stack.values())[-1][0] if stack else ""
-            owner = _join(prefix, str(inner))
-            index = function_index[owner]
-            function_index[owner] += 1
-            name_index = base_index[owner, base]
-            base_index[owner, base] += 1
+            run, inner = stack[-1] if stack else ("", "")
+            owner = _join(prefix, inner)
+            index = function_index[owner, run]
+            function_index[owner, run] += 1
+            name_index = base_index[owner, run, base]
+            base_index[owner, run, base] += 1
         else:
             continue
         links = producer_links(node)

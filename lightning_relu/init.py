@@ -260,9 +260,10 @@ def sign_flip_(
     The pass runs with batch-statistics normalization and everything else in eval mode: batch-norm layers are put in
     train mode (their running statistics at initialization are not the data's; batch statistics are what the first
     training steps see), dropout and other layers in eval mode (deterministic decisions). Nothing else changes:
-    the train/eval mode of every module, batch-norm running statistics and ``num_batches_tracked``, and the global
-    random number generator state (iterating a shuffling DataLoader draws from it) are restored afterwards. The model
-    is flipped in place under ``torch.no_grad()``.
+    the train/eval mode of every module, batch-norm running statistics and ``num_batches_tracked``, and the state of
+    the global random number generator and of the DataLoader's own generator, if it has one (iterating a shuffling
+    DataLoader draws from them), are restored afterwards, so the loader shuffles as it would have. The model is
+    flipped in place under ``torch.no_grad()``.
 
     Args:
         model: the network; its rectifier sites come from :func:`find_relu_sites`.
@@ -315,6 +316,8 @@ def sign_flip_(
         if tensor is not None
     ]
     cuda_devices = [device] if device.type == "cuda" else []
+    # a DataLoader shuffling with a generator of its own draws from it, not from the global one forked below
+    data_generators = [(generator, generator.get_state()) for generator in _generators_of(data)]
     pass_state = _SignFlipPass(sites)
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
@@ -358,6 +361,8 @@ def sign_flip_(
         with torch.no_grad():
             for tensor, saved in buffers:
                 tensor.copy_(saved)
+        for generator, state in data_generators:
+            generator.set_state(state)
     # a norm layer without affine parameters whose producer was negated: its running mean follows
     for target, flip in pass_state.applied:
         target.negate_where_(flip, running_means=True)
@@ -638,6 +643,17 @@ def _batch_input(batch: Any, input_fn: Callable[[Any], Tensor] | None) -> Tensor
             f" {type(batch).__name__}; pass `input_fn` to extract the input from such batches"
         )
     return batch
+
+
+def _generators_of(data: Any) -> list[torch.Generator]:
+    """The generators of a DataLoader and of its sampler (and batch sampler's sampler), each once."""
+    found: dict[int, torch.Generator] = {}
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for holder in (data, getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        generator = getattr(holder, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found.setdefault(id(generator), generator)
+    return list(found.values())
 
 
 def _collect_inputs(data: Any, input_fn: Callable[[Any], Tensor] | None, max_samples: int | None) -> Tensor:

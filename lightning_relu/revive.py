@@ -2,7 +2,7 @@
 
 Once a unit is dead its incoming weights receive no gradient and it stays dead. Revival re-initializes the
 unit's incoming weights, resets its normalization entries, zeroes its outgoing weights (so the network computes
-the same function right after the surgery) and zeroes the optimizer state of every touched entry, as in ReDo
+the same function right after the surgery) and resets the optimizer state of every touched entry, as in ReDo
 (Sokar et al., 2023) and continual backprop (Dohare et al., 2021).
 """
 
@@ -38,6 +38,7 @@ INIT_MODES: tuple[str, ...] = ("default", "kaiming", "rai")
 # RAI (Lu et al. 2020): standard deviation of the Gaussian part is _RAI_SCALE / sqrt(fan_in).
 _RAI_SCALE = 0.6007
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AFFINE = ("weight", "bias")
 _BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -82,16 +83,21 @@ def revive_dead_units_(
       the network computes the same function right after the surgery;
     - **optimizer state**: in every per-parameter state tensor shaped like its parameter (``exp_avg``,
       ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ...), the entries of every
-      touched row, column, bias and norm entry are zeroed; other units' state and scalar state (``step``) are
-      untouched. State of another shape (factored second moments) is left alone.
+      touched row, column, bias and norm entry are set back to what a fresh optimizer starts them at: 0, except
+      Rprop's ``step_size`` (the group's ``lr``) and Adagrad's ``sum`` (``initial_accumulator_value``); other
+      units' state and scalar state (``step``) are untouched. State of another shape (factored second moments) is
+      left alone.
 
     The revived units fire again; their outgoing weights learn from the next step on and their incoming weights
     from the step after. Everything is validated before any tensor is touched: a report that does not belong to
     ``model`` raises ``ValueError`` and changes nothing.
 
     Caveats, each reported once per call with a :class:`RevivalWarning`: a site without a producer cannot be
-    revived and is skipped; a site without a usable consumer (its output goes through something else than
-    pooling, dropout or ``nn.Flatten``) is revived but the network's output changes; with a LayerNorm, or a
+    revived and is skipped (:func:`~lightning_relu.find_relu_sites` links none where the layer is also applied
+    elsewhere), and so is one whose producer or norm layer computes its weight from other parameters
+    (``weight_norm``, ``spectral_norm``); a site without a usable consumer (its output goes through something else
+    than pooling, dropout or ``nn.Flatten``, or a consumer's weight is computed by such a parametrization) is
+    revived but the network's output changes; with a LayerNorm, or a
     GroupNorm of several channels per group, between producer and site, the normalization statistics are shared
     with the other units of the group, so their outputs (and the network's) change slightly.
 
@@ -158,6 +164,7 @@ def revive_dead_units_(
     plans: list[_Plan] = []
     no_producer: list[str] = []
     no_consumer: list[str] = []
+    computed: list[str] = []
     mixing_norm: list[str] = []
     for name, layer in layers.items():
         if name in excluded:
@@ -170,13 +177,16 @@ def revive_dead_units_(
         if site.producer is None:
             no_producer.append(name)
             continue
+        if not all(_stored(module, attribute) for module in (site.producer, site.norm) for attribute in _AFFINE):
+            computed.append(name)
+            continue
         assert site.num_units is not None
         cap = max(1, math.floor(max_fraction * site.num_units))
         if units.numel() > cap:
             pick = torch.randperm(units.numel(), generator=generator, device=_device_of(generator))[:cap]
             units = units[pick.cpu()].sort().values
-        consumers = [c for c in site.consumers if _consumer_fits(site, c)]
-        if not consumers:
+        consumers = [c for c in site.consumers if _consumer_fits(site, c) and _stored(c.module, "weight")]
+        if not consumers or len(consumers) < len(site.consumers):
             no_consumer.append(name)
         if _norm_mixes_units(site):
             mixing_norm.append(name)
@@ -190,11 +200,20 @@ def revive_dead_units_(
             RevivalWarning,
             stacklevel=2,
         )
+    if computed:
+        warnings.warn(
+            f"Sites {computed} have a producer or norm layer whose weights are computed from other parameters "
+            "(a parametrization such as `weight_norm` or `spectral_norm`): their rows cannot be re-drawn in place, "
+            "so these sites were skipped.",
+            RevivalWarning,
+            stacklevel=2,
+        )
     if no_consumer:
         warnings.warn(
             f"Sites {no_consumer} have no known consumer (Linear/ConvNd reading their output through pooling, "
-            "dropout or `nn.Flatten`) whose outgoing weights could be zeroed: their dead units were revived anyway, "
-            "so the network's output changes.",
+            "dropout or `nn.Flatten`) whose outgoing weights could be zeroed, or one that cannot be zeroed (its "
+            "weight is computed by a parametrization, or its width does not match): their dead units were revived "
+            "anyway, so the network's output changes.",
             RevivalWarning,
             stacklevel=2,
         )
@@ -239,11 +258,22 @@ def _as_optimizers(optimizer: Any) -> list[Optimizer]:
         return []
     if isinstance(optimizer, Optimizer):
         return [optimizer]
-    optimizers = list(optimizer) if isinstance(optimizer, Iterable) else [optimizer]
-    bad = [type(opt).__name__ for opt in optimizers if not isinstance(opt, Optimizer)]
-    if bad:
-        raise ValueError(f"`optimizer` must be a `torch.optim.Optimizer`, a sequence of them or None, got {bad}")
+    optimizers = list(optimizer) if isinstance(optimizer, Iterable) and not isinstance(optimizer, str) else [optimizer]
+    if not all(isinstance(opt, Optimizer) for opt in optimizers):
+        if optimizers == [optimizer]:
+            given = _short_repr(optimizer)
+        else:  # name the items: an optimizer's own repr spans many lines
+            items = [_short_repr(o, 40) if isinstance(o, (str, int, float)) else type(o).__name__ for o in optimizers]
+            items = items[:4]
+            more = ", ..." if len(optimizers) > 4 else ""
+            given = f"a {type(optimizer).__name__} of [{', '.join(items)}{more}]"
+        raise ValueError(f"`optimizer` must be a `torch.optim.Optimizer`, a sequence of them or None, got {given}")
     return optimizers
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _as_names(names: Any, argument: str) -> set[str]:
@@ -310,6 +340,13 @@ def _consumer_fits(site: Site, consumer: Consumer) -> bool:
     if isinstance(module, _CONV_TYPES):
         return site.unit_dim == 1 and not consumer.through_flatten and module.in_channels == units  # type: ignore[attr-defined]
     return False
+
+
+def _stored(module: nn.Module | None, attribute: str) -> bool:
+    """Whether ``module.<attribute>`` is absent or a parameter the module holds itself, so that writing into it
+    changes the layer (not a tensor recomputed by a parametrization or a weight-norm hook)."""
+    value = getattr(module, attribute, None)
+    return value is None or (isinstance(value, nn.Parameter) and module._parameters.get(attribute) is value)  # type: ignore[union-attr]
 
 
 def _norm_mixes_units(site: Site) -> bool:
@@ -433,6 +470,22 @@ def _zero_consumer(site: Site, consumer: Consumer, units: Tensor, touched: dict[
     _mark(touched, weight, index)
 
 
+# Per-parameter state that a fresh optimizer does not start at zero: (optimizer type, state key) -> the
+# param-group option holding its starting value.
+_FRESH_STATE: tuple[tuple[type[Optimizer], str, str], ...] = (
+    (torch.optim.Rprop, "step_size", "lr"),  # Rprop starts every step size at the learning rate
+    (torch.optim.Adagrad, "sum", "initial_accumulator_value"),
+)
+
+
+def _fresh_value(optimizer: Optimizer, group: dict[str, Any], key: str) -> Any:
+    """What state ``key`` of a parameter of ``group`` holds before the optimizer's first step."""
+    for kind, state_key, option in _FRESH_STATE:
+        if isinstance(optimizer, kind) and key == state_key and option in group:
+            return group[option]
+    return 0
+
+
 def _reset_optimizer_state(optimizer: Optimizer, touched: dict[nn.Parameter, Tensor]) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -440,9 +493,12 @@ def _reset_optimizer_state(optimizer: Optimizer, touched: dict[nn.Parameter, Ten
             state = optimizer.state.get(param)
             if mask is None or not state:
                 continue
-            for value in state.values():
+            for key, value in state.items():
                 if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.masked_fill_(mask.to(value.device), 0)
+                    fresh = _fresh_value(optimizer, group, key)
+                    if isinstance(fresh, Tensor):
+                        fresh = fresh.to(value.device, value.dtype)
+                    value.masked_fill_(mask.to(value.device), fresh)
 
 
 # ------------------------------------------------------------------------------------------------ callback

@@ -7,6 +7,7 @@ initialization, revival) is built on the list that :func:`find_relu_sites` retur
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,9 +101,12 @@ class Site:
         unit_dim: dimension of the activation that indexes units: ``1`` for convolutions (channels), ``-1``
             for dense layers and sequences (last dimension), ``None`` when it is inferred from the first
             activation (``-1`` for 2-D outputs, ``1`` otherwise).
-        call_index: which call of ``module`` in one forward pass this site is: a module applied at several
-            places is one site per place, named ``<module name>_<k>`` for the k-th call (k >= 1). For a
-            functional site, its position among the functional rectifier calls of ``parent``'s forward.
+        call_index: which call of ``module`` this site is within one run of the forward that applies it (the
+            module's parent, or for one registered under several names the closest module holding them all): a
+            module applied at several places of that forward is one site per place, named ``<module name>_<k>``
+            for the k-th call (k >= 1); a block run several times has the same sites in every run, and their
+            counts add up. For a functional site, its position among the functional rectifier calls of one run of
+            ``parent``'s forward.
         kind: ``"module"`` for an ``nn.ReLU``/``nn.ReLU6`` call, ``"function"`` for ``F.relu``, ``torch.relu``,
             ``Tensor.relu``, their in-place forms and ``F.relu6``.
         parent: for a functional site, the module whose ``forward`` makes the call.
@@ -150,7 +154,10 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
 
     Producers and consumers are linked only where the data flow is certain: inside ``nn.Sequential``
     containers, nested ones included, or in the traced graph where the pre-activation feeds nothing else
-    and the site's output feeds only Linear/ConvNd layers (through pooling, dropout or flatten).
+    and the site's output feeds only Linear/ConvNd layers (through pooling, dropout or flatten). A layer applied
+    more or less often than the site runs (a layer shared with another path) is not linked: acting on it for this
+    site would change its other places. Without a whole-model trace, a layer registered under several names
+    counts as applied at each.
     A part of the model that cannot be traced gets one :class:`SiteTracingWarning` when its ``forward``
     may call a rectifier function; its module sites are still found.
 
@@ -165,6 +172,7 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
     if not isinstance(trace, bool):
         raise ValueError(f"`trace` must be a bool, got {trace!r}")
+    registrations = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     chains = _sequential_chains(model)
     position: dict[int, tuple[list[tuple[str, nn.Module]], int]] = {}
     for chain in chains:
@@ -182,9 +190,51 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
             _link_forward(site, chain, index)
         _fill_shape(site)
         sites.append(site)
+    uses = registrations
     if trace and not _built_in_only(model):
-        sites = _add_traced(model, sites)
+        sites, traced_uses, complete = _add_traced(model, sites)
+        # a whole-model trace counts every call (a layer registered twice may be called once); otherwise a layer
+        # counts as applied at several places when it is registered or traced so
+        uses = traced_uses if complete else registrations | traced_uses
+    places = Counter(id(site.module) for site in sites if site.module is not None)
+    for site in sites:
+        # how many times this site runs per forward: its rectifier's calls shared among its call positions
+        runs = uses[id(site.module)] / places[id(site.module)] if site.module is not None else 1
+        _drop_shared_links(site, uses, runs)
     return sites
+
+
+def rectifier_owners(model: nn.Module) -> dict[int, str]:
+    """For each rectifier module (by id), the qualified name of the closest module that holds every name it is
+    registered under: the module whose forward applies it ("" for the model). A site is a call position within one
+    forward of that owner."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, RECTIFIER_TYPES):
+            names.setdefault(id(module), []).append(name)
+    return {key: _common_prefix({name.rpartition(".")[0] for name in found}) for key, found in names.items()}
+
+
+def _common_prefix(parents: set[str]) -> str:
+    """The qualified name of the closest module holding every one of ``parents`` ("" for the model)."""
+    split = [parent.split(".") if parent else [] for parent in parents]
+    prefix: list[str] = []
+    for parts in zip(*split, strict=False):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def _drop_shared_links(site: Site, uses: Counter[int], runs: float) -> None:
+    """Forget links to layers applied more (or less) often than the site runs: such a layer has another place
+    (shared weights), where re-drawing its rows or zeroing its columns for this site would change what it computes.
+    A block run several times keeps its links: its sites count every run, and so see a unit dead only when it is
+    dead in every run."""
+    if any(uses[id(module)] != runs for module in (site.producer, site.norm) if module is not None):
+        site.producer = site.producer_name = site.norm = site.norm_name = None
+    if any(uses[id(consumer.module)] != runs for consumer in site.consumers):
+        site.consumers = []
 
 
 def _built_in_only(model: nn.Module) -> bool:
@@ -197,10 +247,10 @@ def _built_in_only(model: nn.Module) -> bool:
     return len(rectifiers) == len(set(rectifiers))
 
 
-def _add_traced(model: nn.Module, sites: list[Site]) -> list[Site]:
+def _add_traced(model: nn.Module, sites: list[Site]) -> tuple[list[Site], Counter[int], bool]:
     from lightning_relu._trace import mentions_relu, trace_model
 
-    result = trace_model(model, leaf_types=RECTIFIER_TYPES + PRODUCER_TYPES + NORM_TYPES)
+    result = trace_model(model, RECTIFIER_TYPES + PRODUCER_TYPES + NORM_TYPES, rectifier_owners(model))
     for name, module, error in result.failures:
         if not mentions_relu(module):
             continue
@@ -215,6 +265,7 @@ def _add_traced(model: nn.Module, sites: list[Site]) -> list[Site]:
         )
     modules = dict(model.named_modules())
     by_name = {site.name: site for site in sites}
+    functional: dict[tuple[str, int], Site] = {}
     order: dict[str, int] = {}
     for call in result.calls:
         links = call.links
@@ -228,6 +279,8 @@ def _add_traced(model: nn.Module, sites: list[Site]) -> list[Site]:
                 site = Site(name=name, module=rectifier, call_index=call.index)
                 by_name[name] = site
                 sites.append(site)
+        elif (call.module_name, call.index) in functional:  # the same call in another run of its parent's forward
+            site = functional[call.module_name, call.index]
         else:
             parent_name = call.module_name
             local = call.base if call.name_index == 0 else f"{call.base}_{call.name_index}"
@@ -243,13 +296,14 @@ def _add_traced(model: nn.Module, sites: list[Site]) -> list[Site]:
                 parent_name=parent_name,
             )
             by_name[name] = site
+            functional[parent_name, call.index] = site
             sites.append(site)
-        order[name] = call.order
+        order.setdefault(site.name, call.order)
         if site.producer is None and site.norm is None and not site.consumers:
             _apply_links(site, links, modules)
     if result.complete:
         sites.sort(key=lambda s: order.get(s.name, len(order)))
-    return sites
+    return sites, result.module_uses, result.complete
 
 
 def _apply_links(site: Site, links: Any, modules: dict[str, nn.Module]) -> None:

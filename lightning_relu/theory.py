@@ -2,16 +2,19 @@ r"""How likely a sample is to stay alive through a rectifier network at initiali
 
 Rister and Rubin, "Probabilistic bounds on data sensitivity in deep rectifier networks", bound the probability that a
 fixed input is still *alive* (not mapped to zero by a rectifier layer) after :math:`k` layers of width :math:`n`
-whose weights and biases are drawn iid from a symmetric distribution (eq. 10):
+whose weights and biases are drawn iid from a symmetric, continuous distribution (eq. 10):
 
 .. math::
     \left(1 - 2^{-n}\right)^{k} \leq P(\text{alive}) \leq \left(1 - 2^{-n^2 - n}\right)^{k - 1}.
 
 The lower bound comes from each layer killing a living input with probability at most :math:`2^{-n}` (every unit's
-pre-activation is symmetric), so for layers of widths :math:`n_1, \dots, n_k` it is :math:`\prod_i (1 - 2^{-n_i})`.
+pre-activation is symmetric and is exactly 0 with probability 0), so for layers of widths :math:`n_1, \dots, n_k`
+it is :math:`\prod_i (1 - 2^{-n_i})`.
 For a convolution, :math:`n` is the number of channels: a sample dies only when every channel at every position is
 non-positive, which is no more likely than every channel at one position being so, and the bound stays valid.
-The bounds assume symmetric iid initialization; batch normalization and data-dependent schemes such as sign flipping
+The bounds assume symmetric iid initialization from a distribution without an atom at 0 (Gaussian or uniform, as
+PyTorch's defaults and He initialization are; with weights and biases of ±1, say, a pre-activation is 0 with positive
+probability and the lower bound fails); batch normalization and data-dependent schemes such as sign flipping
 (:func:`lightning_relu.init.sign_flip_`) are outside their hypotheses.
 """
 
@@ -45,6 +48,17 @@ def _check_probability(name: str, value: object) -> float:
     return float(value)
 
 
+def _log_survival(exponent: int) -> float:
+    r""":math:`\log(1 - 2^{-e})` for an integer of any size (2^-e is 0.0 in double beyond e = 1074)."""
+    return math.log1p(-math.ldexp(1.0, -min(exponent, 1100)))
+
+
+def _survival(exponent: int, times: int) -> float:
+    """:math:`(1 - 2^{-e})^t` for integers of any size."""
+    loss = _log_survival(exponent)
+    return 1.0 if loss == 0.0 or times == 0 else math.exp(loss * min(times, 10**300))
+
+
 def alive_probability_bounds(width: int, depth: int) -> tuple[float, float]:
     r"""Rister and Rubin's bounds on the probability that an input survives ``depth`` layers of ``width`` units.
 
@@ -67,9 +81,7 @@ def alive_probability_bounds(width: int, depth: int) -> tuple[float, float]:
     """
     n = _check_positive_int("width", width)
     k = _check_positive_int("depth", depth)
-    lower = math.exp(k * math.log1p(-(2.0**-n)))
-    upper = math.exp((k - 1) * math.log1p(-(2.0 ** -(n * n + n))))
-    return lower, upper
+    return _survival(n, k), _survival(n * n + n, k - 1)
 
 
 def alive_probability_lower_bound(widths: Sequence[int]) -> float:
@@ -89,7 +101,7 @@ def alive_probability_lower_bound(widths: Sequence[int]) -> float:
     for width in widths:
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"`widths` must be a non-empty sequence of positive integers, got {widths!r}")
-    return math.exp(math.fsum(math.log1p(-(2.0**-n)) for n in widths))
+    return math.exp(math.fsum(_log_survival(n) for n in widths))
 
 
 def min_width_real(depth: int, p: float) -> float:

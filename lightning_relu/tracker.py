@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._trace import FUNCTIONAL_RECTIFIERS
-from lightning_relu.sites import Site, _join, find_relu_sites
+from lightning_relu.sites import Site, _join, find_relu_sites, rectifier_owners
 from lightning_relu.stats import ActivationStats, LayerReport, _check_eps, flush_stats
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
@@ -149,17 +149,14 @@ class DeadUnitTracker:
             )
             return self
         modules = dict(self.model.named_modules())
-        # a module registered under several names may be called from several forwards: its call positions
-        # restart with the forward of the closest module that holds every one of those names
-        names: dict[int, list[str]] = {}
-        for name, module in self.model.named_modules(remove_duplicate=False):
-            names.setdefault(id(module), []).append(name)
+        # call positions restart with the forward of the module that applies the rectifier (for one registered
+        # under several names, the closest module holding every one of those names), as `find_relu_sites` numbers
+        homes = rectifier_owners(self.model)
         owners: dict[int, tuple[nn.Module, list[int]]] = {}
         for key, first in self._first_site.items():
             if first.kind == "module":
                 assert first.module is not None
-                parents = {name.rpartition(".")[0] for name in names.get(key, [first.name])}
-                owner = modules.get(_common_prefix(parents), self.model)
+                owner = modules.get(homes.get(key, first.name.rpartition(".")[0]), self.model)
                 owners.setdefault(id(owner), (owner, []))[1].append(key)
                 self._handles.append(first.module.register_forward_hook(self._hook))
                 if self.track_margin:
@@ -426,17 +423,6 @@ class _FunctionalCounter(TorchFunctionMode):
         while self.pushed:
             if self.pushed.pop():
                 self.__exit__(None, None, None)
-
-
-def _common_prefix(parents: set[str]) -> str:
-    """The qualified name of the closest module holding every one of ``parents`` ("" for the model)."""
-    split = [parent.split(".") if parent else [] for parent in parents]
-    prefix: list[str] = []
-    for parts in zip(*split, strict=False):
-        if len(set(parts)) != 1:
-            break
-        prefix.append(parts[0])
-    return ".".join(prefix)
 
 
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)

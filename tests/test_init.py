@@ -347,6 +347,25 @@ def test_sign_flip_leaves_no_other_trace() -> None:
         assert torch.equal(model[i].weight, before[i].weight)
 
 
+def test_sign_flip_leaves_a_loaders_own_generator_as_it_was() -> None:
+    """A DataLoader shuffling with its own generator: the training that follows sees the batches it would have."""
+    data = TensorDataset(torch.arange(40.0).reshape(20, 2))
+
+    def batches(flip: bool, seeded_sampler: bool) -> list[list[float]]:
+        generator = torch.Generator().manual_seed(0)
+        if seeded_sampler:  # the generator held by the sampler only
+            sampler = torch.utils.data.RandomSampler(data, generator=generator)
+            loader = DataLoader(data, batch_size=5, sampler=sampler)
+        else:
+            loader = DataLoader(data, batch_size=5, shuffle=True, generator=generator)
+        if flip:
+            sign_flip_(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), loader, max_samples=5)
+        return [batch[0][:, 0].tolist() for epoch in range(2) for batch in loader]
+
+    for seeded_sampler in (False, True):
+        assert batches(True, seeded_sampler) == batches(False, seeded_sampler)
+
+
 def test_sign_flip_conv_bn_matches_batch_statistics_rerun() -> None:
     torch.manual_seed(10)
     layers: list[nn.Module] = []

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_relu.monitor import DeadUnitMonitor
 from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_units_
+from lightning_relu.sites import find_relu_sites
 from lightning_relu.stats import LayerReport
 from lightning_relu.tracker import DeadUnitTracker
 from tests.helpers import retry_spawn_abort
@@ -356,6 +357,101 @@ def test_exclude_and_warnings() -> None:
     assert net[1].weight[2] == 1.0 and net[1].bias[2] == 0.0
 
 
+@pytest.mark.parametrize("kind", ["rprop", "adagrad"])
+def test_optimizer_state_is_reset_to_what_a_fresh_optimizer_starts_with(kind: str) -> None:
+    """Rprop starts its step sizes at the learning rate and Adagrad its sums at `initial_accumulator_value`: a
+    zero there would freeze the revived entries (Rprop) or give them outsized first steps (Adagrad)."""
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        if kind == "rprop":
+            return torch.optim.Rprop(params, lr=0.02)
+        return torch.optim.Adagrad(params, lr=0.1, initial_accumulator_value=0.3)
+
+    model = _mlp()
+    x, y = torch.randn(64, 6), torch.randn(64, 3)
+    optimizer = make(model.parameters())
+    _steps(model, optimizer, x, y, 3)
+    _kill(model[0], [4, 11])
+    dead = _dead_units(_site_outputs(model, x)["1"])
+    masks = _mlp_touched(model, dead, [])
+    state = _clone_state(optimizer)
+    # the reference: a fresh optimizer's state after one step with a zero gradient (which moves nothing)
+    fresh_params = [nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    fresh = make(fresh_params)
+    for p in fresh_params:
+        p.grad = torch.zeros_like(p)
+    fresh.step()
+
+    revive_dead_units_(model, _report(model, x), optimizer, generator=torch.Generator().manual_seed(0))
+
+    checked = 0
+    for (name, p), q in zip(model.named_parameters(), fresh_params, strict=True):
+        for key, value in optimizer.state[p].items():
+            if not (isinstance(value, Tensor) and value.shape == p.shape):
+                continue
+            start = fresh.state[q][key]
+            assert torch.equal(value[masks[name]], start[masks[name]]), (name, key)
+            assert torch.equal(value[~masks[name]], state[id(p)][key][~masks[name]]), (name, key)
+            checked += int(masks[name].any())
+    assert checked >= 3  # rows, bias and columns, each with state that was not at its start
+
+
+def test_parametrized_layers_are_never_written_through_their_computed_weight() -> None:
+    """`weight_norm`/`spectral_norm` recompute `weight` from other parameters: a producer behind one is skipped, a
+    consumer behind one cannot be zeroed (so the revival warns that the output changes)."""
+    from torch.nn.utils import parametrizations
+
+    x = torch.randn(64, 6)
+    for wrap in (parametrizations.weight_norm, parametrizations.spectral_norm, nn.utils.weight_norm):
+        model = _mlp()
+        _kill(model[0], [3])
+        model[0] = wrap(model[0])
+        model.eval()  # spectral_norm's power iteration would move its buffers at every training forward
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        y = model(x)
+        with pytest.warns(RevivalWarning, match=r"\['1'\] have a producer or norm layer whose weights are computed"):
+            assert revive_dead_units_(model, _report(model, x), generator=torch.Generator()) == {"1": 0, "3": 0}
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), (wrap.__name__, key)
+        assert torch.equal(model(x), y)
+
+    model = _mlp()
+    _kill(model[0], [3])
+    model[2] = parametrizations.weight_norm(model[2])
+    original = [p.detach().clone() for p in model[2].parameters()]
+    with pytest.warns(RevivalWarning, match=r"\['1'\] have no known consumer .* or one that cannot be zeroed"):
+        assert revive_dead_units_(model, _report(model, x), generator=torch.Generator()) == {"1": 1, "3": 0}
+    assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), original, strict=True))
+    assert model[0].bias[3] != -100.0  # revived all the same
+
+
+def test_layers_applied_at_several_places_are_not_touched() -> None:
+    """A layer shared by two paths: re-drawing its rows for one path's ReLU would change the other path."""
+
+    class TwoPaths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            shared = nn.Linear(4, 8)
+            self.a = nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 1))
+            self.b = nn.Sequential(shared, nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.a(x) + self.b(x)
+
+    for trace in (True, False):
+        model = TwoPaths()
+        _kill(model.a[0], [1, 5])
+        x = torch.randn(64, 4)
+        y = model(x)
+        report = _report(model, x)
+        assert report["a.1"].dead[[1, 5]].all()
+        with pytest.warns(RevivalWarning, match=r"\['a.1'\] have dead units but no known producer"):
+            counts = revive_dead_units_(model, report, sites=find_relu_sites(model, trace=trace))
+        assert counts == {"a.1": 0}
+        assert torch.equal(model(x), y)
+
+
 # -------------------------------------------------------------------------------------------- bad input
 
 
@@ -400,6 +496,23 @@ def test_report_of_another_model_changes_nothing(report: dict[str, int], match: 
 def test_reviver_validates_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DeadUnitReviver(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "match"),
+    [
+        ("sgd", r"got 'sgd'$"),
+        (3, r"got 3$"),
+        (lambda net: net.parameters(), r"got a generator of \[Parameter, Parameter, Parameter, Parameter, \.\.\.\]$"),
+        (lambda net: [torch.optim.SGD(net.parameters(), lr=0.1), None], r"got a list of \[SGD, NoneType\]$"),
+    ],
+    ids=["str", "int", "parameters", "list"],
+)
+def test_optimizer_argument_names_the_value(optimizer: Any, match: str) -> None:
+    model = _mlp()
+    given = optimizer(model) if callable(optimizer) else optimizer
+    with pytest.raises(ValueError, match=r"`optimizer` must be a `torch.optim.Optimizer`, .*" + match):
+        revive_dead_units_(model, _report(model, torch.randn(8, 6)), given)
 
 
 # -------------------------------------------------------------------------------------------- Lightning

@@ -164,3 +164,10 @@ def test_reproduce_rister2020_quick(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert "matplotlib is not installed: skipping the figure" in printed
     else:
         assert results["figure"] == str(figure) and figure.stat().st_size > 0
+
+
+def test_bounds_take_integers_of_any_size():
+    # 2^-n underflows to 0 long before n = 10**400 (the bound is 1); 0.75^k vanishes for k = 10**400
+    assert alive_probability_bounds(10**400, 2) == (1.0, 1.0)
+    assert alive_probability_bounds(2, 10**400) == (0.0, 0.0)
+    assert alive_probability_lower_bound([10**400, 1]) == 0.5

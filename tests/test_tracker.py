@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_relu import DeadUnitTracker, NoReluSitesWarning
+from lightning_relu import DeadUnitTracker, NoReluSitesWarning, revive_dead_units_
 from tests.helpers import brute_force, conv_bn_net, counting_path, kill_units, mlp
 
 
@@ -217,6 +217,101 @@ def test_reused_module_is_one_site_per_call_position():
         assert report[name].samples == 5
     assert report["1.relu"].dead.tolist() == [False, True, False, False]
     assert not report["1.relu_1"].dead.any()
+
+
+class _Unrolled(nn.Module):
+    """One block run twice (weights tied): a Sequential with an `nn.ReLU`, then a module with an `F.relu`."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        self.blk = _TiedFunctional()
+
+    def forward(self, x):
+        return self.blk(self.blk(self.seq(self.seq(x))))
+
+
+class _TiedFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_a_block_run_twice_counts_both_runs_at_its_sites(trace):
+    """A site is a call position within one run of the forward that applies it: the runs of a block add up at its
+    sites, as its parameters are shared; discovery names the same sites the hooks count."""
+    torch.manual_seed(0)
+    model = _Unrolled()
+    with torch.no_grad():
+        # unit 1 reads input 1, which is 0 in the first run and seq[2]'s constant 1 in the second: dead in one only
+        model.seq[0].weight[1] = torch.tensor([0.0, 100.0, 0.0, 0.0])
+        model.seq[0].bias[1] = -50.0
+        model.seq[2].weight[1] = 0.0
+        model.seq[2].bias[1] = 1.0
+    x = torch.randn(16, 4)
+    x[:, 1] = 0.0
+    with torch.no_grad():  # brute force: the four rectifier outputs, by hand
+        a = torch.relu(model.seq[0](x))
+        b = torch.relu(model.seq[0](model.seq[2](a)))
+        c = torch.relu(model.blk.fc(model.seq[2](b)))
+        d = torch.relu(model.blk.fc(c))
+    expected = {"seq.1": torch.cat([a, b]), "blk.relu": torch.cat([c, d])}
+    assert (a[:, 1] == 0).all() and (b[:, 1] > 0).any()  # the unit is alive in one run only
+    tracker = DeadUnitTracker(model, trace=trace)
+    names = [site.name for site in tracker.all_sites]
+    assert names == (["seq.1", "blk.relu"] if trace else ["seq.1"])
+    with tracker, torch.no_grad():
+        model(x)
+    report = tracker.report()
+    assert set(report) == set(names)
+    for name in names:
+        out = expected[name]
+        assert report[name].samples == 32
+        assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), name
+    assert not report["seq.1"].dead[1]  # alive in the second run
+    # the Sequential's layers run as often as its site: linked (the traced F.relu's layer runs twice in its graph)
+    sites = {site.name: site for site in tracker.all_sites}
+    assert sites["seq.1"].producer is model.seq[0] and [c.module for c in sites["seq.1"].consumers] == [model.seq[2]]
+    if trace:
+        assert sites["blk.relu"].producer is None and sites["blk.relu"].consumers == []
+    # so revival touches only units dead in both runs, and the output stays the same
+    with torch.no_grad():
+        model.seq[0].bias[3] = -50.0
+        model.seq[0].weight[3] = 0.0
+        y = model(x)
+        a = torch.relu(model.seq[0](x))
+        b = torch.relu(model.seq[0](model.seq[2](a)))
+    with tracker, torch.no_grad():
+        tracker.reset()
+        model(x)
+    dead_in_both = [u for u in range(4) if not ((a[:, u] > 0).any() or (b[:, u] > 0).any())]
+    assert 3 in dead_in_both
+    counts = revive_dead_units_(model, {"seq.1": tracker.report()["seq.1"]}, sites=tracker.all_sites)
+    assert counts == {"seq.1": len(dead_in_both)} and 1 not in dead_in_both
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
+def test_a_layer_registered_twice_but_applied_once_keeps_its_links():
+    class Handles(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+            self.first, self.last = self.net[0], self.net[2]  # handles on the same layers
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = Handles()
+    (site,) = DeadUnitTracker(model).all_sites
+    assert site.producer is model.net[0] and [c.module for c in site.consumers] == [model.net[2]]
+    # without a trace the two registrations may be two applications: not linked
+    (site,) = DeadUnitTracker(model, trace=False).all_sites
+    assert site.producer is None and site.consumers == []
 
 
 def test_reused_module_positions_restart_even_without_the_models_forward():
