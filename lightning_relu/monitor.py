@@ -350,11 +350,18 @@ class DeadUnitMonitor(Callback):
             self.tracker = None
 
     def _agree_on_sizes(self, trainer: pl.Trainer) -> None:
-        """Sites sized by their first output: give ranks that saw none the same shape before summing."""
+        """Give every rank the same sites, in the same order and of the same sizes, before summing: sites created
+        on first sight (a module applied more times on one rank's data) and sites sized by their first output."""
         assert self.tracker is not None
         self.tracker.flush()
+        if trainer.world_size <= 1:
+            return
+        counts = self.tracker._position_counts()
+        if counts:
+            local = torch.tensor(counts, dtype=torch.int64, device=trainer.strategy.root_device)
+            self.tracker._grow_positions(trainer.strategy.reduce(local, reduce_op="max").tolist())
         lazy = [stats for stats in self.tracker.stats.values() if stats.num_units is None]
-        if not lazy or trainer.world_size <= 1:
+        if not lazy:
             return
         device = lazy[0].device
         sizes = torch.tensor([stats.active.numel() for stats in lazy], dtype=torch.int64, device=device)

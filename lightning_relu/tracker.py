@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -167,7 +167,7 @@ class DeadUnitTracker:
                 self._modes[key] = mode
                 self._handles.append(parent.register_forward_pre_hook(mode.enter_parent))
                 self._handles.append(parent.register_forward_hook(mode.exit_parent, always_call=True))
-                for child in parent.children():
+                for child in _callees(parent):
                     self._handles.append(child.register_forward_pre_hook(mode.enter_child))
                     self._handles.append(child.register_forward_hook(mode.exit_child, always_call=True))
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
@@ -334,6 +334,25 @@ class DeadUnitTracker:
                 stacklevel=3,
             )
 
+    def _position_counts(self) -> list[int]:
+        """How many call positions each rectifier module (or functional parent) has, in discovery order, which is
+        the same in every process."""
+        return [len(positions) for positions in self._positions.values()]
+
+    def _grow_positions(self, counts: Sequence[int]) -> None:
+        """Create the positions other processes saw first (sites created on first sight, such as the third call of
+        a module a loop runs a data-dependent number of times), then order the sites as every process does: the
+        discovered ones first, the created ones by name. Reports reduce the sites one by one, in that order."""
+        for key, count in zip(list(self._positions), counts, strict=True):
+            if count > len(self._positions[key]):
+                self._add_positions(key, count - 1)
+        discovered = {site.name for site in self.all_sites}
+        names = [name for name in self.stats if name in discovered]
+        names += sorted(name for name in self.stats if name not in discovered)
+        self.stats = {name: self.stats[name] for name in names}
+        by_name = {site.name: site for site in self.sites}
+        self.sites = [by_name[name] for name in names]
+
     def _warn_transformed(self) -> None:
         if self._transformed_warned:
             return
@@ -390,7 +409,8 @@ class _FunctionalCounter(TorchFunctionMode):
         self.tracker = tracker
         self.key = key
         self.depth = 0  # > 0 while a child module of the parent runs
-        self.pushed: list[bool] = []
+        self.active = False  # the mode is pushed (by the outermost of nested runs of the parent's forward)
+        self.pushed: list[tuple[bool, int]] = []  # per run of the parent: whether it pushed, the depth it found
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         watch = self.tracker.track_margin and self.depth == 0 and func in FUNCTIONAL_RECTIFIERS
@@ -402,15 +422,23 @@ class _FunctionalCounter(TorchFunctionMode):
         return out
 
     def enter_parent(self, module: nn.Module, inputs: Any) -> None:
+        # A run of the parent inside another (Lightning's DDP runs `training_step` as the module's forward, which
+        # calls `self(x)`): one mode serves both, or every call would be counted once per pushed mode; the
+        # positions and the child depth start afresh for the inner run and the depth comes back after it.
         self.tracker._calls[self.key] = 0
-        push = self.tracker.enabled
-        self.pushed.append(push)
+        push = self.tracker.enabled and not self.active
+        self.pushed.append((push, self.depth))
+        self.depth = 0
         if push:
-            self.depth = 0
+            self.active = True
             self.__enter__()
 
     def exit_parent(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self.pushed and self.pushed.pop():
+        if not self.pushed:
+            return
+        pushed, self.depth = self.pushed.pop()
+        if pushed:
+            self.active = False
             self.__exit__(None, None, None)
 
     def enter_child(self, module: nn.Module, inputs: Any) -> None:
@@ -421,8 +449,20 @@ class _FunctionalCounter(TorchFunctionMode):
 
     def close(self) -> None:
         while self.pushed:
-            if self.pushed.pop():
+            if self.pushed.pop()[0]:
                 self.__exit__(None, None, None)
+        self.active = False
+        self.depth = 0
+
+
+def _callees(parent: nn.Module) -> Iterator[nn.Module]:
+    """The submodules whose forward ``parent``'s own forward may call: its children, and the children of those
+    that have no forward of their own (``nn.ModuleList``, ``nn.ModuleDict``, plain containers), recursively."""
+    for child in parent.children():
+        if type(child).forward is nn.Module.forward:
+            yield from _callees(child)
+        else:
+            yield child
 
 
 _GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)

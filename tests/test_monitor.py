@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import math
 import pickle
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -295,11 +297,17 @@ class _SplitModule(L.LightningModule):
         self.net[0].requires_grad_(False)
         self.extra = nn.ReLU()  # no producer in sight: sized by its first output, and only rank 0 calls it
 
+    def forward(self, x):
+        # a functional site in the LightningModule's own forward, which DDP runs inside `training_step` run as
+        # the forward: counted once all the same. Unit 0 fires on rank 0's samples, unit 1 on rank 1's.
+        return torch.nn.functional.relu(torch.cat([x, -x], dim=1))
+
     def training_step(self, batch, batch_idx):
         x = batch[0]
         if bool(x[0, 0] > 0):
             self.extra(x.expand(-1, 4))
-        return self.net(x).pow(2).mean()
+            self.extra(x.expand(-1, 2) * 2)  # a second call only rank 0 makes: site `extra_1`, created there
+        return self.net(x).pow(2).mean() + self(x).mean() * 0
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.net[2].parameters(), lr=0.01)
@@ -324,7 +332,8 @@ class _DumpingMonitor(DeadUnitMonitor):
 def test_ddp_reduces_across_ranks(tmp_path):
     trainer = L.Trainer(
         default_root_dir=tmp_path,
-        strategy="ddp_spawn",
+        # a rank waiting in a collective the other never joins fails after the timeout instead of hanging
+        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
         accelerator="cpu",
         devices=2,
         max_epochs=1,
@@ -338,21 +347,27 @@ def test_ddp_reduces_across_ranks(tmp_path):
     trainer.fit(_SplitModule())
     reports = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert len(reports[0]) == len(reports[1]) == 1
-    layer = LayerReport.from_state_dict(reports[0][-1]["layers"][0])
-    assert layer.name == "net.1"
+    layers = [{state["name"]: LayerReport.from_state_dict(state) for state in r[-1]["layers"]} for r in reports]
+    # the same sites, in the same order, on both ranks
+    assert list(layers[0]) == list(layers[1]) and sorted(layers[0]) == ["extra", "extra_1", "net.1", "relu"]
+    layer = layers[0]["net.1"]
     # 16 samples: 8 with x = +1 (all on rank 0), 8 with x = -1 (all on rank 1)
     assert layer.samples == 16
     assert layer.active_count.tolist() == [8, 8, 0]
     assert layer.dead.tolist() == [False, False, True]
     assert layer.killed == 0
-    other = LayerReport.from_state_dict(reports[1][-1]["layers"][0])
-    assert other.active_count.tolist() == [8, 8, 0] and other.samples == 16
     for rank in (0, 1):
-        extra = LayerReport.from_state_dict(reports[rank][-1]["layers"][1])
-        assert extra.name == "extra"
+        other = layers[rank]["net.1"]
+        assert other.active_count.tolist() == [8, 8, 0] and other.samples == 16
+        extra = layers[rank]["extra"]
         assert extra.active_count.tolist() == [8, 8, 8, 8]
         assert extra.samples == 8
         assert extra.pre_mean.tolist() == [1.0, 1.0, 1.0, 1.0]  # only rank 0 fed it, with ones
+        second = layers[rank]["extra_1"]
+        assert second.active_count.tolist() == [8, 8] and second.samples == 8
+        assert second.pre_mean.tolist() == [2.0, 2.0]
+        functional = layers[rank]["relu"]  # each sample once: 8 per rank
+        assert functional.samples == 16 and functional.active_count.tolist() == [8, 8]
     # the margin of net.1 sums both ranks: unit 0 sees +1 (rank 0) and -1 (rank 1), so its mean is 0
     assert layer.pre_mean.tolist() == [0.0, 0.0, -1.0]
 

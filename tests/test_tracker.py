@@ -371,6 +371,55 @@ def _functional_brute_force(model, batches):
     return {name: torch.cat(v) for name, v in outs.items()}
 
 
+class _ListedBlocks(nn.Module):
+    """Blocks and ReLU modules held in containers without a forward (`nn.ModuleList`, `nn.ModuleDict`), beside the
+    parent's own `F.relu`: calls made inside the blocks are theirs, not the parent's. With `reenter=True` the
+    forward runs itself inside itself, as Lightning's DDP runs `training_step` as the forward, which calls
+    `self(x)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_FunctionalBlock(), _FunctionalBlock()])
+        self.acts = nn.ModuleDict({"a": nn.ReLU(), "b": nn.ReLU()})
+        self.head = nn.Linear(6, 5)
+        self.reenter = False
+
+    def forward(self, x, inner=False):
+        if self.reenter and not inner:
+            return self(x, inner=True)
+        h = self.acts["a"](self.blocks[0](x))
+        h = self.acts["b"](self.blocks[1](h))
+        return F.relu(self.head(h))
+
+
+def test_functional_calls_inside_listed_blocks_and_reentrant_forwards_are_counted_once():
+    torch.manual_seed(0)
+    model = _ListedBlocks()
+    batches = [torch.randn(8, 6), torch.randn(5, 6)]
+    outs = {"blocks.0.relu": [], "acts.a": [], "blocks.1.relu": [], "acts.b": [], "relu": []}
+    with torch.no_grad():  # brute force
+        for x in batches:
+            for i, act in ((0, "a"), (1, "b")):
+                x = torch.clamp(model.blocks[i].fc(x), min=0)
+                outs[f"blocks.{i}.relu"].append(x)
+                x = torch.clamp(x - 0.5, min=0)
+                outs[f"acts.{act}"].append(x)
+            outs["relu"].append(torch.clamp(model.head(x), min=0))
+    for reenter in (False, True):
+        tracker = DeadUnitTracker(model)  # discovered on the plain forward, as Lightning's redirection comes later
+        model.reenter = reenter
+        with tracker:
+            for x in batches:
+                model(x)
+        model.reenter = False
+        report = tracker.report()
+        assert set(report) == set(outs), reenter
+        for name, parts in outs.items():
+            out = torch.cat(parts)
+            assert report[name].samples == 13, (reenter, name)
+            assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), (reenter, name)
+
+
 def test_functional_calls_match_brute_force():
     torch.manual_seed(0)
     model = _FunctionalNet()
