@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,22 @@ FUNCTIONAL_RECTIFIERS: dict[Any, str] = {
     F.relu6: "relu6",
 }
 _RECTIFIER_METHODS = {"relu": "relu", "relu_": "relu"}
+
+# Operations that keep every entry where it was (elementwise, or acting within a unit's entries): the unit axis of
+# their inputs is that of their output.
+_AXIS_KEEPING_FUNCTIONS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.neg,
+}
+_AXIS_KEEPING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "contiguous"}
 
 _PASS_THROUGH_FUNCTIONS = {
     F.dropout,
@@ -50,6 +67,7 @@ class Links:
     producer: str | None = None
     norm: str | None = None
     consumers: list[tuple[str, bool]] = field(default_factory=list)  # (name, through_flatten)
+    unit_dim: int | None = None  # without a producer: the unit axis of the layers the pre-activation comes from
 
 
 @dataclass
@@ -137,7 +155,34 @@ def _analyse(
             src = src.args[0] if src.args else None
         if isinstance(module_of(src), PRODUCER_TYPES) and single_use(src):
             links.producer = _join(prefix, str(src.target))
+        if links.producer is None and links.norm is None:
+            links.unit_dim = unit_axis_of(node.args[0] if node.args else node.kwargs.get("input"))
         return links
+
+    def unit_axis_of(start: Any) -> int | None:
+        """The unit axis of the layers a pre-activation comes from through elementwise operations, pooling or
+        dropout (``x + fc(x)``: -1), when every such layer agrees; None when none is found."""
+        from lightning_relu.sites import _PASS_THROUGH_TYPES, NORM_TYPES, PRODUCER_TYPES, RECTIFIER_TYPES
+
+        found: set[int] = set()
+        stack, seen = [start], set()
+        while stack and len(seen) < 64:
+            node = stack.pop()
+            if not isinstance(node, fx.Node) or node in seen:
+                continue
+            seen.add(node)
+            module = module_of(node)
+            if isinstance(module, PRODUCER_TYPES + NORM_TYPES):
+                found.add(-1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1)
+            elif (
+                isinstance(module, _PASS_THROUGH_TYPES + RECTIFIER_TYPES)
+                or _is_pass_through_call(node)
+                or (node.op == "call_function" and node.target in _AXIS_KEEPING_FUNCTIONS)
+                or (node.op == "call_function" and node.target in FUNCTIONAL_RECTIFIERS)
+                or (node.op == "call_method" and node.target in _AXIS_KEEPING_METHODS | set(_RECTIFIER_METHODS))
+            ):
+                stack.extend(arg for arg in (*node.args, *node.kwargs.values()) if isinstance(arg, fx.Node))
+        return found.pop() if len(found) == 1 else None
 
     def consumer_links(node: fx.Node) -> list[tuple[str, bool]]:
         from lightning_relu.sites import _PASS_THROUGH_TYPES, PRODUCER_TYPES

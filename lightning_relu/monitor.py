@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from lightning_relu.dashboards import (
 from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.theory import alive_probability_lower_bound
-from lightning_relu.tracker import DeadUnitTracker
+from lightning_relu.tracker import DeadUnitTracker, check_unit_dims
 
 __all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "DyingWarning", "EpochReport"]
 
@@ -132,6 +132,9 @@ class DeadUnitMonitor(Callback):
             of its units are dead gets one early warning.
         dashboards: write the Custom Scalars layout, the heatmap image and the summary text to TensorBoard.
         print_summary: print the per-site summary table at the end of training (rank zero).
+        unit_dims: the unit axis of sites that no known layer fixes, by site name: ``-1`` (last dimension, for
+            ``(batch, time, features)`` sequences) or ``1`` (channels); see
+            :class:`~lightning_relu.tracker.DeadUnitTracker`. Unknown names raise ``ValueError`` at setup.
 
     A unit is active on an entry when the entry is ``> 0``: NaN entries are not active, +Inf entries are. The
     first epoch in which a site produces NaN or Inf gets one warning naming the site and the epoch.
@@ -162,6 +165,7 @@ class DeadUnitMonitor(Callback):
         track_margin: bool = False,
         dashboards: bool = True,
         print_summary: bool = True,
+        unit_dims: Mapping[str, int] | None = None,
     ) -> None:
         if sites is not None:
             if isinstance(sites, str) or not all(isinstance(name, str) for name in sites):
@@ -189,6 +193,8 @@ class DeadUnitMonitor(Callback):
         ):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be a bool, got {value!r}")
+        check_unit_dims(unit_dims)
+        self.unit_dims = dict(unit_dims) if unit_dims is not None else None
         self.dashboards = dashboards
         self.print_summary = print_summary
         self.track_margin = track_margin
@@ -241,7 +247,12 @@ class DeadUnitMonitor(Callback):
             return
         self._remove_hooks()
         tracker = DeadUnitTracker(
-            pl_module, sites=self._sites, trace=self.trace, eps=self.eps, track_margin=self.track_margin
+            pl_module,
+            sites=self._sites,
+            trace=self.trace,
+            eps=self.eps,
+            track_margin=self.track_margin,
+            unit_dims=self.unit_dims,
         )
         if not tracker.sites:
             rank_zero_warn(

@@ -314,6 +314,8 @@ def _apply_links(site: Site, links: Any, modules: dict[str, nn.Module]) -> None:
     site.consumers = [Consumer(name=n, module=modules[n], through_flatten=f) for n, f in links.consumers]
     site.num_units = site.unit_dim = None
     _fill_shape(site)
+    if site.unit_dim is None:
+        site.unit_dim = links.unit_dim
 
 
 def _sequential_chains(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:

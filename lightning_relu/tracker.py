@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -55,6 +55,11 @@ class DeadUnitTracker:
         track_margin: also measure each unit's pre-activation mean and standard deviation, giving the death
             margin ``m = mean / std`` and ``LayerReport.at_risk`` (``m < Φ⁻¹(eps)``). It costs two more float
             reductions per site and step, over the pre-activation.
+        unit_dims: the unit axis of sites that no known layer fixes, by site name: ``-1`` (last dimension, as in
+            ``(batch, time, features)`` sequences) or ``1`` (channels). A site whose Linear/ConvNd layer (or the
+            layers its pre-activation comes from, in a traced forward) is known has its axis from that layer; any
+            other site takes the last dimension of 2-D outputs and dimension 1 of others, with one warning for
+            3-D outputs, which could be either. Naming a site also sets its later call positions.
 
     Example:
         >>> import torch
@@ -74,10 +79,12 @@ class DeadUnitTracker:
         trace: bool = True,
         eps: float = 0.01,
         track_margin: bool = False,
+        unit_dims: Mapping[str, int] | None = None,
     ) -> None:
         _check_eps(eps)
         if not isinstance(track_margin, bool):
             raise ValueError(f"`track_margin` must be a bool, got {track_margin!r}")
+        check_unit_dims(unit_dims)
         self.eps = float(eps)
         self.track_margin = track_margin
         if not isinstance(model, nn.Module):
@@ -95,12 +102,14 @@ class DeadUnitTracker:
             if unknown:
                 raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
             self._wanted = set(sites)
+        self._unit_dims = _resolve_unit_dims(unit_dims, found)
         #: every site found, counted or not
         self.all_sites: list[Site] = found
         self.sites: list[Site] = [site for site in found if self._is_wanted(site.name)]
         self.stats: dict[str, ActivationStats] = {
-            site.name: _new_stats(site, self.eps, track_margin) for site in self.sites
+            site.name: _new_stats(site, self.eps, track_margin, self._unit_dims.get(site.name)) for site in self.sites
         }
+        self._axis_warned: set[str] = set()
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
@@ -293,6 +302,8 @@ class DeadUnitTracker:
         if _transformed(output):
             self._warn_transformed()
             return
+        if stats.unit_dim is None and output.ndim == 3 and site.name not in self._axis_warned:
+            self._warn_axis(site, output)
         width = stats.num_units if stats.num_units is not None else stats.active.numel()
         # the same unit axis the counts use; a 1-D output is one unit per sample
         if width and (output.shape[stats.unit_axis(output)] if output.ndim > 1 else 1) != width:
@@ -318,7 +329,8 @@ class DeadUnitTracker:
                 parent_name=first.parent_name,
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
-                stats = _new_stats(site, self.eps, self.track_margin)
+                unit_dim = self._unit_dims.get(site.name, self._unit_dims.get(first.name))
+                stats = _new_stats(site, self.eps, self.track_margin, unit_dim)
                 if self.stats:
                     stats.to(next(iter(self.stats.values())).device)
                 self.sites.append(site)
@@ -365,6 +377,17 @@ class DeadUnitTracker:
             stacklevel=3,
         )
 
+    def _warn_axis(self, site: Site, output: Tensor) -> None:
+        self._axis_warned.add(site.name)
+        warnings.warn(
+            f"Site {site.name!r} has no known Linear/ConvNd layer, so the units of its 3-D output of shape "
+            f"{tuple(output.shape)} are taken along dimension 1 (channels, as after a Conv1d). If the output is a "
+            f"(batch, time, features) sequence, pass `unit_dims={{{site.name!r}: -1}}`; pass "
+            f"`unit_dims={{{site.name!r}: 1}}` to keep dimension 1 without this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _warn_width(self, site: Site, output: Tensor, width: int) -> None:
         if site.name in self._width_warned:
             return
@@ -372,7 +395,8 @@ class DeadUnitTracker:
         warnings.warn(
             f"Site {site.name!r} expects {width} units but produced an output of shape "
             f"{tuple(output.shape)}; these outputs are not counted. Is one `nn.ReLU` module used at several "
-            "places of different widths? Give each place its own module.",
+            "places of different widths? Give each place its own module. Or, for a site without a known layer, "
+            "are its units on another dimension? Say which with `unit_dims`.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -480,10 +504,46 @@ def _in_backward() -> bool:
     return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
 
 
-def _new_stats(site: Site, eps: float, track_margin: bool) -> ActivationStats:
+def _new_stats(site: Site, eps: float, track_margin: bool, unit_dim: int | None = None) -> ActivationStats:
     return ActivationStats(
-        num_units=site.num_units, unit_dim=site.unit_dim, name=site.name, eps=eps, track_margin=track_margin
+        num_units=site.num_units,
+        unit_dim=site.unit_dim if unit_dim is None else unit_dim,
+        name=site.name,
+        eps=eps,
+        track_margin=track_margin,
     )
+
+
+def check_unit_dims(unit_dims: Any) -> None:
+    """Validate a ``unit_dims`` argument: a mapping of site names to 1 or -1, or None."""
+    if unit_dims is None:
+        return
+    if not isinstance(unit_dims, Mapping) or not all(isinstance(name, str) for name in unit_dims):
+        raise ValueError(f"`unit_dims` must map site names to 1 or -1, or be None, got {unit_dims!r}")
+    bad = {name: dim for name, dim in unit_dims.items() if isinstance(dim, bool) or dim not in (1, -1)}
+    if bad:
+        raise ValueError(f"`unit_dims` values must be 1 (channels) or -1 (last dimension), got {bad!r}")
+
+
+def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -> dict[str, int]:
+    """``unit_dims`` checked against the model's sites: every name is a site, and none contradicts its layer."""
+    if not unit_dims:
+        return {}
+    names = [site.name for site in found]
+    unknown = [name for name in unit_dims if not _matches_site(name, names)]
+    if unknown:
+        raise ValueError(f"`unit_dims` has unknown site names {unknown}; the model's sites are {names}")
+    sites = {site.name: site for site in found}
+    for name, dim in unit_dims.items():
+        site = sites.get(name)
+        if site is not None and site.unit_dim is not None and site.unit_dim != dim:
+            named = site.producer_name or site.norm_name
+            layer = f"its layer {named!r}" if named is not None else "the layers it comes from"
+            raise ValueError(
+                f"`unit_dims` gives site {name!r} unit dimension {dim}, but {layer} puts its units on dimension "
+                f"{site.unit_dim}"
+            )
+    return dict(unit_dims)
 
 
 def _matches_site(name: str, names: list[str]) -> bool:

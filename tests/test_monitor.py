@@ -226,6 +226,7 @@ def test_no_relu_warns_once_and_trains(tmp_path):
         ({"sites": "1"}, r"`sites` must be a sequence of site names or None, got '1'"),
         ({"sites": [1]}, r"`sites` must be a sequence of site names or None, got \[1\]"),
         ({"log_histograms": "yes"}, r"`log_histograms` must be a bool, got 'yes'"),
+        ({"unit_dims": {"net.1": 2}}, r"`unit_dims` values must be 1 \(channels\) or -1 \(last dimension\)"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -236,6 +237,21 @@ def test_invalid_arguments(kwargs, match):
 def test_unknown_site_names_raise_at_setup(tmp_path):
     with pytest.raises(ValueError, match=r"unknown site names \['net.9'\].*\['net.1', 'net.3'\]"):
         _trainer(tmp_path, [DeadUnitMonitor(sites=["net.9"])]).fit(_mlp_module())
+
+
+def test_unit_dims_reach_the_tracker(tmp_path):
+    with pytest.raises(ValueError, match=r"`unit_dims` has unknown site names \['net.9'\]"):
+        _trainer(tmp_path, [DeadUnitMonitor(unit_dims={"net.9": -1})]).fit(_mlp_module())
+    # the Tanh hides the Linear from the ReLU: on (batch, time, features) inputs only `unit_dims` tells the axis
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.ReLU(), nn.Linear(5, 1))
+    x = torch.randn(8, 7, 3)
+    monitor = DeadUnitMonitor(unit_dims={"net.2": -1})
+    _trainer(tmp_path, [monitor], max_epochs=1).fit(SeqModule(net, x))
+    with torch.no_grad():
+        out = torch.relu(torch.tanh(net[0](x))).reshape(-1, 5)
+    report = monitor.last_report["net.2"]
+    assert report.num_units == 5 and report.active_count.tolist() == (out > 0).sum(0).tolist()
 
 
 def test_restricted_sites(tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -502,3 +504,91 @@ def test_margin_for_functional_and_reused_sites(path):
     assert DeadUnitTracker(model).report()["relu"].margin is None
     with pytest.raises(ValueError, match="`track_margin` must be a bool, got 1"):
         DeadUnitTracker(model, track_margin=1)
+
+
+class _Untraceable(nn.Module):
+    """A sequence model whose forward torch.fx cannot trace: its ReLU module has no known layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if x.shape[1] > 0 and bool(x.sum() > -1e9):  # data-dependent control flow
+            x = self.fc(x)
+        return self.act(x)
+
+
+def test_unit_dims_sets_the_axis_of_sites_no_layer_fixes():
+    torch.manual_seed(0)
+    model = _Untraceable()
+    with torch.no_grad():
+        model.fc.bias[[1, 6]] = -100.0
+    batches = [torch.randn(3, 9, 4), torch.randn(2, 5, 4)]  # (batch, time, features), the time varies
+    with torch.no_grad():
+        out = torch.cat([torch.relu(model.fc(x)).reshape(-1, 8) for x in batches])
+    with (
+        pytest.warns(RuntimeWarning, match=r"expects 9 units .* are its units on another dimension\? Say which"),
+        pytest.warns(
+            RuntimeWarning,
+            match=r"Site 'act' has no known Linear/ConvNd layer, so the units of its 3-D "
+            r"output of shape \(3, 9, 8\) are taken along dimension 1",
+        ),
+        DeadUnitTracker(model) as tracker,
+    ):
+        for x in batches:
+            model(x)
+    assert tracker.report()["act"].num_units == 9  # the guess: time steps taken for units
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guess, no warning
+        with DeadUnitTracker(model, unit_dims={"act": -1}) as tracker:
+            for x in batches:
+                model(x)
+    report = tracker.report()["act"]
+    assert report.num_units == 8 and report.samples == 5
+    assert report.active_count.tolist() == (out > 0).sum(0).tolist()
+    assert report.entries_per_unit == 3 * 9 + 2 * 5
+    assert report.dead.nonzero().flatten().tolist() == [1, 6]
+
+
+def test_a_traced_pre_activation_without_a_producer_takes_the_axis_of_its_layers():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return F.relu(x + self.fc(x) * 0.5)  # not one layer's output: no producer, but a Linear's axis
+
+    model = Residual()
+    (site,) = DeadUnitTracker(model).all_sites
+    assert site.producer is None and site.unit_dim == -1
+    x = torch.randn(4, 9, 6)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        out = model(x)
+    report = tracker.report()["relu"]
+    assert report.num_units == 6 and report.active_count.tolist() == (out > 0).reshape(-1, 6).sum(0).tolist()
+
+
+@pytest.mark.parametrize(
+    ("unit_dims", "match"),
+    [
+        ({"act": 0}, r"`unit_dims` values must be 1 \(channels\) or -1 \(last dimension\), got \{'act': 0\}"),
+        ({"act": True}, r"`unit_dims` values must be 1 \(channels\) or -1 \(last dimension\), got \{'act': True\}"),
+        ([("act", -1)], r"`unit_dims` must map site names to 1 or -1, or be None, got \[\('act', -1\)\]"),
+        ({"nope": -1}, r"`unit_dims` has unknown site names \['nope'\]; the model's sites are \['act'\]"),
+    ],
+)
+def test_unit_dims_is_checked(unit_dims, match):
+    with pytest.raises(ValueError, match=match):
+        DeadUnitTracker(_Untraceable(), unit_dims=unit_dims)
+
+
+def test_unit_dims_cannot_contradict_a_known_layer():
+    net = nn.Sequential(nn.Conv1d(2, 3, 1), nn.ReLU())
+    match = r"`unit_dims` gives site '1' unit dimension -1, but its layer '0' puts its units on dimension 1"
+    with pytest.raises(ValueError, match=match):
+        DeadUnitTracker(net, unit_dims={"1": -1})
+    assert DeadUnitTracker(net, unit_dims={"1": 1}).stats["1"].unit_dim == 1
