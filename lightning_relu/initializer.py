@@ -6,6 +6,7 @@ Applies randomized asymmetric initialization (:func:`lightning_relu.init.rai_`),
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -13,10 +14,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_relu.init import SignFlipReport, _flip_target, rai_, sign_flip_
+from lightning_relu._lifecycle import starts_afresh
+from lightning_relu.init import SignFlipReport, _batch_input, _flip_target, rai_, sign_flip_
 from lightning_relu.sites import find_relu_sites
 
 __all__ = ["ReluInitializer"]
@@ -52,12 +54,12 @@ class ReluInitializer(Callback):
 
     Args:
         method: ``"rai"``, ``"sign_flip"`` or ``"rai+sign_flip"``.
-        seed: seed of the RAI generator; ``None`` draws one from the global generator (so ``seed_everything``
-            makes it reproducible) on rank 0 and broadcasts it.
+        seed: seed of the RAI generator, in [0, 2**64); ``None`` draws one from the global generator (so
+            ``seed_everything`` makes it reproducible) on rank 0 and broadcasts it.
         max_samples: training samples the sign flip looks at, taken from the first batches.
         input_fn: maps a training batch to the model's input; by default a batch that is a tuple or a list gives
             its first element and a tensor batch is the input itself.
-        log_prefix: prefix of the logged keys.
+        log_prefix: prefix of the logged keys (not empty).
 
     Raises:
         ValueError: if an argument is invalid.
@@ -89,14 +91,14 @@ class ReluInitializer(Callback):
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"`method` can be {', '.join(map(repr, _METHODS))}, got {method!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"`seed` must be an integer or None, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+            raise ValueError(f"`seed` must be an integer in [0, 2**64) or None, got {seed!r}")
         if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
             raise ValueError(f"`max_samples` must be a positive integer, got {max_samples!r}")
         if input_fn is not None and not callable(input_fn):
             raise ValueError(f"`input_fn` must be a callable or None, got {input_fn!r}")
-        if not isinstance(log_prefix, str):
-            raise ValueError(f"`log_prefix` must be a string, got {log_prefix!r}")
+        if not isinstance(log_prefix, str) or not log_prefix:
+            raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}")
         self.method = method
         self.seed = seed
         self.max_samples = max_samples
@@ -108,6 +110,7 @@ class ReluInitializer(Callback):
         self.rai_layers: list[str] = []
         self.seed_used: int | None = None
         self.metrics: dict[str, float] = {}
+        self._applied_to: weakref.ref[nn.Module] | None = None  # the model it initialized, in this process
 
     @property
     @override
@@ -124,6 +127,13 @@ class ReluInitializer(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Once per instance and model: a new fit of the model it initialized (a second training stage) keeps the
+        # trained weights, a new fit of another model gets initialized (a resumed fit gets `applied` back from
+        # its checkpoint after this)
+        applied_to = self._applied_to() if self._applied_to is not None else None
+        if stage == "fit" and starts_afresh(trainer) and applied_to is not None and applied_to is not pl_module:
+            self.applied = False
+            self.report, self.rai_layers, self.seed_used, self.metrics = {}, [], None, {}
         if stage != "fit" or self.applied:
             return
         sites = find_relu_sites(pl_module)
@@ -155,6 +165,7 @@ class ReluInitializer(Callback):
         if self.uses_sign_flip:
             self._apply_sign_flip(trainer, pl_module)
         self.applied = True
+        self._applied_to = weakref.ref(pl_module)
         self._log(trainer)
 
     def _apply_rai(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,7 +192,13 @@ class ReluInitializer(Callback):
                 category=RuntimeWarning,
             )
             return
-        local = sign_flip_(pl_module, data, max_samples=self.max_samples, input_fn=self.input_fn)
+        precision, input_fn = trainer.precision_plugin, self.input_fn
+
+        def inputs_of(batch: Any) -> Tensor:
+            # as a training step gets it: `precision="bf16-true"`/`"64-true"` cast the batch to the weights' dtype
+            return _batch_input(precision.convert_input(batch), input_fn)
+
+        local = sign_flip_(pl_module, data, max_samples=self.max_samples, input_fn=inputs_of)
         chosen: dict[str, SignFlipReport] = trainer.strategy.broadcast(local, src=0)
         # ranks saw different shards: every rank takes rank 0's decisions (negation is an involution)
         differ = [name for name, r in chosen.items() if (name in local and local[name].flipped) != r.flipped]
@@ -226,6 +243,11 @@ class ReluInitializer(Callback):
                 {separator.join([self.log_prefix, *key.split("/")]): value for key, value in metrics.items()},
                 step=trainer.global_step,
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_applied_to"] = None  # a weak reference does not pickle
+        return state
 
     @override
     def state_dict(self) -> dict[str, Any]:

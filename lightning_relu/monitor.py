@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.dashboards import (
     HEATMAP_TAG,
     SUMMARY_TAG,
@@ -245,6 +246,13 @@ class DeadUnitMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if starts_afresh(trainer):  # a new fit: what an earlier one left is not its history
+            self.history = []
+            self._collapse_warned.clear()
+            self._nonfinite_warned.clear()
+            self._at_risk_warned.clear()
+            if self.reviver is not None:
+                self.reviver._start_afresh()
         self._remove_hooks()
         tracker = DeadUnitTracker(
             pl_module,

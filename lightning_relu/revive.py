@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import LayerReport
 
@@ -196,7 +197,9 @@ def revive_dead_units_(
     if no_producer:
         warnings.warn(
             f"Sites {no_producer} have dead units but no known producer (Linear/ConvNd right before the rectifier, "
-            "possibly through a norm layer, inside an `nn.Sequential`): they cannot be revived and were skipped.",
+            "possibly through a norm layer, inside an `nn.Sequential` or in a traced forward, and applied only "
+            "there: a layer also registered or applied elsewhere is never linked): they cannot be revived and were "
+            "skipped.",
             RevivalWarning,
             stacklevel=2,
         )
@@ -616,10 +619,18 @@ class DeadUnitReviver(Callback):
             monitor.remove_report_listener(self._on_report)
 
     # ------------------------------------------------------------ lifecycle
+    def _start_afresh(self) -> None:
+        """Forget what an earlier fit left (its revivals, its drawn seed)."""
+        self.history = []
+        self._warned.clear()
+        self._resolved_seed = self.seed
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if starts_afresh(trainer):
+            self._start_afresh()
         from lightning_relu.monitor import DeadUnitMonitor  # here: monitor.py imports this module
 
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, DeadUnitMonitor)]  # type: ignore[attr-defined]

@@ -20,6 +20,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_relu._lifecycle import starts_afresh
+
 __all__ = ["TargetScaleCheck", "TargetScaleWarning", "optimizer_momentum"]
 
 _LOG_PREFIX = "target_scale"
@@ -144,6 +146,13 @@ class TargetScaleCheck(Callback):
         return self._generate_state_key(std_range=self.std_range, max_abs_mean=self.max_abs_mean)
 
     # ------------------------------------------------------------- lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and starts_afresh(trainer):  # a new fit measures its own targets
+            self.target_mean = self.target_std = self.momentum_found = None
+            self.target_count = 0
+            self.measured = self.skipped = self.warned = False
+
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = not self.measured

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -167,21 +168,22 @@ class DeadUnitTracker:
                 assert first.module is not None
                 owner = modules.get(homes.get(key, first.name.rpartition(".")[0]), self.model)
                 owners.setdefault(id(owner), (owner, []))[1].append(key)
-                self._handles.append(first.module.register_forward_hook(self._hook))
+                self._handles.append(first.module.register_forward_hook(_Hook(self._hook)))
                 if self.track_margin:
-                    self._handles.append(first.module.register_forward_pre_hook(self._pre_hook))
+                    self._handles.append(first.module.register_forward_pre_hook(_Hook(self._pre_hook)))
             else:
                 parent = first.parent if first.parent is not None else self.model
                 mode = _FunctionalCounter(self, key)
                 self._modes[key] = mode
-                self._handles.append(parent.register_forward_pre_hook(mode.enter_parent))
-                self._handles.append(parent.register_forward_hook(mode.exit_parent, always_call=True))
+                self._handles.append(parent.register_forward_pre_hook(_Hook(mode.enter_parent)))
+                self._handles.append(parent.register_forward_hook(_Hook(mode.exit_parent), always_call=True))
                 for child in _callees(parent):
-                    self._handles.append(child.register_forward_pre_hook(mode.enter_child))
-                    self._handles.append(child.register_forward_hook(mode.exit_child, always_call=True))
+                    self._handles.append(child.register_forward_pre_hook(_Hook(mode.enter_child)))
+                    self._handles.append(child.register_forward_hook(_Hook(mode.exit_child), always_call=True))
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
         for owner, keys in owners.values():
-            self._handles.append(owner.register_forward_pre_hook(self._make_reset(keys, flush=owner is self.model)))
+            reset = _Hook(self._make_reset(keys, flush=owner is self.model))
+            self._handles.append(owner.register_forward_pre_hook(reset))
         return self
 
     def detach(self) -> None:
@@ -262,7 +264,9 @@ class DeadUnitTracker:
 
     def _entry(self, key: int, k: int) -> tuple[Site, ActivationStats] | None:
         """The site and counts of call position ``k`` of ``key`` (created on first sight), or None."""
-        positions = self._positions[key]
+        positions = self._positions.get(key)
+        if positions is None:  # not a watched module (copies get hooks that do nothing; this is a safeguard)
+            return None
         if k >= len(positions):
             if k >= _MAX_POSITIONS:
                 return None
@@ -477,6 +481,26 @@ class _FunctionalCounter(TorchFunctionMode):
                 self.__exit__(None, None, None)
         self.active = False
         self.depth = 0
+
+
+class _Hook(functools.partial):  # type: ignore[type-arg]
+    """A hook the tracker registers. A deep copy of the module it sits on (a teacher or EMA copy made during
+    training) gets a hook that does nothing instead of a copy of the tracker, and so does a pickle (the module
+    saves without the tracker): only the watched model is counted."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _ignore
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_detached_hook, ())
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """What a copied or unpickled tracker hook does: nothing."""
+
+
+def _detached_hook() -> Any:
+    return _ignore
 
 
 def _callees(parent: nn.Module) -> Iterator[nn.Module]:

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_relu.init import rai_
+from lightning_relu.init import rai_, sign_flip_
 from lightning_relu.initializer import ReluInitializer
 from tests.helpers import retry_spawn_abort
 
@@ -230,6 +230,19 @@ def test_sign_flip_from_training_data(tmp_path: Path) -> None:
     assert float(trainer.callback_metrics["relu_init/flipped_sites"]) == metrics["relu_init/flipped_sites"]
 
 
+def test_sign_flip_sees_the_batches_in_the_trainers_precision(tmp_path: Path) -> None:
+    """Under `precision="64-true"` the weights are float64: the batches are cast as a training step gets them."""
+    torch.manual_seed(4)
+    model = _Net((2,) * 12)
+    expected = copy.deepcopy(model).double()
+    reference = sign_flip_(expected, _data()[0][:40].double())
+    initializer, snapshot = ReluInitializer("sign_flip", max_samples=40), _Snapshot()
+    _trainer(tmp_path, [initializer, snapshot], precision="64-true").fit(model)
+    assert any(r.flipped for r in reference.values())
+    assert {k: r.flipped for k, r in initializer.report.items()} == {k: r.flipped for k, r in reference.items()}
+    _assert_state_equal(snapshot.states[0], expected.state_dict())
+
+
 def test_rai_then_sign_flip_with_input_fn(tmp_path: Path) -> None:
     torch.manual_seed(5)
     model = _DictNet((2,) * 10)
@@ -265,9 +278,12 @@ def test_warns_without_sites(tmp_path: Path) -> None:
     [
         ({"method": "he"}, r"`method` can be 'rai', 'sign_flip', 'rai\+sign_flip', got 'he'"),
         ({"max_samples": 0}, "`max_samples` must be a positive integer, got 0"),
-        ({"seed": "a"}, "`seed` must be an integer or None, got 'a'"),
+        ({"seed": "a"}, "`seed` must be an integer in \\[0, 2\\*\\*64\\) or None, got 'a'"),
+        ({"seed": 2**70}, "`seed` must be an integer in \\[0, 2\\*\\*64\\) or None, got 1180591620717411303424"),
+        ({"seed": -1}, "`seed` must be an integer in \\[0, 2\\*\\*64\\) or None, got -1"),
+        ({"log_prefix": ""}, "`log_prefix` must be a non-empty string, got ''"),
         ({"input_fn": 3}, "`input_fn` must be a callable or None, got 3"),
-        ({"log_prefix": None}, "`log_prefix` must be a string, got None"),
+        ({"log_prefix": None}, "`log_prefix` must be a non-empty string, got None"),
     ],
 )
 def test_invalid_arguments(kwargs: dict[str, Any], match: str) -> None:

@@ -175,6 +175,35 @@ def test_checkpoint_round_trip_keeps_history(tmp_path):
     assert empty.history == [] and empty.last_report is None
 
 
+def test_a_callback_reused_for_a_new_fit_starts_afresh(tmp_path):
+    """One monitor (with a reviver) and one initializer for two fresh fits of different models: the second fit's
+    history, revivals and initialization are its own; a resumed fit gets its checkpoint's back."""
+    from lightning_relu import ReluInitializer
+
+    monitor = DeadUnitMonitor(revive=True)
+    init = ReluInitializer("rai", seed=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = _mlp_module()
+    first.lr = 0.05
+    _trainer(tmp_path, [init, monitor, ckpt], max_epochs=2).fit(first)
+    assert [r.epoch for r in monitor.history] == [0, 1] and monitor.reviver.history
+    assert init.rai_layers == ["net.0", "net.2"]
+    saved = [(r.epoch, sorted(r.layers)) for r in monitor.history]
+
+    torch.manual_seed(0)
+    second = SeqModule(mlp([4, 3, 1], seed=5), torch.rand(8, 4))
+    _trainer(tmp_path, [init, monitor], max_epochs=1).fit(second)
+    assert [(r.epoch, sorted(r.layers)) for r in monitor.history] == [(0, ["net.1"])]
+    assert [sorted(entry["revived"]) for entry in monitor.reviver.history] == [["net.1"]]
+    assert init.applied and init.rai_layers == ["net.0"]  # another model: initialized (its own model: see
+    # test_initializer's test_applied_once_per_instance, where a second stage keeps the trained weights)
+
+    # resuming the first run: the checkpoint's history, not the second run's
+    _trainer(tmp_path, [monitor], max_epochs=3).fit(_mlp_module(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [(r.epoch, sorted(r.layers)) for r in monitor.history][:2] == saved
+    assert [r.epoch for r in monitor.history] == [0, 1, 2]
+
+
 def test_state_key_differs_per_site_selection():
     assert DeadUnitMonitor().state_key != DeadUnitMonitor(sites=["net.1"]).state_key
 

@@ -338,12 +338,21 @@ def test_resumed_fit_does_not_measure_again(tmp_path: Path) -> None:
     assert resumed.state_dict() == first.state_dict()
 
 
-def test_measures_once_per_instance(tmp_path: Path) -> None:
+def test_measures_once_per_fit(tmp_path: Path) -> None:
     check = TargetScaleCheck()
-    _fit_recording(tmp_path, check, _Regressor(gamma=0.01, optimizer="sgd"), max_epochs=1)
+    trainer = _trainer(tmp_path, [check], max_epochs=1)
+    trainer.fit(_Regressor(gamma=0.01, optimizer="sgd"))
     state = check.state_dict()
-    _fit_recording(tmp_path, check, _Regressor(gamma=5.0, optimizer="sgd"), max_epochs=1)
-    assert check.state_dict() == state
+    # the same Trainer fitting on: the fit goes on, nothing is measured again
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(_Regressor(gamma=5.0, optimizer="sgd"))
+    assert trainer.current_epoch == 2 and check.state_dict() == state
+    # a new fit with the same callback: its own targets
+    model = _Regressor(gamma=5.0, optimizer="sgd", seed=1)
+    _fit_recording(tmp_path, check, model, max_epochs=1)
+    seen = model.y[: 5 * BATCH].double()
+    assert check.target_count == seen.numel()
+    assert check.target_std == pytest.approx(float(seen.std()), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -592,3 +592,30 @@ def test_unit_dims_cannot_contradict_a_known_layer():
     with pytest.raises(ValueError, match=match):
         DeadUnitTracker(net, unit_dims={"1": -1})
     assert DeadUnitTracker(net, unit_dims={"1": 1}).stats["1"].unit_dim == 1
+
+
+def test_copies_and_pickles_of_a_watched_model_are_not_counted():
+    """A teacher/EMA copy made during training, or a model saved mid-training, runs without the tracker."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = _FunctionalNet()  # module sites and functional ones
+    x, other = torch.randn(8, 3), torch.randn(5, 3)
+    with DeadUnitTracker(model) as tracker:
+        model(x)
+        teacher = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        with torch.no_grad():
+            for clone in (teacher, loaded):
+                clone(other)
+        model(x)
+    report = tracker.report()
+    expected = _functional_brute_force(model, [x, x])
+    assert set(report) == set(expected)
+    for name, out in expected.items():
+        assert report[name].samples == 16, name
+        assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), name
