@@ -89,6 +89,7 @@ class TraceResult:
     failures: list[tuple[str, nn.Module, Exception]] = field(default_factory=list)
     complete: bool = False  # the whole model traced in one graph
     module_uses: Counter[int] = field(default_factory=Counter)  # calls of each leaf module (by id) in the graphs
+    callees: dict[str, set[str]] = field(default_factory=dict)  # module name -> the modules its forward calls
 
 
 def trace_model(model: nn.Module, leaf_types: tuple[type[nn.Module], ...], owners: dict[int, str]) -> TraceResult:
@@ -172,7 +173,9 @@ def _analyse(
                 continue
             seen.add(node)
             module = module_of(node)
-            if isinstance(module, PRODUCER_TYPES + NORM_TYPES):
+            if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) > 1:
+                stack.extend(arg for arg in node.args[:1] if isinstance(arg, fx.Node))  # over (C, ...): as its input
+            elif isinstance(module, PRODUCER_TYPES + NORM_TYPES):
                 found.add(-1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1)
             elif (
                 isinstance(module, _PASS_THROUGH_TYPES + RECTIFIER_TYPES)
@@ -214,17 +217,23 @@ def _analyse(
     module_index: Counter[tuple[str, str]] = Counter()
     function_index: Counter[tuple[str, str]] = Counter()
     base_index: Counter[tuple[str, str, str]] = Counter()
+    latest_run: dict[str, str] = {}  # module name -> the key of its latest run so far in the graph
     for node in graph.nodes:
         kind = base = None
         name_index = 0
         # the modules whose forward is running at this node: (key, qualified name); the key tells runs apart
-        stack = [(key, str(value[0])) for key, value in (node.meta.get("nn_module_stack") or {}).items()]
+        stack = [(key, _join(prefix, str(value[0]))) for key, value in (node.meta.get("nn_module_stack") or {}).items()]
+        latest_run.update((name, key) for key, name in stack)
+        for caller, (_, callee) in zip([prefix] + [name for _, name in stack], stack, strict=False):
+            result.callees.setdefault(caller, set()).add(callee)
         rectifier = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(rectifier, RECTIFIER_TYPES):
             kind = "module"
             owner = _join(prefix, str(node.target))
+            # positions count from the start of the owner's latest run, as the hooks count them: a call made
+            # outside the owner's runs (the parent applying a block's own ReLU) follows the latest one
             home = owners.get(id(rectifier), "")
-            run = next((key for key, name in stack if _join(prefix, name) == home), "")
+            run = latest_run.get(home, "")
             index = module_index[owner, run]
             module_index[owner, run] += 1
         elif (node.op == "call_function" and node.target in FUNCTIONAL_RECTIFIERS) or (
@@ -232,8 +241,7 @@ def _analyse(
         ):
             kind = "function"
             base = FUNCTIONAL_RECTIFIERS.get(node.target) or _RECTIFIER_METHODS[str(node.target)]
-            run, inner = stack[-1] if stack else ("", "")
-            owner = _join(prefix, inner)
+            run, owner = stack[-1] if stack else ("", prefix)
             index = function_index[owner, run]
             function_index[owner, run] += 1
             name_index = base_index[owner, run, base]

@@ -111,6 +111,8 @@ class Site:
             ``Tensor.relu``, their in-place forms and ``F.relu6``.
         parent: for a functional site, the module whose ``forward`` makes the call.
         parent_name: qualified name of ``parent``.
+        callees: for a functional site, the qualified names of the modules that ``parent``'s forward calls, as
+            traced (calls made inside them are theirs, not the parent's).
     """
 
     name: str
@@ -126,6 +128,7 @@ class Site:
     kind: str = "module"
     parent: nn.Module | None = None
     parent_name: str | None = None
+    callees: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         what = type(self.module).__name__ if self.module is not None else "function"
@@ -172,8 +175,10 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
     if not isinstance(trace, bool):
         raise ValueError(f"`trace` must be a bool, got {trace!r}")
-    registrations = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     chains = _sequential_chains(model)
+    # without a trace, a layer is applied once per place it holds in the `nn.Sequential` chains (another name for
+    # it, an attribute kept as a handle, is not an application)
+    registrations = Counter(id(module) for chain in chains for _, module in chain)
     position: dict[int, tuple[list[tuple[str, nn.Module]], int]] = {}
     for chain in chains:
         for index, (_, module) in enumerate(chain):
@@ -193,15 +198,31 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
     uses = registrations
     if trace and not _built_in_only(model):
         sites, traced_uses, complete = _add_traced(model, sites)
-        # a whole-model trace counts every call (a layer registered twice may be called once); otherwise a layer
-        # counts as applied at several places when it is registered or traced so
+        # a whole-model trace counts every call; otherwise a layer counts as applied as often as the chains or the
+        # traced parts say, whichever is more
         uses = traced_uses if complete else registrations | traced_uses
     places = Counter(id(site.module) for site in sites if site.module is not None)
+    tied = _tied_modules(model)
     for site in sites:
         # how many times this site runs per forward: its rectifier's calls shared among its call positions
         runs = uses[id(site.module)] / places[id(site.module)] if site.module is not None else 1
-        _drop_shared_links(site, uses, runs)
+        _drop_shared_links(site, uses, runs, tied)
     return sites
+
+
+def _tied_modules(model: nn.Module) -> set[int]:
+    """The modules (by id) holding a parameter that another module holds too (tied weights: a head sharing an
+    embedding's matrix)."""
+    holders: dict[int, set[int]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                holders.setdefault(id(parameter), set()).add(id(module))
+    return {
+        id(module)
+        for module in model.modules()
+        if any(p is not None and len(holders[id(p)]) > 1 for p in module._parameters.values())
+    }
 
 
 def rectifier_owners(model: nn.Module) -> dict[int, str]:
@@ -226,14 +247,18 @@ def _common_prefix(parents: set[str]) -> str:
     return ".".join(prefix)
 
 
-def _drop_shared_links(site: Site, uses: Counter[int], runs: float) -> None:
-    """Forget links to layers applied more (or less) often than the site runs: such a layer has another place
-    (shared weights), where re-drawing its rows or zeroing its columns for this site would change what it computes.
-    A block run several times keeps its links: its sites count every run, and so see a unit dead only when it is
-    dead in every run."""
-    if any(uses[id(module)] != runs for module in (site.producer, site.norm) if module is not None):
+def _drop_shared_links(site: Site, uses: Counter[int], runs: float, tied: set[int]) -> None:
+    """Forget links to layers applied more (or less) often than the site runs, or sharing a parameter with another
+    layer: such a layer has another place, where re-drawing its rows or zeroing its columns for this site would
+    change what it computes. An ``nn.Sequential`` run several times keeps its links: its sites count every run, and
+    so see a unit dead only when it is dead in every run."""
+
+    def shared(module: nn.Module) -> bool:
+        return uses[id(module)] != runs or id(module) in tied
+
+    if any(shared(module) for module in (site.producer, site.norm) if module is not None):
         site.producer = site.producer_name = site.norm = site.norm_name = None
-    if any(uses[id(consumer.module)] != runs for consumer in site.consumers):
+    if any(shared(consumer.module) for consumer in site.consumers):
         site.consumers = []
 
 
@@ -294,6 +319,7 @@ def _add_traced(model: nn.Module, sites: list[Site]) -> tuple[list[Site], Counte
                 kind="function",
                 parent=modules.get(parent_name, model),
                 parent_name=parent_name,
+                callees=tuple(sorted(result.callees.get(parent_name, ()))),
             )
             by_name[name] = site
             functional[parent_name, call.index] = site

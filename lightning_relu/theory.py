@@ -55,8 +55,15 @@ def _log_survival(exponent: int) -> float:
 
 def _survival(exponent: int, times: int) -> float:
     """:math:`(1 - 2^{-e})^t` for integers of any size."""
-    loss = _log_survival(exponent)
-    return 1.0 if loss == 0.0 or times == 0 else math.exp(loss * min(times, 10**300))
+    if times == 0 or exponent >= 2**1000:  # (no integer in memory has a log near 2^1000 · ln 2)
+        return 1.0
+    if exponent <= 1000 and times < 2**53:
+        return math.exp(times * _log_survival(exponent))
+    # in logs: t · -log(1 - 2^-e) = exp(log(-log(1 - 2^-e)) + log t), where -log(1 - 2^-e) = 2^-e to double
+    # precision once e > 1000 (2^-e underflows in double long before t does)
+    log_loss = math.log(-_log_survival(exponent)) if exponent <= 1000 else -exponent * math.log(2.0)
+    magnitude = log_loss + math.log(times)
+    return 0.0 if magnitude > 709.0 else math.exp(-math.exp(magnitude))
 
 
 def alive_probability_bounds(width: int, depth: int) -> tuple[float, float]:
@@ -122,8 +129,12 @@ def min_width_real(depth: int, p: float) -> float:
     """
     k = _check_positive_int("depth", depth)
     q = _check_probability("p", p)
-    # 1 - p^(1/k) computed without cancellation for deep networks and p close to 1
-    return -math.log2(-math.expm1(math.log(q) / k))
+    if k < 2**53:
+        # 1 - p^(1/k) computed without cancellation for deep networks and p close to 1
+        return -math.log2(-math.expm1(math.log(q) / k))
+    # a depth beyond floats: 1 - p^(1/k) = x (1 + O(x)) with x = -log(p) / k, taken in logs
+    log_x = math.log(-math.log(q)) - math.log(k)
+    return -math.log2(-math.expm1(-math.exp(log_x))) if log_x > -700.0 else -log_x / math.log(2.0)
 
 
 def min_width(depth: int, p: float) -> int:

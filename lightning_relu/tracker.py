@@ -177,7 +177,8 @@ class DeadUnitTracker:
                 self._modes[key] = mode
                 self._handles.append(parent.register_forward_pre_hook(_Hook(mode.enter_parent)))
                 self._handles.append(parent.register_forward_hook(_Hook(mode.exit_parent), always_call=True))
-                for child in _callees(parent):
+                callees = [modules[name] for name in first.callees if name in modules] or _callees(parent)
+                for child in callees:
                     self._handles.append(child.register_forward_pre_hook(_Hook(mode.enter_child)))
                     self._handles.append(child.register_forward_hook(_Hook(mode.exit_child), always_call=True))
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
@@ -438,25 +439,28 @@ class _FunctionalCounter(TorchFunctionMode):
         self.key = key
         self.depth = 0  # > 0 while a child module of the parent runs
         self.active = False  # the mode is pushed (by the outermost of nested runs of the parent's forward)
+        self.after_inner = False  # a nested run has ended inside the run that pushed: that run is a wrapper
         self.pushed: list[tuple[bool, int]] = []  # per run of the parent: whether it pushed, the depth it found
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        watch = self.tracker.track_margin and self.depth == 0 and func in FUNCTIONAL_RECTIFIERS
-        if watch and args and isinstance(args[0], Tensor):
+        own = self.depth == 0 and not self.after_inner and func in FUNCTIONAL_RECTIFIERS
+        if own and self.tracker.track_margin and args and isinstance(args[0], Tensor):
             self.tracker._margin(self.key, args[0])
         out = func(*args, **(kwargs or {}))
-        if self.depth == 0 and func in FUNCTIONAL_RECTIFIERS:
+        if own:
             self.tracker._count(self.key, out)
         return out
 
     def enter_parent(self, module: nn.Module, inputs: Any) -> None:
         # A run of the parent inside another (Lightning's DDP runs `training_step` as the module's forward, which
         # calls `self(x)`): one mode serves both, or every call would be counted once per pushed mode; the
-        # positions and the child depth start afresh for the inner run and the depth comes back after it.
+        # positions and the child depth start afresh for the inner run and the depth comes back after it. Calls
+        # the outer run makes after an inner one (a loss in `training_step`) are not the forward's: not counted.
         self.tracker._calls[self.key] = 0
         push = self.tracker.enabled and not self.active
         self.pushed.append((push, self.depth))
         self.depth = 0
+        self.after_inner = False
         if push:
             self.active = True
             self.__enter__()
@@ -466,8 +470,10 @@ class _FunctionalCounter(TorchFunctionMode):
             return
         pushed, self.depth = self.pushed.pop()
         if pushed:
-            self.active = False
+            self.active = self.after_inner = False
             self.__exit__(None, None, None)
+        elif self.active:
+            self.after_inner = True
 
     def enter_child(self, module: nn.Module, inputs: Any) -> None:
         self.depth += 1
@@ -479,7 +485,7 @@ class _FunctionalCounter(TorchFunctionMode):
         while self.pushed:
             if self.pushed.pop()[0]:
                 self.__exit__(None, None, None)
-        self.active = False
+        self.active = self.after_inner = False
         self.depth = 0
 
 
@@ -560,14 +566,18 @@ def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -
     sites = {site.name: site for site in found}
     for name, dim in unit_dims.items():
         site = sites.get(name)
-        if site is not None and site.unit_dim is not None and site.unit_dim != dim:
-            named = site.producer_name or site.norm_name
-            layer = f"its layer {named!r}" if named is not None else "the layers it comes from"
+        fixed = site is not None and (site.producer is not None or site.norm is not None)  # not merely inferred
+        if fixed and site.unit_dim != dim:
             raise ValueError(
-                f"`unit_dims` gives site {name!r} unit dimension {dim}, but {layer} puts its units on dimension "
-                f"{site.unit_dim}"
+                f"`unit_dims` gives site {name!r} unit dimension {dim}, but its layer "
+                f"{site.producer_name or site.norm_name!r} puts its units on dimension {site.unit_dim}"
             )
-    return dict(unit_dims)
+    resolved = dict(unit_dims)
+    for site in found:  # later call positions found by tracing take their module's entry
+        base, _, index = site.name.rpartition("_")
+        if site.name not in resolved and index.isdigit() and base in unit_dims and site.producer is None:
+            resolved[site.name] = unit_dims[base]
+    return resolved
 
 
 def _matches_site(name: str, names: list[str]) -> bool:

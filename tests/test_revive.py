@@ -452,6 +452,20 @@ def test_layers_applied_at_several_places_are_not_touched() -> None:
         assert torch.equal(model(x), y)
 
 
+def test_layers_with_tied_parameters_are_not_touched() -> None:
+    """Two layers sharing one weight matrix: re-drawing a row of one, or zeroing a column of the other, would
+    change both."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    model[2].weight = model[0].weight
+    _kill(model[0], [1, 5])
+    x = torch.randn(64, 8)
+    y = model(x)
+    with pytest.warns(RevivalWarning, match=r"\['1'\] have dead units but no known producer"):
+        counts = revive_dead_units_(model, _report(model, x), generator=torch.Generator())
+    assert counts["1"] == 0
+    assert torch.equal(model(x), y)
+
+
 # -------------------------------------------------------------------------------------------- bad input
 
 

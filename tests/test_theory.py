@@ -171,3 +171,13 @@ def test_bounds_take_integers_of_any_size():
     assert alive_probability_bounds(10**400, 2) == (1.0, 1.0)
     assert alive_probability_bounds(2, 10**400) == (0.0, 0.0)
     assert alive_probability_lower_bound([10**400, 1]) == 0.5
+    # (1 - 2^-n)^k = exp(-k 2^-n (1 + O(2^-n))): with k = 2^m, exp(-2^(m-n)), whatever the sizes
+    for n, m in [(1000, 1000), (1080, 1082), (2000, 2001), (3000, 2990), (70, 69)]:
+        expected = math.exp(-(2.0 ** (m - n)))
+        assert alive_probability_bounds(n, 2**m)[0] == pytest.approx(expected, rel=1e-12), (n, m)
+    assert alive_probability_bounds(1000, 10**400)[0] == 0.0  # 10**400 · 2^-1000 ≈ 10**99
+    # the smallest width for such depths: the bound holds at it and fails one below
+    for depth in (10**400, 2**60 + 1):
+        n = min_width(depth, 0.5)
+        assert alive_probability_bounds(n, depth)[0] >= 0.5 > alive_probability_bounds(n - 1, depth)[0]
+        assert n - 1 < min_width_real(depth, 0.5) <= n

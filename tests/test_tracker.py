@@ -309,11 +309,9 @@ def test_a_layer_registered_twice_but_applied_once_keeps_its_links():
             return self.net(x)
 
     model = Handles()
-    (site,) = DeadUnitTracker(model).all_sites
-    assert site.producer is model.net[0] and [c.module for c in site.consumers] == [model.net[2]]
-    # without a trace the two registrations may be two applications: not linked
-    (site,) = DeadUnitTracker(model, trace=False).all_sites
-    assert site.producer is None and site.consumers == []
+    for trace in (True, False):  # the trace counts one call; without it, the chain holds the layer once
+        (site,) = DeadUnitTracker(model, trace=trace).all_sites
+        assert site.producer is model.net[0] and [c.module for c in site.consumers] == [model.net[2]]
 
 
 def test_reused_module_positions_restart_even_without_the_models_forward():
@@ -383,22 +381,33 @@ class _ListedBlocks(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([_FunctionalBlock(), _FunctionalBlock()])
         self.acts = nn.ModuleDict({"a": nn.ReLU(), "b": nn.ReLU()})
+        self.enc = _Holder()  # has a forward of its own, but the parent calls its block directly
         self.head = nn.Linear(6, 5)
         self.reenter = False
 
     def forward(self, x, inner=False):
         if self.reenter and not inner:
-            return self(x, inner=True)
+            return F.relu(self(x, inner=True) - 1.0)  # a loss after the inner run: not the forward's
         h = self.acts["a"](self.blocks[0](x))
         h = self.acts["b"](self.blocks[1](h))
+        h = self.enc.block(h)
         return F.relu(self.head(h))
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _FunctionalBlock()
+
+    def forward(self, x):
+        return self.block(x)
 
 
 def test_functional_calls_inside_listed_blocks_and_reentrant_forwards_are_counted_once():
     torch.manual_seed(0)
     model = _ListedBlocks()
     batches = [torch.randn(8, 6), torch.randn(5, 6)]
-    outs = {"blocks.0.relu": [], "acts.a": [], "blocks.1.relu": [], "acts.b": [], "relu": []}
+    outs = {"blocks.0.relu": [], "acts.a": [], "blocks.1.relu": [], "acts.b": [], "enc.block.relu": [], "relu": []}
     with torch.no_grad():  # brute force
         for x in batches:
             for i, act in ((0, "a"), (1, "b")):
@@ -406,7 +415,9 @@ def test_functional_calls_inside_listed_blocks_and_reentrant_forwards_are_counte
                 outs[f"blocks.{i}.relu"].append(x)
                 x = torch.clamp(x - 0.5, min=0)
                 outs[f"acts.{act}"].append(x)
-            outs["relu"].append(torch.clamp(model.head(x), min=0))
+            x = torch.clamp(model.enc.block.fc(x), min=0)
+            outs["enc.block.relu"].append(x)
+            outs["relu"].append(torch.clamp(model.head(x - 0.5), min=0))
     for reenter in (False, True):
         tracker = DeadUnitTracker(model)  # discovered on the plain forward, as Lightning's redirection comes later
         model.reenter = reenter
@@ -619,3 +630,63 @@ def test_copies_and_pickles_of_a_watched_model_are_not_counted():
     for name, out in expected.items():
         assert report[name].samples == 16, name
         assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), name
+
+
+def test_a_blocks_own_relu_applied_by_its_parent_is_a_later_position():
+    """The parent applies the block's ReLU after the block ran: at run time that call follows the block's own (the
+    positions count from the block's latest run), and discovery numbers it the same way, with its own links."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(self.blk[1](self.blk(x) - 1.0))
+
+    torch.manual_seed(0)
+    model = Mixed()
+    tracker = DeadUnitTracker(model)
+    sites = {site.name: site for site in tracker.all_sites}
+    assert list(sites) == ["blk.1", "blk.1_1"]
+    assert sites["blk.1"].producer is model.blk[0] and sites["blk.1"].consumers == []
+    assert sites["blk.1_1"].producer is None and [c.module for c in sites["blk.1_1"].consumers] == [model.out]
+    x = torch.randn(16, 4)
+    with tracker, torch.no_grad():
+        model(x)
+    with torch.no_grad():
+        first = torch.relu(model.blk[0](x))
+        second = torch.relu(first - 1.0)
+    report = tracker.report()
+    assert set(report) == set(sites)
+    assert report["blk.1"].active_count.tolist() == (first > 0).sum(0).tolist()
+    assert report["blk.1_1"].active_count.tolist() == (second > 0).sum(0).tolist()
+
+
+def test_unit_axis_through_a_layernorm_over_channels_and_later_positions():
+    class Nets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(6, 6, 1)
+            self.ln = nn.LayerNorm([6, 5, 7])  # over (C, H, W): the channels stay units
+
+        def forward(self, x):
+            return F.relu(self.ln(self.conv(x)) + x)
+
+    (site,) = DeadUnitTracker(Nets()).all_sites
+    assert site.producer is None and site.unit_dim == 1
+    # an inferred axis can be overridden, and the entry of a module's site covers its traced later positions
+    assert DeadUnitTracker(Nets(), unit_dims={"relu": -1}).stats["relu"].unit_dim == -1
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.act(x) - 1.0)
+
+    tracker = DeadUnitTracker(Twice(), unit_dims={"act": -1})
+    assert [s.name for s in tracker.all_sites] == ["act", "act_1"]
+    assert tracker.stats["act"].unit_dim == tracker.stats["act_1"].unit_dim == -1
