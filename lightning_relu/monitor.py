@@ -214,6 +214,11 @@ class DeadUnitMonitor(Callback):
         self._nonfinite_warned: set[str] = set()
         self._at_risk_warned: set[str] = set()
         self._listeners: list[ReportListener] = []
+        # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
+        self._window: dict[str, Any] | None = None
+        self._resumed_epoch: int | None = None
+        self._world_size = 1
+        self._epoch = 0
 
     @property
     @override
@@ -246,8 +251,10 @@ class DeadUnitMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._world_size = trainer.world_size
         if starts_afresh(trainer):  # a new fit: what an earlier one left is not its history
             self.history = []
+            self._window = None
             self._collapse_warned.clear()
             self._nonfinite_warned.clear()
             self._at_risk_warned.clear()
@@ -292,8 +299,21 @@ class DeadUnitMonitor(Callback):
             )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a fit resumed in the middle of an epoch (Lightning calls no `on_train_epoch_start` for it): that epoch's
+        # counts so far come back from the checkpoint
+        window, self._window = self._window, None
+        self._epoch = trainer.current_epoch
+        if self.tracker is not None and window is not None and window.get("epoch") == trainer.current_epoch:
+            self.tracker.reset()
+            self._restore_window(window)
+            self._resumed_epoch = trainer.current_epoch
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.tracker is not None:
+        self._epoch = trainer.current_epoch
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if self.tracker is not None and resumed != trainer.current_epoch:
             self.tracker.reset()
 
     @override
@@ -351,6 +371,7 @@ class DeadUnitMonitor(Callback):
             "history": [report.state_dict() for report in self.history],
             "collapse_warned": sorted(self._collapse_warned),
             "reviver": self.reviver.state_dict() if self.reviver is not None else {},
+            "window": self._current_window(),
         }
 
     @override
@@ -359,6 +380,38 @@ class DeadUnitMonitor(Callback):
         self._collapse_warned = set(state_dict.get("collapse_warned", []))
         if self.reviver is not None:
             self.reviver.load_state_dict(state_dict.get("reviver", {}))
+        window = state_dict.get("window")
+        self._window = window if isinstance(window, dict) and window.get("sites") else None
+
+    def _current_window(self) -> dict[str, Any] | None:
+        """The counts of the epoch in progress, for a checkpoint saved in the middle of it: a fit resumed from it
+        reports that epoch over every batch, not only the ones after the resume. Under several processes a
+        checkpoint holds one process's state, so there the resumed epoch counts from the resume on."""
+        tracker = self.tracker
+        if tracker is None or self._world_size > 1:
+            return None
+        tracker.flush()
+        sites = {
+            name: {key: getattr(stats, key).detach().cpu().clone() for key in stats._defaults}
+            for name, stats in tracker.stats.items()
+            if int(stats.samples) > 0
+        }
+        return {"epoch": self._epoch, "sites": sites} if sites else None
+
+    def _restore_window(self, window: dict[str, Any]) -> None:
+        assert self.tracker is not None
+        for name, states in window["sites"].items():
+            stats = self.tracker.stats.get(name)
+            if stats is None or set(states) != set(stats._defaults):
+                continue
+            # a state sized by the site's first output may still be empty here; any other difference in shape means
+            # these are not this model's counts
+            unsized = [key for key, value in states.items() if getattr(stats, key).shape != value.shape]
+            if any(getattr(stats, key).numel() or states[key].ndim != 1 for key in unsized):
+                continue
+            for key in unsized:
+                setattr(stats, key, torch.zeros_like(states[key], device=getattr(stats, key).device))
+            stats.merge_state({key: value.to(getattr(stats, key).device) for key, value in states.items()})
 
     # --------------------------------------------------------------- helpers
     def _remove_hooks(self) -> None:

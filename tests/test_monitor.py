@@ -204,6 +204,30 @@ def test_a_callback_reused_for_a_new_fit_starts_afresh(tmp_path):
     assert [r.epoch for r in monitor.history] == [0, 1, 2]
 
 
+def test_a_fit_resumed_mid_epoch_reports_the_whole_epoch(tmp_path):
+    """A checkpoint saved in the middle of an epoch carries that epoch's counts so far: the resumed fit's report
+    of the epoch equals an uninterrupted fit's. Every batch holds the same samples, so which batches Lightning runs
+    after the resume does not matter; lr = 0 keeps the weights fixed."""
+    block = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) - 0.3
+    x = block.repeat(5, 1)  # 5 batches of 4, all alike
+
+    def module():
+        net = mlp([4, 6, 6, 1], seed=1)
+        kill_units(net, 2, [1, 2])
+        return SeqModule(net, x)
+
+    whole = DeadUnitMonitor()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    _trainer(tmp_path, [whole, ckpt], max_epochs=1).fit(module())
+    expected = brute_force(module().net, [x[i : i + 4] for i in range(0, 20, 4)], prefix="net.")
+    _check_report(whole.history[0].layers, expected)
+
+    resumed = DeadUnitMonitor()
+    _trainer(tmp_path, [resumed], max_epochs=1).fit(module(), ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    assert len(resumed.history) == 1
+    _check_report(resumed.history[0].layers, expected)
+
+
 def test_state_key_differs_per_site_selection():
     assert DeadUnitMonitor().state_key != DeadUnitMonitor(sites=["net.1"]).state_key
 
