@@ -213,35 +213,43 @@ def _analyse(
 
     from lightning_relu.sites import RECTIFIER_TYPES
 
-    # call positions, per rectifier (or parent) and per run of the forward they count from
-    module_index: Counter[tuple[str, str]] = Counter()
-    function_index: Counter[tuple[str, str]] = Counter()
-    base_index: Counter[tuple[str, str, str]] = Counter()
-    latest_run: dict[str, str] = {}  # module name -> the key of its latest run so far in the graph
+    # Call positions, as the hooks count them. A rectifier module's position counts from the start of the latest
+    # run of its owner's forward (the hooks reset it there, and never restore it): a call the parent makes after
+    # the block ran follows the block's, and a recursive module's calls number on as its runs return. A functional
+    # call's position counts within its own run of the parent's forward (the counter saves and restores it).
+    module_index: Counter[str] = Counter()
+    function_index: Counter[tuple[str, str | None]] = Counter()
+    base_index: Counter[tuple[str, str | None, str]] = Counter()
+    owned: dict[str, list[str]] = {}  # owner name -> the rectifier modules whose positions its runs reset
+    for name, module in modules.items():
+        if isinstance(module, RECTIFIER_TYPES):
+            owned.setdefault(owners.get(id(module), ""), []).append(_join(prefix, name))
+    started: set[str] = set()  # the runs (stack keys, unique per run) begun so far
     for node in graph.nodes:
         kind = base = None
         name_index = 0
         # the modules whose forward is running at this node: (key, qualified name); the key tells runs apart
         stack = [(key, _join(prefix, str(value[0]))) for key, value in (node.meta.get("nn_module_stack") or {}).items()]
-        latest_run.update((name, key) for key, name in stack)
+        for key, name in stack:
+            if key not in started:  # a run begins: the positions it owns restart
+                started.add(key)
+                for rectifier_name in owned.get(name, ()):
+                    module_index[rectifier_name] = 0
         for caller, (_, callee) in zip([prefix] + [name for _, name in stack], stack, strict=False):
-            result.callees.setdefault(caller, set()).add(callee)
+            if callee != caller:  # a recursive module is not its own callee
+                result.callees.setdefault(caller, set()).add(callee)
         rectifier = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(rectifier, RECTIFIER_TYPES):
             kind = "module"
             owner = _join(prefix, str(node.target))
-            # positions count from the start of the owner's latest run, as the hooks count them: a call made
-            # outside the owner's runs (the parent applying a block's own ReLU) follows the latest one
-            home = owners.get(id(rectifier), "")
-            run = latest_run.get(home, "")
-            index = module_index[owner, run]
-            module_index[owner, run] += 1
+            index = module_index[owner]
+            module_index[owner] += 1
         elif (node.op == "call_function" and node.target in FUNCTIONAL_RECTIFIERS) or (
             node.op == "call_method" and node.target in _RECTIFIER_METHODS
         ):
             kind = "function"
             base = FUNCTIONAL_RECTIFIERS.get(node.target) or _RECTIFIER_METHODS[str(node.target)]
-            run, owner = stack[-1] if stack else ("", prefix)
+            run, owner = stack[-1] if stack else (None, prefix)  # (a recursive root's inner runs have key "")
             index = function_index[owner, run]
             function_index[owner, run] += 1
             name_index = base_index[owner, run, base]

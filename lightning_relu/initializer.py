@@ -6,6 +6,7 @@ Applies randomized asymmetric initialization (:func:`lightning_relu.init.rai_`),
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -130,8 +131,14 @@ class ReluInitializer(Callback):
         # Once per instance and model: a new fit of the model it initialized (a second training stage) keeps the
         # trained weights, a new fit of another model gets initialized (a resumed fit gets `applied` back from
         # its checkpoint after this)
-        applied_to = self._applied_to() if self._applied_to is not None else None
-        if stage == "fit" and starts_afresh(trainer) and applied_to is not None and applied_to is not pl_module:
+        # (a model no longer alive is another model; a copy knows the model its original initialized; an unpickled
+        # initializer does not know it, and keeps the weights)
+        if (
+            stage == "fit"
+            and starts_afresh(trainer)
+            and self._applied_to is not None
+            and self._applied_to() is not pl_module
+        ):
             self.applied = False
             self.report, self.rai_layers, self.seed_used, self.metrics = {}, [], None, {}
         if stage != "fit" or self.applied:
@@ -248,6 +255,13 @@ class ReluInitializer(Callback):
         state = self.__dict__.copy()
         state["_applied_to"] = None  # a weak reference does not pickle
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ReluInitializer:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():  # the weak reference to the model is shared, not copied
+            clone.__dict__[key] = value if key == "_applied_to" else copy.deepcopy(value, memo)
+        return clone
 
     @override
     def state_dict(self) -> dict[str, Any]:

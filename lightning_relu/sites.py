@@ -184,12 +184,15 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
         for index, (_, module) in enumerate(chain):
             position.setdefault(id(module), (chain, index))
 
+    # a rectifier registered under several names is applied at several places: which of its call positions a
+    # chain's neighbours feed is for the trace to say, per position
+    names = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     sites = []
     for name, module in model.named_modules():
         if not isinstance(module, RECTIFIER_TYPES):
             continue
         site = Site(name=name, module=module)
-        if id(module) in position:
+        if id(module) in position and names[id(module)] == 1:
             chain, index = position[id(module)]
             _link_backward(site, chain, index)
             _link_forward(site, chain, index)
@@ -410,7 +413,11 @@ def _fill_shape(site: Site) -> None:
         site.num_units, site.unit_dim = producer.out_features, -1
     elif isinstance(producer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         site.num_units, site.unit_dim = producer.out_channels, 1
-    if isinstance(norm, nn.LayerNorm):
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) > 1:
+        width = int(norm.normalized_shape[0])  # over (C, ...): the channels are the units
+        if site.unit_dim is None:
+            site.unit_dim = 1
+    elif isinstance(norm, nn.LayerNorm):
         width = int(norm.normalized_shape[-1])
         if site.unit_dim is None:
             site.unit_dim = -1

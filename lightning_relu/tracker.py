@@ -60,7 +60,8 @@ class DeadUnitTracker:
             ``(batch, time, features)`` sequences) or ``1`` (channels). A site whose Linear/ConvNd layer (or the
             layers its pre-activation comes from, in a traced forward) is known has its axis from that layer; any
             other site takes the last dimension of 2-D outputs and dimension 1 of others, with one warning for
-            3-D outputs, which could be either. Naming a site also sets its later call positions.
+            3-D outputs, which could be either. Naming a module's site also sets its later call positions (those
+            created at run time, and those found by tracing whose axis nothing else gives).
 
     Example:
         >>> import torch
@@ -177,8 +178,9 @@ class DeadUnitTracker:
                 self._modes[key] = mode
                 self._handles.append(parent.register_forward_pre_hook(_Hook(mode.enter_parent)))
                 self._handles.append(parent.register_forward_hook(_Hook(mode.exit_parent), always_call=True))
-                callees = [modules[name] for name in first.callees if name in modules] or _callees(parent)
-                for child in callees:
+                # the callees the trace saw, and the children (and containers' children) it may not have seen
+                callees = {id(m): m for m in (*_callees(parent), *(modules[n] for n in first.callees if n in modules))}
+                for child in (m for m in callees.values() if m is not parent):  # not itself, when recursive
                     self._handles.append(child.register_forward_pre_hook(_Hook(mode.enter_child)))
                     self._handles.append(child.register_forward_hook(_Hook(mode.exit_child), always_call=True))
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
@@ -437,13 +439,14 @@ class _FunctionalCounter(TorchFunctionMode):
         super().__init__()
         self.tracker = tracker
         self.key = key
-        self.depth = 0  # > 0 while a child module of the parent runs
-        self.active = False  # the mode is pushed (by the outermost of nested runs of the parent's forward)
-        self.after_inner = False  # a nested run has ended inside the run that pushed: that run is a wrapper
-        self.pushed: list[tuple[bool, int]] = []  # per run of the parent: whether it pushed, the depth it found
+        self.depth = 0  # > 0 while a callee of the parent runs
+        self.active = False  # the mode is pushed (by the outermost run of the parent's forward)
+        # per run of the parent: whether it pushed the mode, and the depth and call position it interrupted
+        # (None for a run that is not the forward; see `enter_parent`)
+        self.runs: list[tuple[bool, int, int] | None] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        own = self.depth == 0 and not self.after_inner and func in FUNCTIONAL_RECTIFIERS
+        own = self.depth == 0 and func in FUNCTIONAL_RECTIFIERS
         if own and self.tracker.track_margin and args and isinstance(args[0], Tensor):
             self.tracker._margin(self.key, args[0])
         out = func(*args, **(kwargs or {}))
@@ -452,28 +455,33 @@ class _FunctionalCounter(TorchFunctionMode):
         return out
 
     def enter_parent(self, module: nn.Module, inputs: Any) -> None:
-        # A run of the parent inside another (Lightning's DDP runs `training_step` as the module's forward, which
-        # calls `self(x)`): one mode serves both, or every call would be counted once per pushed mode; the
-        # positions and the child depth start afresh for the inner run and the depth comes back after it. Calls
-        # the outer run makes after an inner one (a loss in `training_step`) are not the forward's: not counted.
-        self.tracker._calls[self.key] = 0
+        if _redirected(module):
+            # Lightning (and Fabric) run `training_step` through the module's call to reach DDP, with the forward
+            # swapped for it; it calls `self(x)`, the real run. Its own calls (a loss) are not the forward's.
+            self.runs.append(None)
+            return
+        # A run inside another run of the parent (a recursive module) counts its positions from 0, like any run;
+        # the interrupted run's position and callee depth come back after it. One mode serves every run, or each
+        # call would be counted once per pushed mode.
+        calls = self.tracker._calls
         push = self.tracker.enabled and not self.active
-        self.pushed.append((push, self.depth))
+        self.runs.append((push, self.depth, calls.get(self.key, 0)))
+        calls[self.key] = 0
         self.depth = 0
-        self.after_inner = False
         if push:
             self.active = True
             self.__enter__()
 
     def exit_parent(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if not self.pushed:
+        if not self.runs:
             return
-        pushed, self.depth = self.pushed.pop()
+        run = self.runs.pop()
+        if run is None:
+            return
+        pushed, self.depth, self.tracker._calls[self.key] = run
         if pushed:
-            self.active = self.after_inner = False
+            self.active = False
             self.__exit__(None, None, None)
-        elif self.active:
-            self.after_inner = True
 
     def enter_child(self, module: nn.Module, inputs: Any) -> None:
         self.depth += 1
@@ -482,11 +490,19 @@ class _FunctionalCounter(TorchFunctionMode):
         self.depth -= 1
 
     def close(self) -> None:
-        while self.pushed:
-            if self.pushed.pop()[0]:
+        while self.runs:
+            run = self.runs.pop()
+            if run is not None and run[0]:
                 self.__exit__(None, None, None)
-        self.active = self.after_inner = False
+        self.active = False
         self.depth = 0
+
+
+def _redirected(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is swapped for another method for this call: Lightning's and Fabric's forward
+    redirection (``_ForwardRedirection``, ``_FabricModule``) set an instance ``forward`` named ``wrapped_forward``."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__name__", "") == "wrapped_forward"
 
 
 class _Hook(functools.partial):  # type: ignore[type-arg]
@@ -573,9 +589,11 @@ def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -
                 f"{site.producer_name or site.norm_name!r} puts its units on dimension {site.unit_dim}"
             )
     resolved = dict(unit_dims)
-    for site in found:  # later call positions found by tracing take their module's entry
+    for site in found:  # a module's later call positions found by tracing take its entry, where nothing else says
         base, _, index = site.name.rpartition("_")
-        if site.name not in resolved and index.isdigit() and base in unit_dims and site.producer is None:
+        first = sites.get(base)
+        later = index.isdigit() and first is not None and site.kind == "module" and first.module is site.module
+        if later and base in unit_dims and site.name not in resolved and site.unit_dim is None:
             resolved[site.name] = unit_dims[base]
     return resolved
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,32 @@ def test_applied_once_per_instance(tmp_path: Path) -> None:
     after_first = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _trainer(tmp_path / "second", [initializer, snapshot]).fit(model)
     _assert_state_equal(snapshot.states[1], after_first)
+
+
+def test_a_new_model_is_initialized_by_a_used_initializer_or_its_copy(tmp_path: Path) -> None:
+    """Once per model: another model (while the first lives, after it is gone, or through a copy of the
+    initializer) gets its own initialization, equal to a fresh initializer's."""
+    torch.manual_seed(1)
+    first = _Net()
+    initializer = ReluInitializer("rai", seed=0)
+    _trainer(tmp_path / "a", [initializer]).fit(first)
+
+    def fresh_result(make: Any) -> dict[str, Tensor]:
+        torch.manual_seed(2)
+        model = make()
+        expected = copy.deepcopy(model)
+        rai_(expected.net, generator=torch.Generator().manual_seed(0))
+        return model, expected.state_dict()
+
+    for case in ("first alive", "copy", "first gone"):
+        if case == "first gone":
+            del first
+            gc.collect()
+        used = copy.deepcopy(initializer) if case == "copy" else initializer
+        model, expected = fresh_result(_Net)
+        snapshot = _Snapshot()
+        _trainer(tmp_path / case.replace(" ", "_"), [used, snapshot]).fit(model)
+        _assert_state_equal(snapshot.states[0], expected)
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")

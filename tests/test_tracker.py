@@ -372,10 +372,12 @@ def _functional_brute_force(model, batches):
 
 
 class _ListedBlocks(nn.Module):
-    """Blocks and ReLU modules held in containers without a forward (`nn.ModuleList`, `nn.ModuleDict`), beside the
-    parent's own `F.relu`: calls made inside the blocks are theirs, not the parent's. With `reenter=True` the
-    forward runs itself inside itself, as Lightning's DDP runs `training_step` as the forward, which calls
-    `self(x)`."""
+    """Blocks and ReLU modules held in containers without a forward (`nn.ModuleList`, `nn.ModuleDict`), or reached
+    past a module with a forward of its own, beside the parent's own `F.relu`: calls made inside the blocks are
+    theirs, not the parent's."""
+
+    def training_step(self, x):
+        return F.relu(self(x) - 1.0).sum()  # a hinge-like loss: not a call of the forward
 
     def __init__(self):
         super().__init__()
@@ -383,11 +385,8 @@ class _ListedBlocks(nn.Module):
         self.acts = nn.ModuleDict({"a": nn.ReLU(), "b": nn.ReLU()})
         self.enc = _Holder()  # has a forward of its own, but the parent calls its block directly
         self.head = nn.Linear(6, 5)
-        self.reenter = False
 
-    def forward(self, x, inner=False):
-        if self.reenter and not inner:
-            return F.relu(self(x, inner=True) - 1.0)  # a loss after the inner run: not the forward's
+    def forward(self, x):
         h = self.acts["a"](self.blocks[0](x))
         h = self.acts["b"](self.blocks[1](h))
         h = self.enc.block(h)
@@ -403,7 +402,7 @@ class _Holder(nn.Module):
         return self.block(x)
 
 
-def test_functional_calls_inside_listed_blocks_and_reentrant_forwards_are_counted_once():
+def test_functional_calls_inside_listed_blocks_and_redirected_forwards_are_counted_once():
     torch.manual_seed(0)
     model = _ListedBlocks()
     batches = [torch.randn(8, 6), torch.randn(5, 6)]
@@ -418,13 +417,24 @@ def test_functional_calls_inside_listed_blocks_and_reentrant_forwards_are_counte
             x = torch.clamp(model.enc.block.fc(x), min=0)
             outs["enc.block.relu"].append(x)
             outs["relu"].append(torch.clamp(model.head(x - 0.5), min=0))
+
+    def redirected(x):
+        # as Lightning's DDP strategy reaches `training_step` through the module's call: the forward swapped for a
+        # `wrapped_forward` that puts it back and runs `training_step`, which calls `self(x)`
+        original = model.forward
+
+        def wrapped_forward(*args):
+            model.forward = original
+            return model.training_step(*args)
+
+        model.forward = wrapped_forward
+        return model(x)
+
     for reenter in (False, True):
-        tracker = DeadUnitTracker(model)  # discovered on the plain forward, as Lightning's redirection comes later
-        model.reenter = reenter
-        with tracker:
+        with DeadUnitTracker(model) as tracker:
             for x in batches:
-                model(x)
-        model.reenter = False
+                redirected(x) if reenter else model(x)
+        assert "forward" not in model.__dict__ or model.forward.__func__ is _ListedBlocks.forward
         report = tracker.report()
         assert set(report) == set(outs), reenter
         for name, parts in outs.items():
@@ -690,3 +700,72 @@ def test_unit_axis_through_a_layernorm_over_channels_and_later_positions():
     tracker = DeadUnitTracker(Twice(), unit_dims={"act": -1})
     assert [s.name for s in tracker.all_sites] == ["act", "act_1"]
     assert tracker.stats["act"].unit_dim == tracker.stats["act_1"].unit_dim == -1
+
+    class Others(nn.Module):  # another call of the same parent, and another module named like a later position
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(6, 6, 1)
+            self.relu_1 = nn.ReLU()
+
+        def forward(self, x):
+            return F.relu(x).sum() + F.relu(self.conv(x) + x).sum() + self.relu_1(x).sum()
+
+    tracker = DeadUnitTracker(Others(), unit_dims={"relu": -1})
+    dims = {name: stats.unit_dim for name, stats in tracker.stats.items()}
+    assert dims == {"relu": -1, "relu_1_fn": 1, "relu_1": None}  # the module `relu_1` is no position of `relu`
+
+    class LinkedNorm(nn.Module):  # the LayerNorm over (C, H, W) is the site's own norm: the channels are units
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(6, 6, 1)
+            self.ln = nn.LayerNorm([6, 5, 7])
+
+        def forward(self, x):
+            return F.relu(self.ln(self.conv(x) + x))
+
+    (site,) = DeadUnitTracker(LinkedNorm()).all_sites
+    assert site.norm is not None and site.producer is None and (site.unit_dim, site.num_units) == (1, 6)
+
+
+class _Recursive(nn.Module):
+    """Calls itself `depth` times; each run applies a ReLU module and, after the inner run, an `F.relu`."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.depth = depth
+        self.level = 0  # a plain attribute: torch.fx traces the recursion as the forward runs it
+
+    def forward(self, x):
+        if self.level < self.depth:
+            self.level += 1
+            x = self(x)
+            self.level -= 1
+        return F.relu(self.fc(self.act(x)) - 0.2)
+
+
+def test_a_recursive_module_is_numbered_alike_at_discovery_and_at_run_time():
+    torch.manual_seed(0)
+    model = _Recursive(2)
+    x = torch.randn(10, 4)
+    with torch.no_grad():  # brute force, innermost run first
+        acts, relus, h = [], [], x
+        for _ in range(3):
+            acts.append(torch.relu(h))
+            h = torch.relu(model.fc(acts[-1]) - 0.2)
+            relus.append(h)
+    tracker = DeadUnitTracker(model)
+    names = [site.name for site in tracker.all_sites]
+    with tracker, torch.no_grad():
+        model(x)
+    report = tracker.report()
+    assert set(report) == set(names)  # no site created at run time that discovery missed
+    # the module's positions number on as the runs return (its hooks restart them at each run's start only);
+    # the functional call's position counts within each run, so every run's call is the one site
+    assert sorted(names) == ["act", "act_1", "act_2", "relu"]
+    for k, out in enumerate(acts):
+        name = "act" if k == 0 else f"act_{k}"
+        assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), name
+    assert report["relu"].active_count.tolist() == (torch.cat(relus) > 0).sum(0).tolist()
+    assert report["relu"].samples == 30
