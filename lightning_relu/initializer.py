@@ -160,12 +160,17 @@ class ReluInitializer(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied:
+            if self._applied_to is None:  # applied as a checkpoint says: to the model this fit resumes
+                self._applied_to = weakref.ref(pl_module)
             return
+        if self._applied_to is not None and self._applied_to() is pl_module:
+            return  # a model whose checkpoint weights an earlier fit kept: kept again
         if trainer.ckpt_path is not None:
             rank_zero_info(
                 f"`ReluInitializer` skipped: the fit resumes from the checkpoint {trainer.ckpt_path!r}, whose weights"
                 " are kept."
             )
+            self._applied_to = weakref.ref(pl_module)
             return
         if self.uses_rai:
             self._apply_rai(trainer, pl_module)

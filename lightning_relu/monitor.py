@@ -216,6 +216,7 @@ class DeadUnitMonitor(Callback):
         self._listeners: list[ReportListener] = []
         # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
         self._window: dict[str, Any] | None = None
+        self._unmerged: dict[str, dict[str, Any]] = {}  # its sites not added to the counts yet (see `_merge_window`)
         self._resumed_epoch: int | None = None
         self._world_size = 1
         self._epoch = 0
@@ -254,7 +255,7 @@ class DeadUnitMonitor(Callback):
         self._world_size = trainer.world_size
         if starts_afresh(trainer):  # a new fit: what an earlier one left is not its history
             self.history = []
-            self._window = None
+            self._window, self._unmerged = None, {}
             self._collapse_warned.clear()
             self._nonfinite_warned.clear()
             self._at_risk_warned.clear()
@@ -306,7 +307,8 @@ class DeadUnitMonitor(Callback):
         self._epoch = trainer.current_epoch
         if self.tracker is not None and window is not None and window.get("epoch") == trainer.current_epoch:
             self.tracker.reset()
-            self._restore_window(window)
+            self._unmerged = dict(window["sites"])
+            self._merge_window(final=False)
             self._resumed_epoch = trainer.current_epoch
 
     @override
@@ -315,6 +317,7 @@ class DeadUnitMonitor(Callback):
         resumed, self._resumed_epoch = self._resumed_epoch, None
         if self.tracker is not None and resumed != trainer.current_epoch:
             self.tracker.reset()
+            self._unmerged = {}
 
     @override
     def on_train_batch_start(
@@ -337,6 +340,7 @@ class DeadUnitMonitor(Callback):
         if tracker is None or not tracker.sites:
             return
         tracker.pause()
+        self._merge_window(final=True)
         self._agree_on_sizes(trainer)
         layers = tracker.report()  # every rank takes part: the counts are summed across processes
         tracker.reset()
@@ -396,22 +400,36 @@ class DeadUnitMonitor(Callback):
             for name, stats in tracker.stats.items()
             if int(stats.samples) > 0
         }
+        for name, states in self._unmerged.items():  # what an earlier checkpoint of this epoch still holds
+            mine = sites.setdefault(name, states)
+            if mine is not states and all(mine[key].shape == value.shape for key, value in states.items()):
+                sites[name] = {key: mine[key] + value for key, value in states.items()}
         return {"epoch": self._epoch, "sites": sites} if sites else None
 
-    def _restore_window(self, window: dict[str, Any]) -> None:
-        assert self.tracker is not None
-        for name, states in window["sites"].items():
-            stats = self.tracker.stats.get(name)
+    def _merge_window(self, final: bool) -> None:
+        """Add a resumed checkpoint's counts of the epoch to the tracker's. A site whose counts have their shape
+        now is merged at once; one sized by its first output, or a later call position not created yet, waits for
+        the end of the epoch (``final``), when the run has shaped and created them. Counts whose shape the site's
+        do not have then are not this model's: left out."""
+        tracker = self.tracker
+        if tracker is None or not self._unmerged:
+            return
+        for name, states in list(self._unmerged.items()):
+            stats = tracker._site_stats(name) if final else tracker.stats.get(name)
             if stats is None or set(states) != set(stats._defaults):
+                if final:
+                    del self._unmerged[name]
                 continue
-            # a state sized by the site's first output may still be empty here; any other difference in shape means
-            # these are not this model's counts
             unsized = [key for key, value in states.items() if getattr(stats, key).shape != value.shape]
-            if any(getattr(stats, key).numel() or states[key].ndim != 1 for key in unsized):
+            if unsized and not final:
                 continue
-            for key in unsized:
+            if any(getattr(stats, key).numel() or states[key].ndim != 1 for key in unsized):
+                del self._unmerged[name]  # another width: not this model's counts
+                continue
+            for key in unsized:  # a site that has seen nothing since the resume
                 setattr(stats, key, torch.zeros_like(states[key], device=getattr(stats, key).device))
             stats.merge_state({key: value.to(getattr(stats, key).device) for key, value in states.items()})
+            del self._unmerged[name]
 
     # --------------------------------------------------------------- helpers
     def _remove_hooks(self) -> None:

@@ -321,14 +321,34 @@ class DeadUnitTracker:
         if stats.accumulate(output):  # works on the detached output: no autograd graph
             self._dirty[id(stats)] = stats  # results wait to be folded
 
+    @staticmethod
+    def _base_name(first: Site) -> str:
+        return first.name if first.kind == "module" else _join(first.parent_name or "", "relu")
+
+    def _site_stats(self, name: str) -> ActivationStats | None:
+        """The counts of site ``name``, creating it when it is a later call position not seen yet (None when it is
+        no site of this model)."""
+        if name in self.stats:
+            return self.stats[name]
+        base, _, index = name.removesuffix("_fn").rpartition("_")
+        if index.isdigit() and 0 < int(index) < _MAX_POSITIONS:
+            for key, first in self._first_site.items():
+                if self._base_name(first) == base:
+                    self._add_positions(key, int(index))
+        return self.stats.get(name)
+
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]
         first = self._first_site[key]
-        base = first.name if first.kind == "module" else _join(first.parent_name or "", "relu")
+        base = self._base_name(first)
+        taken = {site.name for site in self.all_sites} | set(self.stats)
         while len(positions) <= k:
             index = len(positions)
+            name = f"{base}_{index}"
+            while first.kind == "function" and name in taken:  # as discovery names a call that meets a module's name
+                name += "_fn"
             site = Site(
-                name=f"{base}_{index}",
+                name=name,
                 module=first.module,
                 call_index=index,
                 kind=first.kind,

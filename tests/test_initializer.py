@@ -162,6 +162,28 @@ def test_applied_once_per_instance(tmp_path: Path) -> None:
     _assert_state_equal(snapshot.states[1], after_first)
 
 
+def test_an_initializer_restored_from_a_checkpoint_initializes_another_model(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    first = ReluInitializer("rai", seed=0)
+    trainer = _trainer(tmp_path / "a", [first], max_epochs=1)
+    trainer.fit(_Net())
+    ckpt_path = trainer.checkpoint_callback.best_model_path
+    restored = ReluInitializer("rai", seed=0)
+    resumed_model, snapshot = _Net(), _Snapshot()
+    _trainer(tmp_path / "b", [restored, snapshot], max_epochs=2).fit(resumed_model, ckpt_path=ckpt_path)
+    assert restored.applied
+    # the same model again: its trained weights are kept; another model: initialized
+    kept = {k: v.detach().clone() for k, v in resumed_model.state_dict().items()}
+    _trainer(tmp_path / "c", [restored, snapshot], max_epochs=1).fit(resumed_model)
+    _assert_state_equal(snapshot.states[-1], kept)
+    torch.manual_seed(2)
+    other = _Net()
+    expected = copy.deepcopy(other)
+    rai_(expected.net, generator=torch.Generator().manual_seed(0))
+    _trainer(tmp_path / "d", [restored, snapshot], max_epochs=1).fit(other)
+    _assert_state_equal(snapshot.states[-1], expected.state_dict())
+
+
 def test_a_new_model_is_initialized_by_a_used_initializer_or_its_copy(tmp_path: Path) -> None:
     """Once per model: another model (while the first lives, after it is gone, or through a copy of the
     initializer) gets its own initialization, equal to a fresh initializer's."""

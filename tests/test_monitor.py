@@ -228,6 +228,37 @@ def test_a_fit_resumed_mid_epoch_reports_the_whole_epoch(tmp_path):
     _check_report(resumed.history[0].layers, expected)
 
 
+class _TwiceModule(SeqModule):
+    """One ReLU module applied twice: without tracing, its second position is a site created at run time."""
+
+    def forward(self, x):
+        return self.net[2](self.net[1](self.net[1](self.net[0](x)) - 0.3))
+
+
+def test_a_mid_epoch_resume_restores_sites_created_at_run_time(tmp_path):
+    block = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) - 0.3
+    x = block.repeat(5, 1)
+
+    def module():
+        torch.manual_seed(2)
+        return _TwiceModule(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1)), x)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    whole = DeadUnitMonitor(trace=False)
+    _trainer(tmp_path, [whole, ckpt], max_epochs=1).fit(module())
+    resumed = DeadUnitMonitor(trace=False)
+    _trainer(tmp_path, [resumed], max_epochs=1).fit(module(), ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    net = module().net
+    with torch.no_grad():  # brute force over the 5 alike batches
+        first = torch.relu(net[0](x))
+        second = torch.relu(first - 0.3)
+    for report in (whole.history[0].layers, resumed.history[0].layers):
+        assert set(report) == {"net.1", "net.1_1"}
+        assert report["net.1"].active_count.tolist() == (first > 0).sum(0).tolist()
+        assert report["net.1_1"].active_count.tolist() == (second > 0).sum(0).tolist()
+        assert report["net.1_1"].samples == 20
+
+
 def test_state_key_differs_per_site_selection():
     assert DeadUnitMonitor().state_key != DeadUnitMonitor(sites=["net.1"]).state_key
 

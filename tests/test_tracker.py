@@ -769,3 +769,39 @@ def test_a_recursive_module_is_numbered_alike_at_discovery_and_at_run_time():
         assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), name
     assert report["relu"].active_count.tolist() == (torch.cat(relus) > 0).sum(0).tolist()
     assert report["relu"].samples == 30
+
+
+def test_a_functional_position_created_at_run_time_keeps_clear_of_module_names():
+    """A parent applying its `self.relu` twice (sites `relu`, `relu_1`) and an `F.relu` in a loop that runs more
+    often than at discovery: the new functional position is named apart (as discovery names a colliding call)."""
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(3, 3)
+            self.rounds = 1
+
+        def forward(self, x):
+            h = self.relu(self.relu(x) - 0.5)
+            for _ in range(self.rounds):
+                x = F.relu(self.fc(x))
+            return h.sum() + x.sum()
+
+    torch.manual_seed(0)
+    model = Parent()
+    tracker = DeadUnitTracker(model)
+    assert [s.name for s in tracker.all_sites] == ["relu", "relu_1", "relu_fn"]
+    model.rounds = 2
+    x = torch.randn(8, 3).abs()
+    with tracker, torch.no_grad():
+        model(x)
+    with torch.no_grad():
+        a = torch.relu(x)
+        b = torch.relu(a - 0.5)
+        c = torch.relu(model.fc(x))
+        d = torch.relu(model.fc(c))
+    report = tracker.report()
+    assert set(report) == {"relu", "relu_1", "relu_fn", "relu_1_fn"}
+    for name, out in {"relu": a, "relu_1": b, "relu_fn": c, "relu_1_fn": d}.items():
+        assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), name
