@@ -159,9 +159,8 @@ class ReluInitializer(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.applied:
-            if self._applied_to is None:  # applied as a checkpoint says: to the model this fit resumes
-                self._applied_to = weakref.ref(pl_module)
+        if self.applied:  # to this model before, or as the checkpoint this fit resumes says: its weights are done
+            self._applied_to = weakref.ref(pl_module)
             return
         if self._applied_to is not None and self._applied_to() is pl_module:
             return  # a model whose checkpoint weights an earlier fit kept: kept again

@@ -217,6 +217,7 @@ class DeadUnitMonitor(Callback):
         # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
         self._window: dict[str, Any] | None = None
         self._unmerged: dict[str, dict[str, Any]] = {}  # its sites not added to the counts yet (see `_merge_window`)
+        self._unmerged_kinds: dict[str, str] = {}  # and whether each is a module's call position or a function's
         self._resumed_epoch: int | None = None
         self._world_size = 1
         self._epoch = 0
@@ -308,6 +309,7 @@ class DeadUnitMonitor(Callback):
         if self.tracker is not None and window is not None and window.get("epoch") == trainer.current_epoch:
             self.tracker.reset()
             self._unmerged = dict(window["sites"])
+            self._unmerged_kinds = dict(window.get("kinds") or {})
             self._merge_window(final=False)
             self._resumed_epoch = trainer.current_epoch
 
@@ -404,7 +406,13 @@ class DeadUnitMonitor(Callback):
             mine = sites.setdefault(name, states)
             if mine is not states and all(mine[key].shape == value.shape for key, value in states.items()):
                 sites[name] = {key: mine[key] + value for key, value in states.items()}
-        return {"epoch": self._epoch, "sites": sites} if sites else None
+        kinds = {site.name: site.kind for site in tracker.sites}
+        kinds.update((name, kind) for name, kind in self._unmerged_kinds.items() if name not in kinds)
+        return (
+            {"epoch": self._epoch, "sites": sites, "kinds": {name: kinds.get(name) for name in sites}}
+            if sites
+            else None
+        )
 
     def _merge_window(self, final: bool) -> None:
         """Add a resumed checkpoint's counts of the epoch to the tracker's. A site whose counts have their shape
@@ -415,7 +423,8 @@ class DeadUnitMonitor(Callback):
         if tracker is None or not self._unmerged:
             return
         for name, states in list(self._unmerged.items()):
-            stats = tracker._site_stats(name) if final else tracker.stats.get(name)
+            kind = self._unmerged_kinds.get(name)
+            stats = tracker._site_stats(name, kind) if final and kind else tracker.stats.get(name)
             if stats is None or set(states) != set(stats._defaults):
                 if final:
                     del self._unmerged[name]

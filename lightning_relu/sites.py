@@ -299,6 +299,8 @@ def _add_traced(model: nn.Module, sites: list[Site]) -> tuple[list[Site], Counte
         links = call.links
         if call.kind == "module":
             name = call.module_name if call.index == 0 else f"{call.module_name}_{call.index}"
+            while name in by_name and by_name[name].module is not modules.get(call.module_name):
+                name += "_mod"  # a functional site has the name (its parent's calls were traced first)
             site = by_name.get(name)
             if site is None:
                 rectifier = modules.get(call.module_name)

@@ -325,15 +325,15 @@ class DeadUnitTracker:
     def _base_name(first: Site) -> str:
         return first.name if first.kind == "module" else _join(first.parent_name or "", "relu")
 
-    def _site_stats(self, name: str) -> ActivationStats | None:
-        """The counts of site ``name``, creating it when it is a later call position not seen yet (None when it is
-        no site of this model)."""
+    def _site_stats(self, name: str, kind: str) -> ActivationStats | None:
+        """The counts of site ``name``, creating it when it is a later call position (of a rectifier module or of a
+        parent's functional calls, as ``kind`` says) not seen yet; None when it is no site of this model."""
         if name in self.stats:
             return self.stats[name]
-        base, _, index = name.removesuffix("_fn").rpartition("_")
+        base, _, index = name.removesuffix("_fn").removesuffix("_mod").rpartition("_")
         if index.isdigit() and 0 < int(index) < _MAX_POSITIONS:
             for key, first in self._first_site.items():
-                if self._base_name(first) == base:
+                if first.kind == kind and self._base_name(first) == base:
                     self._add_positions(key, int(index))
         return self.stats.get(name)
 
@@ -345,8 +345,8 @@ class DeadUnitTracker:
         while len(positions) <= k:
             index = len(positions)
             name = f"{base}_{index}"
-            while first.kind == "function" and name in taken:  # as discovery names a call that meets a module's name
-                name += "_fn"
+            while name in taken:  # as discovery names a position whose name another site has
+                name += "_fn" if first.kind == "function" else "_mod"
             site = Site(
                 name=name,
                 module=first.module,

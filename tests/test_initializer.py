@@ -182,6 +182,12 @@ def test_an_initializer_restored_from_a_checkpoint_initializes_another_model(tmp
     rai_(expected.net, generator=torch.Generator().manual_seed(0))
     _trainer(tmp_path / "d", [restored, snapshot], max_epochs=1).fit(other)
     _assert_state_equal(snapshot.states[-1], expected.state_dict())
+    # the initializer that initialized the first model, resuming a second one: that one's weights are done too
+    second = _Net()
+    _trainer(tmp_path / "e", [first, snapshot], max_epochs=2).fit(second, ckpt_path=ckpt_path)
+    kept = {k: v.detach().clone() for k, v in second.state_dict().items()}
+    _trainer(tmp_path / "f", [first, snapshot], max_epochs=1).fit(second)
+    _assert_state_equal(snapshot.states[-1], kept)
 
 
 def test_a_new_model_is_initialized_by_a_used_initializer_or_its_copy(tmp_path: Path) -> None:

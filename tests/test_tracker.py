@@ -805,3 +805,58 @@ def test_a_functional_position_created_at_run_time_keeps_clear_of_module_names()
     assert set(report) == {"relu", "relu_1", "relu_fn", "relu_1_fn"}
     for name, out in {"relu": a, "relu_1": b, "relu_fn": c, "relu_1_fn": d}.items():
         assert report[name].active_count.tolist() == (out > 0).sum(0).tolist(), name
+
+
+def test_module_and_functional_positions_never_share_a_name():
+    """A parent's F.relu runs before its ReLU module's second call: whichever position is created first, the
+    other is named apart, and each counts only its own calls."""
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            a = F.relu(self.fc(x))
+            b = F.relu(self.fc(a) - 0.2)
+            return self.relu(self.relu(a + b) - 0.5)
+
+    torch.manual_seed(0)
+    model = Parent()
+    x = torch.randn(8, 3)
+    for trace in (True, False):
+        with DeadUnitTracker(model, trace=trace) as tracker, torch.no_grad():
+            model(x)
+        with torch.no_grad():
+            a = torch.relu(model.fc(x))
+            b = torch.relu(model.fc(a) - 0.2)
+            c = torch.relu(a + b)
+            d = torch.relu(c - 0.5)
+        report = tracker.report()
+        names = {site.name for site in tracker.sites}
+        assert len(names) == len(tracker.sites) and set(report) == names, trace
+        counted = sorted(r.active_count.tolist() for r in report.values())
+        expected = [(out > 0).sum(0).tolist() for out in ((a, b, c, d) if trace else (c, d))]
+        assert counted == sorted(expected), trace
+
+
+def test_a_restored_position_is_created_for_its_own_kind():
+    """A checkpoint's counts of a functional position created at run time (`relu_1`) come back to a functional
+    position, not to a position of the parent's ReLU module of the same base name."""
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return F.relu(self.relu(x) - 0.5)
+
+    tracker = DeadUnitTracker(Parent())
+    assert [(s.name, s.kind) for s in tracker.all_sites] == [("relu", "module"), ("relu_fn", "function")]
+    stats = tracker._site_stats("relu_1", "function")
+    assert stats is not None
+    assert [(s.name, s.kind) for s in tracker.sites] == [
+        ("relu", "module"), ("relu_fn", "function"), ("relu_1", "function")
+    ]  # fmt: skip
