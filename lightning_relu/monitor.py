@@ -217,7 +217,7 @@ class DeadUnitMonitor(Callback):
         # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
         self._window: dict[str, Any] | None = None
         self._unmerged: dict[str, dict[str, Any]] = {}  # its sites not added to the counts yet (see `_merge_window`)
-        self._unmerged_kinds: dict[str, str] = {}  # and whether each is a module's call position or a function's
+        self._unmerged_places: dict[str, list[Any]] = {}  # and where each sits (see `_current_window`)
         self._resumed_epoch: int | None = None
         self._world_size = 1
         self._epoch = 0
@@ -309,7 +309,7 @@ class DeadUnitMonitor(Callback):
         if self.tracker is not None and window is not None and window.get("epoch") == trainer.current_epoch:
             self.tracker.reset()
             self._unmerged = dict(window["sites"])
-            self._unmerged_kinds = dict(window.get("kinds") or {})
+            self._unmerged_places = dict(window.get("places") or {})
             self._merge_window(final=False)
             self._resumed_epoch = trainer.current_epoch
 
@@ -406,13 +406,13 @@ class DeadUnitMonitor(Callback):
             mine = sites.setdefault(name, states)
             if mine is not states and all(mine[key].shape == value.shape for key, value in states.items()):
                 sites[name] = {key: mine[key] + value for key, value in states.items()}
-        kinds = {site.name: site.kind for site in tracker.sites}
-        kinds.update((name, kind) for name, kind in self._unmerged_kinds.items() if name not in kinds)
-        return (
-            {"epoch": self._epoch, "sites": sites, "kinds": {name: kinds.get(name) for name in sites}}
-            if sites
-            else None
-        )
+        # each site's place (kind, base name, call position): names of positions created at run time depend on
+        # the order they were created in, which a resumed run need not repeat
+        places = {site.name: list(tracker._place(site)) for site in tracker.sites}
+        places.update((name, place) for name, place in self._unmerged_places.items() if name not in places)
+        if not sites:
+            return None
+        return {"epoch": self._epoch, "sites": sites, "places": {name: places.get(name) for name in sites}}
 
     def _merge_window(self, final: bool) -> None:
         """Add a resumed checkpoint's counts of the epoch to the tracker's. A site whose counts have their shape
@@ -423,8 +423,9 @@ class DeadUnitMonitor(Callback):
         if tracker is None or not self._unmerged:
             return
         for name, states in list(self._unmerged.items()):
-            kind = self._unmerged_kinds.get(name)
-            stats = tracker._site_stats(name, kind) if final and kind else tracker.stats.get(name)
+            place = self._unmerged_places.get(name)
+            valid = isinstance(place, (list, tuple)) and len(place) == 3
+            stats = tracker._place_stats(*place, create=final) if valid else None
             if stats is None or set(states) != set(stats._defaults):
                 if final:
                     del self._unmerged[name]

@@ -325,17 +325,27 @@ class DeadUnitTracker:
     def _base_name(first: Site) -> str:
         return first.name if first.kind == "module" else _join(first.parent_name or "", "relu")
 
-    def _site_stats(self, name: str, kind: str) -> ActivationStats | None:
-        """The counts of site ``name``, creating it when it is a later call position (of a rectifier module or of a
-        parent's functional calls, as ``kind`` says) not seen yet; None when it is no site of this model."""
-        if name in self.stats:
-            return self.stats[name]
-        base, _, index = name.removesuffix("_fn").removesuffix("_mod").rpartition("_")
-        if index.isdigit() and 0 < int(index) < _MAX_POSITIONS:
-            for key, first in self._first_site.items():
-                if first.kind == kind and self._base_name(first) == base:
-                    self._add_positions(key, int(index))
-        return self.stats.get(name)
+    def _place(self, site: Site) -> tuple[str, str, int]:
+        """Where a site sits, independent of its name: its kind, the base name of its module's (or parent's)
+        positions, and its call position."""
+        first = self._first_site[id(site.module if site.kind == "module" else site.parent)]
+        return site.kind, self._base_name(first), site.call_index
+
+    def _place_stats(self, kind: str, base: str, index: int, create: bool) -> ActivationStats | None:
+        """The counts of the site at call position ``index`` of the rectifier module (or parent's functional calls)
+        ``base``, creating the position when ``create`` and it is not seen yet; None when there is none."""
+        if not isinstance(index, int) or not 0 <= index < _MAX_POSITIONS:
+            return None
+        for key, first in self._first_site.items():
+            if first.kind == kind and self._base_name(first) == base:
+                positions = self._positions[key]
+                if index >= len(positions):
+                    if not create:
+                        return None
+                    self._add_positions(key, index)
+                entry = positions[index]
+                return entry[1] if entry is not None else None
+        return None
 
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]

@@ -608,3 +608,60 @@ def test_margin_at_risk_and_early_warning(tmp_path):
         float((margin < threshold).double().mean())
     )
     assert monitor.history[0].layers["net.1"].num_at_risk == 0
+
+
+class _OrderModule(L.LightningModule):
+    """Applies one ReLU module (`m`) and `F.relu` (`f`) in an order that changes at step 2, so the run-time
+    positions are created in one order before a checkpoint at step 2 and in another after the resume."""
+
+    def __init__(self, x):
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc, self.relu, self.x = nn.Linear(4, 4), nn.ReLU(), x
+        self.orders = ("mf", "mf", "mf")  # discovery, steps < 2, steps >= 2
+
+    def forward(self, x):
+        order = self.orders[0] if not self.trainer_running else self.orders[1 if self.global_step < 2 else 2]
+        for i, kind in enumerate(order):
+            h = self.fc(x) - 0.2 * i
+            x = self.relu(h) if kind == "m" else torch.nn.functional.relu(h)
+        return x
+
+    trainer_running = False
+
+    def on_train_start(self):
+        self.trainer_running = True
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.x), batch_size=4)
+
+
+def test_a_mid_epoch_resume_restores_run_time_positions_by_place_not_name(tmp_path):
+    x = (torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) - 0.3).repeat(5, 1)
+
+    def module():
+        m = _OrderModule(x)
+        m.orders = ("mf", "mffmmf", "mfmm")
+        return m
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    _trainer(tmp_path, [DeadUnitMonitor(), ckpt], max_epochs=1).fit(module())
+    resumed = DeadUnitMonitor()
+    _trainer(tmp_path, [resumed], max_epochs=1).fit(module(), ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    expected, model = {}, module()
+    with torch.no_grad():  # brute force per (kind, position)
+        for step in range(5):
+            h, seen = x[:4], {"m": 0, "f": 0}
+            for i, kind in enumerate(model.orders[1 if step < 2 else 2]):
+                h = torch.relu(model.fc(h) - 0.2 * i)
+                place = (kind, seen[kind])
+                seen[kind] += 1
+                expected[place] = expected.get(place, 0) + (h > 0).sum(0)
+    counted = sorted(r.active_count.tolist() for r in resumed.history[0].layers.values() if r.samples)
+    assert counted == sorted(v.tolist() for v in expected.values())

@@ -855,8 +855,9 @@ def test_a_restored_position_is_created_for_its_own_kind():
 
     tracker = DeadUnitTracker(Parent())
     assert [(s.name, s.kind) for s in tracker.all_sites] == [("relu", "module"), ("relu_fn", "function")]
-    stats = tracker._site_stats("relu_1", "function")
-    assert stats is not None
+    assert tracker._place_stats("function", "relu", 1, create=False) is None  # not created without `create`
+    stats = tracker._place_stats("function", "relu", 1, create=True)
+    assert stats is not None and tracker._place(tracker.sites[-1]) == ("function", "relu", 1)
     assert [(s.name, s.kind) for s in tracker.sites] == [
         ("relu", "module"), ("relu_fn", "function"), ("relu_1", "function")
     ]  # fmt: skip
