@@ -216,8 +216,8 @@ class DeadUnitMonitor(Callback):
         self._listeners: list[ReportListener] = []
         # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
         self._window: dict[str, Any] | None = None
-        self._unmerged: dict[str, dict[str, Any]] = {}  # its sites not added to the counts yet (see `_merge_window`)
-        self._unmerged_places: dict[str, list[Any]] = {}  # and where each sits (see `_current_window`)
+        # its sites not added to the counts yet (see `_merge_window`): their states, and where each sits
+        self._unmerged: dict[str, tuple[dict[str, Any], Any]] = {}
         self._resumed_epoch: int | None = None
         self._world_size = 1
         self._epoch = 0
@@ -308,8 +308,8 @@ class DeadUnitMonitor(Callback):
         self._epoch = trainer.current_epoch
         if self.tracker is not None and window is not None and window.get("epoch") == trainer.current_epoch:
             self.tracker.reset()
-            self._unmerged = dict(window["sites"])
-            self._unmerged_places = dict(window.get("places") or {})
+            places = window.get("places") or {}
+            self._unmerged = {name: (states, places.get(name)) for name, states in window["sites"].items()}
             self._merge_window(final=False)
             self._resumed_epoch = trainer.current_epoch
 
@@ -402,14 +402,14 @@ class DeadUnitMonitor(Callback):
             for name, stats in tracker.stats.items()
             if int(stats.samples) > 0
         }
-        for name, states in self._unmerged.items():  # what an earlier checkpoint of this epoch still holds
+        for name, (states, _) in self._unmerged.items():  # what an earlier checkpoint of this epoch still holds
             mine = sites.setdefault(name, states)
             if mine is not states and all(mine[key].shape == value.shape for key, value in states.items()):
                 sites[name] = {key: mine[key] + value for key, value in states.items()}
         # each site's place (kind, base name, call position): names of positions created at run time depend on
         # the order they were created in, which a resumed run need not repeat
         places = {site.name: list(tracker._place(site)) for site in tracker.sites}
-        places.update((name, place) for name, place in self._unmerged_places.items() if name not in places)
+        places.update((name, place) for name, (_, place) in self._unmerged.items() if name not in places)
         if not sites:
             return None
         return {"epoch": self._epoch, "sites": sites, "places": {name: places.get(name) for name in sites}}
@@ -422,8 +422,7 @@ class DeadUnitMonitor(Callback):
         tracker = self.tracker
         if tracker is None or not self._unmerged:
             return
-        for name, states in list(self._unmerged.items()):
-            place = self._unmerged_places.get(name)
+        for name, (states, place) in list(self._unmerged.items()):
             valid = isinstance(place, (list, tuple)) and len(place) == 3
             stats = tracker._place_stats(*place, create=final) if valid else None
             if stats is None or set(states) != set(stats._defaults):

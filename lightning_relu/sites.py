@@ -159,8 +159,9 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
     containers, nested ones included, or in the traced graph where the pre-activation feeds nothing else
     and the site's output feeds only Linear/ConvNd layers (through pooling, dropout or flatten). A layer applied
     more or less often than the site runs (a layer shared with another path) is not linked: acting on it for this
-    site would change its other places. Without a whole-model trace, a layer registered under several names
-    counts as applied at each.
+    site would change its other places, and neither is a layer sharing a parameter with another. Without a
+    whole-model trace, a layer counts as applied once per place it holds in the ``nn.Sequential`` chains; a ReLU
+    module registered under several names gets no chain links (the trace links each of its call positions).
     A part of the model that cannot be traced gets one :class:`SiteTracingWarning` when its ``forward``
     may call a rectifier function; its module sites are still found.
 

@@ -60,8 +60,9 @@ class DeadUnitTracker:
             ``(batch, time, features)`` sequences) or ``1`` (channels). A site whose Linear/ConvNd layer (or the
             layers its pre-activation comes from, in a traced forward) is known has its axis from that layer; any
             other site takes the last dimension of 2-D outputs and dimension 1 of others, with one warning for
-            3-D outputs, which could be either. Naming a module's site also sets its later call positions (those
-            created at run time, and those found by tracing whose axis nothing else gives).
+            3-D outputs, which could be either. Naming a site also sets the later call positions of its module (or
+            parent) created at run time, and a module's later positions found by tracing whose axis nothing else
+            gives.
 
     Example:
         >>> import torch
