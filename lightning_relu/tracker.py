@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -113,6 +113,8 @@ class DeadUnitTracker:
             site.name: _new_stats(site, self.eps, track_margin, self._unit_dims.get(site.name)) for site in self.sites
         }
         self._axis_warned: set[str] = set()
+        # called with (site, output) for every counted rectifier output while set (`lightning_relu.structure`)
+        self._observer: Callable[[Site, Tensor], None] | None = None
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
@@ -305,6 +307,8 @@ class DeadUnitTracker:
         if entry is None:
             return
         site, stats = entry
+        if self._observer is not None:
+            self._observer(site, output)
         if stats.accumulate_again(output):  # an output like the site's last one, counted by the kernel
             return
         if _transformed(output):
