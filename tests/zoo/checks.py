@@ -15,7 +15,7 @@ from tests.zoo.oracle import Call, Kill, Place, apply_kills, plan_kills, recordi
 SEED = 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fresh_calls(name: str) -> tuple[Call, ...]:
     model, example = BY_NAME[name].build()
     with recording(model, example) as recorder:

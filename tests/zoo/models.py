@@ -204,7 +204,8 @@ def _distilbert() -> tuple[nn.Module, Example]:
         num_labels=3,
     )
     ids = tokens()
-    return DistilBertForSequenceClassification(config).train(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model = DistilBertForSequenceClassification(config).train()
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _z(name: str, family: str, source: str, build: Builder, fast: bool, note: str = "") -> ZooModel:

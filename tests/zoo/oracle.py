@@ -327,9 +327,9 @@ class Recorder(TorchDispatchMode):
             flow = flows[0]
             if func in _VIEWS:
                 source = data[0]
-                keeps = (flow.axis == -1 and out.dim() >= 1 and source.dim() >= 1 and out.shape[-1] == source.shape[-1]) or (
-                    flow.axis == 1 and out.dim() == source.dim() and out.shape[:2] == source.shape[:2]
-                )
+                keeps_last = flow.axis == -1 and min(out.dim(), source.dim()) >= 1 and out.shape[-1] == source.shape[-1]
+                keeps_channels = flow.axis == 1 and out.dim() == source.dim() and out.shape[:2] == source.shape[:2]
+                keeps = keeps_last or keeps_channels
                 return flow if keeps else Flow(None, flow.producer, flow.producer_op, None, False)
             if func in _ELEMENTWISE:
                 others = [a for a in args[1:] if not any(a is t for t in data)]
@@ -375,12 +375,13 @@ class Recorder(TorchDispatchMode):
         for call in self.calls:
             place = places.get(call.place)
             if place is None:
-                places[call.place] = Place(call.place, call.index, call.units, call.active.clone(), call.entries, [call])
+                first = Place(call.place, call.index, call.units, call.active.clone(), call.entries, [call])
+                places[call.place] = first
                 continue
             place.calls.append(call)
             if call.units != place.units:
                 raise AssertionError(
-                    f"{place.describe()} has {place.units} units on its first call and {call.units} on call {call.index}"
+                    f"{place.describe()} has {place.units} units on its first call, {call.units} on call {call.index}"
                 )
             place.active += call.active
             place.entries += call.entries

@@ -13,9 +13,9 @@ structure code). Each check compares the package with values computed here:
 - ``revive_fire``: on another batch, in train mode, at least 99% of the revived units are active;
 - ``rai``: :func:`~lightning_relu.rai_` changes the weights of at least one producer (an affine operation whose output
   reaches a rectifier, found at the dispatcher level) and keeps outputs finite;
-- ``sign_flip``: with one site made to kill every sample (all its units' bias far negative), :func:`~lightning_relu.sign_flip_`
-  runs, negates the map feeding that site (its bias turns positive), changes only signs of parameters, no buffer, no
-  module's mode, and keeps outputs finite.
+- ``sign_flip``: with one site made to kill every sample (all its units' bias far negative),
+  :func:`~lightning_relu.sign_flip_` runs, negates the map feeding that site (its bias turns positive), changes only
+  signs of parameters, no buffer, no module's mode, and keeps outputs finite.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ pytest.importorskip("torchvision", reason="the zoo runs in its own environment: 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from torch import Tensor
 
-import lightning_relu  # noqa: E402
-from tests.zoo import checks  # noqa: E402
-from tests.zoo.models import MODELS, ZooModel, call, like, output_tensor  # noqa: E402
-from tests.zoo.oracle import Kill  # noqa: E402
+import lightning_relu
+from tests.zoo import checks
+from tests.zoo.models import MODELS, ZooModel, call, like, output_tensor
+from tests.zoo.oracle import Kill
 
 PARAMS = [pytest.param(entry, id=entry.name, marks=[pytest.mark.zoo_fast] if entry.fast else []) for entry in MODELS]
 
@@ -120,7 +120,7 @@ def test_setup_and_forward_leave_state_untouched(entry: ZooModel) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- revival
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _revival(name: str) -> dict[str, Any]:
     """Force, measure one train-mode batch, revive with the held batch; shared by the two revival checks."""
     entry = next(e for e in MODELS if e.name == name)
@@ -242,7 +242,8 @@ def test_sign_flip_changes_only_signs(entry: ZooModel, record_property: Any) -> 
     flipped = sum(1 for n in before if n.startswith("param:") and not checks.same_bytes(before[n], after[n]))
     survival = min((r.survival for r in reports.values()), default=math.nan)
     what = "no bias to kill a site with" if killed is None else f"site fed by {killed.param} killed every sample"
-    record_property("detail", f"{len(reports)} sites, {flipped} parameters flipped, min survival {survival:.2f}; {what}")
+    summary = f"{len(reports)} sites, {flipped} parameters flipped, min survival {survival:.2f}"
+    record_property("detail", f"{summary}; {what}")
     if killed is not None:
         assert bool((after[f"param:{killed.param}"] > 0).all()), (
             f"sign_flip_ left {killed.param} negative: the site it feeds still kills every sample"
