@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import LayerReport
+from lightning_relu.surgery import revive_observed_
 
 if TYPE_CHECKING:
     from lightning_relu.monitor import DeadUnitMonitor, EpochReport
@@ -67,6 +68,8 @@ def revive_dead_units_(
     max_fraction: float = 1.0,
     exclude: Iterable[str] = (),
     sites: Iterable[Site] | None = None,
+    example_input: Any = None,
+    check_output: bool = True,
 ) -> dict[str, int]:
     r"""Re-initialize the dead units of ``model`` in place without changing what the network computes.
 
@@ -150,6 +153,23 @@ def revive_dead_units_(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
 
+    if not isinstance(check_output, bool):
+        raise ValueError(f"`check_output` must be a bool, got {check_output!r}")
+    if example_input is not None:
+        for name, layer in layers.items():
+            _check_layer(name, layer)
+        return revive_observed_(
+            model,
+            {name: layer.dead for name, layer in layers.items()},
+            example_input,
+            optimizers,
+            generator,
+            _draw_rows,
+            init=init,
+            max_fraction=max_fraction,
+            excluded=excluded,
+            check_output=check_output,
+        )
     found = find_relu_sites(model) if sites is None else _as_sites(sites, model)
     sites_by_name = {site.name: site for site in found}
     unknown_excluded = sorted(excluded - sites_by_name.keys())
@@ -306,17 +326,22 @@ def _as_sites(sites: Any, model: nn.Module) -> list[Site]:
     return found
 
 
+def _check_layer(name: str, layer: Any) -> None:
+    dead = getattr(layer, "dead", None)
+    if not isinstance(dead, Tensor) or dead.dtype != torch.bool or dead.ndim != 1:
+        raise ValueError(
+            f"The report of site {name!r} must be a `LayerReport` with a 1-D bool `dead` mask, got {layer!r}"
+        )
+
+
 def _validate_layer(name: str, layer: Any, sites: dict[str, Site]) -> None:
     if name not in sites:
         raise ValueError(
             f"The report has a site {name!r} that the model does not have; the model's sites are {list(sites)}. "
             "Was the report measured on another model?"
         )
-    dead = getattr(layer, "dead", None)
-    if not isinstance(dead, Tensor) or dead.dtype != torch.bool or dead.ndim != 1:
-        raise ValueError(
-            f"The report of site {name!r} must be a `LayerReport` with a 1-D bool `dead` mask, got {layer!r}"
-        )
+    _check_layer(name, layer)
+    dead = layer.dead
     site = sites[name]
     expected = site.num_units
     if expected is not None and (dead.numel() != expected or getattr(layer, "num_units", expected) != expected):

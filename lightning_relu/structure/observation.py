@@ -1,0 +1,910 @@
+"""Structure observed on one real forward: which layer feeds each rectifier site and which layers read it.
+
+:func:`observe` runs the model once on an example input under a thread-local
+:class:`~torch.overrides.TorchFunctionMode` that records every torch operation with the tensors it reads and
+writes (nothing is patched process-wide). A temporary :class:`~lightning_relu.tracker.DeadUnitTracker` names the
+rectifier calls, so the sites have exactly the names the counting uses. From the recording:
+
+- the **producer** of a site is the affine operation (``linear``, ``conv1d/2d/3d``) whose output reaches the
+  rectifier through norm operations (``batch_norm``, ``layer_norm``, ``group_norm``, ``instance_norm``, also
+  inside fused norm-activation modules) and elementwise operations with constants (a bias added by hand, a
+  scale, dropout). Its weight may be computed from a parameter (weight standardisation): the remedies act on
+  that parameter, row for row.
+- the **consumers** are the affine operations that read the site's output, through moves (view, reshape,
+  flatten, permute, transpose, ``cat``/``split``/``chunk``, indexing), pooling, reductions over positions,
+  dropout and scaling by other tensors. Each comes with its **unit map**: for every input column (``linear``)
+  or channel (``conv``) the unit of the site it carries. The map is found by pushing a label tensor (each
+  entry: the global index of its unit) through the same operations.
+- anything else that reads a site's output (a residual ``add``, a norm, an attention ``matmul``, the model's
+  output) is a **reader** that revival cannot make blind to a revived unit: it is named in the site's
+  ``problems``.
+
+The observation restores every buffer (BatchNorm statistics included) and the random number generators after
+the forward, and runs under ``torch.no_grad()``; parameters are never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Consumer", "Norm", "ObservationError", "ParamRef", "Producer", "SiteStructure", "Structure", "observe"]
+
+_AFFINE_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
+_NORM_OPS = {"batch_norm", "layer_norm", "group_norm", "instance_norm"}
+# between a producer and its site: operations that keep each unit's values apart
+_CHAIN_OPS = {
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "contiguous", "clone", "to", "float",
+    "double", "half", "bfloat16", "type", "type_as", "detach", "identity",
+}  # fmt: skip
+_ARITH_OPS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "__add__", "__radd__", "__iadd__", "__sub__",
+    "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__itruediv__", "__div__",
+}  # fmt: skip
+_SCALE_OPS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__"}
+# operations that move entries without computing with them: the labels follow by running the same operation
+_MOVE_OPS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous", "clone", "squeeze",
+    "unsqueeze", "__getitem__", "narrow", "select", "expand", "expand_as", "cat", "concat", "concatenate", "stack",
+    "split", "chunk", "unbind", "tensor_split", "movedim", "moveaxis", "swapaxes", "swapdims", "reshape_as",
+    "view_as", "repeat", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "split_with_sizes",
+    "tile", "hsplit", "vsplit", "dsplit", "broadcast_to",
+}  # fmt: skip
+# operations that change the dtype only: the labels pass unchanged
+_CAST_OPS = {"to", "float", "double", "half", "bfloat16", "type", "type_as", "detach", "cpu", "cuda"}
+# elementwise functions that map 0 to 0: a dead unit's zeros stay zeros, each entry keeps its unit
+_ZERO_PRESERVING = {
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "relu", "relu_", "relu6", "hardtanh",
+    "hardtanh_", "leaky_relu", "leaky_relu_", "gelu", "silu", "silu_", "tanh", "tanh_", "neg", "__neg__", "abs",
+    "clamp", "clamp_", "clamp_min", "clip", "mish", "hardswish", "hardswish_", "elu", "elu_", "selu", "celu",
+    "softsign", "tanhshrink", "softshrink", "hardshrink", "sin", "sqrt", "square", "pow",
+}  # fmt: skip
+_POOL_OPS = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d_with_indices",
+    "max_pool2d_with_indices", "max_pool3d_with_indices", "_max_pool1d", "_max_pool2d", "_max_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "_adaptive_max_pool1d", "_adaptive_max_pool2d",
+    "_adaptive_max_pool3d", "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+    "adaptive_max_pool3d_with_indices", "lp_pool1d", "lp_pool2d",
+}  # fmt: skip
+_REDUCE_OPS = {"mean", "sum", "amax", "nansum", "nanmean", "max", "logsumexp", "std", "var", "norm"}
+# reads that do not carry a unit's value further (shape and value inspection, tensors made "like" another)
+_INSPECT_OPS = {
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones",
+    "new_empty", "new_full", "new_tensor", "isnan", "isinf", "isfinite", "isneginf", "isposinf", "any", "all",
+    "eq", "ne", "gt", "ge", "lt", "le", "__eq__", "__ne__", "__gt__", "__ge__", "__lt__", "__le__", "numel",
+    "item", "tolist", "__bool__", "__len__", "equal", "allclose", "is_nonzero", "data_ptr", "__get__", "size",
+    "dim", "stride", "is_contiguous", "element_size", "nelement", "__format__", "__repr__", "__hash__",
+    "storage_offset", "untyped_storage", "__contains__", "__index__", "nonzero", "argmax", "argmin",
+}  # fmt: skip
+_RECTIFIER_OPS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "threshold", "threshold_", "clamp_min"}
+
+
+class ObservationError(RuntimeError):
+    """The model could not be run on the example input (it needs other inputs)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ParamRef:
+    """A parameter that a remedy writes into.
+
+    Attributes:
+        name: qualified name of the parameter (``"features.0.weight"``).
+        module_name: qualified name of the module holding it.
+        module: that module.
+        parameter: the parameter itself.
+        computed: the operation reads a tensor computed from the parameter, row for row (weight
+            standardisation), not the parameter itself.
+    """
+
+    name: str
+    module_name: str
+    module: nn.Module
+    parameter: nn.Parameter
+    computed: bool = False
+
+
+@dataclass(eq=False)
+class Producer:
+    """The affine operation whose output reaches a site.
+
+    Attributes:
+        name: qualified name of the module holding the weight.
+        kind: ``"linear"`` or ``"conv"``.
+        weight: the weight (rows = the site's units).
+        bias: the bias, if any.
+        groups: convolution groups (1 for linear).
+    """
+
+    name: str
+    kind: str
+    weight: ParamRef
+    bias: ParamRef | None
+    groups: int = 1
+
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.weight.parameter.shape[1:])
+
+
+@dataclass(eq=False)
+class Norm:
+    """A normalization between a producer and its site (a module or the norm inside a fused module).
+
+    Attributes:
+        name: qualified name of the module holding its parameters or buffers.
+        kind: ``"batch"``, ``"layer"``, ``"group"`` or ``"instance"``.
+        weight, bias: affine parameters (``None`` without).
+        running_mean, running_var: running statistics (BatchNorm, InstanceNorm with tracking).
+        mixes_units: the statistics are shared between several units (LayerNorm, GroupNorm of several channels
+            per group): changing one unit changes the others' outputs.
+    """
+
+    name: str
+    kind: str
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    mixes_units: bool
+
+
+@dataclass(eq=False)
+class Consumer:
+    """An affine operation reading a site's output, with its unit map.
+
+    Attributes:
+        name: qualified name of the module holding the weight.
+        kind: ``"linear"`` (columns are the last dimension of ``weight``) or ``"conv"`` (input channels).
+        weight: the weight.
+        groups: convolution groups.
+        columns: input columns (linear) or input channels (conv) that carry the site's units.
+        units: for each of ``columns``, the unit it carries.
+    """
+
+    name: str
+    kind: str
+    weight: ParamRef
+    groups: int
+    columns: Tensor
+    units: Tensor
+
+
+@dataclass(eq=False)
+class SiteStructure:
+    """What one forward showed about one site.
+
+    Attributes:
+        name: the site's name (as the tracker and the reports name it).
+        calls: how many times the site ran in the observed forward.
+        unit_dim: dimension of the site's output that indexes units.
+        num_units: number of units.
+        producer: the affine layer computing the pre-activation (``None`` when there is no single one).
+        norms: normalizations between producer and site, from the producer to the site.
+        consumers: affine layers reading the output, with unit maps.
+        producer_problem: why there is no usable producer (``None`` when there is).
+        reader_problems: readers of the output that revival cannot make blind to a revived unit.
+    """
+
+    name: str
+    calls: int
+    unit_dim: int
+    num_units: int
+    producer: Producer | None = None
+    norms: list[Norm] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    producer_problem: str | None = None
+    reader_problems: list[str] = field(default_factory=list)
+
+    @property
+    def remedies(self) -> tuple[str, ...]:
+        """The remedies that can act on this site: ``"rai"`` and ``"sign_flip"`` need a producer, ``"revive"``
+        also needs every reader to be an affine layer whose outgoing weights can be zeroed."""
+        if self.producer is None:
+            return ()
+        if self.reader_problems:
+            return ("rai", "sign_flip")
+        return ("rai", "sign_flip", "revive")
+
+
+@dataclass(eq=False)
+class Structure:
+    """Every site's structure, in the order the forward first reached them.
+
+    Attributes:
+        sites: per site name.
+        pre_activations: per site, its input on the observed batch (first call), when kept.
+        norm_inputs: per site, the input of its first norm on the observed batch (first call), when kept.
+        known: every site name of the model, reached by the observed forward or not.
+    """
+
+    sites: dict[str, SiteStructure]
+    pre_activations: dict[str, Tensor] = field(default_factory=dict)
+    norm_inputs: dict[str, Tensor] = field(default_factory=dict)
+    #: every site name the model has, reached by the observed forward or not
+    known: tuple[str, ...] = ()
+
+    def table(self) -> str:
+        """A printable table: per site its units, producer, norms, consumers and the remedies that apply."""
+        rows = [("site", "units", "producer", "norm", "consumers", "remedies", "notes")]
+        for site in self.sites.values():
+            producer = site.producer.name if site.producer else "-"
+            if site.producer is not None and site.producer.weight.computed:
+                producer += " (computed weight)"
+            norms = ", ".join(f"{n.name} ({n.kind})" for n in site.norms) or "-"
+            consumers = ", ".join(dict.fromkeys(c.name for c in site.consumers)) or "-"
+            notes = "; ".join(p for p in (site.producer_problem, *site.reader_problems) if p)
+            remedies = ", ".join(("count", *site.remedies))
+            rows.append((site.name, str(site.num_units), producer, norms, consumers, remedies, notes))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ------------------------------------------------------------------------------------------------ recording
+@dataclass(eq=False)
+class _Node:
+    index: int
+    op: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    sources: list[tuple[int, int] | None]  # per tensor input (in `_tensors(args, kwargs)` order): (node, output)
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    data: bool  # computed from the example input (not only from parameters and constants)
+    module: str
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None)
+    if name is None:
+        name = getattr(getattr(func, "__func__", None), "__name__", "")
+    return str(name)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_frozen(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    return value
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, inputs: list[Tensor], keep_rectifier_inputs: bool) -> None:
+        super().__init__()
+        self.nodes: list[_Node] = []
+        self.origin: dict[int, tuple[int, int]] = {}
+        self.data_ids = {id(t) for t in inputs}
+        self.keep = list(inputs)
+        self.module_stack: list[str] = [""]
+        self.keep_rectifier_inputs = keep_rectifier_inputs
+        self.rectifier_inputs: dict[int, Tensor] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        op = _op_name(func)
+        if op in _INSPECT_OPS and op not in ("nonzero",):
+            return func(*args, **kwargs)
+        inputs = list(_tensors((args, kwargs)))
+        sources = [self.origin.get(id(t)) for t in inputs]
+        data = any(id(t) in self.data_ids for t in inputs)
+        before = None
+        if self.keep_rectifier_inputs and op in _RECTIFIER_OPS and inputs:
+            before = inputs[0].detach().clone()
+        out = func(*args, **kwargs)
+        outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
+        if not outputs:
+            return out
+        # containers copied: a list passed to `cat` may grow after the call (DenseNet's feature list)
+        node = _Node(
+            len(self.nodes), op, _frozen(args), _frozen(kwargs), sources, inputs, outputs, data, self.module_stack[-1]
+        )
+        self.nodes.append(node)
+        for position, tensor in enumerate(outputs):
+            self.origin[id(tensor)] = (node.index, position)
+            if data:
+                self.data_ids.add(id(tensor))
+            elif id(tensor) in self.data_ids:  # an in-place write of constants into a data tensor
+                self.data_ids.discard(id(tensor))
+        self.keep.extend(inputs)
+        self.keep.extend(outputs)
+        if before is not None:
+            self.rectifier_inputs[node.index] = before
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ observe
+def call_model(model: nn.Module, example_input: Any) -> Any:
+    """Run ``model`` on an example input: a tensor (one positional argument), a tuple or list (positional
+    arguments) or a dict (keyword arguments)."""
+    if isinstance(example_input, Mapping):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer of ``model`` and the random number generators when the block ends."""
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def observe(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    keep_values: bool = False,
+    unit_dims: Mapping[str, int] | None = None,
+) -> Structure:
+    """Observe one real forward of ``model`` on ``example_input`` and derive every site's structure.
+
+    Args:
+        model: the network; it runs in its current mode (training or evaluation) under ``torch.no_grad()``.
+        example_input: what the model's forward takes: a tensor, a tuple of positional arguments or a dict of
+            keyword arguments (a Hugging Face batch).
+        keep_values: also keep each site's pre-activation and its first norm's input on this batch
+            (:attr:`Structure.pre_activations`, :attr:`Structure.norm_inputs`).
+        unit_dims: unit axis per site name where no producer fixes it (see ``DeadUnitTracker``).
+
+    Raises:
+        ObservationError: the forward failed on ``example_input``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> print(observe(net, torch.randn(2, 3, 4, 4)).table())
+        site  units  producer  norm       consumers  remedies                       notes
+        ----  -----  --------  ---------  ---------  -----------------------------  -----
+        2     4      0         1 (batch)  4          count, rai, sign_flip, revive
+    """
+    from lightning_relu.tracker import DeadUnitTracker  # the tracker names the rectifier calls
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the counting warns about is the monitor's to say
+        tracker = DeadUnitTracker(model, unit_dims=unit_dims)
+    calls: list[tuple[str, int, int]] = []  # (site name, node index, unit axis)
+    recorder = _Recorder(list(_tensors(example_input)), keep_values)
+
+    def seen(site: Any, output: Tensor) -> None:
+        origin = recorder.origin.get(id(output))
+        if origin is not None:
+            calls.append((site.name, origin[0], tracker.stats[site.name].unit_axis(output)))
+
+    tracker._observer = seen
+    try:
+        with preserved_state(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tracker.attach()
+            handles = _track_modules(model, recorder.module_stack)
+            try:
+                with recorder:
+                    output = call_model(model, example_input)
+            except Exception as error:  # the model's own error, re-raised with what to do
+                raise ObservationError(
+                    f"Could not run {type(model).__name__} on the example input ({_describe(example_input)}): "
+                    f"{type(error).__name__}: {error}. Pass `example_input=` with what the model's forward takes: a "
+                    "tensor, a tuple of positional arguments or a dict of keyword arguments."
+                ) from error
+            finally:
+                for handle in handles:
+                    handle.remove()
+    finally:
+        tracker._observer = None
+        tracker.detach()
+    structure = _Analysis(model, recorder, calls, output).run()
+    structure.known = tuple(dict.fromkeys([*(site.name for site in tracker.all_sites), *structure.sites]))
+    return structure
+
+
+def _track_modules(model: nn.Module, stack: list[str]) -> list[Any]:
+    """Hooks that keep ``stack`` at the qualified name of the module whose forward runs (removed after)."""
+    handles = []
+    for name, module in model.named_modules():
+
+        def enter(module: nn.Module, args: Any, name: str = name) -> None:
+            stack.append(name)
+
+        def leave(module: nn.Module, args: Any, output: Any) -> None:
+            if len(stack) > 1:
+                stack.pop()
+
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {list(value)}"
+    return type(value).__name__
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def _arg(node: _Node, position: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get(name, default)
+
+
+class _Analysis:
+    def __init__(self, model: nn.Module, recorder: _Recorder, calls: list[tuple[str, int, int]], output: Any) -> None:
+        self.nodes = recorder.nodes
+        self.recorder = recorder
+        self.calls = calls
+        self.output_ids = {id(t) for t in _tensors(output if not hasattr(output, "to_tuple") else output.to_tuple())}
+        self.params: dict[int, tuple[str, str, nn.Module]] = {}
+        for module_name, module in model.named_modules():
+            for attribute, parameter in module.named_parameters(prefix="", recurse=False):
+                key = id(parameter)
+                if key not in self.params:
+                    full = f"{module_name}.{attribute}" if module_name else attribute
+                    self.params[key] = (full, module_name, module)
+        self.buffer_owner: dict[int, str] = {}
+        for module_name, module in model.named_modules():
+            for _, buffer in module.named_buffers(prefix="", recurse=False):
+                self.buffer_owner.setdefault(id(buffer), module_name)
+        # per parameter: the affine and norm nodes that use it (directly or through a computed weight)
+        self.uses: dict[int, set[int]] = {}
+        for node in self.nodes:
+            if node.op in _AFFINE_OPS or node.op in _NORM_OPS:
+                for tensor in node.inputs[1:]:
+                    ref = self._param_ref(tensor)
+                    if ref is not None:
+                        self.uses.setdefault(id(ref.parameter), set()).add(node.index)
+
+    # ---- parameters
+    def _param_ref(self, tensor: Tensor | None) -> ParamRef | None:
+        """The parameter ``tensor`` is, or is computed from row for row (one parameter of the same shape reached
+        through operations on parameters and constants only)."""
+        if tensor is None or not isinstance(tensor, Tensor):
+            return None
+        found = self.params.get(id(tensor))
+        if found is not None:
+            return ParamRef(found[0], found[1], found[2], tensor, computed=False)  # type: ignore[arg-type]
+        origin = self.recorder.origin.get(id(tensor))
+        if origin is None or self.nodes[origin[0]].data:
+            return None
+        reached: dict[int, Tensor] = {}
+        stack, visited = [origin[0]], set()
+        while stack:
+            index = stack.pop()
+            if index in visited:
+                continue
+            visited.add(index)
+            node = self.nodes[index]
+            for source, value in zip(node.sources, node.inputs, strict=True):
+                if id(value) in self.params:
+                    reached[id(value)] = value
+                elif source is not None:
+                    stack.append(source[0])
+        shaped = [p for p in reached.values() if p.shape[0] == tensor.shape[0] and p.numel() == tensor.numel()]
+        if len(shaped) != 1:
+            return None
+        name, module_name, module = self.params[id(shaped[0])]
+        return ParamRef(name, module_name, module, shaped[0], computed=True)  # type: ignore[arg-type]
+
+    # ---- producers
+    def _producer(self, node: _Node) -> tuple[Producer | None, list[Norm], str | None, Tensor | None]:
+        """Walk back from a rectifier node to its producer: (producer, norms from producer to site, problem, first
+        norm's input)."""
+        norms: list[Norm] = []
+        norm_input: Tensor | None = None
+        source = node.sources[0] if node.sources else None
+        while True:
+            if source is None:
+                return None, norms, "its input is not computed in the forward (a model input or a constant)", None
+            current = self.nodes[source[0]]
+            op = current.op
+            if op in _AFFINE_OPS:
+                producer, problem = self._as_producer(current)
+                return producer, norms[::-1], problem, norm_input
+            if op in _NORM_OPS:
+                norms.append(self._as_norm(current))
+                norm_input = current.inputs[0]
+                source = current.sources[0]
+                continue
+            if op in _CHAIN_OPS:
+                source = current.sources[0]
+                continue
+            if op in _ARITH_OPS:
+                data = [(s, t) for s, t in zip(current.sources, current.inputs, strict=True) if id(t) in self._data]
+                if len(data) == 1 and data[0][0] is not None and self._broadcasts_into(current, data[0][1]):
+                    source = data[0][0]
+                    continue
+                what = "sums several branches" if len(data) > 1 else f"comes from `{op}`"
+                return None, norms, f"its pre-activation {what} (in `{current.module or 'the model'}`)", None
+            where = current.module or "the model"
+            return None, norms, f"its pre-activation comes from `{op}` (in `{where}`), not from a Linear/ConvNd", None
+
+    @property
+    def _data(self) -> set[int]:
+        return self.recorder.data_ids
+
+    @staticmethod
+    def _broadcasts_into(node: _Node, data: Tensor) -> bool:
+        """The data operand keeps its shape (the other operand is a scalar or broadcasts into it)."""
+        return bool(node.outputs) and tuple(node.outputs[0].shape) == tuple(data.shape)
+
+    def _as_producer(self, node: _Node) -> tuple[Producer | None, str | None]:
+        weight = self._param_ref(_arg(node, 1, "weight"))
+        if weight is None:
+            return None, f"the weight of its `{node.op}` (in `{node.module or 'the model'}`) is not a parameter"
+        bias_tensor = _arg(node, 2, "bias")
+        bias = self._param_ref(bias_tensor) if isinstance(bias_tensor, Tensor) else None
+        if isinstance(bias_tensor, Tensor) and bias is None:
+            return None, f"the bias of its `{node.op}` (in `{node.module or 'the model'}`) is not a parameter"
+        groups = 1 if node.op == "linear" else int(_arg(node, 6, "groups", 1))
+        kind = "linear" if node.op == "linear" else "conv"
+        return Producer(weight.module_name, kind, weight, bias, groups), None
+
+    def _as_norm(self, node: _Node) -> Norm:
+        op = node.op
+        if op == "batch_norm":
+            running_mean, running_var = _arg(node, 1, "running_mean"), _arg(node, 2, "running_var")
+            weight, bias = _arg(node, 3, "weight"), _arg(node, 4, "bias")
+            kind, mixes = "batch", False
+        elif op == "instance_norm":
+            running_mean, running_var = _arg(node, 1, "running_mean"), _arg(node, 2, "running_var")
+            weight, bias = _arg(node, 3, "weight"), _arg(node, 4, "bias")
+            kind, mixes = "instance", False
+        elif op == "layer_norm":
+            running_mean = running_var = None
+            weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+            kind, mixes = "layer", True
+        else:
+            running_mean = running_var = None
+            weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+            groups = int(_arg(node, 1, "num_groups"))
+            channels = node.inputs[0].shape[1] if node.inputs[0].ndim > 1 else 1
+            kind, mixes = "group", channels // max(groups, 1) > 1
+        name = node.module
+        for tensor in (weight, bias):
+            ref = self._param_ref(tensor) if isinstance(tensor, Tensor) else None
+            if ref is not None:
+                name = ref.module_name
+                break
+        else:
+            if isinstance(running_mean, Tensor) and id(running_mean) in self.buffer_owner:
+                name = self.buffer_owner[id(running_mean)]
+        weight, bias, running_mean, running_var = (
+            t if isinstance(t, Tensor) else None for t in (weight, bias, running_mean, running_var)
+        )
+        return Norm(name, kind, weight, bias, running_mean, running_var, mixes)
+
+    # ---- run
+    def run(self) -> Structure:
+        sites: dict[str, SiteStructure] = {}
+        producer_nodes: dict[str, set[int]] = {}
+        pre_activations: dict[str, Tensor] = {}
+        norm_inputs: dict[str, Tensor] = {}
+        for name, index, axis in self.calls:
+            node = self.nodes[index]
+            output = node.outputs[0]
+            producer, norms, problem, norm_input = self._producer(node)
+            if producer is not None:
+                dim = output.ndim - 1 if producer.kind == "linear" else 1
+                if output.ndim < 2 or output.shape[dim] != producer.weight.parameter.shape[0]:
+                    producer, problem = None, "the rectifier's input is not laid out as its producer's output"
+                else:
+                    axis = dim
+            units = int(output.shape[axis]) if output.ndim > 1 else 1
+            site = sites.get(name)
+            if site is None:
+                site = sites[name] = SiteStructure(name, 0, axis, units, producer, norms, producer_problem=problem)
+                producer_nodes[name] = set()
+                if index in self.recorder.rectifier_inputs:
+                    pre_activations[name] = self.recorder.rectifier_inputs[index]
+                if norm_input is not None:
+                    norm_inputs[name] = norm_input
+            elif site.producer is not None and (
+                producer is None or producer.weight.parameter is not site.producer.weight.parameter
+            ):
+                site.producer, site.norms = None, []
+                site.producer_problem = problem or "its calls are fed by different layers"
+            site.calls += 1
+            if producer is not None and site.producer is not None:
+                source = node.sources[0]
+                producer_nodes[name].update(self._chain_affine(source))
+        for name, site in sites.items():
+            self._check_shared(site, producer_nodes[name])
+        self._consumers(sites)
+        return Structure(sites, pre_activations, norm_inputs)
+
+    def _chain_affine(self, source: tuple[int, int] | None) -> set[int]:
+        """The affine and norm nodes of the chain from a rectifier back to its producer."""
+        found: set[int] = set()
+        while source is not None:
+            node = self.nodes[source[0]]
+            if node.op in _NORM_OPS:
+                found.add(node.index)
+            if node.op in _AFFINE_OPS:
+                found.add(node.index)
+                break
+            data = [s for s, t in zip(node.sources, node.inputs, strict=True) if id(t) in self._data]
+            source = data[0] if data else None
+        return found
+
+    def _check_shared(self, site: SiteStructure, own: set[int]) -> None:
+        if site.producer is None:
+            return
+        tensors = [site.producer.weight.parameter, site.producer.bias.parameter if site.producer.bias else None]
+        tensors += [t for norm in site.norms for t in (norm.weight, norm.bias)]
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            others = self.uses.get(id(tensor), set()) - own
+            if others:
+                site.producer, site.norms = None, []
+                site.producer_problem = (
+                    f"its producer's parameters are also used elsewhere in the forward (`{self.nodes[min(others)].op}`"
+                    f" in `{self.nodes[min(others)].module or 'the model'}`): acting on them would change that too"
+                )
+                return
+
+    # ---- consumers: labels pushed through the recorded operations
+    def _consumers(self, sites: dict[str, SiteStructure]) -> None:
+        offsets: dict[str, int] = {}
+        total = 0
+        for name, site in sites.items():
+            offsets[name] = total
+            total += site.num_units
+        owner = [""] * total
+        for name, site in sites.items():
+            for unit in range(site.num_units):
+                owner[offsets[name] + unit] = name
+        starts: dict[int, str] = {index: name for name, index, _ in self.calls}
+        labels: dict[tuple[int, int], Tensor] = {}
+        consumer_nodes: dict[str, set[int]] = {name: set() for name in sites}
+        problems: dict[str, dict[str, None]] = {name: {} for name in sites}
+
+        def fail(label: Tensor, why: str) -> None:
+            for value in torch.unique(label).tolist():
+                if value >= 0:
+                    problems[owner[int(value)]].setdefault(why, None)
+
+        for node in self.nodes:
+            labeled = [(i, labels[s]) for i, s in enumerate(node.sources) if s is not None and s in labels]
+            if labeled:
+                self._read(node, labeled, labels, sites, owner, offsets, consumer_nodes, fail)
+            if node.index in starts:
+                name = starts[node.index]
+                site = sites[name]
+                out = node.outputs[0]
+                shape = [1] * out.ndim
+                if out.ndim > 1:
+                    shape[site.unit_dim] = site.num_units
+                    label = torch.arange(site.num_units, device="cpu").reshape(shape) + offsets[name]
+                else:
+                    label = torch.full((1,), offsets[name], dtype=torch.long)
+                labels[node.index, 0] = label.expand(tuple(out.shape)) if out.ndim > 1 else label.expand(out.shape)
+        for key, label in labels.items():
+            tensor = self.nodes[key[0]].outputs[key[1]]
+            if id(tensor) in self.output_ids and self.recorder.origin.get(id(tensor)) == key:
+                fail(label, "its output reaches the model's output")
+        for name, site in sites.items():
+            for consumer in site.consumers:
+                others = self.uses.get(id(consumer.weight.parameter), set()) - consumer_nodes[name]
+                if others:
+                    problems[name].setdefault(
+                        f"its consumer `{consumer.name}` is also applied to other inputs: zeroing its columns would "
+                        "change those",
+                        None,
+                    )
+                if consumer.weight.computed:
+                    problems[name].setdefault(
+                        f"its consumer `{consumer.name}` computes its weight from a parameter (weight "
+                        "standardisation): the outgoing weights cannot be zeroed",
+                        None,
+                    )
+            site.reader_problems = list(problems[name])
+
+    def _read(
+        self,
+        node: _Node,
+        labeled: list[tuple[int, Tensor]],
+        labels: dict[tuple[int, int], Tensor],
+        sites: dict[str, SiteStructure],
+        owner: list[str],
+        offsets: dict[str, int],
+        consumer_nodes: dict[str, set[int]],
+        fail: Callable[[Tensor, str], None],
+    ) -> None:
+        op = node.op
+        where = f"`{op}` in `{node.module or 'the model'}`"
+        first_position, first = labeled[0]
+        if op in _AFFINE_OPS:
+            if first_position != 0 or len(labeled) > 1:
+                fail(first, f"it is used as a weight by {where}")
+                return
+            self._consume(node, first, sites, owner, offsets, consumer_nodes, fail)
+            return
+        if op in _INSPECT_OPS:
+            return
+        out = node.outputs[0]
+        try:
+            if op in _CAST_OPS:
+                result: list[Tensor] | None = [first]
+            elif op in _MOVE_OPS:
+                result = self._move(node, dict(labeled))
+            elif op in _POOL_OPS:
+                result = self._pool(node, first)
+            elif op in _REDUCE_OPS:
+                result = self._reduce(node, first)
+            elif op in _ZERO_PRESERVING or (op in _SCALE_OPS and len(labeled) == 1):
+                result = self._elementwise(node, labeled)
+            else:
+                result = None
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            result = None
+        if result is None:
+            for _, label in labeled:
+                fail(label, f"it is read by {where}")
+            return
+        for position, (tensor, label) in enumerate(zip(node.outputs, result, strict=False)):
+            if label is None:
+                continue
+            if tuple(label.shape) != tuple(tensor.shape):
+                fail(label, f"it is read by {where}")
+                continue
+            if bool((label >= 0).any()):
+                labels[node.index, position] = label
+        del out
+
+    def _move(self, node: _Node, labeled: dict[int, Tensor]) -> list[Tensor] | None:
+        joins = node.op in ("cat", "concat", "concatenate", "stack")
+        position = iter(range(len(node.inputs)))
+
+        def swap(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                i = next(position)
+                if i in labeled:
+                    return labeled[i]
+                # entries of other tensors joined with the site's carry no unit; index tensors stay as they are
+                return torch.full(value.shape, -1, dtype=torch.long) if joins else value
+            if isinstance(value, (list, tuple)):
+                return type(value)(swap(v) for v in value)
+            return value
+
+        args = tuple(swap(a) for a in node.args)
+        kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+        if joins:
+            func: Any = getattr(torch, node.op)
+        elif node.op in ("pixel_shuffle", "pixel_unshuffle", "channel_shuffle"):
+            func = getattr(torch, node.op, None) or getattr(nn.functional, node.op)
+        else:
+            func = getattr(Tensor, node.op, None)
+        if func is None:
+            return None
+        return list(_tensors(func(*args, **kwargs)))
+
+    def _pool(self, node: _Node, label: Tensor) -> list[Tensor] | None:
+        op = node.op.lstrip("_").replace("_with_indices", "")
+        values = label.double()
+        dims = int(op[-2])
+        functional = nn.functional
+        if op.startswith("adaptive"):
+            size = _arg(node, 1, "output_size")
+            pool = getattr(functional, f"adaptive_max_pool{dims}d")
+            high, low = pool(values, size), -pool(-values, size)
+        else:
+            kernel = _arg(node, 1, "kernel_size")
+            stride = _arg(node, 2, "stride") or kernel
+            padding = _arg(node, 3, "padding", 0)
+            ceil = bool(node.kwargs.get("ceil_mode", False))
+            if op.startswith("max"):
+                dilation = _arg(node, 4, "dilation", 1)
+                ceil = bool(_arg(node, 5, "ceil_mode", False))
+            else:
+                dilation = 1
+                ceil = bool(_arg(node, 4, "ceil_mode", False))
+            pool = getattr(functional, f"max_pool{dims}d")
+            high = pool(values, kernel, stride, padding, dilation, ceil_mode=ceil)
+            low = -pool(-values, kernel, stride, padding, dilation, ceil_mode=ceil)
+        if not torch.equal(high, low):
+            return None
+        result = [high.long()]
+        return result * len(node.outputs) if len(node.outputs) > 1 else result
+
+    def _reduce(self, node: _Node, label: Tensor) -> list[Tensor] | None:
+        dim = _arg(node, 1, "dim")
+        if dim is None or isinstance(dim, Tensor):
+            return None
+        keepdim = bool(_arg(node, 2, "keepdim", False)) if node.op not in ("std", "var", "norm") else bool(
+            node.kwargs.get("keepdim", False)
+        )
+        dims = tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)
+        values = label.double()
+        high, low = values.amax(dims, keepdim), values.amin(dims, keepdim)
+        if not torch.equal(high, low):
+            return None
+        return [high.long()] * len(node.outputs)
+
+    @staticmethod
+    def _elementwise(node: _Node, labeled: list[tuple[int, Tensor]]) -> list[Tensor] | None:
+        out = node.outputs[0]
+        result: Tensor | None = None
+        for _, label in labeled:
+            try:
+                spread = label.expand(out.shape) if tuple(label.shape) != tuple(out.shape) else label
+            except RuntimeError:
+                return None
+            if result is not None and not torch.equal(result, spread):
+                return None
+            result = spread
+        return [result] if result is not None else None
+
+    def _consume(
+        self,
+        node: _Node,
+        label: Tensor,
+        sites: dict[str, SiteStructure],
+        owner: list[str],
+        offsets: dict[str, int],
+        consumer_nodes: dict[str, set[int]],
+        fail: Callable[[Tensor, str], None],
+    ) -> None:
+        where = f"`{node.op}` in `{node.module or 'the model'}`"
+        if node.op == "linear":
+            flat = label.reshape(-1, label.shape[-1]) if label.ndim > 1 else label.reshape(1, -1)
+            high, low = flat.amax(0), flat.amin(0)
+        else:
+            moved = label.movedim(1, 0).reshape(label.shape[1], -1) if label.ndim > 2 else label.t()
+            high, low = moved.amax(1), moved.amin(1)
+        if not torch.equal(high, low):
+            fail(label, f"{where} reads entries of several units in one column")
+            return
+        weight = self._param_ref(_arg(node, 1, "weight"))
+        if weight is None:
+            fail(label, f"{where} has a weight that is not a parameter")
+            return
+        groups = 1 if node.op == "linear" else int(_arg(node, 6, "groups", 1))
+        kind = "linear" if node.op == "linear" else "conv"
+        columns = torch.nonzero(high >= 0).reshape(-1)
+        for name in dict.fromkeys(owner[int(v)] for v in high[columns].tolist()):
+            mine = columns[(high[columns] >= offsets[name]) & (high[columns] < offsets[name] + sites[name].num_units)]
+            units = high[mine] - offsets[name]
+            sites[name].consumers.append(Consumer(weight.module_name, kind, weight, groups, mine, units))
+            consumer_nodes[name].add(node.index)

@@ -1,0 +1,387 @@
+"""Revival on the observed structure: fresh incoming weights that fire, outgoing weights zeroed, output checked.
+
+:func:`revive_observed_` is what :func:`~lightning_relu.revive_dead_units_` does when it is given an example
+input (the :class:`~lightning_relu.DeadUnitReviver` always gives one: a slice of the epoch's last batch):
+
+1. the structure of every site is observed on the example input (:func:`lightning_relu.structure.observe`);
+2. each dead unit of a site with a producer and only affine readers gets a fresh row (``init``), its norm
+   entries reset, and its outgoing weights zeroed through the exact unit maps, except in rows that are
+   themselves being redrawn (a revived unit of the next site may read it: chains revive together);
+3. **the revived units are made to fire**: on the example input, with the model in its current mode, a
+   BatchNorm's running statistics for the unit are set to the batch's, and the unit's bias (the norm's, else
+   the producer's) is shifted so that its pre-activation's median is 0, so it is active on about half of the
+   batch's entries. A unit whose pre-activation is constant on the batch (all its inputs are dead and not
+   revived) cannot fire: it is put back as it was and reported;
+4. **the output is checked**: in evaluation mode, on the example input, the model's output must equal the
+   output before the surgery (relative tolerance ``rtol``); a site whose surgery changes it is rolled back and
+   reported with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_relu.structure import SiteStructure, call_model, observe, preserved_state
+from lightning_relu.structure.observation import _tensors
+
+__all__ = ["revive_observed_"]
+
+
+class _Writes:
+    """The entries one site's surgery writes: (tensor, index) pairs, their old values, and their new ones."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Tensor, Any]] = []
+        self.before: list[Tensor] = []
+        self.after: list[Tensor] = []
+
+    def write(self, tensor: Tensor, index: Any, value: Tensor | float) -> None:
+        self.entries.append((tensor, index))
+        self.before.append(tensor[index].detach().clone())
+        tensor[index] = value
+        self.after.append(tensor[index].detach().clone())
+
+    def refresh(self) -> None:
+        """Take the current values as the surgery's result (after calibration)."""
+        self.after = [tensor[index].detach().clone() for tensor, index in self.entries]
+
+    def undo(self) -> None:
+        for (tensor, index), value in zip(reversed(self.entries), reversed(self.before), strict=True):
+            tensor[index] = value
+
+    def redo(self) -> None:
+        for (tensor, index), value in zip(self.entries, self.after, strict=True):
+            tensor[index] = value
+
+
+@dataclass(eq=False)
+class _Plan:
+    site: SiteStructure
+    units: Tensor
+    writes: _Writes = field(default_factory=_Writes)
+
+
+def revive_observed_(
+    model: nn.Module,
+    dead: Mapping[str, Tensor],
+    example_input: Any,
+    optimizers: list[Optimizer],
+    generator: torch.Generator | None,
+    draw_rows: Any,
+    *,
+    init: str,
+    max_fraction: float,
+    excluded: Iterable[str] = (),
+    check_output: bool = True,
+    rtol: float = 1e-5,
+) -> dict[str, int]:
+    """Revive the ``dead`` units (bool mask per site name) of ``model``; see the module's docstring.
+
+    Returns the number of units revived per site of ``dead`` not in ``excluded``.
+    """
+    from lightning_relu.revive import RevivalWarning  # the public warning class lives with the public function
+
+    structure = observe(model, example_input)
+    excluded = set(excluded)
+    unknown = sorted(set(dead) - set(structure.known))
+    if unknown:
+        raise ValueError(
+            f"The report has sites {unknown} that the model does not have; the model's sites are "
+            f"{list(structure.known)}. Was the report measured on another model?"
+        )
+    counts: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    plans: list[_Plan] = []
+    alive = _alive_in_eval(model, example_input) if check_output else {}
+    for name, site in structure.sites.items():
+        if name not in dead or name in excluded:
+            continue
+        mask = dead[name].reshape(-1)
+        if mask.numel() != site.num_units:
+            raise ValueError(
+                f"The report of site {name!r} has {mask.numel()} units but the model's site {name!r} has "
+                f"{site.num_units}. Was the report measured on another model?"
+            )
+        counts[name] = 0
+        units = torch.nonzero(mask.cpu()).reshape(-1)
+        if units.numel() == 0:
+            continue
+        if site.producer is None:
+            skipped[name] = f"no producer: {site.producer_problem}"
+            continue
+        if site.reader_problems:
+            skipped[name] = "; ".join(site.reader_problems)
+            continue
+        if any(norm.mixes_units for norm in site.norms):
+            skipped[name] = "a LayerNorm/GroupNorm normalizes its units together: a fresh unit would change the others"
+            continue
+        if name in alive:
+            firing = alive[name][units]
+            if bool(firing.any()):
+                # dead in the report, alive on the example input: zeroing its outgoing weights would change the output
+                skipped[name] = (
+                    f"{int(firing.sum())} of its dead units are active on the example input in evaluation mode: "
+                    "left as they are"
+                )
+                units = units[~firing]
+                if units.numel() == 0:
+                    continue
+        cap = max(1, math.floor(max_fraction * site.num_units))
+        if units.numel() > cap:
+            device = generator.device if generator is not None else torch.device("cpu")
+            pick = torch.randperm(units.numel(), generator=generator, device=device)[:cap].cpu()
+            units = units[pick].sort().values
+        plans.append(_Plan(site, units))
+    unreached = sorted(name for name in dead if name not in structure.sites and name not in excluded)
+    for name in unreached:
+        counts[name] = 0
+        if bool(dead[name].any()):
+            skipped[name] = "the forward on the example input does not reach it"
+
+    if plans:
+        reference = _eval_output(model, example_input) if check_output else None
+        with torch.no_grad():
+            silent = _operate(model, example_input, plans, generator, draw_rows, init)
+            if silent:
+                # units whose inputs are all dead cannot fire: undo, and revive the others alone
+                for plan in reversed(plans):
+                    plan.writes.undo()
+                    plan.writes = _Writes()
+                for plan in plans:
+                    if plan.site.name in silent:
+                        mask = silent[plan.site.name]
+                        skipped[plan.site.name] = (
+                            f"{int(mask.sum())} of its dead units get a constant input on the example input (every "
+                            "unit they read is dead and not revived): they cannot fire and were left dead"
+                        )
+                        plan.units = plan.units[~mask]
+                _operate(model, example_input, plans, generator, draw_rows, init)
+        if reference is not None:
+            _keep_what_preserves(model, example_input, plans, reference, rtol, skipped)
+        touched: dict[Tensor, Tensor] = {}
+        for plan in plans:
+            if plan.units.numel():
+                counts[plan.site.name] = int(plan.units.numel())
+                for tensor, index in plan.writes.entries:
+                    if isinstance(tensor, nn.Parameter):
+                        if tensor not in touched:
+                            touched[tensor] = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+                        touched[tensor][index] = True
+        for optimizer in optimizers:
+            _reset_state(optimizer, touched)
+    for name, reason in skipped.items():
+        warnings.warn(f"Site {name!r} was not revived (or only in part): {reason}.", RevivalWarning, stacklevel=3)
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------ steps
+def _operate(
+    model: nn.Module, example_input: Any, plans: list[_Plan], generator: Any, draw_rows: Any, init: str
+) -> dict[str, Tensor]:
+    """Redraw, zero the outgoing weights, calibrate; returns the units that stay constant (see `_calibrate`)."""
+    plans = [plan for plan in plans if plan.units.numel()]
+    redrawn = _redraw(plans, generator, draw_rows, init)
+    for plan in plans:
+        _zero_outgoing(plan, redrawn)
+    silent = _calibrate(model, example_input, plans)
+    for plan in plans:
+        plan.writes.refresh()
+    return silent
+
+
+def _redraw(plans: list[_Plan], generator: torch.Generator | None, draw_rows: Any, init: str) -> dict[int, Tensor]:
+    """Fresh rows for every plan's units; returns, per producer weight (by id), the rows redrawn."""
+    redrawn: dict[int, Tensor] = {}
+    for plan in plans:
+        producer = plan.site.producer
+        assert producer is not None
+        weight = producer.weight.parameter
+        bias = producer.bias.parameter if producer.bias is not None else None
+        new_weight, new_bias = draw_rows(int(plan.units.numel()), producer.fan_in, bias is not None, init, generator)
+        index = plan.units.to(weight.device)
+        plan.writes.write(weight, (index,), new_weight.to(weight).reshape(-1, *weight.shape[1:]))
+        if bias is not None and new_bias is not None:
+            plan.writes.write(bias, (index.to(bias.device),), new_bias.to(bias))
+        for norm in plan.site.norms:
+            for tensor, value in ((norm.weight, 1.0), (norm.bias, 0.0)):
+                if tensor is not None:
+                    plan.writes.write(tensor, (plan.units.to(tensor.device),), value)
+        previous = redrawn.get(id(weight))
+        redrawn[id(weight)] = plan.units if previous is None else torch.cat([previous, plan.units]).unique()
+    return redrawn
+
+
+def _zero_outgoing(plan: _Plan, redrawn: dict[int, Tensor]) -> None:
+    """Zero the weights that read the plan's units, except in rows being redrawn for another site."""
+    for consumer in plan.site.consumers:
+        picked = torch.isin(consumer.units, plan.units)
+        if not bool(picked.any()):
+            continue
+        columns = consumer.columns[picked]
+        weight = consumer.weight.parameter
+        # input column c (linear) or channel c (conv) is read by the rows of its group, at c % (in / groups)
+        in_per_group = weight.shape[1]
+        out_per_group = weight.shape[0] // consumer.groups
+        group = columns // in_per_group
+        rows = (group[:, None] * out_per_group + torch.arange(out_per_group)).reshape(-1)
+        local = (columns % in_per_group)[:, None].expand(-1, out_per_group).reshape(-1)
+        keep = redrawn.get(id(weight))
+        if keep is not None:
+            outside = ~torch.isin(rows, keep)
+            rows, local = rows[outside], local[outside]
+        if rows.numel():
+            plan.writes.write(weight, (rows.to(weight.device), local.to(weight.device)), 0.0)
+
+
+def _unit_values(values: Tensor, unit_dim: int, units: Tensor) -> Tensor:
+    """``(len(units), entries)``: each unit's entries of a site-shaped tensor."""
+    moved = values.movedim(unit_dim, 0) if values.ndim > 1 else values.reshape(1, -1)
+    return moved[units.to(moved.device)].reshape(len(units), -1).double()
+
+
+def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan]) -> dict[str, Tensor]:
+    """Make the revived units fire on about half of the example input's entries (two passes: the second
+    sees the earlier sites' shifts). Returns, per site, the mask of its revived units that stay constant."""
+    for _ in range(2):
+        seen = observe(model, example_input, keep_values=True)
+        for plan in plans:
+            site = seen.sites.get(plan.site.name)
+            pre = seen.pre_activations.get(plan.site.name)
+            if site is None or pre is None or not plan.units.numel():
+                continue
+            batch_norm = next((n for n in plan.site.norms if n.kind == "batch" and n.running_mean is not None), None)
+            norm_input = seen.norm_inputs.get(plan.site.name)
+            if batch_norm is not None and norm_input is not None and norm_input.shape == pre.shape:
+                # eval mode then normalizes the fresh unit as training mode does on this batch
+                x = _unit_values(norm_input, site.unit_dim, plan.units)
+                mean = x.mean(1)
+                var = x.var(1) if x.shape[1] > 1 else torch.ones_like(mean)
+                for tensor, value in ((batch_norm.running_mean, mean), (batch_norm.running_var, var)):
+                    assert tensor is not None
+                    plan.writes.write(tensor, (plan.units.to(tensor.device),), value.to(tensor))
+            target = _shift_target(plan)
+            if target is not None:
+                index = (plan.units.to(target.device),)
+                median = _unit_values(pre, site.unit_dim, plan.units).median(1).values
+                plan.writes.write(target, index, target[index] - median.to(target))
+    seen = observe(model, example_input, keep_values=True)
+    silent: dict[str, Tensor] = {}
+    for plan in plans:
+        pre = seen.pre_activations.get(plan.site.name)
+        if pre is None or not plan.units.numel():
+            continue
+        z = _unit_values(pre, plan.site.unit_dim, plan.units)
+        constant = (z.amax(1) - z.amin(1)) <= 1e-6 * z.abs().amax(1).clamp_min(1e-6)
+        if bool(constant.any()):
+            silent[plan.site.name] = constant
+    return silent
+
+
+def _shift_target(plan: _Plan) -> Tensor | None:
+    """Where a unit's pre-activation is shifted: the last norm's bias, else the producer's bias."""
+    if plan.site.norms:
+        return plan.site.norms[-1].bias
+    producer = plan.site.producer
+    return producer.bias.parameter if producer is not None and producer.bias is not None else None
+
+
+def _alive_in_eval(model: nn.Module, example_input: Any) -> dict[str, Tensor]:
+    """Per site reached, the units with an entry > 0 on the example input in evaluation mode."""
+    was_training = model.training
+    try:
+        model.eval()
+        seen = observe(model, example_input, keep_values=True)
+    finally:
+        model.train(was_training)
+    alive = {}
+    for name, pre in seen.pre_activations.items():
+        site = seen.sites[name]
+        units = torch.arange(site.num_units)
+        alive[name] = (_unit_values(pre, site.unit_dim, units) > 0).any(1)
+    return alive
+
+
+def _eval_output(model: nn.Module, example_input: Any) -> list[Tensor]:
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), preserved_state(model):
+            output = call_model(model, example_input)
+        tensors = output.to_tuple() if hasattr(output, "to_tuple") else output
+        return [t.detach().clone() for t in _tensors(tensors) if t.is_floating_point()]
+    finally:
+        model.train(was_training)
+
+
+def _same(after: list[Tensor], before: list[Tensor], rtol: float) -> bool:
+    if len(after) != len(before):
+        return False
+    for a, b in zip(after, before, strict=True):
+        if a.shape != b.shape:
+            return False
+        scale = b.abs().max().item() if b.numel() else 0.0
+        if not torch.allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1e-30), equal_nan=True):
+            return False
+    return True
+
+
+def _keep_what_preserves(
+    model: nn.Module,
+    example_input: Any,
+    plans: list[_Plan],
+    reference: list[Tensor],
+    rtol: float,
+    skipped: dict[str, str],
+) -> None:
+    """Roll back the sites whose surgery changes the output (one site at a time, in forward order)."""
+    if _same(_eval_output(model, example_input), reference, rtol):
+        return
+    with torch.no_grad():
+        for plan in reversed(plans):
+            plan.writes.undo()
+        for plan in plans:
+            if not plan.units.numel():
+                continue
+            with torch.no_grad():
+                plan.writes.redo()
+            if not _same(_eval_output(model, example_input), reference, rtol):
+                with torch.no_grad():
+                    plan.writes.undo()
+                skipped[plan.site.name] = (
+                    "its surgery changed the model's output on the example input (a path around the rectifier or "
+                    "an unseen reader of its output): rolled back"
+                )
+                plan.units = plan.units[:0]
+
+
+# Per-parameter state that a fresh optimizer does not start at zero: (optimizer type, state key) -> the
+# param-group option holding its starting value.
+_FRESH_STATE: tuple[tuple[type[Optimizer], str, str], ...] = (
+    (torch.optim.Rprop, "step_size", "lr"),
+    (torch.optim.Adagrad, "sum", "initial_accumulator_value"),
+)
+
+
+def _reset_state(optimizer: Optimizer, touched: dict[Tensor, Tensor]) -> None:
+    """Set the optimizer state of every touched entry back to what a fresh optimizer starts it at."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            mask = touched.get(param)
+            state = optimizer.state.get(param)
+            if mask is None or not state:
+                continue
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    fresh: Any = 0
+                    for kind, state_key, option in _FRESH_STATE:
+                        if isinstance(optimizer, kind) and key == state_key and option in group:
+                            fresh = group[option]
+                    value.masked_fill_(mask.to(value.device), fresh)
