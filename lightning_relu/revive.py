@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import LayerReport
+from lightning_relu.structure import ObservationError, observe
 from lightning_relu.surgery import revive_observed_
 
 if TYPE_CHECKING:
@@ -530,6 +531,29 @@ def _reset_optimizer_state(optimizer: Optimizer, touched: dict[nn.Parameter, Ten
 
 
 # ------------------------------------------------------------------------------------------------ callback
+def _example_of(batch: Any, input_fn: Callable[[Any], Any] | None) -> Any:
+    """The model's input in a training batch: ``input_fn(batch)``, else the batch itself when it is a tensor or a
+    dict (keyword arguments), else its first element."""
+    if input_fn is not None:
+        return input_fn(batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    return batch
+
+
+def _slice(example: Any, size: int) -> Any:
+    """The first ``size`` samples of every tensor in ``example`` (detached copies)."""
+    if isinstance(example, Tensor):
+        return example[:size].detach().clone() if example.ndim else example.detach().clone()
+    if isinstance(example, Mapping):
+        return {key: _slice(value, size) for key, value in example.items()}
+    if isinstance(example, tuple):
+        return tuple(_slice(value, size) for value in example)
+    if isinstance(example, list):
+        return [_slice(value, size) for value in example]
+    return example
+
+
 class DeadUnitReviver(Callback):
     r"""Revive the dead units after each training epoch's dead-unit report, with :func:`revive_dead_units_`.
 
@@ -578,7 +602,21 @@ class DeadUnitReviver(Callback):
         exclude: Sequence[str] = (),
         init: str = "default",
         seed: int | None = None,
+        input_fn: Callable[[Any], Any] | None = None,
+        example_size: int = 64,
+        check_output: bool = True,
     ) -> None:
+        if input_fn is not None and not callable(input_fn):
+            raise ValueError(f"`input_fn` must be callable or None, got {input_fn!r}")
+        if isinstance(example_size, bool) or not isinstance(example_size, int) or example_size < 1:
+            raise ValueError(f"`example_size` must be a positive integer, got {example_size!r}")
+        if not isinstance(check_output, bool):
+            raise ValueError(f"`check_output` must be a bool, got {check_output!r}")
+        self.input_fn = input_fn
+        self.example_size = example_size
+        self.check_output = check_output
+        self._example: Any = None  # the held batch: a slice of the latest training batch's input
+        self._example_checked = False
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be a positive integer, got {every_n_epochs!r}")
         _check_fraction(max_fraction)
@@ -647,6 +685,8 @@ class DeadUnitReviver(Callback):
     def _start_afresh(self) -> None:
         """Forget what an earlier fit left (its revivals, its drawn seed)."""
         self.history = []
+        self._example = None
+        self._example_checked = False
         self._warned.clear()
         self._resolved_seed = self.seed
 
@@ -706,8 +746,26 @@ class DeadUnitReviver(Callback):
         if self.seed is None and state_dict.get("seed") is not None:
             self._resolved_seed = int(state_dict["seed"])
 
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._example = _slice(_example_of(batch, self.input_fn), self.example_size)
+        if not self._example_checked:
+            # the first batch tells whether the model can be observed on it: fail now, not after an epoch
+            self._example_checked = True
+            try:
+                observe(pl_module, self._example)
+            except ObservationError as error:
+                raise MisconfigurationException(
+                    f"`DeadUnitReviver` observes the model on a slice of the training batch to find each site's "
+                    f"producer and consumers, and that failed: {error}. Pass `input_fn=` to take the model's input "
+                    "out of a batch (a tensor, a tuple of positional arguments or a dict of keyword arguments)."
+                ) from error
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state["_example"] = None  # a batch slice: not worth pickling
         state["_monitor"] = None  # the link is re-made in `setup`/`attach`
         state["_sites"] = state["_sites_model"] = None  # they hold the model's modules
         return state
@@ -737,19 +795,31 @@ class DeadUnitReviver(Callback):
         # call positions that only showed up at run time have no producer known to discovery: nothing to revive
         known = getattr(self, "_site_names", None)
         layers = {k: v for k, v in report.layers.items() if known is None or k in known}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RevivalWarning)
-            warnings.simplefilter("ignore", SiteTracingWarning)
-            counts = revive_dead_units_(
-                pl_module,
-                layers,
-                trainer.optimizers,
-                init=self.init,
-                max_fraction=self.max_fraction,
-                exclude=self.exclude,
-                generator=generator,
-                sites=self._sites if self._sites_model is pl_module else None,
-            )
+        # every rank operates on rank zero's held batch, so every rank makes the same surgery
+        example = trainer.strategy.broadcast(self._example, src=0) if trainer.world_size > 1 else self._example
+        tracker = getattr(self._monitor, "tracker", None)
+        paused = tracker is not None and tracker.enabled
+        if paused:
+            tracker.pause()  # the observation forwards are not training data
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RevivalWarning)
+                warnings.simplefilter("ignore", SiteTracingWarning)
+                counts = revive_dead_units_(
+                    pl_module,
+                    layers,
+                    trainer.optimizers,
+                    init=self.init,
+                    max_fraction=self.max_fraction,
+                    exclude=self.exclude,
+                    generator=generator,
+                    sites=self._sites if self._sites_model is pl_module else None,
+                    example_input=example,
+                    check_output=self.check_output,
+                )
+        finally:
+            if paused:
+                tracker.resume()
         for warning in caught:
             message = str(warning.message)
             if not issubclass(warning.category, RevivalWarning):
