@@ -1,0 +1,264 @@
+"""The observed structure: producers, unit maps and readers checked against brute-force perturbation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_relu.structure import ObservationError, observe
+
+
+class Branchy(nn.Module):
+    """Concatenation, channel split, flatten, pooling, permute and a depthwise conv between sites and readers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(2)
+        self.act_a = nn.ReLU()
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.pw = nn.Conv2d(3, 5, 1)
+        self.fc = nn.Linear(3 * 2 * 2, 7)
+        self.head = nn.Linear(7, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.cat([F.relu(self.bn(self.b(x))), self.act_a(self.a(x))], dim=1)  # units: b 0-1, a 2-5
+        z = self.dw(y)
+        left, right = z.chunk(2, dim=1)
+        out = self.pw(left) + 0.0 * right.sum()
+        pooled = F.adaptive_avg_pool2d(right, 2).permute(0, 2, 3, 1).flatten(1)  # (N, 2*2*3): channel last
+        return self.head(F.relu(self.fc(pooled))) + out.mean()
+
+
+def _perturbation_map(model: nn.Module, x: Tensor, site_module: nn.Module, unit_dim: int, consumer: nn.Module):
+    """Brute force: for each unit of the site, add 1 to its output and see which input columns/channels of
+    ``consumer`` change. Returns {unit: set(columns)}."""
+    captured: dict[str, Tensor] = {}
+    bump: dict[str, int | None] = {"unit": None}
+
+    def at_site(module, inputs, output):
+        if bump["unit"] is None:
+            return None
+        output = output.clone()
+        output.select(unit_dim, bump["unit"]).add_(1.0)
+        return output
+
+    def at_consumer(module, inputs):
+        captured["x"] = inputs[0].detach().clone()
+
+    handles = [site_module.register_forward_hook(at_site), consumer.register_forward_pre_hook(at_consumer)]
+    try:
+        with torch.no_grad():
+            model(x)
+            base = captured["x"]
+            width = None
+            result = {}
+            for unit in range(10_000):
+                bump["unit"] = unit
+                try:
+                    model(x)
+                except IndexError:
+                    break
+                changed = captured["x"] != base
+                axis = base.ndim - 1 if isinstance(consumer, nn.Linear) else 1
+                per_column = changed.movedim(axis, 0).reshape(changed.shape[axis], -1).any(1)
+                result[unit] = set(torch.nonzero(per_column).reshape(-1).tolist())
+                width = width or base.shape[axis]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+def _observed_map(consumers, module_name: str) -> dict[int, set[int]]:
+    result: dict[int, set[int]] = {}
+    for consumer in consumers:
+        if consumer.name != module_name:
+            continue
+        for column, unit in zip(consumer.columns.tolist(), consumer.units.tolist(), strict=True):
+            result.setdefault(unit, set()).add(column)
+    return result
+
+
+def test_unit_maps_equal_brute_force_perturbation() -> None:
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    x = torch.randn(2, 3, 4, 4)
+    structure = observe(model, x)
+    site = structure.sites["act_a"]
+    assert site.producer is not None and site.producer.name == "a"
+    assert site.unit_dim == 1 and site.num_units == 4
+    truth = _perturbation_map(model, x, model.act_a, 1, model.dw)
+    observed = _observed_map(site.consumers, "dw")
+    assert observed == {unit: columns for unit, columns in truth.items() if columns}
+    # the functional site: producer through a BatchNorm, read by the depthwise conv at channels 0-1
+    functional = next(s for name, s in structure.sites.items() if name != "act_a" and s.num_units == 2)
+    assert functional.producer is not None and functional.producer.name == "b"
+    assert [n.name for n in functional.norms] == ["bn"]
+    assert _observed_map(functional.consumers, "dw") == {0: {0}, 1: {1}}
+
+
+def test_unit_map_through_pool_permute_flatten_to_linear() -> None:
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    x = torch.randn(2, 3, 4, 4)
+    structure = observe(model, x)
+    fc_site = next(s for s in structure.sites.values() if s.num_units == 7)
+    assert fc_site.producer is not None and fc_site.producer.name == "fc"
+    assert _observed_map(fc_site.consumers, "head") == {u: {u} for u in range(7)}
+
+
+def test_a_residual_reader_and_the_model_output_are_reported() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.act = nn.ReLU()
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.act(self.fc1(x))
+            return self.fc2(h) + h
+
+    structure = observe(Residual(), torch.randn(3, 4))
+    site = structure.sites["act"]
+    assert site.producer is not None and site.producer.name == "fc1"
+    assert [c.name for c in site.consumers] == ["fc2"]
+    assert any("add" in problem for problem in site.reader_problems)
+    assert "revive" not in site.remedies and "rai" in site.remedies
+
+
+def test_a_site_fed_by_a_sum_has_no_producer_and_says_why() -> None:
+    class Sum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 1)
+            self.act = nn.ReLU()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.act(self.a(x) + self.b(x)))
+
+    site = observe(Sum(), torch.randn(2, 4)).sites["act"]
+    assert site.producer is None and "sums several branches" in (site.producer_problem or "")
+    assert site.remedies == ()
+
+
+def test_weight_standardisation_is_traced_to_its_parameter() -> None:
+    class StdConv(nn.Conv2d):
+        def forward(self, x: Tensor) -> Tensor:
+            w = self.weight
+            w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    model = nn.Sequential(StdConv(3, 4, 3), nn.ReLU(), StdConv(4, 2, 1))
+    site = observe(model, torch.randn(2, 3, 5, 5)).sites["1"]
+    assert site.producer is not None and site.producer.weight.parameter is model[0].weight
+    assert site.producer.weight.computed
+    # the reader's weight is standardised too: its columns cannot be zeroed, and the structure says so
+    assert any("standardisation" in problem for problem in site.reader_problems)
+
+
+def test_a_block_run_several_times_is_one_site_with_its_links() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down, self.act = nn.Linear(4, 6), nn.Linear(6, 4), nn.ReLU()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.down(self.act(self.up(x)))
+
+    class Shared(nn.Module):  # one block applied three times (ALBERT's shared layer)
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x: Tensor) -> Tensor:
+            for _ in range(3):
+                x = self.block(x)
+            return x
+
+    site = observe(Shared(), torch.randn(2, 4)).sites["block.act"]
+    assert site.calls == 3
+    assert site.producer is not None and site.producer.name == "block.up"
+    assert {c.name for c in site.consumers} == {"block.down"}
+    assert "revive" in site.remedies
+
+
+def test_a_module_applied_at_several_places_is_one_site_per_place() -> None:
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down, self.act = nn.Linear(4, 6), nn.Linear(6, 4), nn.ReLU()
+
+        def forward(self, x: Tensor) -> Tensor:
+            for _ in range(2):
+                x = self.down(self.act(self.up(x)))
+            return x
+
+    sites = observe(Loop(), torch.randn(2, 4)).sites
+    assert list(sites) == ["act", "act_1"]
+    # the producer feeds both places: acting on it for one place would change the other
+    assert all(site.producer is None and "elsewhere" in (site.producer_problem or "") for site in sites.values())
+
+
+def test_a_producer_used_elsewhere_is_not_linked() -> None:
+    class Elsewhere(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.act(self.fc(x))) + self.fc(x).sum()
+
+    site = observe(Elsewhere(), torch.randn(2, 4)).sites["act"]
+    assert site.producer is None and "also used elsewhere" in (site.producer_problem or "")
+
+
+def test_observing_changes_no_parameter_buffer_or_rng_state() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(16, 2)
+    ).train()
+    x = torch.randn(4, 3, 4, 4)
+    state = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    observe(model, x)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert int(model[1].num_batches_tracked) == 0
+
+
+def test_keyword_and_positional_inputs() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)
+
+        def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+            return self.out(self.act(self.fc(x))) * scale
+
+    model = TwoInputs()
+    by_position = observe(model, (torch.randn(2, 4), torch.ones(1)))
+    by_keyword = observe(model, {"x": torch.randn(2, 4), "scale": torch.ones(1)})
+    assert by_position.sites["act"].producer is not None and by_keyword.sites["act"].producer is not None
+
+
+def test_a_model_that_cannot_run_on_the_input_gets_a_clear_error() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    with pytest.raises(ObservationError, match="example_input"):
+        observe(model, torch.randn(2, 5))
+
+
+def test_the_table_names_every_site_and_its_remedies() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU())
+    table = observe(model, torch.randn(2, 4)).table()
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["site", "units", "producer"]
+    assert lines[2].split()[:5] == ["1", "3", "0", "-", "2"]
+    assert "revive" in lines[2]
+    assert "reaches the model's output" in lines[3] and "revive" not in lines[3]

@@ -1,0 +1,167 @@
+"""Revival on the observed structure (`revive_dead_units_(..., example_input=...)`): the output is unchanged,
+revived units fire, chains revive together, and what cannot be revived is said."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_relu import DeadUnitTracker, RevivalWarning, revive_dead_units_
+
+
+def _active_share(model: nn.Module, module: nn.Module, x: Tensor, unit_dim: int) -> Tensor:
+    """Per unit, the share of its entries > 0 at ``module``'s output on ``x`` (brute force, a plain hook)."""
+    seen: list[Tensor] = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    out = seen[0].movedim(unit_dim, 0)
+    return (out.reshape(out.shape[0], -1) > 0).double().mean(1)
+
+
+def _report(model: nn.Module, x: Tensor):
+    with DeadUnitTracker(model) as tracker:
+        with torch.no_grad():
+            model(x)
+    return tracker.report()
+
+
+def _eval_output(model: nn.Module, x: Tensor) -> Tensor:
+    training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train(training)
+    return out
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.act_dw = nn.ReLU()
+        self.fc = nn.Linear(8 * 4 * 4, 16)
+        self.act_fc = nn.ReLU()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act_dw(self.dw(self.act(self.bn(self.conv(x)))))
+        return self.head(self.act_fc(self.fc(F.avg_pool2d(h, 2).flatten(1))))
+
+
+def _forced() -> tuple[ConvNet, Tensor]:
+    torch.manual_seed(0)
+    model = ConvNet().train()
+    with torch.no_grad():
+        model.bn.bias[[1, 5]] = -1e4  # units 1 and 5 of `act`: dead, and so channels 1, 5 of the depthwise input
+        model.dw.bias[[1, 2]] = -1e4  # units 1 and 2 of `act_dw` (1 reads only the dead channel 1)
+        model.fc.bias[[0, 3, 7]] = -1e4
+    return model, torch.randn(16, 3, 8, 8)
+
+
+def test_revival_keeps_the_output_and_revived_units_fire_on_new_data() -> None:
+    model, x = _forced()
+    report = _report(model, x)
+    dead = {name: torch.nonzero(r.dead).reshape(-1).tolist() for name, r in report.items()}
+    assert dead["act"] == [1, 5] and dead["act_dw"] == [1, 2, 5]  # 5 reads only the dead channel 5
+    assert {0, 3, 7} <= set(dead["act_fc"])
+    optimizer = torch.optim.Adam(model.parameters())
+    model(x).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    before = _eval_output(model, x)
+    counts = revive_dead_units_(model, report, optimizer, torch.Generator().manual_seed(0), example_input=x)
+    assert counts == {"act": 2, "act_dw": 3, "act_fc": len(dead["act_fc"])}
+    torch.testing.assert_close(_eval_output(model, x), before, rtol=1e-5, atol=1e-6)
+    # every revived unit fires on fresh data of the same kind, on roughly half of its entries
+    fresh = torch.randn(64, 3, 8, 8)
+    for module, name, dim in ((model.act, "act", 1), (model.act_dw, "act_dw", 1), (model.act_fc, "act_fc", 1)):
+        share = _active_share(model, module, fresh, dim)[report[name].dead]
+        assert bool((share > 0.1).all()), (name, share)
+    # the optimizer starts the touched entries afresh
+    state = optimizer.state[model.fc.weight]
+    assert torch.count_nonzero(state["exp_avg"][[0, 3, 7]]) == 0
+    assert torch.count_nonzero(state["exp_avg"][:, :]) > 0
+
+
+def test_a_unit_whose_only_input_is_dead_and_not_revived_is_left_and_said() -> None:
+    model, x = _forced()
+    report = _report(model, x)
+    before = _eval_output(model, x)
+    with pytest.warns(RevivalWarning, match="act_dw.*cannot fire"):
+        counts = revive_dead_units_(model, report, example_input=x, exclude=["act"])
+    assert counts["act_dw"] == 1  # unit 2 only: units 1 and 5 read the dead, unrevived channels 1 and 5
+    torch.testing.assert_close(_eval_output(model, x), before, rtol=1e-5, atol=1e-6)
+    assert bool((_active_share(model, model.act_dw, x, 1)[[1, 5]] == 0).all())
+
+
+def test_a_site_read_around_its_consumer_is_not_revived_and_said() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(4, 6), nn.Linear(6, 6), nn.ReLU()
+            self.out = nn.Linear(6, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.act(self.fc1(x))
+            return self.out(self.fc2(h) + h)
+
+    torch.manual_seed(0)
+    model = Residual()
+    with torch.no_grad():
+        model.fc1.bias[2] = -1e4
+    x = torch.randn(8, 4)
+    report = _report(model, x)
+    before = _eval_output(model, x)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(RevivalWarning, match="'act'.*add"):
+        counts = revive_dead_units_(model, report, example_input=x)
+    assert counts == {"act": 0}
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(_eval_output(model, x), before)
+
+
+def test_a_reader_only_evaluation_mode_shows_is_caught_by_the_check_and_rolled_back() -> None:
+    class EvalOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.act = nn.Linear(4, 6), nn.Linear(6, 1), nn.ReLU()
+            self.keep = nn.Linear(4, 6)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.act(self.fc1(x))
+            out = self.fc2(h)
+            return out if self.training else out + h.sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = EvalOnly().train()
+    with torch.no_grad():
+        model.fc1.bias[[0, 4]] = -1e4
+    x = torch.randn(8, 4)
+    report = _report(model, x)
+    before = _eval_output(model, x)
+    with pytest.warns(RevivalWarning, match="rolled back"):
+        counts = revive_dead_units_(model, report, example_input=x)
+    assert counts == {"act": 0}
+    torch.testing.assert_close(_eval_output(model, x), before)
+    # without the check, the same surgery changes the evaluation output
+    revive_dead_units_(model, report, example_input=x, check_output=False)
+    assert not torch.allclose(_eval_output(model, x), before)
+
+
+def test_a_report_of_another_model_is_refused_before_anything_changes() -> None:
+    model, x = _forced()
+    other = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    report = _report(other, torch.randn(2, 3))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="another model"):
+        revive_dead_units_(model, report, example_input=x)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
