@@ -6,6 +6,7 @@ it only changes the signs of whole affine maps, chosen from one forward pass ove
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from lightning_relu import _native
 from lightning_relu.sites import Site, find_relu_sites
+from lightning_relu.structure import ObservationError
 
 __all__ = ["RAI_SIGMA_SCALE", "SignFlipReport", "rai_", "sign_flip_"]
 
@@ -34,7 +36,7 @@ RAI_SIGMA_SCALE = 0.6007
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def rai_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example_input: Any = None) -> nn.Module:
     r"""Fill a layer, or every layer that feeds a rectifier in a model, with Randomized Asymmetric Initialization.
 
     From Lu, Shin, Su and Karniadakis, "Dying ReLU and Initialization: Theory and Numerical Examples",
@@ -53,13 +55,18 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Modu
 
     Given a model rather than a single layer, every producer of a rectifier site (:func:`find_relu_sites`) is
     initialized this way and every other layer (the output layer, layers the discovery cannot link to a rectifier)
-    keeps its values. The model is changed in place under ``torch.no_grad()``.
+    keeps its values. The model is changed in place under ``torch.no_grad()``. Pass ``example_input`` to find the
+    producers on one observed forward (any nesting, fused norm-activation layers, standardised weights: the draw
+    goes into the parameter the weight is computed from); without it, only ``nn.Sequential`` order and the trace
+    link them.
 
     Args:
         module: an ``nn.Linear``, an ``nn.Conv1d``/``Conv2d``/``Conv3d``, or a model containing rectifier sites.
         generator: the ``torch.Generator`` every draw comes from (the global one when ``None``). The draws are made
             on the generator's device and copied into the parameters, so a CPU generator gives the same values
             whatever device the model is on.
+        example_input: what the model's forward takes (a tensor, a tuple of positional arguments or a dict of
+            keyword arguments), to find the producers on a real forward.
 
     Returns:
         ``module``, for chaining.
@@ -80,8 +87,8 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Modu
     if isinstance(module, _ConvNd):  # transposed convolutions: fan-in is not what the paper means
         raise ValueError(f"`module` must be a Linear or a (non-transposed) ConvNd layer or a model, got {module}")
     producers: dict[int, nn.Module] = {}
-    for site in find_relu_sites(module):
-        if site.producer is not None:
+    for site in find_relu_sites(module, example_input=example_input):
+        if site.producer is not None and _is_affine_layer(site.producer):
             producers.setdefault(id(site.producer), site.producer)
     if not producers:
         warnings.warn(
@@ -249,7 +256,12 @@ def sign_flip_(
     A flip is applied only when it actually kills fewer living samples (it always does, except when the living
     samples' pre-activations are exactly zero).
 
-    The pass runs once whatever the depth: a forward pre-hook on each rectifier sees its pre-activation :math:`z`,
+    Which affine map feeds each site is observed first on a forward over the first 8 samples
+    (:func:`lightning_relu.structure.observe`: any module nesting, norms fused into activation modules, weights
+    standardised from a parameter); the decisions then take one pass whatever the depth. Where a site's rows merge
+    batch and tokens (a decoder MLP on ``(batch * tokens, features)``), its rows are grouped back into their samples,
+    batch-major as ``reshape(-1, features)`` lays them: a sample is killed there when all its tokens' rows are zero.
+    A forward pre-hook on each rectifier sees its pre-activation :math:`z`,
     decides, and hands :math:`-z` on when it flips (exact, since negating the map negates :math:`z`). A rectifier
     module applied at several places is one site per call (``name``, ``name_1``, ...). Sites whose pre-activation is
     not the output of one affine layer (a rectifier after a residual sum) cannot be flipped: they still update which
@@ -323,6 +335,9 @@ def sign_flip_(
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
             inputs = _collect_inputs(data, input_fn, max_samples).to(device)
+            # the links come from a forward observed on a few of the samples (the pass reports a failing forward)
+            with contextlib.suppress(ObservationError):
+                pass_state = _SignFlipPass(find_relu_sites(model, example_input=inputs[:8]))
             model.eval()
             for module in model.modules():
                 if isinstance(module, _BatchNorm):
@@ -502,6 +517,10 @@ class _SignFlipPass:
         The decision stays on the device: no host synchronization during the pass, one at its end (:meth:`finish`).
         """
         n = self._num_samples
+        if isinstance(z, Tensor) and z.dim() > 1 and z.shape[0] != n and n and z.shape[0] % n == 0:
+            # batch and tokens merged into rows (a decoder MLP on (batch * tokens, features)): rows go back to their
+            # samples, batch-major as `reshape(-1, features)` lays them
+            z = z.reshape(n, -1)
         if not isinstance(z, Tensor) or z.dim() == 0 or z.shape[0] != n:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             self.error = ValueError(

