@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
-from lightning_relu.init import SignFlipReport, _batch_input, _flip_target, rai_, sign_flip_
+from lightning_relu.init import SignFlipReport, _batch_input, _flip_target, _generators_of, rai_, sign_flip_
 from lightning_relu.sites import find_relu_sites
+from lightning_relu.structure import ObservationError
 
 __all__ = ["ReluInitializer"]
 
@@ -187,13 +188,42 @@ class ReluInitializer(Callback):
         seed = int(trainer.strategy.broadcast(seed, src=0))
         self.seed_used = seed
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        example = self._example_input(trainer)
+        try:
+            sites = find_relu_sites(pl_module, example_input=example)
+        except ObservationError as error:
+            rank_zero_warn(
+                f"`ReluInitializer` could not observe the model on the first training batch ({error}); RAI falls back "
+                "to the producers `nn.Sequential` order shows. Pass `input_fn=` to take the model's input out of a "
+                "batch.",
+                category=RuntimeWarning,
+            )
+            example, sites = None, find_relu_sites(pl_module)
         names: list[str] = []
-        for site in find_relu_sites(pl_module):
+        for site in sites:
             if site.producer_name is not None and site.producer_name not in names:
                 names.append(site.producer_name)
         if names:
-            rai_(pl_module, generator=generator)
+            rai_(pl_module, generator=generator, example_input=example)
         self.rai_layers = names
+
+    def _example_input(self, trainer: pl.Trainer) -> Any:
+        """A few samples of the first training batch, to observe the model's structure on (None without a
+        loader or when the batch holds no input the model takes; then only `nn.Sequential` order links).
+        Drawing it changes no random state: the global generator and the loader's own are restored."""
+        data = _first_loader(trainer.train_dataloader)
+        if data is None:
+            return None
+        saved = [(generator, generator.get_state()) for generator in _generators_of(data)]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(iter(data))
+            return _batch_input(trainer.precision_plugin.convert_input(batch), self.input_fn)[:8]
+        except (StopIteration, ValueError, TypeError):
+            return None
+        finally:
+            for generator, state in saved:
+                generator.set_state(state)
 
     def _apply_sign_flip(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = _first_loader(trainer.train_dataloader)
@@ -214,7 +244,8 @@ class ReluInitializer(Callback):
         # ranks saw different shards: every rank takes rank 0's decisions (negation is an involution)
         differ = [name for name, r in chosen.items() if (name in local and local[name].flipped) != r.flipped]
         if differ:
-            sites = {site.name: site for site in find_relu_sites(pl_module)}
+            example = self._example_input(trainer)
+            sites = {site.name: site for site in find_relu_sites(pl_module, example_input=example)}
             for name in differ:
                 target = _flip_target(sites[name]) if name in sites else "unknown site"
                 if not isinstance(target, str):
