@@ -514,13 +514,58 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smoke run of a few seconds: 512 samples, 3 epochs")
     demo.add_argument("--depth", type=int, default=12, help="hidden ReLU layers (default: 12)")
     demo.add_argument("--width", type=int, default=8, help="units per hidden layer (default: 8)")
+    structure = commands.add_parser(
+        "structure",
+        help="print each rectifier site's producer, consumers and the remedies that apply",
+        description=(
+            "Build a model with random weights, observe one forward on a random input and print the structure of "
+            "every rectifier site: its units, the layer that produces its pre-activation, the norm in between, "
+            "the layers that read it, and the remedies that can act on it (with the reason where one cannot)."
+        ),
+    )
+    structure.add_argument(
+        "model", help="a callable that builds the model, as MODULE:NAME (e.g. torchvision.models:resnet18)"
+    )
+    structure.add_argument(
+        "--input-shape",
+        default="2,3,64,64",
+        help="shape of the random input, comma-separated (default: 2,3,64,64)",
+    )
+    structure.add_argument("--train", action="store_true", help="observe in training mode (default: evaluation)")
     return parser
+
+
+def _structure_command(parser: argparse.ArgumentParser, spec: str, shape_text: str, train: bool) -> int:
+    import importlib
+
+    import torch
+
+    from lightning_relu.structure import observe
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        parser.error(f"`model` must be MODULE:NAME, got {spec!r}")
+    try:
+        shape = tuple(int(part) for part in shape_text.split(","))
+    except ValueError:
+        parser.error(f"--input-shape must be comma-separated integers, got {shape_text!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        parser.error(f"cannot load {spec!r}: {error}")
+    model = factory()
+    model.train(train)
+    torch.manual_seed(0)
+    print(observe(model, torch.randn(shape)).table())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``lightning-relu`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "structure":
+        return _structure_command(parser, args.model, args.input_shape, args.train)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
         parser.error(f"unknown command {args.command!r}")
     if args.epochs is not None and args.epochs < 1:

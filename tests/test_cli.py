@@ -211,3 +211,29 @@ def test_bad_callback_argument_is_reported(tmp_path: Path, capsys: pytest.Captur
         )
     message = str(info.value) + capsys.readouterr().err
     assert "on_collapse" in message
+
+
+def small_convnet() -> nn.Module:
+    """Built by `lightning-relu structure tests.test_cli:small_convnet` below."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.ReLU()
+    )
+
+
+def test_structure_command_prints_each_site(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_relu.demo import main
+
+    assert main(["structure", "tests.test_cli:small_convnet", "--input-shape", "2,3,8,8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["site", "units", "producer", "norm", "consumers"]
+    # built above: conv 0 -> bn 1 -> ReLU 2 -> flatten -> linear 4 -> ReLU 5 (the output)
+    assert lines[2].split()[:6] == ["2", "4", "0", "1", "(batch)", "4"]
+    assert lines[3].split()[:4] == ["5", "5", "4", "-"] and "output" in lines[3]
+
+
+def test_structure_command_rejects_a_bad_model_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_relu.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["structure", "no_colon_here"])
+    assert "MODULE:NAME" in capsys.readouterr().err
