@@ -279,13 +279,12 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         kind = rectifier_kind(func, args, kwargs)
         flow_in = self._flow(args[0]) if kind and args else None
-        shape_in = tuple(args[0].shape) if kind and args and isinstance(args[0], Tensor) else None
         out = func(*args, **kwargs)
         first = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(first, Tensor):
             return out
         if kind is not None:
-            self._record(kind, func, first, flow_in or DATA, shape_in)
+            self._record(kind, first, flow_in or DATA)
             return out
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         # data: every tensor that is neither a parameter, a buffer nor computed from those alone
@@ -357,7 +356,7 @@ class Recorder(TorchDispatchMode):
             return Flow(axis)
         return Flow(None)
 
-    def _record(self, kind: str, func: Any, out: Tensor, flow: Flow, shape_in: tuple[int, ...] | None) -> None:
+    def _record(self, kind: str, out: Tensor, flow: Flow) -> None:
         if flow.axis is not None:
             axis, axis_from = flow.axis, flow.producer_op or "flow"
         else:
