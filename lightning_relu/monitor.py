@@ -26,6 +26,7 @@ from lightning_relu.dashboards import (
 )
 from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.stats import LayerReport, _check_eps
+from lightning_relu.structure import AxisWatch
 from lightning_relu.theory import alive_probability_lower_bound
 from lightning_relu.tracker import DeadUnitTracker, check_unit_dims
 
@@ -214,6 +215,7 @@ class DeadUnitMonitor(Callback):
         self._nonfinite_warned: set[str] = set()
         self._at_risk_warned: set[str] = set()
         self._listeners: list[ReportListener] = []
+        self._axis_watch: AxisWatch | None = None  # the first step's recording, while it runs
         # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
         self._window: dict[str, Any] | None = None
         # its sites not added to the counts yet (see `_merge_window`): their states, and where each sits
@@ -326,6 +328,9 @@ class DeadUnitMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.tracker is not None:
+            if trainer.global_step == 0 and batch_idx == 0 and self.tracker.model is pl_module:
+                # sites whose unit axis no known layer fixes take their producer's, seen in this step's forward
+                self._axis_watch = AxisWatch(pl_module, self.tracker, batch).start()
             self.tracker.new_pass()
             self.tracker.resume()
 
@@ -333,8 +338,18 @@ class DeadUnitMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._stop_axis_watch()
         if self.tracker is not None:
             self.tracker.pause()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._stop_axis_watch()
+
+    def _stop_axis_watch(self) -> None:
+        watch, self._axis_watch = self._axis_watch, None
+        if watch is not None:
+            watch.stop()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -369,6 +384,7 @@ class DeadUnitMonitor(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_axis_watch()
         self._remove_hooks()
 
     @override

@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import LayerReport
-from lightning_relu.structure import ObservationError, observe
+from lightning_relu.structure import ObservationError, example_from_batch, observe
 from lightning_relu.surgery import revive_observed_
 
 if TYPE_CHECKING:
@@ -531,29 +531,6 @@ def _reset_optimizer_state(optimizer: Optimizer, touched: dict[nn.Parameter, Ten
 
 
 # ------------------------------------------------------------------------------------------------ callback
-def _example_of(batch: Any, input_fn: Callable[[Any], Any] | None) -> Any:
-    """The model's input in a training batch: ``input_fn(batch)``, else the batch itself when it is a tensor or a
-    dict (keyword arguments), else its first element."""
-    if input_fn is not None:
-        return input_fn(batch)
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    return batch
-
-
-def _slice(example: Any, size: int) -> Any:
-    """The first ``size`` samples of every tensor in ``example`` (detached copies)."""
-    if isinstance(example, Tensor):
-        return example[:size].detach().clone() if example.ndim else example.detach().clone()
-    if isinstance(example, Mapping):
-        return {key: _slice(value, size) for key, value in example.items()}
-    if isinstance(example, tuple):
-        return tuple(_slice(value, size) for value in example)
-    if isinstance(example, list):
-        return [_slice(value, size) for value in example]
-    return example
-
-
 class DeadUnitReviver(Callback):
     r"""Revive the dead units after each training epoch's dead-unit report, with :func:`revive_dead_units_`.
 
@@ -750,7 +727,7 @@ class DeadUnitReviver(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._example = _slice(_example_of(batch, self.input_fn), self.example_size)
+        self._example = example_from_batch(batch, self.input_fn, self.example_size)
         if not self._example_checked:
             # the first batch tells whether the model can be observed on it: fail now, not after an epoch
             self._example_checked = True

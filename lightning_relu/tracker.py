@@ -63,6 +63,10 @@ class DeadUnitTracker:
             3-D outputs, which could be either. Naming a site also sets the later call positions of its module (or
             parent) created at run time, and a module's later positions found by tracing whose axis nothing else
             gives.
+        example_input: what the model's forward takes (a tensor, a tuple of positional arguments or a dict of
+            keyword arguments): one forward is observed on it (:func:`lightning_relu.structure.observe`, no state
+            changed) and every site whose axis no known layer fixes takes its producer's layout (the features of a
+            Linear, the channels of a convolution) instead of a guess from the rank.
 
     Example:
         >>> import torch
@@ -83,6 +87,7 @@ class DeadUnitTracker:
         eps: float = 0.01,
         track_margin: bool = False,
         unit_dims: Mapping[str, int] | None = None,
+        example_input: Any = None,
     ) -> None:
         _check_eps(eps)
         if not isinstance(track_margin, bool):
@@ -106,6 +111,9 @@ class DeadUnitTracker:
                 raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
             self._wanted = set(sites)
         self._unit_dims = _resolve_unit_dims(unit_dims, found)
+        if example_input is not None:
+            for name, dim in observed_unit_dims(model, example_input, found).items():
+                self._unit_dims.setdefault(name, dim)
         #: every site found, counted or not
         self.all_sites: list[Site] = found
         self.sites: list[Site] = [site for site in found if self._is_wanted(site.name)]
@@ -583,6 +591,24 @@ def _transformed(tensor: Tensor) -> bool:
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass (where checkpointing recomputes forwards)."""
     return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
+
+
+def observed_unit_dims(model: nn.Module, example_input: Any, found: Sequence[Site]) -> dict[str, int]:
+    """The unit axis (1 or -1) that one observed forward gives to each site whose axis nothing else fixes."""
+    from lightning_relu.structure import observe
+
+    structure = observe(model, example_input)
+    dims: dict[str, int] = {}
+    for site in found:
+        observed = structure.sites.get(site.name)
+        if site.producer is not None or site.norm is not None or observed is None or observed.producer is None:
+            continue
+        ndim = structure.ndims.get(site.name, 2)
+        if observed.producer.kind == "linear" and observed.unit_dim == ndim - 1:
+            dims[site.name] = -1
+        elif observed.producer.kind == "conv" and observed.unit_dim == 1:
+            dims[site.name] = 1
+    return dims
 
 
 def _new_stats(site: Site, eps: float, track_margin: bool, unit_dim: int | None = None) -> ActivationStats:

@@ -143,7 +143,7 @@ def test_a_site_fed_by_a_sum_has_no_producer_and_says_why() -> None:
             return self.out(self.act(self.a(x) + self.b(x)))
 
     site = observe(Sum(), torch.randn(2, 4)).sites["act"]
-    assert site.producer is None and "sums several branches" in (site.producer_problem or "")
+    assert site.producer is None and "combines several computed tensors" in (site.producer_problem or "")
     assert site.remedies == ()
 
 
@@ -262,3 +262,75 @@ def test_the_table_names_every_site_and_its_remedies() -> None:
     assert lines[2].split()[:5] == ["1", "3", "0", "-", "2"]
     assert "revive" in lines[2]
     assert "reaches the model's output" in lines[3] and "revive" not in lines[3]
+
+
+class _Untraceable(nn.Module):
+    """A token MLP whose forward branches on data: the trace fails, so no layer fixes the site's unit axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 1e9:  # data-dependent control flow
+            x = x * 0
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_an_example_input_gives_the_tracker_the_producers_unit_axis() -> None:
+    import warnings
+
+    from lightning_relu import DeadUnitTracker
+
+    torch.manual_seed(0)
+    model = _Untraceable()
+    with torch.no_grad():
+        model.fc1.bias[[1, 4]] = -1e4
+    x = torch.randn(2, 5, 4)  # (batch, tokens, features): 5 tokens, 6 units
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guessed = DeadUnitTracker(model)
+        with guessed:
+            model(x)
+    assert guessed.report()["act"].num_units == 5  # the rank-based guess counts tokens
+    observed = DeadUnitTracker(model, example_input=x)
+    with observed:
+        model(x)
+    report = observed.report()["act"]
+    assert report.num_units == 6
+    truth = (model.act(model.fc1(x)) > 0).reshape(-1, 6).any(0).logical_not()
+    assert torch.equal(report.dead, truth) and torch.nonzero(truth).reshape(-1).tolist() == [1, 4]
+
+
+def test_the_monitor_observes_the_first_batch_for_unit_axes(tmp_path) -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_relu import DeadUnitMonitor
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _Untraceable()
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            return self.net(x).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    module = Module()
+    with torch.no_grad():
+        module.net.fc1.bias[[2, 3]] = -1e4
+    x = torch.randn(8, 5, 4)
+    monitor = DeadUnitMonitor()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=4))
+    report = monitor.last_report["net.act"]
+    truth = (module.net.act(module.net.fc1(x)) > 0).reshape(-1, 6).any(0).logical_not()
+    assert report.num_units == 6 and torch.equal(report.dead, truth)

@@ -1,6 +1,7 @@
 """Structure of a model's rectifier sites, observed on one real forward (see :func:`observe`)."""
 
 from lightning_relu.structure.observation import (
+    AxisWatch,
     Consumer,
     Norm,
     ObservationError,
@@ -9,11 +10,13 @@ from lightning_relu.structure.observation import (
     SiteStructure,
     Structure,
     call_model,
+    example_from_batch,
     observe,
     preserved_state,
 )
 
 __all__ = [
+    "AxisWatch",
     "Consumer",
     "Norm",
     "ObservationError",
@@ -22,6 +25,7 @@ __all__ = [
     "SiteStructure",
     "Structure",
     "call_model",
+    "example_from_batch",
     "observe",
     "preserved_state",
 ]

@@ -36,7 +36,20 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Consumer", "Norm", "ObservationError", "ParamRef", "Producer", "SiteStructure", "Structure", "observe"]
+__all__ = [
+    "AxisWatch",
+    "Consumer",
+    "Norm",
+    "ObservationError",
+    "ParamRef",
+    "Producer",
+    "SiteStructure",
+    "Structure",
+    "call_model",
+    "example_from_batch",
+    "observe",
+    "preserved_state",
+]
 
 _AFFINE_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
 _NORM_OPS = {"batch_norm", "layer_norm", "group_norm", "instance_norm"}
@@ -352,6 +365,29 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
+def example_from_batch(batch: Any, input_fn: Callable[[Any], Any] | None = None, size: int | None = None) -> Any:
+    """The model's input in a training batch, as :func:`observe` takes it: ``input_fn(batch)``, else the batch
+    itself when it is a tensor or a dict (keyword arguments), else its first element; cut to its first ``size``
+    samples (every tensor in it) and detached."""
+    example = input_fn(batch) if input_fn is not None else batch
+    if input_fn is None and isinstance(batch, (tuple, list)) and batch:
+        example = batch[0]
+    return _cut(example, size)
+
+
+def _cut(example: Any, size: int | None) -> Any:
+    if isinstance(example, Tensor):
+        cut = example[:size] if size is not None and example.ndim else example
+        return cut.detach().clone()
+    if isinstance(example, Mapping):
+        return {key: _cut(value, size) for key, value in example.items()}
+    if isinstance(example, tuple):
+        return tuple(_cut(value, size) for value in example)
+    if isinstance(example, list):
+        return [_cut(value, size) for value in example]
+    return example
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Restore every buffer of ``model`` and the random number generators when the block ends."""
@@ -456,6 +492,61 @@ def _track_modules(model: nn.Module, stack: list[str]) -> list[Any]:
     return handles
 
 
+class AxisWatch:
+    """Give every site whose unit axis nothing fixes its producer's layout, on the site's first call in a real
+    forward (a training step), before that call is counted.
+
+    While :meth:`start`/:meth:`stop` bracket the forward, the operations are recorded (a thread-local
+    :class:`~torch.overrides.TorchFunctionMode`) and ``tracker``'s observer walks back from each open site's
+    rectifier to its Linear/ConvNd: the features of a Linear (last dimension), the channels of a convolution
+    (dimension 1). Nothing of the model changes; the recording is dropped at :meth:`stop`.
+    """
+
+    def __init__(self, model: nn.Module, tracker: Any, inputs: Any) -> None:
+        self.tracker = tracker
+        self.open = {
+            name for name, stats in tracker.stats.items() if stats.unit_dim is None and name not in tracker._unit_dims
+        }
+        self.adopted: dict[str, int] = {}
+        self._recorder: _Recorder | None = None
+        self._analysis: _Analysis | None = None
+        self._model = model
+        self._inputs = list(_tensors(inputs))
+
+    def start(self) -> AxisWatch:
+        if not self.open or self._recorder is not None:
+            return self
+        self._recorder = _Recorder(self._inputs, keep_rectifier_inputs=False)
+        self._analysis = _Analysis(self._model, self._recorder, [], None)
+        self.tracker._observer = self._seen
+        self._recorder.__enter__()
+        return self
+
+    def stop(self) -> dict[str, int]:
+        """End the recording (idempotent); returns the axes adopted, by site name."""
+        recorder, self._recorder = self._recorder, None
+        if recorder is not None:
+            self.tracker._observer = None
+            recorder.__exit__(None, None, None)
+            self._analysis = None
+        return self.adopted
+
+    def _seen(self, site: Any, output: Tensor) -> None:
+        if site.name not in self.open or self._recorder is None or self._analysis is None:
+            return
+        self.open.discard(site.name)
+        origin = self._recorder.origin.get(id(output))
+        if origin is None or output.ndim < 3:
+            return
+        producer = self._analysis._producer(self._recorder.nodes[origin[0]])[0]
+        if producer is None or output.shape[1 if producer.kind == "conv" else -1] != producer.weight.parameter.shape[0]:
+            return
+        dim = 1 if producer.kind == "conv" else -1
+        self.tracker.stats[site.name].unit_dim = dim
+        self.tracker._unit_dims[site.name] = dim
+        self.adopted[site.name] = dim
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
@@ -476,7 +567,8 @@ class _Analysis:
         self.nodes = recorder.nodes
         self.recorder = recorder
         self.calls = calls
-        self.output_ids = {id(t) for t in _tensors(output if not hasattr(output, "to_tuple") else output.to_tuple())}
+        shown = output.to_tuple() if hasattr(output, "to_tuple") else output
+        self.output_ids = {id(t) for t in _tensors(shown)}
         self.params: dict[int, tuple[str, str, nn.Module]] = {}
         for module_name, module in model.named_modules():
             for attribute, parameter in module.named_parameters(prefix="", recurse=False):
@@ -556,7 +648,7 @@ class _Analysis:
                 if len(data) == 1 and data[0][0] is not None and self._broadcasts_into(current, data[0][1]):
                     source = data[0][0]
                     continue
-                what = "sums several branches" if len(data) > 1 else f"comes from `{op}`"
+                what = f"combines several computed tensors (`{op}`)" if len(data) > 1 else f"comes from `{op}`"
                 return None, norms, f"its pre-activation {what} (in `{current.module or 'the model'}`)", None
             where = current.module or "the model"
             return None, norms, f"its pre-activation comes from `{op}` (in `{where}`), not from a Linear/ConvNd", None
