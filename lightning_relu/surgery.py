@@ -248,8 +248,10 @@ def _unit_values(values: Tensor, unit_dim: int, units: Tensor) -> Tensor:
 
 
 def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan]) -> dict[str, Tensor]:
-    """Make the revived units fire on about half of the example input's entries (two passes: the second
-    sees the earlier sites' shifts). Returns, per site, the mask of its revived units that stay constant."""
+    """Make the revived units fire on about half of the example input's entries (two passes: the second sees
+    the earlier sites' shifts). Returns, per site, the mask of its revived units whose pre-activation is constant
+    on the batch (every unit they read is dead): no shift makes those fire."""
+    silent: dict[str, Tensor] = {}
     for _ in range(2):
         seen = observe(model, example_input, keep_values=True)
         for plan in plans:
@@ -267,21 +269,16 @@ def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan]) -> dict
                 for tensor, value in ((batch_norm.running_mean, mean), (batch_norm.running_var, var)):
                     assert tensor is not None
                     plan.writes.write(tensor, (plan.units.to(tensor.device),), value.to(tensor))
+            z = _unit_values(pre, site.unit_dim, plan.units)
+            constant = (z.amax(1) - z.amin(1)) <= 1e-6 * z.abs().amax(1).clamp_min(1e-6)
+            if bool(constant.any()):
+                silent[plan.site.name] = constant
+            else:
+                silent.pop(plan.site.name, None)
             target = _shift_target(plan)
             if target is not None:
                 index = (plan.units.to(target.device),)
-                median = _unit_values(pre, site.unit_dim, plan.units).median(1).values
-                plan.writes.write(target, index, target[index] - median.to(target))
-    seen = observe(model, example_input, keep_values=True)
-    silent: dict[str, Tensor] = {}
-    for plan in plans:
-        pre = seen.pre_activations.get(plan.site.name)
-        if pre is None or not plan.units.numel():
-            continue
-        z = _unit_values(pre, plan.site.unit_dim, plan.units)
-        constant = (z.amax(1) - z.amin(1)) <= 1e-6 * z.abs().amax(1).clamp_min(1e-6)
-        if bool(constant.any()):
-            silent[plan.site.name] = constant
+                plan.writes.write(target, index, target[index] - z.median(1).values.to(target))
     return silent
 
 
