@@ -112,12 +112,17 @@ def _cpu() -> str:
 
 
 def _commit(root: Path) -> str:
+    """The commit measured, and whether the package's working tree differed from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "lightning_relu")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{commit} + uncommitted changes in lightning_relu/" if dirty else commit
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
