@@ -20,7 +20,6 @@ structure code). Each check compares the package with values computed here:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -42,13 +41,6 @@ PARAMS = [pytest.param(entry, id=entry.name, marks=[pytest.mark.zoo_fast] if ent
 
 REL_TOL = 1e-5  # revival keeps the output: max |after - before| <= REL_TOL * max |before|
 FIRE_SHARE = 0.99  # revived units active on the next batch
-
-
-@pytest.fixture(autouse=True)
-def _threads() -> Any:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _generator() -> torch.Generator:
@@ -120,16 +112,24 @@ def test_setup_and_forward_leave_state_untouched(entry: ZooModel) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- revival
-@functools.cache
-def _revival(name: str) -> dict[str, Any]:
-    """Force, measure one train-mode batch, revive with the held batch; shared by the two revival checks."""
+_REVIVALS: dict[str, dict[str, Any]] = {}  # by model: what the two revival checks share
+
+
+def _revival(name: str, keep: bool = True) -> dict[str, Any]:
+    """Force, measure one train-mode batch, revive with the held batch (computed once for the two revival checks)."""
+    result = _REVIVALS.get(name) if keep else _REVIVALS.pop(name, None)
+    if result is not None:
+        return result
     entry = next(e for e in MODELS if e.name == name)
     model, example, _ = checks.forced(entry)
     report = checks.tracked(model, example)
     before = checks.eval_output(model, example)
     revived = lightning_relu.revive_dead_units_(model, report, generator=_generator(), example_input=example)
     after = checks.eval_output(model, example)
-    return {"model": model, "example": example, "report": report, "revived": revived, "before": before, "after": after}
+    result = dict(model=model, example=example, report=report, revived=revived, before=before, after=after)
+    if keep:
+        _REVIVALS[name] = result
+    return result
 
 
 @pytest.mark.zoo_check("revive_output")
@@ -151,7 +151,7 @@ def test_revival_keeps_output(entry: ZooModel, record_property: Any) -> None:
 @pytest.mark.zoo_check("revive_fire")
 @pytest.mark.parametrize("entry", PARAMS)
 def test_revived_units_fire(entry: ZooModel, record_property: Any) -> None:
-    result = _revival(entry.name)
+    result = _revival(entry.name, keep=False)  # the last user: the model is changed below, and memory freed
     revived: dict[str, int] = {name: count for name, count in result["revived"].items() if count > 0}
     assert revived, "no unit revived"
     model = result["model"]
