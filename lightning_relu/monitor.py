@@ -341,6 +341,8 @@ class DeadUnitMonitor(Callback):
         self._stop_axis_watch()
         if self.tracker is not None:
             self.tracker.pause()
+        if self.reviver is not None and self.reviver not in trainer.callbacks:  # type: ignore[attr-defined]
+            self.reviver.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # it holds a batch slice
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:

@@ -170,6 +170,7 @@ def revive_dead_units_(
             max_fraction=max_fraction,
             excluded=excluded,
             check_output=check_output,
+            sites=None if sites is None else _as_sites(sites, model),
         )
     found = find_relu_sites(model) if sites is None else _as_sites(sites, model)
     sites_by_name = {site.name: site for site in found}
@@ -732,7 +733,7 @@ class DeadUnitReviver(Callback):
             # the first batch tells whether the model can be observed on it: fail now, not after an epoch
             self._example_checked = True
             try:
-                observe(pl_module, self._example)
+                observe(pl_module, self._example, sites=self._sites if self._sites_model is pl_module else None)
             except ObservationError as error:
                 raise MisconfigurationException(
                     f"`DeadUnitReviver` observes the model on a slice of the training batch to find each site's "

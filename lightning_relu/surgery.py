@@ -82,6 +82,7 @@ def revive_observed_(
     excluded: Iterable[str] = (),
     check_output: bool = True,
     rtol: float = 1e-5,
+    sites: Any = None,
 ) -> dict[str, int]:
     """Revive the ``dead`` units (bool mask per site name) of ``model``; see the module's docstring.
 
@@ -89,7 +90,11 @@ def revive_observed_(
     """
     from lightning_relu.revive import RevivalWarning  # the public warning class lives with the public function
 
-    structure = observe(model, example_input)
+    if sites is None:
+        from lightning_relu.sites import find_relu_sites
+
+        sites = find_relu_sites(model)  # once: every observation below reuses them
+    structure = observe(model, example_input, sites=sites)
     excluded = set(excluded)
     unknown = sorted(set(dead) - set(structure.known))
     if unknown:
@@ -100,7 +105,7 @@ def revive_observed_(
     counts: dict[str, int] = {}
     skipped: dict[str, str] = {}
     plans: list[_Plan] = []
-    alive = _alive_in_eval(model, example_input) if check_output else {}
+    alive = _alive_in_eval(model, example_input, sites) if check_output else {}
     for name, site in structure.sites.items():
         if name not in dead or name in excluded:
             continue
@@ -149,7 +154,7 @@ def revive_observed_(
     if plans:
         reference = _eval_output(model, example_input) if check_output else None
         with torch.no_grad():
-            silent = _operate(model, example_input, plans, generator, draw_rows, init)
+            silent = _operate(model, example_input, plans, generator, draw_rows, init, sites)
             if silent:
                 # units whose inputs are all dead cannot fire: undo, and revive the others alone
                 for plan in reversed(plans):
@@ -163,7 +168,7 @@ def revive_observed_(
                             "unit they read is dead and not revived): they cannot fire and were left dead"
                         )
                         plan.units = plan.units[~mask]
-                _operate(model, example_input, plans, generator, draw_rows, init)
+                _operate(model, example_input, plans, generator, draw_rows, init, sites)
         if reference is not None:
             _keep_what_preserves(model, example_input, plans, reference, rtol, skipped)
         touched: dict[Tensor, Tensor] = {}
@@ -184,14 +189,14 @@ def revive_observed_(
 
 # ------------------------------------------------------------------------------------------------ steps
 def _operate(
-    model: nn.Module, example_input: Any, plans: list[_Plan], generator: Any, draw_rows: Any, init: str
+    model: nn.Module, example_input: Any, plans: list[_Plan], generator: Any, draw_rows: Any, init: str, sites: Any
 ) -> dict[str, Tensor]:
     """Redraw, zero the outgoing weights, calibrate; returns the units that stay constant (see `_calibrate`)."""
     plans = [plan for plan in plans if plan.units.numel()]
     redrawn = _redraw(plans, generator, draw_rows, init)
     for plan in plans:
         _zero_outgoing(plan, redrawn)
-    silent = _calibrate(model, example_input, plans)
+    silent = _calibrate(model, example_input, plans, sites)
     for plan in plans:
         plan.writes.refresh()
     return silent
@@ -247,13 +252,13 @@ def _unit_values(values: Tensor, unit_dim: int, units: Tensor) -> Tensor:
     return moved[units.to(moved.device)].reshape(len(units), -1).double()
 
 
-def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan]) -> dict[str, Tensor]:
+def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan], sites: Any) -> dict[str, Tensor]:
     """Make the revived units fire on about half of the example input's entries (two passes: the second sees
     the earlier sites' shifts). Returns, per site, the mask of its revived units whose pre-activation is constant
     on the batch (every unit they read is dead): no shift makes those fire."""
     silent: dict[str, Tensor] = {}
     for _ in range(2):
-        seen = observe(model, example_input, keep_values=True)
+        seen = observe(model, example_input, keep_values=True, sites=sites)
         for plan in plans:
             site = seen.sites.get(plan.site.name)
             pre = seen.pre_activations.get(plan.site.name)
@@ -290,12 +295,12 @@ def _shift_target(plan: _Plan) -> Tensor | None:
     return producer.bias.parameter if producer is not None and producer.bias is not None else None
 
 
-def _alive_in_eval(model: nn.Module, example_input: Any) -> dict[str, Tensor]:
+def _alive_in_eval(model: nn.Module, example_input: Any, sites: Any) -> dict[str, Tensor]:
     """Per site reached, the units with an entry > 0 on the example input in evaluation mode."""
     was_training = model.training
     try:
         model.eval()
-        seen = observe(model, example_input, keep_values=True)
+        seen = observe(model, example_input, keep_values=True, sites=sites)
     finally:
         model.train(was_training)
     alive = {}

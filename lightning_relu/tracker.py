@@ -88,6 +88,7 @@ class DeadUnitTracker:
         track_margin: bool = False,
         unit_dims: Mapping[str, int] | None = None,
         example_input: Any = None,
+        discovered: Sequence[Site] | None = None,
     ) -> None:
         _check_eps(eps)
         if not isinstance(track_margin, bool):
@@ -102,7 +103,7 @@ class DeadUnitTracker:
         ):
             raise ValueError(f"`sites` must be a sequence of site names or None, got {sites!r}")
         self.model = model
-        found = find_relu_sites(model, trace=trace)
+        found = list(discovered) if discovered is not None else find_relu_sites(model, trace=trace)
         self._wanted: set[str] | None = None
         if sites is not None:
             names = [site.name for site in found]

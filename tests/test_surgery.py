@@ -165,3 +165,47 @@ def test_a_report_of_another_model_is_refused_before_anything_changes() -> None:
     with pytest.raises(ValueError, match="another model"):
         revive_dead_units_(model, report, example_input=x)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_units_revived_in_a_fit_are_alive_in_the_next_epoch(tmp_path, optimizer: str) -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_relu import DeadUnitMonitor
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ConvNet()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            if optimizer == "sgd":
+                return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    module = Module()
+    with torch.no_grad():
+        module.net.bn.bias[[1, 5]] = -1e4
+        module.net.dw.bias[[1, 2]] = -1e4
+        module.net.fc.bias[[0, 3, 7]] = -1e4
+    x, y = torch.randn(128, 3, 8, 8), torch.randint(0, 3, (128,))
+    monitor = DeadUnitMonitor(revive=True)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
+    first, second = monitor.history[0].layers, monitor.history[1].layers
+    revived = monitor.reviver.history[0]["revived"]
+    assert revived["net.act"] == 2 and revived["net.act_dw"] == 3 and revived["net.act_fc"] >= 3
+    still_dead = sum(int((first[name].dead & second[name].dead).sum()) for name in revived)
+    assert still_dead <= 0.01 * sum(revived.values())

@@ -411,6 +411,7 @@ def observe(
     *,
     keep_values: bool = False,
     unit_dims: Mapping[str, int] | None = None,
+    sites: Any = None,
 ) -> Structure:
     """Observe one real forward of ``model`` on ``example_input`` and derive every site's structure.
 
@@ -421,6 +422,8 @@ def observe(
         keep_values: also keep each site's pre-activation and its first norm's input on this batch
             (:attr:`Structure.pre_activations`, :attr:`Structure.norm_inputs`).
         unit_dims: unit axis per site name where no producer fixes it (see ``DeadUnitTracker``).
+        sites: the model's sites as :func:`~lightning_relu.find_relu_sites` returns them, to skip discovering
+            them again (default: discovered here).
 
     Raises:
         ObservationError: the forward failed on ``example_input``.
@@ -440,7 +443,7 @@ def observe(
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the counting warns about is the monitor's to say
-        tracker = DeadUnitTracker(model, unit_dims=unit_dims)
+        tracker = DeadUnitTracker(model, unit_dims=unit_dims, discovered=sites)
     calls: list[tuple[str, int, int]] = []  # (site name, node index, unit axis)
     recorder = _Recorder(list(_tensors(example_input)), keep_values)
 
