@@ -90,6 +90,8 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     for site in find_relu_sites(module, example_input=example_input):
         if site.producer is not None and _is_affine_layer(site.producer):
             producers.setdefault(id(site.producer), site.producer)
+    if example_input is not None and producers:
+        _warn_unreached(module, example_input)
     if not producers:
         warnings.warn(
             f"`rai_` found no rectifier site with a known producer in {type(module).__name__}: nothing was"
@@ -102,6 +104,22 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     for producer in producers.values():
         _rai_layer_(producer, generator)
     return module
+
+
+def _warn_unreached(model: nn.Module, example_input: Any) -> None:
+    """One warning naming the sites an initializer cannot act on, with the reason the observed forward gives."""
+    from lightning_relu.structure import observe
+
+    sites = observe(model, example_input).sites
+    missing = {name: site.producer_problem for name, site in sites.items() if site.producer is None}
+    if missing:
+        listed = "; ".join(f"{name!r}: {reason}" for name, reason in list(missing.items())[:8])
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        warnings.warn(
+            f"`rai_` left {len(missing)} site(s) without a single producer as they were: {listed}{more}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _is_affine_layer(module: object) -> bool:

@@ -334,3 +334,24 @@ def test_the_monitor_observes_the_first_batch_for_unit_axes(tmp_path) -> None:
     report = monitor.last_report["net.act"]
     truth = (module.net.act(module.net.fc1(x)) > 0).reshape(-1, 6).any(0).logical_not()
     assert report.num_units == 6 and torch.equal(report.dead, truth)
+
+
+def test_rai_acts_on_observed_producers_and_names_the_sites_it_cannot() -> None:
+    from lightning_relu import rai_
+
+    class Block(nn.Module):  # no nn.Sequential: only the observed forward links these layers
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.skip, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(4, 6), nn.Linear(6, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = F.relu(self.fc1(x))
+            return self.out(torch.relu(self.fc2(h) + self.skip(x)))
+
+    torch.manual_seed(0)
+    model = Block()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="combines several computed tensors"):
+        rai_(model, generator=torch.Generator().manual_seed(0), example_input=torch.randn(3, 4))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"fc1.weight", "fc1.bias"}  # fc2 and skip feed a sum: no single producer
