@@ -355,3 +355,22 @@ def test_rai_acts_on_observed_producers_and_names_the_sites_it_cannot() -> None:
         rai_(model, generator=torch.Generator().manual_seed(0), example_input=torch.randn(3, 4))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"fc1.weight", "fc1.bias"}  # fc2 and skip feed a sum: no single producer
+
+
+def test_observing_a_traced_model_leaves_batch_norm_state_alone() -> None:
+    class Custom(nn.Module):  # not built-in only: discovery traces it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    model = Custom().train()
+    x = torch.randn(4, 3, 6, 6)
+    state = copy.deepcopy(model.state_dict())
+    structure = observe(model, x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    site = next(iter(structure.sites.values()))
+    assert site.producer is not None and site.producer.name == "conv"
+    assert [c.name for c in site.consumers] == ["fc"] and "revive" in site.remedies

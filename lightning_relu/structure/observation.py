@@ -441,7 +441,8 @@ def observe(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
-    with warnings.catch_warnings():
+    # discovery may trace the model with torch.fx, which can run BatchNorm layers: their state comes back too
+    with preserved_state(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the counting warns about is the monitor's to say
         tracker = DeadUnitTracker(model, unit_dims=unit_dims, discovered=sites)
     calls: list[tuple[str, int, int]] = []  # (site name, node index, unit axis)
