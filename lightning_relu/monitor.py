@@ -327,6 +327,8 @@ class DeadUnitMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.reviver is not None and self.reviver not in trainer.callbacks:  # type: ignore[attr-defined]
+            self.reviver.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.tracker is not None:
             if trainer.global_step == 0 and batch_idx == 0 and self.tracker.model is pl_module:
                 # sites whose unit axis no known layer fixes take their producer's, seen in this step's forward

@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import LayerReport
-from lightning_relu.structure import ObservationError, example_from_batch, observe
+from lightning_relu.structure import ObservationError, RootCallWatch, example_from_batch, observe
 from lightning_relu.surgery import revive_observed_
 
 if TYPE_CHECKING:
@@ -593,7 +593,8 @@ class DeadUnitReviver(Callback):
         self.input_fn = input_fn
         self.example_size = example_size
         self.check_output = check_output
-        self._example: Any = None  # the held batch: a slice of the latest training batch's input
+        self._batch: Any = None  # the latest training batch (a reference)
+        self._watch: RootCallWatch | None = None  # the call the training step makes into the model
         self._example_checked = False
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be a positive integer, got {every_n_epochs!r}")
@@ -654,7 +655,8 @@ class DeadUnitReviver(Callback):
         monitor.add_report_listener(self._on_report)
 
     def detach(self) -> None:
-        """Stop acting on the monitor's reports (idempotent)."""
+        """Stop acting on the monitor's reports, and stop watching the training steps (idempotent)."""
+        self._stop_watch()
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.remove_report_listener(self._on_report)
@@ -663,7 +665,8 @@ class DeadUnitReviver(Callback):
     def _start_afresh(self) -> None:
         """Forget what an earlier fit left (its revivals, its drawn seed)."""
         self.history = []
-        self._example = None
+        self._batch = None
+        self._stop_watch()
         self._example_checked = False
         self._warned.clear()
         self._resolved_seed = self.seed
@@ -725,15 +728,30 @@ class DeadUnitReviver(Callback):
             self._resolved_seed = int(state_dict["seed"])
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.input_fn is None and (self._watch is None or self._watch.model is not pl_module):
+            # the call the training step makes into the model (its forward, or `self.net(x)`), with its arguments
+            self._stop_watch()
+            self._watch = RootCallWatch(pl_module).start()
+        if self._watch is not None:
+            self._watch.active = True
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._example = example_from_batch(batch, self.input_fn, self.example_size)
+        self._batch = batch  # a reference; the slice is taken when a revival needs it
+        if self._watch is not None:
+            self._watch.active = False  # validation and other calls between steps are not training inputs
+            self._watch.settle()
         if not self._example_checked:
             # the first batch tells whether the model can be observed on it: fail now, not after an epoch
             self._example_checked = True
             try:
-                observe(pl_module, self._example, sites=self._sites if self._sites_model is pl_module else None)
+                sites = self._sites if self._sites_model is pl_module else None
+                observe(pl_module, self._example_of(trainer), sites=sites)
             except ObservationError as error:
                 raise MisconfigurationException(
                     f"`DeadUnitReviver` observes the model on a slice of the training batch to find each site's "
@@ -741,9 +759,25 @@ class DeadUnitReviver(Callback):
                     "out of a batch (a tensor, a tuple of positional arguments or a dict of keyword arguments)."
                 ) from error
 
+    def _example_of(self, trainer: pl.Trainer) -> Any:
+        """The held example: the latest call the training step made into the model, else (with `input_fn`, or when
+        no call was seen) the latest batch's input; cut to `example_size` samples, as the step got them."""
+        if self._watch is not None:
+            call = self._watch.example(self.example_size)
+            if call is not None:
+                return call
+        if self._batch is None:
+            return None
+        return example_from_batch(trainer.precision_plugin.convert_input(self._batch), self.input_fn, self.example_size)
+
+    def _stop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_example"] = None  # a batch slice: not worth pickling
+        state["_batch"] = state["_watch"] = None  # a batch and hooks on the model: not pickled
         state["_monitor"] = None  # the link is re-made in `setup`/`attach`
         state["_sites"] = state["_sites_model"] = None  # they hold the model's modules
         return state
@@ -774,7 +808,8 @@ class DeadUnitReviver(Callback):
         known = getattr(self, "_site_names", None)
         layers = {k: v for k, v in report.layers.items() if known is None or k in known}
         # every rank operates on rank zero's held batch, so every rank makes the same surgery
-        example = trainer.strategy.broadcast(self._example, src=0) if trainer.world_size > 1 else self._example
+        example = self._example_of(trainer)
+        example = trainer.strategy.broadcast(example, src=0) if trainer.world_size > 1 else example
         tracker = getattr(self._monitor, "tracker", None)
         paused = tracker is not None and tracker.enabled
         if paused:

@@ -209,3 +209,42 @@ def test_units_revived_in_a_fit_are_alive_in_the_next_epoch(tmp_path, optimizer:
     assert revived["net.act"] == 2 and revived["net.act_dw"] == 3 and revived["net.act_fc"] >= 3
     still_dead = sum(int((first[name].dead & second[name].dead).sum()) for name in revived)
     assert still_dead <= 0.01 * sum(revived.values())
+
+
+def test_a_lightning_module_without_forward_is_revived_through_the_call_its_step_makes(tmp_path) -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_relu import DeadUnitMonitor
+
+    class NoForward(pl.LightningModule):  # training_step calls the network it holds, with a keyword argument
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ConvNet()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x=x), y)
+
+        def validation_step(self, batch, batch_idx):  # another input between steps: never held for revival
+            self.net(-100.0 * batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    module = NoForward()
+    with torch.no_grad():
+        module.net.fc.bias[[0, 3, 7]] = -1e4
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 3, (64,))
+    monitor = DeadUnitMonitor(revive=True)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1, limit_val_batches=1,
+    )  # fmt: skip
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    trainer.fit(module, loader, loader)
+    revived = monitor.reviver.history[0]["revived"]
+    dead = monitor.history[0].layers["net.act_fc"].dead
+    assert revived["net.act_fc"] == int(dead.sum()) >= 3
+    assert bool((_active_share(module.net, module.net.act_fc, x, 1)[dead] > 0.1).all())

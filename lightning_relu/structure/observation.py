@@ -292,6 +292,8 @@ def _op_name(func: Any) -> str:
 def _tensors(value: Any) -> Iterator[Tensor]:
     if isinstance(value, Tensor):
         yield value
+    elif isinstance(value, ModuleCall):
+        yield from _tensors((value.args, value.kwargs))
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
@@ -355,9 +357,24 @@ class _Recorder(TorchFunctionMode):
 
 
 # ------------------------------------------------------------------------------------------------ observe
+@dataclass(frozen=True, eq=False)
+class ModuleCall:
+    """An example input that calls a submodule of the model: ``model.get_submodule(module)(*args, **kwargs)``.
+
+    A training step often calls the network held by the LightningModule (``self.net(x)``), not the
+    LightningModule's own forward; :class:`RootCallWatch` records that call on a real step.
+    """
+
+    module: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
 def call_model(model: nn.Module, example_input: Any) -> Any:
     """Run ``model`` on an example input: a tensor (one positional argument), a tuple or list (positional
-    arguments) or a dict (keyword arguments)."""
+    arguments), a dict (keyword arguments) or a :class:`ModuleCall`."""
+    if isinstance(example_input, ModuleCall):
+        return model.get_submodule(example_input.module)(*example_input.args, **example_input.kwargs)
     if isinstance(example_input, Mapping):
         return model(**example_input)
     if isinstance(example_input, (tuple, list)):
@@ -375,16 +392,83 @@ def example_from_batch(batch: Any, input_fn: Callable[[Any], Any] | None = None,
     return _cut(example, size)
 
 
-def _cut(example: Any, size: int | None) -> Any:
+class RootCallWatch:
+    """Watch the training steps for the outermost call into ``model`` (the model's forward, or that of one of its
+    direct children, as ``self.net(x)`` in a ``training_step``) and keep a reference to its latest arguments.
+
+    Lightning's and Fabric's forward redirection (``training_step`` run through the model's call) is not a
+    forward and is skipped. :meth:`example` cuts the latest arguments to their first samples.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.root: str | None = None
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+        self._depth = 0
+        self._handles: list[Any] = []
+        #: calls are recorded only while true (a training step, not validation)
+        self.active = True
+
+    def start(self) -> RootCallWatch:
+        """Watch the model and its children until the root is known, then the root alone (idempotent)."""
+        if self._handles:
+            return self
+        names = [("", self.model)] if self.root is None else [(self.root, self.model.get_submodule(self.root))]
+        if self.root is None:
+            names += list(self.model.named_children())
+        for name, module in names:
+            self._handles.append(module.register_forward_pre_hook(self._enter(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+        return self
+
+    def settle(self) -> None:
+        """After the first step: keep watching the root only."""
+        if self.root is not None and len(self._handles) > 2:
+            self.stop()
+            self.start()
+
+    def stop(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._depth = 0
+
+    def _enter(self, name: str) -> Callable[..., None]:
+        def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            redirected = getattr(module.__dict__.get("forward"), "__name__", "") == "wrapped_forward"
+            if self.active and self._depth == 0 and not redirected and (self.root is None or self.root == name):
+                self.root, self.args, self.kwargs = name, args, kwargs
+            if not redirected:
+                self._depth += 1
+
+        return enter
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._depth > 0 and getattr(module.__dict__.get("forward"), "__name__", "") != "wrapped_forward":
+            self._depth -= 1
+
+    def example(self, size: int | None) -> ModuleCall | None:
+        """The latest root call, every batch-major tensor cut to its first ``size`` samples (None before one)."""
+        if self.root is None:
+            return None
+        first = next(_tensors((self.args, self.kwargs)), None)
+        batch = first.shape[0] if first is not None and first.ndim else None
+        return ModuleCall(self.root, _cut(self.args, size, batch), _cut(self.kwargs, size, batch))
+
+
+def _cut(example: Any, size: int | None, batch: int | None = None) -> Any:
+    """``example`` detached, its tensors cut to their first ``size`` samples (only those whose first dimension is
+    ``batch``, when given)."""
     if isinstance(example, Tensor):
-        cut = example[:size] if size is not None and example.ndim else example
-        return cut.detach().clone()
+        cuts = size is not None and example.ndim and (batch is None or example.shape[0] == batch)
+        return (example[:size] if cuts else example).detach().clone()
     if isinstance(example, Mapping):
-        return {key: _cut(value, size) for key, value in example.items()}
+        return {key: _cut(value, size, batch) for key, value in example.items()}
     if isinstance(example, tuple):
-        return tuple(_cut(value, size) for value in example)
+        return tuple(_cut(value, size, batch) for value in example)
     if isinstance(example, list):
-        return [_cut(value, size) for value in example]
+        return [_cut(value, size, batch) for value in example]
     return example
 
 
@@ -556,6 +640,8 @@ def _describe(value: Any) -> str:
         return f"a tensor of shape {tuple(value.shape)}"
     if isinstance(value, Mapping):
         return f"a dict with keys {list(value)}"
+    if isinstance(value, ModuleCall):
+        return f"a call of `{value.module or 'the model'}`"
     return type(value).__name__
 
 
