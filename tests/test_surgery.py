@@ -25,9 +25,8 @@ def _active_share(model: nn.Module, module: nn.Module, x: Tensor, unit_dim: int)
 
 
 def _report(model: nn.Module, x: Tensor):
-    with DeadUnitTracker(model) as tracker:
-        with torch.no_grad():
-            model(x)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(x)
     return tracker.report()
 
 
