@@ -28,7 +28,7 @@ from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import LayerReport
 from lightning_relu.structure import ObservationError, RootCallWatch, example_from_batch, observe
-from lightning_relu.surgery import revive_observed_
+from lightning_relu.surgery import reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
     from lightning_relu.monitor import DeadUnitMonitor, EpochReport
@@ -265,7 +265,7 @@ def revive_dead_units_(
             for consumer in plan.consumers:
                 _zero_consumer(plan.site, consumer, plan.units, touched)
         for opt in optimizers:
-            _reset_optimizer_state(opt, touched)
+            reset_optimizer_state(opt, touched)
     return counts
 
 
@@ -498,37 +498,6 @@ def _zero_consumer(site: Site, consumer: Consumer, units: Tensor, touched: dict[
         index = (rows, (units % in_per_group)[:, None])
     weight[index] = 0.0
     _mark(touched, weight, index)
-
-
-# Per-parameter state that a fresh optimizer does not start at zero: (optimizer type, state key) -> the
-# param-group option holding its starting value.
-_FRESH_STATE: tuple[tuple[type[Optimizer], str, str], ...] = (
-    (torch.optim.Rprop, "step_size", "lr"),  # Rprop starts every step size at the learning rate
-    (torch.optim.Adagrad, "sum", "initial_accumulator_value"),
-)
-
-
-def _fresh_value(optimizer: Optimizer, group: dict[str, Any], key: str) -> Any:
-    """What state ``key`` of a parameter of ``group`` holds before the optimizer's first step."""
-    for kind, state_key, option in _FRESH_STATE:
-        if isinstance(optimizer, kind) and key == state_key and option in group:
-            return group[option]
-    return 0
-
-
-def _reset_optimizer_state(optimizer: Optimizer, touched: dict[nn.Parameter, Tensor]) -> None:
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            mask = touched.get(param)
-            state = optimizer.state.get(param)
-            if mask is None or not state:
-                continue
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    fresh = _fresh_value(optimizer, group, key)
-                    if isinstance(fresh, Tensor):
-                        fresh = fresh.to(value.device, value.dtype)
-                    value.masked_fill_(mask.to(value.device), fresh)
 
 
 # ------------------------------------------------------------------------------------------------ callback

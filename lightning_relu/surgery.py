@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from lightning_relu.structure import SiteStructure, call_model, observe, preserved_state
 from lightning_relu.structure.observation import _tensors
 
-__all__ = ["revive_observed_"]
+__all__ = ["reset_optimizer_state", "revive_observed_"]
 
 
 class _Writes:
@@ -181,7 +181,7 @@ def revive_observed_(
                             touched[tensor] = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
                         touched[tensor][index] = True
         for optimizer in optimizers:
-            _reset_state(optimizer, touched)
+            reset_optimizer_state(optimizer, touched)
     for name, reason in skipped.items():
         warnings.warn(f"Site {name!r} was not revived (or only in part): {reason}.", RevivalWarning, stacklevel=3)
     return counts
@@ -372,7 +372,7 @@ _FRESH_STATE: tuple[tuple[type[Optimizer], str, str], ...] = (
 )
 
 
-def _reset_state(optimizer: Optimizer, touched: dict[Tensor, Tensor]) -> None:
+def reset_optimizer_state(optimizer: Optimizer, touched: Mapping[Tensor, Tensor]) -> None:
     """Set the optimizer state of every touched entry back to what a fresh optimizer starts it at."""
     for group in optimizer.param_groups:
         for param in group["params"]:

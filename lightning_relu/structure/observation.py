@@ -891,10 +891,15 @@ class _Analysis:
                 if value >= 0:
                     problems[owner[int(value)]].setdefault(why, None)
 
+        # what `_read` and `_consume` work with, for this pass
+        self._sites, self._owner, self._offsets, self._consumer_nodes, self._fail = (
+            sites, owner, offsets, consumer_nodes, fail
+        )
+
         for node in self.nodes:
             labeled = [(i, labels[s]) for i, s in enumerate(node.sources) if s is not None and s in labels]
             if labeled:
-                self._read(node, labeled, labels, sites, owner, offsets, consumer_nodes, fail)
+                self._read(node, labeled, labels)
             if node.index in starts:
                 name = starts[node.index]
                 site = sites[name]
@@ -927,17 +932,10 @@ class _Analysis:
                     )
             site.reader_problems = list(problems[name])
 
-    def _read(
-        self,
-        node: _Node,
-        labeled: list[tuple[int, Tensor]],
-        labels: dict[tuple[int, int], Tensor],
-        sites: dict[str, SiteStructure],
-        owner: list[str],
-        offsets: dict[str, int],
-        consumer_nodes: dict[str, set[int]],
-        fail: Callable[[Tensor, str], None],
-    ) -> None:
+    def _read(self, node: _Node, labeled: list[tuple[int, Tensor]], labels: dict[tuple[int, int], Tensor]) -> None:
+        """Push the labels of ``node``'s labeled inputs to its outputs, record it as a consumer, or name it as a
+        reader that blocks revival."""
+        fail = self._fail
         op = node.op
         where = f"`{op}` in `{node.module or 'the model'}`"
         first_position, first = labeled[0]
@@ -945,7 +943,7 @@ class _Analysis:
             if first_position != 0 or len(labeled) > 1:
                 fail(first, f"it is used as a weight by {where}")
                 return
-            self._consume(node, first, sites, owner, offsets, consumer_nodes, fail)
+            self._consume(node, first)
             return
         if op in _INSPECT_OPS:
             return
@@ -1062,16 +1060,9 @@ class _Analysis:
             result = spread
         return [result] if result is not None else None
 
-    def _consume(
-        self,
-        node: _Node,
-        label: Tensor,
-        sites: dict[str, SiteStructure],
-        owner: list[str],
-        offsets: dict[str, int],
-        consumer_nodes: dict[str, set[int]],
-        fail: Callable[[Tensor, str], None],
-    ) -> None:
+    def _consume(self, node: _Node, label: Tensor) -> None:
+        """Record an affine operation reading labeled entries, with the unit map of each site it reads."""
+        sites, owner, offsets, fail = self._sites, self._owner, self._offsets, self._fail
         where = f"`{node.op}` in `{node.module or 'the model'}`"
         if node.op == "linear":
             flat = label.reshape(-1, label.shape[-1]) if label.ndim > 1 else label.reshape(1, -1)
@@ -1093,4 +1084,4 @@ class _Analysis:
             mine = columns[(high[columns] >= offsets[name]) & (high[columns] < offsets[name] + sites[name].num_units)]
             units = high[mine] - offsets[name]
             sites[name].consumers.append(Consumer(weight.module_name, kind, weight, groups, mine, units))
-            consumer_nodes[name].add(node.index)
+            self._consumer_nodes[name].add(node.index)
