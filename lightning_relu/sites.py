@@ -319,8 +319,11 @@ def _built_in_only(model: nn.Module) -> bool:
 
 def _add_traced(model: nn.Module, sites: list[Site]) -> tuple[list[Site], Counter[int], bool]:
     from lightning_relu._trace import mentions_relu, trace_model
+    from lightning_relu.structure import preserved_state
 
-    result = trace_model(model, RECTIFIER_TYPES + PRODUCER_TYPES + NORM_TYPES, rectifier_owners(model))
+    # tracing may run modules for real (a traced BatchNorm counts a batch): their buffers and the RNG come back
+    with preserved_state(model):
+        result = trace_model(model, RECTIFIER_TYPES + PRODUCER_TYPES + NORM_TYPES, rectifier_owners(model))
     for name, module, error in result.failures:
         if not mentions_relu(module):
             continue

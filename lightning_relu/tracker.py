@@ -124,6 +124,9 @@ class DeadUnitTracker:
         self._axis_warned: set[str] = set()
         # called with (site, output) for every counted rectifier output while set (`lightning_relu.structure`)
         self._observer: Callable[[Site, Tensor], None] | None = None
+        # the first forward's recording that gives open sites their producer's unit axis (`AxisWatch`)
+        self._watch_axes = True
+        self._axis_watch: Any = None
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
@@ -199,7 +202,25 @@ class DeadUnitTracker:
         for owner, keys in owners.values():
             reset = _Hook(self._make_reset(keys, flush=owner is self.model))
             self._handles.append(owner.register_forward_pre_hook(reset))
+        if self._watch_axes:
+            # sites whose unit axis no known layer fixes take their producer's, seen on the first forward
+            self._handles.append(
+                self.model.register_forward_pre_hook(_Hook(self._start_axis_watch), with_kwargs=True)
+            )
+            self._handles.append(self.model.register_forward_hook(_Hook(self._stop_axis_watch), always_call=True))
         return self
+
+    def _start_axis_watch(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        from lightning_relu.structure import AxisWatch
+
+        if self._watch_axes and self._axis_watch is None and self.enabled:
+            self._axis_watch = AxisWatch(self.model, self, (args, kwargs)).start()
+
+    def _stop_axis_watch(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        watch, self._axis_watch = self._axis_watch, None
+        if watch is not None:
+            watch.stop()
+            self._watch_axes = False  # once: the first forward has shown every site it reaches
 
     def detach(self) -> None:
         """Remove the hooks (idempotent; safe to call from error paths)."""

@@ -288,11 +288,11 @@ def test_an_example_input_gives_the_tracker_the_producers_unit_axis() -> None:
         model.fc1.bias[[1, 4]] = -1e4
     x = torch.randn(2, 5, 4)  # (batch, tokens, features): 5 tokens, 6 units
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        guessed = DeadUnitTracker(model)
-        with guessed:
+        warnings.simplefilter("error")  # no rank-based guess: the first forward shows the producer
+        first_forward = DeadUnitTracker(model)
+        with first_forward:
             model(x)
-    assert guessed.report()["act"].num_units == 5  # the rank-based guess counts tokens
+    assert first_forward.report()["act"].num_units == 6
     observed = DeadUnitTracker(model, example_input=x)
     with observed:
         model(x)

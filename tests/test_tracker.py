@@ -549,17 +549,37 @@ def test_unit_dims_sets_the_axis_of_sites_no_layer_fixes():
     batches = [torch.randn(3, 9, 4), torch.randn(2, 5, 4)]  # (batch, time, features), the time varies
     with torch.no_grad():
         out = torch.cat([torch.relu(model.fc(x)).reshape(-1, 8) for x in batches])
+    # the first forward shows the Linear feeding the site: its features are the units, no guess and no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with DeadUnitTracker(model) as tracker:
+            for x in batches:
+                model(x)
+    assert tracker.report()["act"].num_units == 8
+    assert tracker.report()["act"].dead.nonzero().flatten().tolist() == [1, 6]
+
+    class NoProducer(nn.Module):  # the rectifier reads the input itself: nothing fixes the axis
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # untraceable
+                x = x * 0
+            return self.act(x)
+
+    bare = NoProducer()
     with (
         pytest.warns(RuntimeWarning, match=r"expects 9 units .* are its units on another dimension\? Say which"),
         pytest.warns(
             RuntimeWarning,
             match=r"Site 'act' has no known Linear/ConvNd layer, so the units of its 3-D "
-            r"output of shape \(3, 9, 8\) are taken along dimension 1",
+            r"output of shape \(3, 9, 4\) are taken along dimension 1",
         ),
-        DeadUnitTracker(model) as tracker,
+        DeadUnitTracker(bare) as tracker,
     ):
         for x in batches:
-            model(x)
+            bare(x)
     assert tracker.report()["act"].num_units == 9  # the guess: time steps taken for units
 
     with warnings.catch_warnings():

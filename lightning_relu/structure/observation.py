@@ -529,6 +529,7 @@ def observe(
     with preserved_state(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the counting warns about is the monitor's to say
         tracker = DeadUnitTracker(model, unit_dims=unit_dims, discovered=sites)
+        tracker._watch_axes = False  # the analysis below finds every producer
     calls: list[tuple[str, int, int]] = []  # (site name, node index, unit axis)
     recorder = _Recorder(list(_tensors(example_input)), keep_values)
 
