@@ -21,6 +21,7 @@ structure code). Each check compares the package with values computed here:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -124,9 +125,14 @@ def _revival(name: str, keep: bool = True) -> dict[str, Any]:
     model, example, _ = checks.forced(entry)
     report = checks.tracked(model, example)
     before = checks.eval_output(model, example)
-    revived = lightning_relu.revive_dead_units_(model, report, generator=_generator(), example_input=example)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        revived = lightning_relu.revive_dead_units_(model, report, generator=_generator(), example_input=example)
+    for warning in caught:  # shown in the run's warnings summary as usual
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    said = [str(w.message).splitlines()[0] for w in caught if issubclass(w.category, lightning_relu.RevivalWarning)]
     after = checks.eval_output(model, example)
-    result = dict(model=model, example=example, report=report, revived=revived, before=before, after=after)
+    result = dict(model=model, example=example, report=report, revived=revived, before=before, after=after, said=said)
     if keep:
         _REVIVALS[name] = result
     return result
@@ -140,7 +146,8 @@ def test_revival_keeps_output(entry: ZooModel, record_property: Any) -> None:
     total = sum(revived.values())
     dead = sum(int(layer.num_dead) for layer in result["report"].values())
     record_property("detail", f"{total} of {dead} dead units revived")
-    assert total >= 1, f"no unit revived ({dead} dead units reported)"
+    first = f"; {len(result['said'])} warning(s), first: {result['said'][0]}" if result["said"] else "; no warning"
+    assert total >= 1, f"no unit revived ({dead} dead units reported{first})"
     before: Tensor = result["before"]
     after: Tensor = result["after"]
     assert bool(torch.isfinite(after).all()), "the output is not finite after revival"
