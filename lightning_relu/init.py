@@ -7,9 +7,10 @@ it only changes the signs of whole affine maps, chosen from one forward pass ove
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from lightning_relu import _native
 from lightning_relu.sites import Site, find_relu_sites
-from lightning_relu.structure import ObservationError
+from lightning_relu.structure import ObservationError, call_model
 
 __all__ = ["RAI_SIGMA_SCALE", "SignFlipReport", "rai_", "sign_flip_"]
 
@@ -352,16 +353,17 @@ def sign_flip_(
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
-            inputs = _collect_inputs(data, input_fn, max_samples).to(device)
+            inputs = _to_device(_collect_inputs(data, input_fn, max_samples), device)
             # the links come from a forward observed on a few of the samples (the pass reports a failing forward)
             with contextlib.suppress(ObservationError):
-                pass_state = _SignFlipPass(find_relu_sites(model, example_input=inputs[:8]))
+                pass_state = _SignFlipPass(find_relu_sites(model, example_input=_first_samples(inputs, 8)))
             model.eval()
             for module in model.modules():
                 if isinstance(module, _BatchNorm):
                     module.train()
-            pass_state.start(inputs.shape[0])
-            if inputs.device.type == "cpu" and _HOST_DECISIONS:
+            pass_state.start(_first_samples(inputs, None, count=True))
+            on_host = isinstance(inputs, Tensor) and inputs.device.type == "cpu"
+            if on_host and _HOST_DECISIONS:
                 # the C kernel the monitors count with (built on the first call in a process) answers the CPU
                 # decisions' question in one call per site, reading each sample only up to its first living entries
                 pass_state.kernel = _native.counting_kernel()
@@ -369,13 +371,18 @@ def sign_flip_(
                     pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
             handles = pass_state.register()
             try:
-                model(inputs)
+                call_model(model, inputs)
             except (RuntimeError, ValueError, TypeError) as err:
                 if pass_state.error is not None:
                     raise pass_state.error from err
                 raise ValueError(
-                    f"`sign_flip_` could not run the model on `data` of shape {tuple(inputs.shape)}"
+                    f"`sign_flip_` could not run the model on `data` of shape {_shape_of(inputs)}"
                     f" ({_expected_input(model)}): {err}"
+                    + (
+                        "; dict batches are passed as keyword arguments: pass `input_fn` to take the input out of them"
+                        if isinstance(inputs, dict)
+                        else ""
+                    )
                 ) from err
             if pass_state.error is not None:
                 raise pass_state.error
@@ -693,13 +700,64 @@ def _generators_of(data: Any) -> list[torch.Generator]:
     return list(found.values())
 
 
-def _collect_inputs(data: Any, input_fn: Callable[[Any], Tensor] | None, max_samples: int | None) -> Tensor:
+def _to_device(inputs: Tensor | dict[str, Tensor], device: torch.device) -> Tensor | dict[str, Tensor]:
+    if isinstance(inputs, dict):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
+def _first_samples(inputs: Any, size: int | None, count: bool = False) -> Any:
+    """The first ``size`` samples of a tensor or a dict of tensors (keyword arguments); with ``count``, how many
+    samples there are (the first dimension of the first tensor)."""
+    if isinstance(inputs, dict):
+        if count:
+            return next(iter(inputs.values())).shape[0]
+        return {key: value[:size] for key, value in inputs.items()}
+    return inputs.shape[0] if count else inputs[:size]
+
+
+def _shape_of(inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return {key: tuple(value.shape) for key, value in inputs.items()}
+    return tuple(inputs.shape)
+
+
+def _collect_keyword_inputs(batches: Iterable[Any], max_samples: int | None) -> dict[str, Tensor]:
+    """Dict batches (keyword arguments of the model, a Hugging Face batch): every tensor concatenated along its
+    first dimension, up to ``max_samples`` samples."""
+    parts: dict[str, list[Tensor]] = {}
+    count = 0
+    for batch in batches:
+        if not isinstance(batch, Mapping) or not all(isinstance(v, Tensor) and v.dim() for v in batch.values()):
+            raise ValueError("`data` mixes dict batches with other batches, or a dict batch holds a non-tensor value")
+        size = next(iter(batch.values())).shape[0]
+        take = size if max_samples is None else min(size, max_samples - count)
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value[:take])
+        count += take
+        if max_samples is not None and count >= max_samples:
+            break
+    if count == 0:
+        raise ValueError("`data` holds no samples: expected a tensor of shape (num_samples, ...) with num_samples >= 1")
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def _collect_inputs(
+    data: Any, input_fn: Callable[[Any], Tensor] | None, max_samples: int | None
+) -> Tensor | dict[str, Tensor]:
     if isinstance(data, Tensor):
         batches: Iterable[Any] = [data]
     elif isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
         raise ValueError(f"`data` must be a tensor, a list/tuple of batches or a DataLoader, got {type(data).__name__}")
     else:
         batches = data
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("`data` holds no samples: expected a tensor of shape (num_samples, ...) with num_samples >= 1")
+    batches = itertools.chain([first], iterator)
+    if input_fn is None and isinstance(first, Mapping):
+        return _collect_keyword_inputs(batches, max_samples)
     parts: list[Tensor] = []
     count = 0
     for batch in batches:

@@ -20,21 +20,18 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_relu.init as init_module
 from lightning_relu.init import RAI_SIGMA_SCALE, SignFlipReport, rai_, sign_flip_
 from lightning_relu.sites import find_relu_sites
-from tests.helpers import counting_path
 
 # --------------------------------------------------------------------------------------------------------------------
 # rai_
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module", params=["host decisions", "host decisions, ATen", "device decisions"])
+@pytest.fixture(autouse=True, scope="module", params=["host decisions", "device decisions"])
 def decision_path(request):
-    """Every test runs with the CPU's host-integer decisions (answered by the C kernel where it builds, and by ATen
-    reductions) and with the device path CUDA tensors take."""
+    """Every test runs with the CPU's host-integer decisions and with the device path CUDA tensors take."""
     previous = init_module._HOST_DECISIONS
     init_module._HOST_DECISIONS = request.param != "device decisions"
-    with counting_path("aten" if request.param == "host decisions, ATen" else "kernel"):
-        yield request.param
+    yield request.param
     init_module._HOST_DECISIONS = previous
 
 
@@ -693,3 +690,36 @@ def test_sign_flip_restores_modes_through_train_overrides() -> None:
     sign_flip_(model, torch.randn(32, 3))
     assert model.training and not model[2].training and not model[2].weight.requires_grad
     assert [m.training for m in model] == [True, True, False, True]
+
+
+def test_sign_flip_takes_keyword_batches_and_rows_that_merge_batch_and_tokens() -> None:
+    class TokenMLP(nn.Module):  # a decoder MLP: (batch, tokens, features) flattened to (batch * tokens, features)
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            h = self.embed(input_ids) * attention_mask[..., None]
+            return self.fc2(self.act(self.fc1(h.reshape(-1, h.shape[-1]))))
+
+    torch.manual_seed(0)
+    model = TokenMLP()
+    with torch.no_grad():
+        model.embed.weight.abs_()  # non-negative features ...
+        model.fc1.weight.abs_().neg_()  # ... every weight <= 0 ...
+        model.fc1.bias.fill_(-0.1)  # ... and a negative bias: most samples die at the site unless flipped
+    batches = [
+        {"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6)} for _ in range(3)
+    ]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sign_flip_(model, batches)
+    assert report["act"].num_samples == 12  # the 72 rows grouped back into 12 samples
+    assert report["act"].flipped
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.abs(), before[key].abs()), key
+    # brute force: after the flip, each sample keeps some token row alive at the site
+    with torch.no_grad():
+        ids = torch.cat([b["input_ids"] for b in batches])
+        rows = model.act(model.fc1(model.embed(ids).reshape(-1, 8))).reshape(12, -1)
+    assert report["act"].living_after == (rows > 0).any(1).double().mean().item()
