@@ -374,3 +374,18 @@ def test_observing_a_traced_model_leaves_batch_norm_state_alone() -> None:
     site = next(iter(structure.sites.values()))
     assert site.producer is not None and site.producer.name == "conv"
     assert [c.name for c in site.consumers] == ["fc"] and "revive" in site.remedies
+
+
+def test_a_transpose_by_attribute_keeps_the_unit_map() -> None:
+    class Transposed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.mix = nn.Linear(4, 3), nn.ReLU(), nn.Linear(5, 2)
+
+        def forward(self, x: Tensor) -> Tensor:  # x: (features=4, samples=5) -> units on dim 1 after .T
+            return self.mix(self.act(self.fc(x.T)).T)
+
+    site = observe(Transposed(), torch.randn(4, 5)).sites["act"]
+    assert site.producer is not None and site.producer.name == "fc"
+    # the transpose puts the 3 units on the rows the Linear `mix` reads as its batch: no column carries one unit
+    assert site.consumers == [] and any("several units" in p for p in site.reader_problems)

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_relu.functional import counting
+
 __all__ = [
     "AxisWatch",
     "Consumer",
@@ -55,7 +57,8 @@ _AFFINE_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
 _NORM_OPS = {"batch_norm", "layer_norm", "group_norm", "instance_norm"}
 # between a producer and its site: operations that keep each unit's values apart
 _CHAIN_OPS = {
-    "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "contiguous", "clone", "to", "float",
+    "attr:data", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "contiguous", "clone", "to",
+    "float",
     "double", "half", "bfloat16", "type", "type_as", "detach", "identity",
 }  # fmt: skip
 _ARITH_OPS = {
@@ -69,10 +72,10 @@ _MOVE_OPS = {
     "unsqueeze", "__getitem__", "narrow", "select", "expand", "expand_as", "cat", "concat", "concatenate", "stack",
     "split", "chunk", "unbind", "tensor_split", "movedim", "moveaxis", "swapaxes", "swapdims", "reshape_as",
     "view_as", "repeat", "flip", "roll", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "split_with_sizes",
-    "tile", "hsplit", "vsplit", "dsplit", "broadcast_to",
+    "tile", "hsplit", "vsplit", "dsplit", "broadcast_to", "attr:T", "attr:mT", "attr:H", "attr:mH",
 }  # fmt: skip
 # operations that change the dtype only: the labels pass unchanged
-_CAST_OPS = {"to", "float", "double", "half", "bfloat16", "type", "type_as", "detach", "cpu", "cuda"}
+_CAST_OPS = {"attr:data", "to", "float", "double", "half", "bfloat16", "type", "type_as", "detach", "cpu", "cuda"}
 # elementwise functions that map 0 to 0: a dead unit's zeros stay zeros, each entry keeps its unit
 _ZERO_PRESERVING = {
     "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "relu", "relu_", "relu6", "hardtanh",
@@ -282,10 +285,18 @@ class _Node:
     module: str
 
 
+# tensor attributes that are views of the data: ``x.T`` is recorded as the operation ``attr:T``
+_VIEW_ATTRIBUTES = {"T", "mT", "H", "mH", "data"}
+
+
 def _op_name(func: Any) -> str:
     name = getattr(func, "__name__", None)
     if name is None:
         name = getattr(getattr(func, "__func__", None), "__name__", "")
+    if name == "__get__":
+        attribute = getattr(getattr(func, "__self__", None), "__name__", "")
+        if attribute in _VIEW_ATTRIBUTES:
+            return f"attr:{attribute}"
     return str(name)
 
 
@@ -325,6 +336,8 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if counting():  # a tracker's hook counting a site's output: not the model's data flow
+            return func(*args, **kwargs)
         op = _op_name(func)
         if op in _INSPECT_OPS and op not in ("nonzero",):
             return func(*args, **kwargs)
@@ -995,6 +1008,8 @@ class _Analysis:
 
         args = tuple(swap(a) for a in node.args)
         kwargs = {k: swap(v) for k, v in node.kwargs.items()}
+        if node.op.startswith("attr:"):
+            return [getattr(args[0], node.op[5:])]
         if joins:
             func: Any = getattr(torch, node.op)
         elif node.op in ("pixel_shuffle", "pixel_unshuffle", "channel_shuffle"):
