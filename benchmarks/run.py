@@ -6,9 +6,8 @@
 Each step-overhead figure is a ratio of medians from a process in which the two variants run in interleaved
 blocks (many rounds of "a block of steps with, a block without"), so that machine drift cancels; it is
 measured in --processes fresh processes (5 by default) and the median is reported, with the range of the
-processes' own figures. The tracker folds its pending results once every 16 passes, which the blocks never
-reach: that fold is timed on its own and its share (a sixteenth per step) is added to every step figure.
-Budgets (checked unless --no-budgets; the script exits 1 when one is missed):
+processes' own figures. Every hook adds its output's counts to the site's states before it returns: nothing
+waits to be folded later. Budgets (checked unless --no-budgets; the script exits 1 when one is missed):
 
 - monitoring with exact per-unit counts on every training step: at most 1.02x the step time, for
   `DeadUnitTracker` in a plain loop and for `DeadUnitMonitor` in `Trainer.fit`;
@@ -23,8 +22,8 @@ So that the figures measure the code, the benchmark runs with glibc told to keep
 has the same effect); ``--system-malloc`` keeps the defaults. Minor page faults per step are reported for
 each variant.
 
-CPU outputs are counted by the fused C kernel where it builds (the counting path is printed and kept in the
-JSON); ``LIGHTNING_RELU_KERNEL=off python benchmarks/run.py`` measures the ATen operations instead.
+Counting uses ATen operations only (``lightning_relu.functional``; nothing is compiled). The run's date and machine
+are printed and kept in the JSON.
 
 With each tracker row comes the floor it sits on: bare forward hooks on the same sites that compute only the
 counting operations (the median process's figure).
@@ -57,10 +56,9 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, batch
 
-from lightning_relu import ActivationStats, DeadUnitMonitor, DeadUnitTracker, _native, revive_dead_units_
+from lightning_relu import DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
+from lightning_relu.functional import _activation_stats_update
 from lightning_relu.init import sign_flip_
-from lightning_relu.stats import _reductions
-from lightning_relu.tracker import _FOLD_AFTER
 
 SECTIONS = ("tracker", "margin", "lightning", "sign_flip", "revival", "compiled")
 STEP_BUDGET = 1.02
@@ -98,7 +96,8 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "counting": _native.describe(),  # the spawned processes count the same way (same environment)
+        "counting": "ATen operations (lightning_relu.functional)",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
 
@@ -152,62 +151,18 @@ def interleaved(
     return result
 
 
-def fold_cost(tracker: DeadUnitTracker, run_pass: Callable[[], None], repeats: int = 5) -> float:
-    """Seconds to fold the results of ``_FOLD_AFTER`` passes into the states (median of ``repeats``).
-
-    The tracker folds what its hooks computed once every ``_FOLD_AFTER`` passes. The interleaved blocks never
-    reach that many passes (detaching folds, untimed), so the step figures add this cost divided by
-    ``_FOLD_AFTER`` to every step.
-    """
-    times = []
-    for _ in range(repeats):
-        tracker.flush()
-        for _ in range(_FOLD_AFTER):
-            run_pass()
-        t0 = time.perf_counter()
-        tracker.flush()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _with_fold(result: dict[str, Any], fold: float, step: float) -> dict[str, Any]:
-    """``result`` with ``fold_ms`` and the fold's share of a step added to its ratio."""
-    result["fold_ms"] = fold * 1e3
-    result["ratio_without_fold"] = result["ratio"]
-    result["ratio"] += fold / _FOLD_AFTER / step
-    return result
-
-
 def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callable[[], None]]:
     """(attach, detach) of bare forward hooks on the tracker's module sites that do the counting the tracker's hooks
-    do and nothing else: the floor the tracker's own bookkeeping sits on. Each hook binds the kernel call into states
-    of its own once, on its first output, and then only runs it (the kernel's bare cost); where the kernel does not
-    take the output, it computes the ATen reductions (the workloads' outputs keep their shape)."""
+    do and nothing else: the floor the tracker's own bookkeeping (and torchmetrics' ``update`` wrapper) sits on. Each
+    hook runs the counting function with a workspace of its own, as the tracker's states keep theirs."""
     handles: list[Any] = []
-    stats = ActivationStats()
-    kernel = _native.counting_kernel()
-    bound: dict[int, Any] = {}
-    states: list[tuple[torch.Tensor, ...]] = []  # kept alive: the bound calls write into them
+    workspaces: dict[int, Any] = {}
+    sites = [site for site in tracker.sites if site.module is not None]
+    unit_dims = {id(site.module): tracker.stats[site.name].unit_dim for site in sites}
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        call = bound.get(id(module))
-        if call is not None:
-            function, arguments = call
-            function(output.data_ptr(), *arguments, torch.get_num_threads())
-            return
-        out = output.detach()
-        axis = stats.unit_axis(out)
-        if kernel is not None:
-            # states made once, as the tracker's are; the call is bound to them
-            counts = torch.zeros(out.shape[axis], dtype=torch.float64)
-            killed, nonfinite = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
-            call = kernel.bind(out, axis, counts, killed, nonfinite)
-            if call is not None:
-                bound[id(module)] = call
-                states.append((counts, killed, nonfinite))
-                kernel.run(call, out)
-                return
-        _reductions(out, axis, out.numel() // (out.shape[0] * out.shape[axis]))
+        key = id(module)
+        workspaces[key] = _activation_stats_update(output, unit_dims[key], workspaces.get(key))[-1]
 
     def attach() -> None:
         modules = {id(site.module): site.module for site in tracker.sites if site.module is not None}
@@ -243,7 +198,7 @@ def time_in_hooks(tracker: DeadUnitTracker, step: Callable[[], None], steps: int
 
     make_reset = tracker._make_reset
     tracker._hook = timed(tracker._hook)  # type: ignore[method-assign]
-    tracker._make_reset = lambda keys, flush: timed(make_reset(keys, flush))  # type: ignore[method-assign]
+    tracker._make_reset = lambda keys: timed(make_reset(keys))  # type: ignore[method-assign]
     per_step = []
     try:
         tracker.attach()
@@ -292,9 +247,6 @@ def _tracked_vs_plain(
         attach_bare, detach_bare = _counting_only(tracker)
         variants["counting_only"] = (attach_bare, step, detach_bare)
     medians = interleaved(variants, rounds, block)
-    tracker.attach()
-    fold = fold_cost(tracker, step)
-    tracker.detach()
     result = {
         "step_ms": medians["plain"] * 1e3,
         "tracked_step_ms": medians["tracked"] * 1e3,
@@ -305,9 +257,8 @@ def _tracked_vs_plain(
         result["counting_only_ratio"] = medians["ratios"]["counting_only"]
         in_hooks = time_in_hooks(tracker, step, 4 * block)
         result["hooks_ms"] = in_hooks * 1e3
-        # the share of a plain step spent in the hooks, plus the fold's share (a sixteenth of a fold per step)
-        result["hooks_share"] = (in_hooks + fold / _FOLD_AFTER) / medians["plain"]
-    return _with_fold(result, fold, medians["plain"]), model, run, tracker, x
+        result["hooks_share"] = in_hooks / medians["plain"]  # the share of a plain step spent in the hooks
+    return result, model, run, tracker, x
 
 
 def bench_tracker(name: str, rounds: int, block: int) -> dict[str, float]:
@@ -358,10 +309,10 @@ class _Module(L.LightningModule):
 class _Blocks(Callback):
     """Times every training step of one fit, switching the monitor's hooks off and on in alternating blocks.
 
-    Registered before the monitor, so a step's time includes the monitor's ``on_train_batch_start`` (where it
-    folds); its ``on_train_batch_end`` (a flag) runs after the timer stops. Each round runs a
-    block of steps without the hooks and one with them (in alternating order); the first step of a block is not
-    timed. With the hooks removed the monitor's callbacks still run (they set a flag and find nothing to fold).
+    Registered before the monitor, so a step's time includes the monitor's ``on_train_batch_start``; its
+    ``on_train_batch_end`` runs after the timer stops. Each round runs a block of steps without the hooks and one
+    with them (in alternating order); the first step of a block is not timed. With the hooks removed the monitor's
+    callbacks still run.
     """
 
     def __init__(self, monitor: DeadUnitMonitor, block: int) -> None:
@@ -425,20 +376,13 @@ def bench_lightning(name: str, rounds: int, block: int) -> dict[str, Any]:
     ]
     plain = [t for block_times in plain_blocks for t in block_times]
     monitored = [t for block_times in monitored_blocks for t in block_times]
-    tracker = blocks.tracker
-    assert tracker is not None
-    tracker.attach()
-    tracker.resume()
-    with torch.no_grad():  # the monitor's tracker, with the same outputs as in training
-        fold = fold_cost(tracker, lambda: (tracker.new_pass(), module.net(x)))
-    tracker.detach()
     result = {
         "step_ms": statistics.median(plain) * 1e3,
         "monitored_step_ms": statistics.median(monitored) * 1e3,
         "ratio": statistics.median(ratios),
         "page_faults_per_step": {variant: blocks.faults_per_step(variant) for variant in ("plain", "monitored")},
     }
-    return _with_fold(result, fold, statistics.median(plain))
+    return result
 
 
 class _Repeat(Dataset):
@@ -610,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record("tracker", name, r, f"DeadUnitTracker step, {name}", "step_ms", STEP_BUDGET)
             label = f"  the counting operations alone (bare hooks, same loop), {name}"
             rows.append((label, f"{r['step_ms']:.2f} ms", f"{r['counting_only_ratio']:.3f}x", "-", "-"))
-            label = f"  time inside the tracker's hooks (+ fold share) per step, {name}"
+            label = f"  time inside the tracker's hooks per step, {name}"
             spread = r.get("hooks_shares")
             shares = f" ({1 + min(spread):.3f}-{1 + max(spread):.3f})" if spread else ""
             share = f"{1 + r['hooks_share']:.3f}x{shares}"
@@ -647,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = results["machine"]
     print(f"\nmachine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)")
     print(f"malloc: {allocator}")
-    print(f"counting: {m['counting']}")
+    print(f"counting: {m['counting']}; date: {m['date']}")
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     print(f"results written to {args.json}")
     if failures and not args.no_budgets and not args.quick:

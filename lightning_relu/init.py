@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_relu import _native
 from lightning_relu.sites import Site, find_relu_sites
 from lightning_relu.structure import ObservationError, call_model
 
@@ -363,12 +362,8 @@ def sign_flip_(
                     module.train()
             pass_state.start(_first_samples(inputs, None, count=True))
             on_host = isinstance(inputs, Tensor) and inputs.device.type == "cpu"
-            if on_host and _HOST_DECISIONS:
-                # the C kernel the monitors count with (built on the first call in a process) answers the CPU
-                # decisions' question in one call per site, reading each sample only up to its first living entries
-                pass_state.kernel = _native.counting_kernel()
-                if inputs.is_floating_point():
-                    pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
+            if on_host and _HOST_DECISIONS and inputs.is_floating_point():
+                pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
             handles = pass_state.register()
             try:
                 call_model(model, inputs)
@@ -445,7 +440,6 @@ class _SignFlipPass:
         self._alive: Tensor | None = None
         self._living = 0
         self._buffers: dict[torch.dtype, tuple[Tensor, ...]] = {}  # per-pass buffers of CPU decisions
-        self.kernel: _native._Kernel | None = None  # CPU decisions: the C kernel, where it is built
         self._num_samples = 0
         # hook module -> its sites in call order, and how many times it was called in this pass
         self._inputs: dict[nn.Module, list[Site]] = {}
@@ -607,12 +601,8 @@ class _SignFlipPass:
 
     def _killed_on_host(self, z: Tensor, flipped: bool, dead: Tensor) -> tuple[int, int]:
         """Mark in ``dead`` the samples the site kills (``flipped``: would kill were it negated) and count them:
-        (all of them, the living ones among them). With the C kernel where it takes ``z``, else two reductions."""
+        (all of them, the living ones among them): a reduction per sample and a comparison, into the pass's buffers."""
         alive = self._alive
-        if self.kernel is not None:
-            found = self.kernel.dead_rows(z, flipped, alive, dead)
-            if found is not None:
-                return found
         peak, _, _, scratch, _ = self._host_buffers(z.dtype)
         flat = z.reshape(z.shape[0], -1)
         # NaN propagates into amax and amin and is neither <= 0 nor >= 0: the sample survives
@@ -627,9 +617,7 @@ class _SignFlipPass:
         """:meth:`_visit` for CPU tensors, where reading a count costs nothing: the same decision, with the small
         arithmetic in Python and only the reductions it needs. The flipped survival (a second pass over ``z``) is
         measured only when more than half of the living samples would be killed, the living mask is kept only
-        once a sample has been killed, and nothing is multiplied or negated at a site that does not flip. The C
-        kernel, where it is built and takes ``z``, answers which samples are killed in one call that reads each
-        sample only up to its first block of entries that lives (two reductions over all of ``z`` else). Every
+        once a sample has been killed, and nothing is multiplied or negated at a site that does not flip. Every
         per-sample result is written into buffers allocated once per pass: the pass allocates nothing per site
         beyond what the model does, so it leaves the memory allocator in the state a plain forward pass would.
         """

@@ -487,7 +487,7 @@ class DeadUnitMonitor(Callback):
         sizes = trainer.strategy.reduce(sizes, reduce_op="max")
         for stats, size in zip(lazy, sizes.tolist(), strict=True):
             if stats.active.numel() == 0 and size > 0:
-                stats.active = torch.zeros(int(size), dtype=torch.float64, device=stats.device)
+                stats.active = torch.zeros(int(size), dtype=stats.active.dtype, device=stats.device)
             if stats.track_margin and stats.pre_sum.numel() == 0 and size > 0:
                 stats.pre_sum = torch.zeros(int(size), dtype=torch.float64, device=stats.device)
                 stats.pre_sumsq = torch.zeros(int(size), dtype=torch.float64, device=stats.device)

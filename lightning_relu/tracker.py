@@ -15,14 +15,12 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._trace import FUNCTIONAL_RECTIFIERS
 from lightning_relu.sites import Site, _join, find_relu_sites, rectifier_owners
-from lightning_relu.stats import ActivationStats, LayerReport, _check_eps, flush_stats
+from lightning_relu.stats import ActivationStats, LayerReport, _check_eps
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
 
 # Call positions counted per rectifier module and forward pass.
 _MAX_POSITIONS = 64
-# forward passes whose results wait before the tracker folds them into the states, all sites at once
-_FOLD_AFTER = 16
 
 
 class NoReluSitesWarning(UserWarning):
@@ -138,9 +136,6 @@ class DeadUnitTracker:
         self._positions: dict[int, list[tuple[Site, ActivationStats] | None]] = {}
         self._first_site: dict[int, Site] = {}
         self._modes: dict[int, _FunctionalCounter] = {}
-        # sites with results waiting to be folded into their states (see `flush`), by id
-        self._dirty: dict[int, ActivationStats] = {}
-        self._passes_unfolded = 0  # passes begun with results waiting since the last fold
         for site in sorted(found, key=lambda s: s.call_index):
             key = id(site.module if site.kind == "module" else site.parent)
             self._first_site.setdefault(key, site)
@@ -200,7 +195,7 @@ class DeadUnitTracker:
                     self._handles.append(child.register_forward_hook(_Hook(mode.exit_child), always_call=True))
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
         for owner, keys in owners.values():
-            reset = _Hook(self._make_reset(keys, flush=owner is self.model))
+            reset = _Hook(self._make_reset(keys))
             self._handles.append(owner.register_forward_pre_hook(reset))
         if self._watch_axes:
             # sites whose unit axis no known layer fixes take their producer's, seen on the first forward
@@ -227,7 +222,6 @@ class DeadUnitTracker:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        self.flush()
         for mode in self._modes.values():
             mode.close()
         self._modes.clear()
@@ -252,42 +246,17 @@ class DeadUnitTracker:
     def new_pass(self) -> None:
         """Mark the start of a new forward pass (call positions restart; the model's own forward does this)."""
         self._calls.clear()
-        self._flush_pending()
 
     def flush(self) -> None:
-        """Fold the counts of the outputs seen so far into :attr:`stats`.
+        """Nothing to do: every hook adds its output's counts to the site's :attr:`stats` before it returns (kept so
+        that code written for the versions that folded waiting results still runs)."""
 
-        CPU outputs the fused kernel takes are counted straight into the states. Otherwise the hooks only reduce each
-        output; the additions to the states wait and are done for every site at once, with a few batched tensor
-        operations, when a forward pass of the model (or :meth:`new_pass`) begins and ``_FOLD_AFTER`` (16) such
-        beginnings have passed with results waiting. Sample and entry counts wait on the host either way.
-        :meth:`report`, :meth:`detach` and :meth:`to` flush too (:meth:`reset` drops what waits); call it before
-        reading :attr:`stats` directly.
-        """
-        self._flush_pending(force=True)
-        for stats in self.stats.values():
-            stats.flush()  # also the sample and entry counts, kept on the host until a reader needs them
-
-    def _flush_pending(self, force: bool = False) -> None:
-        dirty = self._dirty
-        if not dirty:
-            return
-        if not force:  # a pass begins: fold once `_FOLD_AFTER` have begun since the last fold
-            self._passes_unfolded += 1
-            if self._passes_unfolded < _FOLD_AFTER:
-                return
-        flush_stats(dirty.values())
-        dirty.clear()
-        self._passes_unfolded = 0
-
-    def _make_reset(self, keys: list[int], flush: bool) -> Any:
+    def _make_reset(self, keys: list[int]) -> Any:
         calls = self._calls
 
         def reset(module: nn.Module, inputs: Any) -> None:
             for key in keys:
                 calls[key] = 0
-            if flush:
-                self._flush_pending()
 
         return reset
 
@@ -315,8 +284,6 @@ class DeadUnitTracker:
         if entry is None:
             return
         stats = entry[1]
-        if stats.update_margin_again(pre_activation):  # a pre-activation like the site's last one, by the kernel
-            return
         if _transformed(pre_activation):
             self._warn_transformed()
             return
@@ -339,8 +306,6 @@ class DeadUnitTracker:
         site, stats = entry
         if self._observer is not None:
             self._observer(site, output)
-        if stats.accumulate_again(output):  # an output like the site's last one, counted by the kernel
-            return
         if _transformed(output):
             self._warn_transformed()
             return
@@ -353,8 +318,7 @@ class DeadUnitTracker:
             return
         if stats.device != output.device:
             stats.to(output.device)
-        if stats.accumulate(output):  # works on the detached output: no autograd graph
-            self._dirty[id(stats)] = stats  # results wait to be folded
+        stats.update(output)  # counts the detached output: no autograd graph
 
     @staticmethod
     def _base_name(first: Site) -> str:
@@ -479,19 +443,15 @@ class DeadUnitTracker:
 
         In a distributed run every process must call it: counts are summed across processes.
         """
-        self.flush()
         return {name: _compute(stats) for name, stats in self.stats.items()}
 
     def reset(self) -> None:
         """Zero every count."""
-        self._dirty.clear()
-        self._passes_unfolded = 0
         for stats in self.stats.values():
             stats.reset()
 
     def to(self, device: torch.device | str) -> DeadUnitTracker:
         """Move the counts to ``device`` (they also follow the activations automatically)."""
-        self.flush()
         for stats in self.stats.values():
             stats.to(device)
         return self

@@ -117,31 +117,18 @@ def retry_spawn_abort(test: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-_BUILT: dict[str, Any] = {}  # the kernel, built once for the whole test session
-
-
 @contextlib.contextmanager
 def counting_path(path: str) -> Iterator[None]:
-    """Count CPU outputs with the fused C kernel (``"kernel"``; the test is skipped where it cannot be built) or
-    with ATen operations (``"aten"``) inside the block, whatever ``LIGHTNING_RELU_KERNEL`` says."""
-    from lightning_relu import _native
+    """Count CPU outputs inside the block with the CPU path (``"cpu"``: chunks of samples into reused buffers) or
+    with the plain ATen operations that GPU tensors, tensor subclasses and ``torch.compile`` take (``"plain"``)."""
+    import lightning_relu.functional as functional
 
-    if path not in ("kernel", "aten"):
-        raise ValueError(f"path must be 'kernel' or 'aten', got {path!r}")
-    saved = dict(_native._state)
+    if path not in ("cpu", "plain"):
+        raise ValueError(f"path must be 'cpu' or 'plain', got {path!r}")
+    original = functional._workspace
+    if path == "plain":
+        functional._workspace = lambda output, axis, cached: None
     try:
-        _native._state.clear()
-        if path == "aten":
-            _native._state["mode"] = "off"
-        else:
-            _native._state["mode"] = "auto"
-            _native._state.update(_BUILT)
-            if _native.counting_kernel() is None:
-                import pytest
-
-                pytest.skip(f"the counting kernel is not available here: {_native.describe()}")
-            _BUILT["kernel"] = _native._state["kernel"]
         yield
     finally:
-        _native._state.clear()
-        _native._state.update(saved)
+        functional._workspace = original

@@ -1525,12 +1525,12 @@ def test_revive_with_a_report_measured_on_a_deep_copy():
     assert counts["2"] == int(tracker.report()["2"].num_dead) >= 1
 
 
-@pytest.mark.parametrize("counting", ["kernel", "aten"])
+@pytest.mark.parametrize("counting", ["cpu", "plain"])
 @pytest.mark.parametrize("margin", [False, True])
 def test_outputs_inside_torch_func_transforms_are_skipped_with_one_warning(counting, margin):
     """Inside ``torch.func.vmap``/``grad`` a site sees wrappers without storage, whose results could not be folded
     outside the transform: they are not counted (one RuntimeWarning), the plain passes around them still are, and
-    reports still work. Outputs of the same shape as a site's last one do not slip through the kernel's fast path."""
+    reports still work. Outputs of the same shape as a site's last one do not slip into its reused CPU buffers."""
     with helpers.counting_path(counting):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))

@@ -81,8 +81,10 @@ def test_unseen_report_and_state_round_trip():
 
 
 def test_compute_sees_updates_made_after_an_earlier_compute():
-    stats = ActivationStats(num_units=2)
-    stats.accumulate(torch.tensor([[1.0, 0.0]]))
+    stats = ActivationStats(num_units=2, track_margin=True)
+    stats.update(torch.tensor([[1.0, 0.0]]))
     assert stats.compute().active_count.tolist() == [1, 0]
-    stats.accumulate(torch.tensor([[1.0, 2.0]]))  # the hot path, outside torchmetrics' update wrapper
+    stats.update(torch.tensor([[1.0, 2.0]]))
     assert stats.compute().active_count.tolist() == [2, 1]
+    stats.update_margin(torch.tensor([[4.0, -2.0]]))  # outside `update`: no cached result may hide it
+    assert stats.compute().pre_mean.tolist() == [4.0, -2.0]
