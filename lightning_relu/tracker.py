@@ -65,6 +65,8 @@ class DeadUnitTracker:
             keyword arguments): one forward is observed on it (:func:`lightning_relu.structure.observe`, no state
             changed) and every site whose axis no known layer fixes takes its producer's layout (the features of a
             Linear, the channels of a convolution) instead of a guess from the rank.
+        discovered: the model's sites as :func:`~lightning_relu.find_relu_sites` returns them (another tracker's
+            ``all_sites``), to skip discovering them again.
 
     Example:
         >>> import torch
