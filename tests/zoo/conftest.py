@@ -42,6 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "zoo_check(name): which conformance check a zoo test is")
     config._zoo_results = {}  # type: ignore[attr-defined]
     config._zoo_started = time.time()  # type: ignore[attr-defined]
+    config._zoo_commit = _commit(Path(str(config.rootpath)))  # type: ignore[attr-defined]  # what the run measures
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -139,7 +140,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "selection": config.getoption("--zoo"),
         "seconds": round(time.time() - config._zoo_started, 1),  # type: ignore[attr-defined]
-        "commit": _commit(Path(str(config.rootpath))),
+        "commit": config._zoo_commit,  # type: ignore[attr-defined]
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
