@@ -9,9 +9,9 @@ input (the :class:`~lightning_relu.DeadUnitReviver` always gives one: a slice of
    themselves being redrawn (a revived unit of the next site may read it: chains revive together);
 3. **the revived units are made to fire**: on the example input, with the model in its current mode, a
    BatchNorm's running statistics for the unit are set to the batch's, and the unit's bias (the norm's, else
-   the producer's) is shifted so that its pre-activation's median is 0, so it is active on about half of the
-   batch's entries. A unit whose pre-activation is constant on the batch (all its inputs are dead and not
-   revived) cannot fire: it is put back as it was and reported;
+   the producer's) is shifted so that it is active on about half of the batch's entries (more when it has few
+   entries, as a dense layer on a small batch: see `_threshold`). A unit whose pre-activation is constant on the
+   batch (all its inputs are dead and not revived) cannot fire: it is left dead and reported;
 4. **the output is checked**: in evaluation mode, on the example input, the model's output must equal the
    output before the surgery (relative tolerance ``rtol``); a site whose surgery changes it is rolled back and
    reported with the reason.
@@ -283,8 +283,22 @@ def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan], sites: 
             target = _shift_target(plan)
             if target is not None:
                 index = (plan.units.to(target.device),)
-                plan.writes.write(target, index, target[index] - z.median(1).values.to(target))
+                plan.writes.write(target, index, target[index] - _threshold(z).to(target))
     return silent
+
+
+def _threshold(z: Tensor) -> Tensor:
+    """Per unit (row of ``z``), the value to subtract from its pre-activation so that it is active on about half of
+    its entries, or on more when it has few (a dense layer on a small batch: with ``n`` entries a unit active on a
+    share ``p`` of them is dead on a fresh batch of the same size with probability about ``(1 - p) ** n``, kept
+    under 1% up to a share of 90%)."""
+    n = z.shape[1]
+    share = min(0.9, max(0.5, 1.0 - 0.01 ** (1.0 / n)))
+    k = math.floor((1.0 - share) * n)  # the k smallest entries end at or below 0
+    if k == 0:  # so few entries that every one must be active: below the smallest by half the spread
+        low, high = z.amin(1), z.amax(1)
+        return low - 0.5 * (high - low)
+    return z.kthvalue(k, dim=1).values
 
 
 def _shift_target(plan: _Plan) -> Tensor | None:
