@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_relu.sites import Site, find_relu_sites
+from lightning_relu.sites import Site, find_relu_sites, may_call_rectifiers
 from lightning_relu.structure import ObservationError, call_model
 
 __all__ = ["RAI_SIGMA_SCALE", "SignFlipReport", "rai_", "sign_flip_"]
@@ -57,8 +57,8 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     initialized this way and every other layer (the output layer, layers the discovery cannot link to a rectifier)
     keeps its values. The model is changed in place under ``torch.no_grad()``. Pass ``example_input`` to find the
     producers on one observed forward (any nesting, fused norm-activation layers, standardised weights: the draw
-    goes into the parameter the weight is computed from); without it, only ``nn.Sequential`` order and the trace
-    link them.
+    goes into the parameter the weight is computed from); without it, only ``nn.Sequential`` order links them, and
+    layers feeding a rectifier function (``F.relu``) or a ReLU inside a custom ``forward`` are not found.
 
     Args:
         module: an ``nn.Linear``, an ``nn.Conv1d``/``Conv2d``/``Conv3d``, or a model containing rectifier sites.
@@ -96,7 +96,8 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
         warnings.warn(
             f"`rai_` found no rectifier site with a known producer in {type(module).__name__}: nothing was"
             " initialized. RAI applies to the Linear/ConvNd layers that feed an `nn.ReLU`/`nn.ReLU6` directly"
-            " (possibly through a norm layer) inside an `nn.Sequential`; otherwise call `rai_` on such layers.",
+            " (possibly through a norm layer) inside an `nn.Sequential`, or on a forward observed on"
+            " `example_input=`; otherwise call `rai_` on such layers.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -327,13 +328,12 @@ def sign_flip_(
         raise ValueError("`data` must be a tensor, a list/tuple of batches or a DataLoader, got None")
 
     sites = find_relu_sites(model)
-    if not sites:
-        warnings.warn(
-            f"`sign_flip_` found no rectifier site (`nn.ReLU`/`nn.ReLU6` module) in {type(model).__name__}:"
-            " nothing to flip.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    nothing = (
+        f"`sign_flip_` found no rectifier site (`nn.ReLU`/`nn.ReLU6` module or rectifier function call) in "
+        f"{type(model).__name__}: nothing to flip."
+    )
+    if not sites and not may_call_rectifiers(model):  # no module of its own whose forward could call `F.relu`
+        warnings.warn(nothing, RuntimeWarning, stacklevel=2)
         return {}
 
     device = _model_device(model)
@@ -355,7 +355,8 @@ def sign_flip_(
             inputs = _to_device(_collect_inputs(data, input_fn, max_samples), device)
             # the links come from a forward observed on a few of the samples (the pass reports a failing forward)
             with contextlib.suppress(ObservationError):
-                pass_state = _SignFlipPass(find_relu_sites(model, example_input=_first_samples(inputs, 8)))
+                sites = find_relu_sites(model, example_input=_first_samples(inputs, 8))
+                pass_state = _SignFlipPass(sites)
             model.eval()
             for module in model.modules():
                 if isinstance(module, _BatchNorm):
@@ -411,6 +412,8 @@ def sign_flip_(
             stacklevel=2,
         )
     pass_state.finish()
+    if not sites:
+        warnings.warn(nothing, RuntimeWarning, stacklevel=2)
     missed = [site.name for site in sites if site.name not in pass_state.reports]
     missed = [name for name in missed if name not in pass_state.unobservable]
     if missed:

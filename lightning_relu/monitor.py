@@ -124,8 +124,8 @@ class DeadUnitMonitor(Callback):
         revive: ``True`` to revive dead units after each report with a default
             :class:`~lightning_relu.DeadUnitReviver`, or a configured ``DeadUnitReviver`` to use; its state is
             saved with the monitor's.
-        trace: trace the model with ``torch.fx`` to find functional rectifier calls and residual-block links
-            (see :func:`~lightning_relu.find_relu_sites`).
+        trace: find functional rectifier calls (``F.relu``, ``torch.relu``, ``x.relu()``) on the first forward
+            (see :class:`~lightning_relu.DeadUnitTracker`); ``False`` counts ``nn.ReLU``/``nn.ReLU6`` modules only.
         eps: activity threshold of a *dying* unit (Arnekvist et al.), in [0, 1].
         track_margin: also measure each unit's pre-activation mean and standard deviation over the epoch (two
             more float reductions per site and step): the death margin ``m = mean / std`` predicts the activity
@@ -273,19 +273,20 @@ class DeadUnitMonitor(Callback):
             track_margin=self.track_margin,
             unit_dims=self.unit_dims,
         )
-        if not tracker.sites:
-            rank_zero_warn(
-                f"`DeadUnitMonitor` found no `nn.ReLU`/`nn.ReLU6` module in {type(pl_module).__name__}: "
-                "it has nothing to count and training goes on untouched.",
-                category=RuntimeWarning,
-            )
+        nothing = (
+            f"`DeadUnitMonitor` found no `nn.ReLU`/`nn.ReLU6` module in {type(pl_module).__name__}: "
+            "it has nothing to count and training goes on untouched."
+        )
+        if not tracker.sites and not tracker.discovering:
+            rank_zero_warn(nothing, category=RuntimeWarning)
+        tracker._no_sites_warning = (nothing, RuntimeWarning)  # said after the first forward, where it looks
         self.tracker = tracker
         if self.reviver is not None:
             self.reviver.attach(self, pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.tracker is None or not self.tracker.sites:
+        if self.tracker is None or (not self.tracker.sites and not self.tracker.discovering):
             return
         self.tracker.to(pl_module.device)
         self.tracker.pause()

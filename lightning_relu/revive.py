@@ -25,7 +25,15 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
-from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
+from lightning_relu.sites import (
+    NORM_TYPES,
+    Consumer,
+    Site,
+    SiteTracingWarning,
+    find_relu_sites,
+    matches_site,
+    may_call_rectifiers,
+)
 from lightning_relu.stats import LayerReport
 from lightning_relu.structure import ObservationError, RootCallWatch, example_from_batch, observe
 from lightning_relu.surgery import reset_optimizer_state, revive_observed_
@@ -219,9 +227,9 @@ def revive_dead_units_(
     if no_producer:
         warnings.warn(
             f"Sites {no_producer} have dead units but no known producer (Linear/ConvNd right before the rectifier, "
-            "possibly through a norm layer, inside an `nn.Sequential` or in a traced forward, and applied only "
-            "there: a layer also registered or applied elsewhere is never linked): they cannot be revived and were "
-            "skipped.",
+            "possibly through a norm layer, inside an `nn.Sequential`, and applied only there: a layer also "
+            "registered or applied elsewhere is never linked): they cannot be revived and were skipped. Pass "
+            "`example_input=` to find the producers on a real forward.",
             RevivalWarning,
             stacklevel=2,
         )
@@ -340,7 +348,9 @@ def _validate_layer(name: str, layer: Any, sites: dict[str, Site]) -> None:
     if name not in sites:
         raise ValueError(
             f"The report has a site {name!r} that the model does not have; the model's sites are {list(sites)}. "
-            "Was the report measured on another model?"
+            "Was the report measured on another model? (Without `example_input=`, only the model's `nn.ReLU` "
+            "modules are known: pass `example_input=` to find rectifier function calls and later call positions "
+            "on a real forward.)"
         )
     _check_layer(name, layer)
     dead = layer.dead
@@ -758,9 +768,9 @@ class DeadUnitReviver(Callback):
             if self._sites is None or self._sites_model is not pl_module:
                 self._sites, self._sites_model = find_relu_sites(pl_module), pl_module
             names = [site.name for site in self._sites]
-        self._site_names = set(names)
-        unknown = [name for name in self.exclude if name not in names]
-        if unknown:
+        # later call positions (`<site>_<k>`) and functional calls show up on the first forward only
+        unknown = [name for name in self.exclude if not matches_site(name, names)]
+        if unknown and not may_call_rectifiers(pl_module):
             raise ValueError(f"`exclude` has unknown site names {unknown}; the model's sites are {names}")
 
     def _generator(self, trainer: pl.Trainer, epoch: int) -> torch.Generator:
@@ -773,9 +783,7 @@ class DeadUnitReviver(Callback):
         if (report.epoch + 1) % self.every_n_epochs != 0:
             return
         generator = self._generator(trainer, report.epoch)
-        # call positions that only showed up at run time have no producer known to discovery: nothing to revive
-        known = getattr(self, "_site_names", None)
-        layers = {k: v for k, v in report.layers.items() if known is None or k in known}
+        layers = dict(report.layers)
         # every rank operates on rank zero's held batch, so every rank makes the same surgery
         example = self._example_of(trainer)
         example = trainer.strategy.broadcast(example, src=0) if trainer.world_size > 1 else example

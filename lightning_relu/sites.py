@@ -6,15 +6,17 @@ initialization, revival) is built on the list that :func:`find_relu_sites` retur
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "FUNCTIONAL_RECTIFIERS",
     "NORM_TYPES",
     "PRODUCER_TYPES",
     "RECTIFIER_TYPES",
@@ -26,8 +28,20 @@ __all__ = [
 
 
 class SiteTracingWarning(UserWarning):
-    """Part of a model could not be traced: functional rectifier calls in it are not seen."""
+    """Kept for compatibility: the ``torch.fx`` trace that raised it is gone (sites are found on a real forward)."""
 
+
+#: Functions and methods that apply a rectifier, as ``__torch_function__`` sees them: each call is a site of kind
+#: ``"function"``.
+FUNCTIONAL_RECTIFIERS: dict[Any, str] = {
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    torch.Tensor.relu: "relu",
+    torch.Tensor.relu_: "relu",
+    F.relu6: "relu6",
+}
 
 #: Rectifier modules that make a site.
 RECTIFIER_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -111,8 +125,8 @@ class Site:
             ``Tensor.relu``, their in-place forms and ``F.relu6``.
         parent: for a functional site, the module whose ``forward`` makes the call.
         parent_name: qualified name of ``parent``.
-        callees: for a functional site, the qualified names of the modules that ``parent``'s forward calls, as
-            traced (calls made inside them are theirs, not the parent's).
+        callees: for a functional site, the qualified names of the modules that ``parent``'s forward called in the
+            forward that found it (calls made inside them are theirs, not the parent's).
     """
 
     name: str
@@ -147,31 +161,28 @@ class Site:
 def find_relu_sites(model: nn.Module, trace: bool = True, *, example_input: Any = None) -> list[Site]:
     """Find every place where ``model`` applies a rectifier.
 
-    Module sites (``nn.ReLU``, ``nn.ReLU6``) come from the module tree. With ``trace=True`` the model is
-    also traced with ``torch.fx`` (where that fails, its children are, recursively), which adds:
-
-    - functional calls in ``forward`` (``F.relu``, ``torch.relu``, ``Tensor.relu``, in-place forms,
-      ``F.relu6``) as sites of kind ``"function"``;
-    - one site per later call position of a module applied at several places (``<name>_<k>``);
-    - producer and consumer links outside ``nn.Sequential`` (residual blocks, custom modules).
-
-    Producers and consumers are linked only where the data flow is certain: inside ``nn.Sequential``
-    containers, nested ones included, or in the traced graph where the pre-activation feeds nothing else
-    and the site's output feeds only Linear/ConvNd layers (through pooling, dropout or flatten). A layer applied
-    more or less often than the site runs (a layer shared with another path) is not linked: acting on it for this
-    site would change its other places, and neither is a layer sharing a parameter with another. Without a
-    whole-model trace, a layer counts as applied once per place it holds in the ``nn.Sequential`` chains; a ReLU
-    module registered under several names gets no chain links (the trace links each of its call positions).
-    A part of the model that cannot be traced gets one :class:`SiteTracingWarning` when its ``forward``
-    may call a rectifier function; its module sites are still found.
-
-    Sites come in forward order when the whole model traces, in registration order otherwise.
-
     With ``example_input`` (what the model's forward takes: a tensor, a tuple of positional arguments or a dict of
-    keyword arguments), the links come from one real forward observed on it instead
-    (:func:`lightning_relu.structure.observe`): producers through any module nesting, fused norm-activation layers
-    and weights computed from a parameter; the rules above then do not apply. A site the forward does not reach, or
-    one without a single producer, gets no links.
+    keyword arguments), one real forward is observed on it (:func:`lightning_relu.structure.observe`, no state
+    changed) and the sites are the rectifier calls it makes, in the order it first reaches them: ``nn.ReLU`` and
+    ``nn.ReLU6`` modules (a module applied at several places of one forward is one site per place,
+    ``<name>_<k>`` for its k-th call), then functional calls (``F.relu``, ``torch.relu``, ``Tensor.relu``, their
+    in-place forms, ``F.relu6``) as sites of kind ``"function"`` named ``<parent>.relu[_<k>]`` after the module
+    whose own ``forward`` makes them, and last the rectifier modules the forward does not reach. Producer, norm and
+    consumer links come from the observed data flow, through any module nesting, fused norm-activation layers and
+    weights computed from a parameter; a site without a single producer, or whose output has a reader other than
+    an affine layer, gets no producer (or consumer) link.
+
+    Without ``example_input`` nothing runs: the sites are the rectifier modules of the module tree, in registration
+    order, and links come from ``nn.Sequential`` order only (a Linear/ConvNd, optionally through a norm layer,
+    right before the rectifier in the same container, nested ones included; the next Linear/ConvNd through
+    pooling, dropout or flatten). Functional calls and later call positions of a module are found by a
+    :class:`~lightning_relu.DeadUnitTracker` on the first forward it sees. A layer applied at several places of
+    the chains, or sharing a parameter with another, is not linked.
+
+    Args:
+        model: the network.
+        trace: kept for compatibility (the ``torch.fx`` trace it switched on is gone): a bool, with no effect here.
+        example_input: what the model's forward takes, to observe one forward on it.
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -183,18 +194,22 @@ def find_relu_sites(model: nn.Module, trace: bool = True, *, example_input: Any 
     if not isinstance(trace, bool):
         raise ValueError(f"`trace` must be a bool, got {trace!r}")
     if example_input is not None:
-        return _observed_sites(model, trace, example_input)
+        return _observed_sites(model, example_input)
+    return _module_sites(model)
+
+
+def _module_sites(model: nn.Module) -> list[Site]:
+    """The rectifier modules of the module tree, linked by ``nn.Sequential`` order."""
     chains = _sequential_chains(model)
-    # without a trace, a layer is applied once per place it holds in the `nn.Sequential` chains (another name for
-    # it, an attribute kept as a handle, is not an application)
-    registrations = Counter(id(module) for chain in chains for _, module in chain)
+    # a layer is applied once per place it holds in the `nn.Sequential` chains (another name for it, an attribute
+    # kept as a handle, is not an application)
+    uses = Counter(id(module) for chain in chains for _, module in chain)
     position: dict[int, tuple[list[tuple[str, nn.Module]], int]] = {}
     for chain in chains:
         for index, (_, module) in enumerate(chain):
             position.setdefault(id(module), (chain, index))
-
     # a rectifier registered under several names is applied at several places: which of its call positions a
-    # chain's neighbours feed is for the trace to say, per position
+    # chain's neighbours feed only a forward can say
     names = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     sites = []
     for name, module in model.named_modules():
@@ -207,46 +222,45 @@ def find_relu_sites(model: nn.Module, trace: bool = True, *, example_input: Any 
             _link_forward(site, chain, index)
         _fill_shape(site)
         sites.append(site)
-    uses = registrations
-    if trace and not _built_in_only(model):
-        sites, traced_uses, complete = _add_traced(model, sites)
-        # a whole-model trace counts every call; otherwise a layer counts as applied as often as the chains or the
-        # traced parts say, whichever is more
-        uses = traced_uses if complete else registrations | traced_uses
-    places = Counter(id(site.module) for site in sites if site.module is not None)
     tied = _tied_modules(model)
     for site in sites:
-        # how many times this site runs per forward: its rectifier's calls shared among its call positions
-        runs = uses[id(site.module)] / places[id(site.module)] if site.module is not None else 1
-        _drop_shared_links(site, uses, runs, tied)
+        _drop_shared_links(site, uses, uses[id(site.module)], tied)
     return sites
 
 
-def _observed_sites(model: nn.Module, trace: bool, example_input: Any) -> list[Site]:
-    """The sites, with producer, norm and consumer links taken from one observed forward
-    (:func:`lightning_relu.structure.observe`) instead of ``nn.Sequential`` order and the trace: a site the forward
-    does not reach, or one without a single producer, gets no links."""
+def _observed_sites(model: nn.Module, example_input: Any) -> list[Site]:
+    """The sites one observed forward (:func:`lightning_relu.structure.observe`) finds, with producer, norm and
+    consumer links from its data flow."""
     from lightning_relu.structure import observe
 
     structure = observe(model, example_input)
     modules = dict(model.named_modules())
-    found = []
-    for site in find_relu_sites(model, trace):
+    reached = {name: index for index, name in enumerate(structure.sites)}
+    found = sorted(structure.found, key=lambda site: reached.get(site.name, len(reached)))
+    for site in found:
         observed = structure.sites.get(site.name)
         site.producer = site.producer_name = site.norm = site.norm_name = None
         site.consumers = []
-        if observed is not None:
-            site.num_units = observed.num_units
-            site.unit_dim = -1 if observed.unit_dim == _observed_ndim(structure, site.name) - 1 else observed.unit_dim
-            if observed.producer is not None:
-                site.producer_name = observed.producer.name
-                site.producer = observed.producer.weight.module
-                if observed.norms:
-                    site.norm_name = observed.norms[-1].name
-                    site.norm = modules.get(observed.norms[-1].name)
-            if not observed.reader_problems:
-                site.consumers = [Consumer(name=c.name, module=c.weight.module) for c in observed.consumers]
-        found.append(site)
+        if observed is None:
+            continue
+        site.num_units = observed.num_units
+        site.unit_dim = -1 if observed.unit_dim == _observed_ndim(structure, site.name) - 1 else observed.unit_dim
+        if observed.producer is not None:
+            site.producer_name = observed.producer.name
+            site.producer = observed.producer.weight.module
+            if observed.norms:
+                site.norm_name = observed.norms[-1].name
+                site.norm = modules.get(observed.norms[-1].name)
+        if not observed.reader_problems:
+            # a dense layer reading more columns than the site has units reads them flattened (each unit's positions)
+            site.consumers = [
+                Consumer(
+                    name=c.name,
+                    module=c.weight.module,
+                    through_flatten=c.kind == "linear" and c.columns.numel() > c.units.unique().numel(),
+                )
+                for c in observed.consumers
+            ]
     return found
 
 
@@ -305,93 +319,6 @@ def _drop_shared_links(site: Site, uses: Counter[int], runs: float, tied: set[in
         site.producer = site.producer_name = site.norm = site.norm_name = None
     if any(shared(consumer.module) for consumer in site.consumers):
         site.consumers = []
-
-
-def _built_in_only(model: nn.Module) -> bool:
-    """Every module is a ``torch.nn`` built-in: no custom ``forward`` can call a rectifier function, and the
-    ``nn.Sequential`` chains already give every link, so tracing would add nothing."""
-    if not all(type(module).__module__.startswith("torch.nn.") for module in model.modules()):
-        return False
-    # a rectifier registered at several places is applied at several places: tracing numbers them
-    rectifiers = [id(m) for _, m in model.named_modules(remove_duplicate=False) if isinstance(m, RECTIFIER_TYPES)]
-    return len(rectifiers) == len(set(rectifiers))
-
-
-def _add_traced(model: nn.Module, sites: list[Site]) -> tuple[list[Site], Counter[int], bool]:
-    from lightning_relu._trace import mentions_relu, trace_model
-    from lightning_relu.structure import preserved_state
-
-    # tracing may run modules for real (a traced BatchNorm counts a batch): their buffers and the RNG come back
-    with preserved_state(model):
-        result = trace_model(model, RECTIFIER_TYPES + PRODUCER_TYPES + NORM_TYPES, rectifier_owners(model))
-    for name, module, error in result.failures:
-        if not mentions_relu(module):
-            continue
-        where = f"submodule {name!r}" if name else "the model"
-        warnings.warn(
-            f"Could not trace {where} ({type(module).__name__}) with torch.fx: {type(error).__name__}: {error}. "
-            "Functional rectifier calls (`F.relu`, `torch.relu`, `x.relu()`) in its forward are not counted, and "
-            "its ReLU modules get no producer/consumer links; its `nn.ReLU` modules are still counted. To watch "
-            "those calls, use `nn.ReLU` modules in that forward.",
-            SiteTracingWarning,
-            stacklevel=3,
-        )
-    modules = dict(model.named_modules())
-    by_name = {site.name: site for site in sites}
-    functional: dict[tuple[str, int], Site] = {}
-    order: dict[str, int] = {}
-    for call in result.calls:
-        links = call.links
-        if call.kind == "module":
-            name = call.module_name if call.index == 0 else f"{call.module_name}_{call.index}"
-            while name in by_name and by_name[name].module is not modules.get(call.module_name):
-                name += "_mod"  # a functional site has the name (its parent's calls were traced first)
-            site = by_name.get(name)
-            if site is None:
-                rectifier = modules.get(call.module_name)
-                if rectifier is None:
-                    continue
-                site = Site(name=name, module=rectifier, call_index=call.index)
-                by_name[name] = site
-                sites.append(site)
-        elif (call.module_name, call.index) in functional:  # the same call in another run of its parent's forward
-            site = functional[call.module_name, call.index]
-        else:
-            parent_name = call.module_name
-            local = call.base if call.name_index == 0 else f"{call.base}_{call.name_index}"
-            name = f"{parent_name}.{local}" if parent_name else local
-            while name in by_name:
-                name += "_fn"
-            site = Site(
-                name=name,
-                module=None,
-                call_index=call.index,
-                kind="function",
-                parent=modules.get(parent_name, model),
-                parent_name=parent_name,
-                callees=tuple(sorted(result.callees.get(parent_name, ()))),
-            )
-            by_name[name] = site
-            functional[parent_name, call.index] = site
-            sites.append(site)
-        order.setdefault(site.name, call.order)
-        if site.producer is None and site.norm is None and not site.consumers:
-            _apply_links(site, links, modules)
-    if result.complete:
-        sites.sort(key=lambda s: order.get(s.name, len(order)))
-    return sites, result.module_uses, result.complete
-
-
-def _apply_links(site: Site, links: Any, modules: dict[str, nn.Module]) -> None:
-    if links.norm is not None:
-        site.norm_name, site.norm = links.norm, modules[links.norm]
-    if links.producer is not None:
-        site.producer_name, site.producer = links.producer, modules[links.producer]
-    site.consumers = [Consumer(name=n, module=modules[n], through_flatten=f) for n, f in links.consumers]
-    site.num_units = site.unit_dim = None
-    _fill_shape(site)
-    if site.unit_dim is None:
-        site.unit_dim = links.unit_dim
 
 
 def _sequential_chains(model: nn.Module) -> list[list[tuple[str, nn.Module]]]:
@@ -487,3 +414,33 @@ def _fill_shape(site: Site) -> None:
         site.producer = site.producer_name = site.norm = site.norm_name = None
         site.num_units = site.unit_dim = None
         site.consumers = []
+
+
+def may_call_rectifiers(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` may call a rectifier function outside an ``nn.ReLU``/``nn.ReLU6``: some
+    module has a ``forward`` of its own (not a ``torch.nn`` built-in), or is a built-in transformer layer."""
+    return any(
+        not (type(module).__module__.startswith("torch.nn.") or _compiled(module))
+        or type(module).__name__.startswith("Transformer")
+        for module in model.modules()
+    )
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile`` returns (it holds the model as ``_orig_mod``), or a module
+    whose ``forward`` was replaced by a compiled one (as Lightning does for a compiled LightningModule)."""
+    if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        return True
+    if isinstance(module.__dict__.get("_compiler_ctx"), dict):  # Lightning's record of a compiled LightningModule
+        return True
+    if module.__dict__.get("_compiled_call_impl") is not None:  # `module.compile()`
+        return True
+    return hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
+
+
+def matches_site(name: str, names: list[str]) -> bool:
+    """``name`` is a site, or a later call position ``<site>_<k>`` of one."""
+    if name in names:
+        return True
+    base, _, index = name.rpartition("_")
+    return index.isdigit() and int(index) > 0 and base in names

@@ -13,8 +13,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_relu._trace import FUNCTIONAL_RECTIFIERS
-from lightning_relu.sites import Site, _join, find_relu_sites, rectifier_owners
+from lightning_relu.sites import (
+    FUNCTIONAL_RECTIFIERS,
+    RECTIFIER_TYPES,
+    Site,
+    _compiled,
+    _join,
+    find_relu_sites,
+    matches_site,
+    may_call_rectifiers,
+    rectifier_owners,
+)
 from lightning_relu.stats import ActivationStats, LayerReport, _check_eps
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
@@ -39,24 +48,27 @@ class DeadUnitTracker:
     ``self.relu``) is one site per place: the k-th call (k >= 1) since its owner's forward began is the site
     ``<module name>_<k>``, created on first sight. Units of different places are never mixed.
 
-    Functional calls (``F.relu``, ``torch.relu``, ``x.relu()``, in-place forms, ``F.relu6``) found by tracing
-    are counted too: while the forward of a module that makes such calls runs, a ``TorchFunctionMode`` sees
-    them (only that module's own calls, not its children's).
+    Functional calls (``F.relu``, ``torch.relu``, ``x.relu()``, in-place forms, ``F.relu6``) are found on the
+    first forward the hooks see (a thread-local ``TorchFunctionMode`` watches it, once) and counted from then on,
+    that forward included: while the forward of a module that makes such calls runs, a ``TorchFunctionMode`` sees
+    them (only that module's own calls, not its children's). The first forward is every outermost call into the
+    model (or into its submodules) until one of them repeats: a training step that calls ``self.encoder`` and
+    ``self.head`` is one forward.
 
     Args:
         model: the network to watch.
         sites: names of the sites to watch (default: every site found by
             :func:`~lightning_relu.find_relu_sites`, and every later call position). An unknown name raises
             ``ValueError``; naming a module's site also watches its later call positions.
-        trace: trace the model with ``torch.fx`` to find functional calls and data-flow links (see
-            :func:`~lightning_relu.find_relu_sites`).
+        trace: find functional rectifier calls on the first forward (``False``: count ``nn.ReLU``/``nn.ReLU6``
+            modules only).
         eps: a unit active on fewer than this share of its entries is *dying* (``LayerReport.dying``).
         track_margin: also measure each unit's pre-activation mean and standard deviation, giving the death
             margin ``m = mean / std`` and ``LayerReport.at_risk`` (``m < Φ⁻¹(eps)``). It costs two more float
             reductions per site and step, over the pre-activation.
         unit_dims: the unit axis of sites that no known layer fixes, by site name: ``-1`` (last dimension, as in
             ``(batch, time, features)`` sequences) or ``1`` (channels). A site whose Linear/ConvNd layer (or the
-            layers its pre-activation comes from, in a traced forward) is known has its axis from that layer; any
+            layers its pre-activation comes from, in an observed forward) is known has its axis from that layer; any
             other site takes the last dimension of 2-D outputs and dimension 1 of others, with one warning for
             3-D outputs, which could be either. Naming a site also sets the later call positions of its module (or
             parent) created at run time, and a module's later positions found by tracing whose axis nothing else
@@ -103,15 +115,26 @@ class DeadUnitTracker:
         ):
             raise ValueError(f"`sites` must be a sequence of site names or None, got {sites!r}")
         self.model = model
-        found = list(discovered) if discovered is not None else find_relu_sites(model, trace=trace)
+        if not isinstance(trace, bool):
+            raise ValueError(f"`trace` must be a bool, got {trace!r}")
+        found = list(discovered) if discovered is not None else find_relu_sites(model)
+        discovering = trace and may_call_rectifiers(model)
+        # names of functional sites are known after the first forward only: checked then (`_Discovery.hand_over`)
+        self._unconfirmed: dict[str, str] = {}
+        # what to say when the first forward shows no site (the monitor words it for its users)
+        self._no_sites_warning: tuple[str, type[Warning]] | None = None
         self._wanted: set[str] | None = None
+        names = [site.name for site in found]
         if sites is not None:
-            names = [site.name for site in found]
-            unknown = [name for name in sites if not _matches_site(name, names)]
-            if unknown:
+            unknown = [name for name in sites if not matches_site(name, names)]
+            if unknown and not discovering:
                 raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
+            self._unconfirmed.update(dict.fromkeys(unknown, "sites"))
             self._wanted = set(sites)
-        self._unit_dims = _resolve_unit_dims(unit_dims, found)
+        later = [name for name in unit_dims or () if not matches_site(name, names)] if discovering else []
+        self._unconfirmed.update(dict.fromkeys(later, "unit_dims"))
+        self._unit_dims = _resolve_unit_dims({k: v for k, v in (unit_dims or {}).items() if k not in later}, found)
+        self._unit_dims.update({name: (unit_dims or {})[name] for name in later})
         if example_input is not None:
             for name, dim in observed_unit_dims(model, example_input, found).items():
                 self._unit_dims.setdefault(name, dim)
@@ -127,6 +150,7 @@ class DeadUnitTracker:
         # the first forward's recording that gives open sites their producer's unit axis (`AxisWatch`)
         self._watch_axes = True
         self._axis_watch: Any = None
+        self._axis_depth = 0
         self.enabled = True
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
@@ -138,6 +162,8 @@ class DeadUnitTracker:
         self._positions: dict[int, list[tuple[Site, ActivationStats] | None]] = {}
         self._first_site: dict[int, Site] = {}
         self._modes: dict[int, _FunctionalCounter] = {}
+        # functional calls are found on the first forward (`_Discovery`), when `trace` asks for them
+        self._discovery: _Discovery | None = _Discovery(self) if discovering else None
         for site in sorted(found, key=lambda s: s.call_index):
             key = id(site.module if site.kind == "module" else site.parent)
             self._first_site.setdefault(key, site)
@@ -155,6 +181,12 @@ class DeadUnitTracker:
 
     # ------------------------------------------------------------------ hooks
     @property
+    def discovering(self) -> bool:
+        """Whether the hooks still look for functional rectifier calls (until the first forward is over): more
+        sites may come."""
+        return self._discovery is not None and not self._discovery.done
+
+    @property
     def attached(self) -> bool:
         """Whether the hooks are registered."""
         return bool(self._handles)
@@ -163,7 +195,7 @@ class DeadUnitTracker:
         """Register the forward hooks (idempotent)."""
         if self._handles:
             return self
-        if not self.all_sites:
+        if not self.all_sites and self._discovery is None:
             warnings.warn(
                 f"{type(self.model).__name__} has no `nn.ReLU`/`nn.ReLU6` module or rectifier call: there is "
                 "nothing to count.",
@@ -185,16 +217,7 @@ class DeadUnitTracker:
                 if self.track_margin:
                     self._handles.append(first.module.register_forward_pre_hook(_Hook(self._pre_hook)))
             else:
-                parent = first.parent if first.parent is not None else self.model
-                mode = _FunctionalCounter(self, key)
-                self._modes[key] = mode
-                self._handles.append(parent.register_forward_pre_hook(_Hook(mode.enter_parent)))
-                self._handles.append(parent.register_forward_hook(_Hook(mode.exit_parent), always_call=True))
-                # the callees the trace saw, and the children (and containers' children) it may not have seen
-                callees = {id(m): m for m in (*_callees(parent), *(modules[n] for n in first.callees if n in modules))}
-                for child in (m for m in callees.values() if m is not parent):  # not itself, when recursive
-                    self._handles.append(child.register_forward_pre_hook(_Hook(mode.enter_child)))
-                    self._handles.append(child.register_forward_hook(_Hook(mode.exit_child), always_call=True))
+                self._count_functional(key, first, modules)
         owners.setdefault(id(self.model), (self.model, []))[1].extend(self._positions)
         for owner, keys in owners.values():
             reset = _Hook(self._make_reset(keys))
@@ -205,15 +228,79 @@ class DeadUnitTracker:
                 self.model.register_forward_pre_hook(_Hook(self._start_axis_watch), with_kwargs=True)
             )
             self._handles.append(self.model.register_forward_hook(_Hook(self._stop_axis_watch), always_call=True))
+        if self._discovery is not None and not self._discovery.done:
+            if any(_compiled(module) for module in self.model.modules()):
+                self._discovery.warn_compiled()  # a compiled forward cannot be watched
+            else:
+                # its mode goes in after the axis watch's recorder (which must see an output before it is counted)
+                # and comes out before it
+                self._handles.extend(self._discovery.watch(self.model))
         return self
+
+    def _count_functional(self, key: int, first: Site, modules: dict[str, nn.Module]) -> None:
+        """Hooks that count the functional rectifier calls of ``first.parent``'s own forward from now on."""
+        parent = first.parent if first.parent is not None else self.model
+        mode = _FunctionalCounter(self, key)
+        self._modes[key] = mode
+        self._handles.append(parent.register_forward_pre_hook(_Hook(mode.enter_parent)))
+        self._handles.append(parent.register_forward_hook(_Hook(mode.exit_parent), always_call=True))
+        # the callees the first forward saw, and the children (and containers' children) it may not have run
+        callees = {id(m): m for m in (*_callees(parent), *(modules[n] for n in first.callees if n in modules))}
+        for child in (m for m in callees.values() if m is not parent):  # not itself, when recursive
+            self._handles.append(child.register_forward_pre_hook(_Hook(mode.enter_child)))
+            self._handles.append(child.register_forward_hook(_Hook(mode.exit_child), always_call=True))
+
+    def _new_function_site(self, parent: nn.Module, parent_name: str, base: str, index: int, k: int) -> None:
+        """A functional call found on the first forward: call position ``k`` of ``parent``'s forward, the
+        ``index``-th call of ``base`` (``"relu"``, ``"relu6"``) in it."""
+        key = id(parent)
+        local = base if index == 0 else f"{base}_{index}"
+        name = _join(parent_name, local)
+        taken = {site.name for site in self.all_sites} | set(self.stats)
+        while name in taken:
+            name += "_fn"  # a module of the parent has the name
+        site = Site(name=name, module=None, call_index=k, kind="function", parent=parent, parent_name=parent_name)
+        self.all_sites.append(site)
+        positions = self._positions.setdefault(key, [])
+        self._first_site.setdefault(key, site)
+        while len(positions) < k:
+            positions.append(None)
+        entry = None
+        if self._is_wanted(name):
+            with torch.inference_mode(False):  # the first forward may run under inference mode
+                stats = _new_stats(site, self.eps, self.track_margin, self._unit_dims.get(name))
+            if self.stats:
+                stats.to(next(iter(self.stats.values())).device)
+            self.sites.append(site)
+            self.stats[name] = stats
+            entry = (site, stats)
+        positions.append(entry)
+
+    def _confirm_names(self) -> None:
+        """Check the names given in ``sites``/``unit_dims`` that only the first forward could confirm."""
+        names = [site.name for site in self.all_sites]
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        unknown = [name for name in unconfirmed if not matches_site(name, names)]
+        for argument in dict.fromkeys(unconfirmed[name] for name in unknown):
+            missing = [name for name in unknown if unconfirmed[name] == argument]
+            raise ValueError(
+                f"`{argument}` has unknown site names {missing}; the model's sites are {names} (after its first "
+                "forward, which finds the functional rectifier calls)"
+            )
 
     def _start_axis_watch(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         from lightning_relu.structure import AxisWatch
 
-        if self._watch_axes and self._axis_watch is None and self.enabled:
+        if self._axis_watch is not None:
+            self._axis_depth += 1  # the model's forward run inside itself (a recursive model)
+        elif self._watch_axes and self.enabled:
             self._axis_watch = AxisWatch(self.model, self, (args, kwargs)).start()
+            self._axis_depth = 0
 
     def _stop_axis_watch(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._axis_depth > 0:
+            self._axis_depth -= 1
+            return
         watch, self._axis_watch = self._axis_watch, None
         if watch is not None:
             watch.stop()
@@ -227,6 +314,9 @@ class DeadUnitTracker:
         for mode in self._modes.values():
             mode.close()
         self._modes.clear()
+        if self._discovery is not None:
+            self._discovery.close()
+            self._discovery.handles.clear()
         self._calls.clear()
 
     def __enter__(self) -> DeadUnitTracker:
@@ -337,6 +427,10 @@ class DeadUnitTracker:
         ``base``, creating the position when ``create`` and it is not seen yet; None when there is none."""
         if not isinstance(index, int) or not 0 <= index < _MAX_POSITIONS:
             return None
+        if create and kind == "function" and not any(
+            first.kind == kind and self._base_name(first) == base for first in self._first_site.values()
+        ):
+            self._restore_function_parent(base)
         for key, first in self._first_site.items():
             if first.kind == kind and self._base_name(first) == base:
                 positions = self._positions[key]
@@ -347,6 +441,19 @@ class DeadUnitTracker:
                 entry = positions[index]
                 return entry[1] if entry is not None else None
         return None
+
+    def _restore_function_parent(self, base: str) -> None:
+        """Create the first functional position of the module named by ``base`` (``<parent>.relu``), for counts
+        restored before the first forward has found its calls."""
+        parent_name, _, local = base.rpartition(".")
+        if local != "relu":
+            return
+        try:
+            parent = self.model.get_submodule(parent_name)
+        except AttributeError:
+            return
+        if id(parent) not in self._positions:
+            self._new_function_site(parent, parent_name, "relu", 0, 0)
 
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]
@@ -368,7 +475,8 @@ class DeadUnitTracker:
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
                 unit_dim = self._unit_dims.get(site.name, self._unit_dims.get(first.name))
-                stats = _new_stats(site, self.eps, self.track_margin, unit_dim)
+                with torch.inference_mode(False):  # a forward under inference mode may create the position
+                    stats = _new_stats(site, self.eps, self.track_margin, unit_dim)
                 if self.stats:
                     stats.to(next(iter(self.stats.values())).device)
                 self.sites.append(site)
@@ -457,6 +565,128 @@ class DeadUnitTracker:
         for stats in self.stats.values():
             stats.to(device)
         return self
+
+
+class _Discovery(TorchFunctionMode):
+    """Finds, on the first forward, the rectifier functions that each module's own ``forward`` calls, counts them,
+    and at the end of each outermost call hands the parents found to a :class:`_FunctionalCounter` each.
+
+    Hooks on every module keep a stack of the modules whose forward runs; while an outermost call runs, the mode
+    (thread-local) sees every torch function. The watch ends when an outermost call repeats the module of an
+    earlier one: the next step has begun, and every call of the first one has been seen.
+    """
+
+    def __init__(self, tracker: DeadUnitTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.done = False
+        # per running forward: module, name, functional calls so far, calls per base, redirected
+        self.stack: list[tuple[nn.Module, str, list[int], dict[str, int], bool]] = []
+        self.roots: set[int] = set()
+        self.callees: dict[int, dict[str, None]] = {}
+        self.found: dict[int, nn.Module] = {}  # parents with functional calls not yet handed over
+        self.handles: list[RemovableHandle] = []
+        self.compiled_warned = False
+
+    def watch(self, model: nn.Module) -> list[RemovableHandle]:
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(_Hook(self.enter, name)))
+            self.handles.append(module.register_forward_hook(_Hook(self.leave), always_call=True, prepend=True))
+        return self.handles
+
+    def enter(self, name: str, module: nn.Module, args: Any) -> None:
+        if self.done:
+            return
+        if torch.compiler.is_compiling():
+            return  # compiled after the watch began: its graph would not hold the mode
+        if not self.stack:
+            if id(module) in self.roots:
+                self.finish()
+                return
+            self.roots.add(id(module))
+            self.__enter__()
+        else:
+            self.callees.setdefault(id(self.stack[-1][0]), {})[name] = None
+        self.stack.append((module, name, [0], {}, _redirected(module)))
+
+    def leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.done or torch.compiler.is_compiling() or not self.stack or self.stack[-1][0] is not module:
+            return
+        self.stack.pop()
+        if not self.stack:
+            self.__exit__(None, None, None)
+            self.hand_over()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        base = FUNCTIONAL_RECTIFIERS.get(func) if self.stack else None
+        if base is None:
+            return func(*args, **(kwargs or {}))
+        parent, name, calls, bases, redirected = self.stack[-1]
+        tracker = self.tracker
+        key = id(parent)
+        own = not redirected and not isinstance(parent, RECTIFIER_TYPES) and key not in tracker._modes
+        if own:
+            k = calls[0]
+            calls[0] += 1
+            index = bases.get(base, 0)
+            bases[base] = index + 1
+            self.found.setdefault(key, parent)
+            if k >= len(tracker._positions.get(key, ())):
+                tracker._new_function_site(parent, name, base, index, k)
+            tracker._calls[key] = k
+            if tracker.track_margin and args and isinstance(args[0], Tensor):
+                tracker._margin(key, args[0])
+        out = func(*args, **(kwargs or {}))
+        if own:
+            tracker._calls[key] = k
+            tracker._count(key, out)
+        return out
+
+    def warn_compiled(self) -> None:
+        if self.compiled_warned or torch.compiler.is_compiling():
+            return
+        self.compiled_warned = True
+        warnings.warn(
+            "The model is compiled (`torch.compile`): rectifier functions its forward may call (`F.relu`, "
+            "`torch.relu`, `x.relu()`) are found on an eager forward only, so they are not counted; `nn.ReLU` "
+            "modules are. Attach the tracker and run one forward before compiling the model, or use `nn.ReLU` "
+            "modules.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def hand_over(self) -> None:
+        """Count the parents found so far with a :class:`_FunctionalCounter` each, from the next call on."""
+        tracker = self.tracker
+        modules = dict(tracker.model.named_modules())
+        for key, parent in self.found.items():
+            callees = tuple(self.callees.get(key, {}))
+            for site in tracker.all_sites:
+                if site.kind == "function" and site.parent is parent:
+                    site.callees = callees
+            if tracker.attached:
+                tracker._count_functional(key, tracker._first_site[key], modules)
+        self.found.clear()
+        if not tracker.all_sites and len(self.roots) == 1:
+            message, category = tracker._no_sites_warning or (
+                f"{type(tracker.model).__name__} applies no `nn.ReLU`/`nn.ReLU6` module and calls no rectifier "
+                "function in its first forward: there is nothing to count.",
+                NoReluSitesWarning,
+            )
+            warnings.warn(message, category, stacklevel=2)
+        tracker._confirm_names()
+
+    def finish(self) -> None:
+        self.done = True
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.remove()
+
+    def close(self) -> None:
+        """Leave a forward the watch is in (an error path)."""
+        if self.stack:
+            self.stack.clear()
+            self.__exit__(None, None, None)
 
 
 class _FunctionalCounter(TorchFunctionMode):
@@ -621,7 +851,7 @@ def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -
     if not unit_dims:
         return {}
     names = [site.name for site in found]
-    unknown = [name for name in unit_dims if not _matches_site(name, names)]
+    unknown = [name for name in unit_dims if not matches_site(name, names)]
     if unknown:
         raise ValueError(f"`unit_dims` has unknown site names {unknown}; the model's sites are {names}")
     sites = {site.name: site for site in found}
@@ -641,14 +871,6 @@ def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -
         if later and base in unit_dims and site.name not in resolved and site.unit_dim is None:
             resolved[site.name] = unit_dims[base]
     return resolved
-
-
-def _matches_site(name: str, names: list[str]) -> bool:
-    """``name`` is a site, or a later call position ``<site>_<k>`` of one."""
-    if name in names:
-        return True
-    base, _, index = name.rpartition("_")
-    return index.isdigit() and int(index) > 0 and base in names
 
 
 def _compute(stats: ActivationStats) -> LayerReport:

@@ -13,6 +13,7 @@ rectifier and ``F.linear``/``F.conv2d``/``F.batch_norm``/``F.layer_norm`` for th
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from lightning_relu import DeadUnitTracker, find_relu_sites, revive_dead_units_, sign_flip_
+from lightning_relu import DeadUnitTracker, RevivalWarning, find_relu_sites, revive_dead_units_, sign_flip_
 
 SETTINGS = settings(
     max_examples=25,
@@ -67,7 +68,9 @@ class Arch:
 
 
 @st.composite
-def archs(draw: st.DrawFn, norms: tuple[str | None, ...] = (None, "bn", "ln")) -> Arch:
+def archs(
+    draw: st.DrawFn, norms: tuple[str | None, ...] = (None, "bn", "ln"), functional: tuple[bool, ...] = (False, True)
+) -> Arch:
     kind = draw(st.sampled_from(["mlp", "cnn"]))
     depth = draw(st.integers(1, 4 if kind == "mlp" else 3))
     norm = draw(st.sampled_from([n for n in norms if not (kind == "cnn" and n == "ln")]))
@@ -82,7 +85,7 @@ def archs(draw: st.DrawFn, norms: tuple[str | None, ...] = (None, "bn", "ln")) -
         widths=widths,
         norm=norm,
         inplace=draw(st.lists(st.booleans(), min_size=depth, max_size=depth)),
-        functional=draw(st.booleans()),
+        functional=draw(st.sampled_from(functional)),
         forms=draw(st.lists(st.integers(0, len(FORMS) - 1), min_size=depth, max_size=depth)),
         dead=dead,
         seq_len=seq_len,
@@ -228,7 +231,7 @@ def inputs(arch: Arch, n: int, seed: int) -> Tensor:
 def test_discovery_links_every_site_to_its_layers(arch: Arch) -> None:
     model, names = build(arch)
     affines, norms, head = parts(model, arch)
-    sites = find_relu_sites(model)
+    sites = find_relu_sites(model, example_input=inputs(arch, 4, 0))
     assert [s.name for s in sites] == names
     for i, site in enumerate(sites):
         assert site.producer is affines[i]
@@ -325,7 +328,7 @@ def test_sign_flip_only_changes_signs(arch: Arch, n: int, seed: int) -> None:
 
 @SETTINGS
 @given(
-    arch=archs(norms=(None, "bn")),
+    arch=archs(norms=(None, "bn"), functional=(False,)),
     train_measure=st.booleans(),
     seed=st.integers(0, 2**16),
 )
@@ -371,3 +374,30 @@ def test_revival_keeps_the_output_and_revived_units_fire(arch: Arch, train_measu
             varies = float(z[:, :, u].max() - z[:, :, u].min()) > 1e-3
             if i == 0 or (arch.norm == "bn" and varies):
                 assert bool((out[:, :, u] > 0).any()), (name, u)
+
+
+@SETTINGS
+@given(arch=archs(norms=(None, "bn"), functional=(True,)), seed=st.integers(0, 2**16))
+def test_observed_revival_of_functional_sites_keeps_the_output(arch: Arch, seed: int) -> None:
+    """Rectifier function calls are found on the observed forward: revival acts on them, never on more units than
+    are dead, and the output in evaluation mode on the example is what it was (rolled back site by site where not)."""
+    model, names = build(arch, seed)
+    x = inputs(arch, 32, seed)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(x)
+    report = tracker.report()
+    assert list(report) == names
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RevivalWarning)  # units alive in evaluation mode are left, with a warning
+        counts = revive_dead_units_(model, report, generator=torch.Generator().manual_seed(seed), example_input=x)
+    assert set(counts) == set(names)
+    assert all(0 <= counts[name] <= int(report[name].dead.sum()) for name in names)
+    if arch.norm is None:  # the first site reads the input: its forced-dead units can be revived, in both modes
+        assert counts[names[0]] >= len(arch.dead[0])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)

@@ -35,7 +35,6 @@ from lightning_relu import (
     DeadUnitTracker,
     LayerReport,
     ReluInitializer,
-    SiteTracingWarning,
     find_relu_sites,
     rai_,
     revive_dead_units_,
@@ -329,7 +328,7 @@ def assert_monitor_matches(monitor: DeadUnitMonitor, module: Replayed, unit_axis
 
 def test_functional_forms_are_found_with_producers_and_consumers():
     model = AllFunctional()
-    sites = find_relu_sites(model)
+    sites = find_relu_sites(model, example_input=torch.randn(3, 4))
     assert [s.name for s in sites] == list(FUNCTIONAL_SITES)
     for site in sites:
         producer, consumer, width = FUNCTIONAL_SITES[site.name]
@@ -341,7 +340,15 @@ def test_functional_forms_are_found_with_producers_and_consumers():
 
 
 def test_functional_forms_in_a_submodule_are_named_after_it():
-    names = [s.name for s in find_relu_sites(nn.ModuleDict({"enc": AllFunctional()}))]
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = AllFunctional()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.enc(x)
+
+    names = [s.name for s in find_relu_sites(Holder(), example_input=torch.randn(3, 4))]
     assert names == [f"enc.{n}" for n in FUNCTIONAL_SITES]
 
 
@@ -375,7 +382,7 @@ def test_monitor_counts_every_functional_form_exactly(tmp_path):
 
 
 class _DataDependent(nn.Module):
-    """A forward with data-dependent control flow: torch.fx cannot trace it."""
+    """A forward with data-dependent control flow (no symbolic trace could follow it)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -389,29 +396,35 @@ class _DataDependent(nn.Module):
         return h
 
 
-def test_untraceable_submodule_warns_by_name_and_module_sites_still_count():
+def test_data_dependent_control_flow_counts_the_branch_each_forward_takes():
+    """The functional call in a data-dependent branch is found on the first forward that takes it and counted in
+    every forward that does; the module sites count every forward."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), _DataDependent(), nn.Linear(5, 2))
     with torch.no_grad():
         model[0].bias[1] = -1e4
         model[2].fc.bias[[0, 4]] = -1e4
-    with pytest.warns(SiteTracingWarning, match=r"submodule '2' \(_DataDependent\)"):
-        tracker = DeadUnitTracker(model)
-    assert [s.name for s in tracker.sites] == ["1", "2.act"]
+    tracker = DeadUnitTracker(model)
+    assert [s.name for s in tracker.sites] == ["1", "2.act"]  # the functional call is found on the first forward
     batches = [torch.randn(7, 3), torch.randn(5, 3)]
     with tracker:
         for x in batches:
             model(x)
-    outs: dict[str, list[Tensor]] = {"1": [], "2.act": []}
+    assert [s.name for s in tracker.sites] == ["1", "2.act", "2.relu"]
+    outs: dict[str, list[Tensor]] = {"1": [], "2.act": [], "2.relu": []}
     with torch.no_grad():
         for x in batches:
             a = clamp(lin(x, model[0]))
+            h = clamp(lin(a, model[2].fc))
             outs["1"].append(a)
-            outs["2.act"].append(clamp(lin(a, model[2].fc)))
+            outs["2.act"].append(h)
+            if h.sum() > 0:
+                outs["2.relu"].append(clamp(h - 0.1))
+    assert len(outs["2.relu"]) == 2
     assert_report(tracker.report(), {k: expected_counts(v, -1) for k, v in outs.items()})
 
 
-def test_untraceable_model_itself_warns_naming_the_model():
+def test_a_model_with_data_dependent_control_flow_is_observed_as_it_runs():
     class Root(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -423,9 +436,9 @@ def test_untraceable_model_itself_warns_naming_the_model():
                 x = -x
             return F.relu(self.act(self.fc(x)))
 
-    with pytest.warns(SiteTracingWarning, match=r"Could not trace the model \(Root\)"):
-        sites = find_relu_sites(Root())
-    assert [s.name for s in sites] == ["act"]
+    assert [s.name for s in find_relu_sites(Root())] == ["act"]  # nothing runs without an example
+    sites = find_relu_sites(Root(), example_input=torch.randn(4, 3))
+    assert [(s.name, s.kind) for s in sites] == [("act", "module"), ("relu", "function")]
 
 
 def test_inplace_relu_counts_exactly():
@@ -478,7 +491,7 @@ def test_reused_relu_at_places_of_different_widths_is_one_site_per_place():
         model.fc1.bias[4] = -1e4
         model.fc2.bias[0] = -1e4
         model.fc3.bias[[1, 2]] = -1e4
-    sites = {s.name: s for s in find_relu_sites(model)}
+    sites = {s.name: s for s in find_relu_sites(model, example_input=torch.randn(2, 4))}
     assert list(sites) == ["act", "act_1", "act_2"]
     assert [sites[n].num_units for n in sites] == [5, 3, 5]
     assert [sites[n].producer_name for n in sites] == ["fc1", "fc2", "fc3"]
@@ -526,7 +539,7 @@ def test_reused_relu_inside_a_sequential_counts_each_place_apart():
 
 def test_reused_relu_inside_a_sequential_is_discovered_once_per_place():
     model = _reused_in_sequential()
-    sites = {s.name: s for s in find_relu_sites(model)}
+    sites = {s.name: s for s in find_relu_sites(model, example_input=torch.randn(2, 3))}
     assert list(sites) == ["1", "1_1"]
     assert sites["1"].num_units == 5 and sites["1_1"].num_units == 2
     assert sites["1"].producer is model[0] and sites["1_1"].producer is model[2]
@@ -633,7 +646,7 @@ def test_relus_in_modulelist_and_moduledict_count_exactly():
         model.layers[0].bias[[1, 2]] = -1e4
         model.heads["a"][0].bias[0] = -1e4
         model.heads["b"][0].bias[:] = -1e4  # a collapsed site
-    sites = {s.name: s for s in find_relu_sites(model)}
+    sites = {s.name: s for s in find_relu_sites(model, example_input=torch.randn(2, 4))}
     assert set(sites) == {"acts.0", "acts.1", "heads.a.1", "heads.b.1"}
     assert sites["acts.0"].producer is model.layers[0] and sites["acts.0"].num_units == 6
     assert sites["acts.1"].producer is model.layers[1] and sites["heads.b.1"].num_units == 2
@@ -680,7 +693,7 @@ def test_small_resnet_every_site_counted_exactly():
     assert_report(report, expected)
     assert report["layer3.relu"].collapsed and not report["layer3.relu_1"].collapsed
 
-    sites = {s.name: s for s in find_relu_sites(model)}
+    sites = {s.name: s for s in find_relu_sites(model, example_input=batches[0])}
     assert list(sites) == ["stem.2", *(f"layer{i}.relu{s}" for i in (1, 2, 3) for s in ("", "_1"))]
     for i in (1, 2, 3):
         block = getattr(model, f"layer{i}")
@@ -692,7 +705,7 @@ def test_small_resnet_every_site_counted_exactly():
     # the output of a block feeds the next block's convolutions, and also its residual sum when it has no shortcut
     assert [c.module for c in sites["layer1.relu_1"].consumers] == [model.layer2.conv1, model.layer2.downsample[0]]
     assert sites["layer2.relu_1"].consumers == []
-    assert [(c.module, c.through_flatten) for c in sites["layer3.relu_1"].consumers] == [(model.fc, True)]
+    assert [c.module for c in sites["layer3.relu_1"].consumers] == [model.fc]
     assert sites["stem.2"].producer is model.stem[0] and sites["stem.2"].norm is model.stem[1]
 
 
@@ -737,7 +750,7 @@ def test_sequence_inputs_units_are_the_last_dimension():
         model[1].bias[2] = -1e4
         model[3].fc1.bias[[0, 5]] = -1e4
         model[3].proj.bias[:4] = -1e4  # one unit left: some samples are killed
-    sites = {s.name: s for s in find_relu_sites(model)}
+    sites = {s.name: s for s in find_relu_sites(model, example_input=torch.randn(2, 7, 3))}
     assert set(sites) == {"2", "3.act", "3.relu"}
     assert all(s.unit_dim == -1 for s in sites.values())
     assert [sites[n].num_units for n in ("2", "3.act", "3.relu")] == [4, 6, 5]

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_relu import find_relu_sites
-from lightning_relu.sites import SiteTracingWarning
 
 
 def _by_name(model):
@@ -57,7 +56,7 @@ def test_layernorm_unit_dim_is_last():
     assert site.consumers == []
 
 
-def test_custom_module_links_come_from_tracing():
+def test_custom_module_links_come_from_an_observed_forward():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -69,12 +68,14 @@ def test_custom_module_links_come_from_tracing():
             return self.head(self.act(self.fc(x)))
 
     block = Block()
-    sites = _by_name(block)
+    sites = {site.name: site for site in find_relu_sites(block, example_input=torch.randn(2, 3))}
     assert list(sites) == ["act", "head.1"]
     assert sites["act"].producer is block.fc and sites["act"].num_units == 4 and sites["act"].unit_dim == -1
     assert [c.module for c in sites["act"].consumers] == [block.head[0]]
     assert sites["head.1"].producer_name == "head.0"
-    untraced = {site.name: site for site in find_relu_sites(block, trace=False)}
+    # without an example, only `nn.Sequential` order links: the custom forward is not read
+    untraced = _by_name(block)
+    assert untraced["head.1"].producer is block.head[0]
     assert untraced["act"].producer is None and untraced["act"].num_units is None and untraced["act"].unit_dim is None
 
 
@@ -109,9 +110,13 @@ class _Functional(nn.Module):
         return torch.relu_(h + 1) + F.relu6(h)
 
 
-def test_functional_sites_are_traced_with_links():
+def test_functional_sites_are_observed_with_links():
     model = _Functional()
-    sites = find_relu_sites(model)
+    # without an example nothing runs: the functional calls are not seen (a tracker finds them on its first forward)
+    assert [s.name for s in find_relu_sites(model)] == ["inner.1"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    sites = find_relu_sites(model, example_input=torch.randn(6, 3))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BatchNorm statistics untouched
     assert [(s.name, s.kind) for s in sites] == [
         ("relu", "function"),
         ("relu_1", "function"),
@@ -131,7 +136,7 @@ def test_residual_block_links():
     from tests.test_tracker import _BasicBlock
 
     net = nn.Sequential(nn.Conv2d(3, 4, 1), _BasicBlock(4))
-    sites = _by_name(net)
+    sites = {site.name: site for site in find_relu_sites(net, example_input=torch.randn(2, 3, 5, 5))}
     assert list(sites) == ["1.relu", "1.relu_1"]
     assert sites["1.relu"].producer is net[1].conv1 and sites["1.relu"].norm is net[1].bn1
     assert [c.module for c in sites["1.relu"].consumers] == [net[1].conv2]
@@ -139,7 +144,7 @@ def test_residual_block_links():
     assert sites["1.relu_1"].producer is None and sites["1.relu_1"].consumers == []
 
 
-def test_untraceable_forward_warns_and_keeps_module_sites():
+def test_data_dependent_control_flow_shows_the_branch_the_forward_takes():
     class DataDependent(nn.Module):
         def __init__(self):
             super().__init__()
@@ -151,11 +156,14 @@ def test_untraceable_forward_warns_and_keeps_module_sites():
                 return F.relu(self.fc(x))
             return self.act(self.fc(x))
 
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), DataDependent())
-    with pytest.warns(SiteTracingWarning, match=r"Could not trace submodule '2' \(DataDependent\)"):
-        sites = find_relu_sites(net)
-    assert [s.name for s in sites] == ["1", "2.act"]
-    assert sites[0].producer is net[0]
+    with torch.no_grad():
+        net[0].bias.fill_(1.0)  # the ReLU's output sums to more than 0: the functional branch runs
+    sites = find_relu_sites(net, example_input=torch.randn(4, 3) * 0.01)
+    # reached sites in forward order, then the module the forward did not reach
+    assert [(s.name, s.kind) for s in sites] == [("1", "module"), ("2.relu", "function"), ("2.act", "module")]
+    assert sites[0].producer is net[0] and sites[1].producer is net[2].fc and sites[2].producer is None
 
 
 def test_invalid_trace_argument():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_relu import DeadUnitTracker, NoReluSitesWarning, revive_dead_units_
+from lightning_relu import DeadUnitTracker, NoReluSitesWarning, find_relu_sites, revive_dead_units_
 from tests.helpers import brute_force, conv_bn_net, counting_path, kill_units, mlp
 
 
@@ -264,10 +264,10 @@ def test_a_block_run_twice_counts_both_runs_at_its_sites(trace):
     expected = {"seq.1": torch.cat([a, b]), "blk.relu": torch.cat([c, d])}
     assert (a[:, 1] == 0).all() and (b[:, 1] > 0).any()  # the unit is alive in one run only
     tracker = DeadUnitTracker(model, trace=trace)
-    names = [site.name for site in tracker.all_sites]
-    assert names == (["seq.1", "blk.relu"] if trace else ["seq.1"])
     with tracker, torch.no_grad():
         model(x)
+    names = [site.name for site in tracker.all_sites]  # the functional call is found on the first forward
+    assert names == (["seq.1", "blk.relu"] if trace else ["seq.1"])
     report = tracker.report()
     assert set(report) == set(names)
     for name in names:
@@ -522,7 +522,9 @@ def test_margin_for_functional_and_reused_sites(path):
     with torch.no_grad():
         pre = torch.cat([model.fc1(x) for x in batches]).double()
     torch.testing.assert_close(report["relu"].pre_mean, pre.mean(0), rtol=1e-5, atol=1e-6)
-    assert DeadUnitTracker(model).report()["relu"].margin is None
+    with DeadUnitTracker(model) as plain:
+        model(batches[0])
+    assert plain.report()["relu"].margin is None
     with pytest.raises(ValueError, match="`track_margin` must be a bool, got 1"):
         DeadUnitTracker(model, track_margin=1)
 
@@ -604,8 +606,6 @@ def test_a_traced_pre_activation_without_a_producer_takes_the_axis_of_its_layers
             return F.relu(x + self.fc(x) * 0.5)  # not one layer's output: no producer, but a Linear's axis
 
     model = Residual()
-    (site,) = DeadUnitTracker(model).all_sites
-    assert site.producer is None and site.unit_dim == -1
     x = torch.randn(4, 9, 6)
     with DeadUnitTracker(model) as tracker, torch.no_grad():
         out = model(x)
@@ -624,7 +624,26 @@ def test_a_traced_pre_activation_without_a_producer_takes_the_axis_of_its_layers
 )
 def test_unit_dims_is_checked(unit_dims, match):
     with pytest.raises(ValueError, match=match):
-        DeadUnitTracker(_Untraceable(), unit_dims=unit_dims)
+        DeadUnitTracker(_Untraceable(), unit_dims=unit_dims, trace=False)
+
+
+def test_names_of_functional_sites_are_checked_on_the_first_forward():
+    """A model whose forward may call `F.relu` has sites that only its first forward shows: a name given before
+    it is checked then, with an error naming it."""
+    model = _Untraceable()
+    x = torch.randn(3, 4)
+    tracker = DeadUnitTracker(model, sites=["act", "gone"])
+    match = r"`sites` has unknown site names \['gone'\]; the model's sites are \['act'\] \(after its first forward"
+    with pytest.raises(ValueError, match=match), tracker, torch.no_grad():
+        model(x)
+    tracker = DeadUnitTracker(model, unit_dims={"nope": -1})
+    with pytest.raises(ValueError, match=r"`unit_dims` has unknown site names \['nope'\]"), tracker:
+        model(x)
+    # the names are checked once: counting goes on in the next forwards
+    tracker.reset()
+    with tracker, torch.no_grad():
+        out = model(x)
+    assert tracker.report()["act"].active_count.tolist() == (out > 0).sum(0).tolist()
 
 
 def test_unit_dims_cannot_contradict_a_known_layer():
@@ -678,7 +697,7 @@ def test_a_blocks_own_relu_applied_by_its_parent_is_a_later_position():
     torch.manual_seed(0)
     model = Mixed()
     tracker = DeadUnitTracker(model)
-    sites = {site.name: site for site in tracker.all_sites}
+    sites = {site.name: site for site in find_relu_sites(model, example_input=torch.randn(2, 4))}
     assert list(sites) == ["blk.1", "blk.1_1"]
     assert sites["blk.1"].producer is model.blk[0] and sites["blk.1"].consumers == []
     assert sites["blk.1_1"].producer is None and [c.module for c in sites["blk.1_1"].consumers] == [model.out]
@@ -704,10 +723,13 @@ def test_unit_axis_through_a_layernorm_over_channels_and_later_positions():
         def forward(self, x):
             return F.relu(self.ln(self.conv(x)) + x)
 
-    (site,) = DeadUnitTracker(Nets()).all_sites
+    x = torch.randn(2, 6, 5, 7)
+    (site,) = find_relu_sites(Nets(), example_input=x)
     assert site.producer is None and site.unit_dim == 1
-    # an inferred axis can be overridden, and the entry of a module's site covers its traced later positions
-    assert DeadUnitTracker(Nets(), unit_dims={"relu": -1}).stats["relu"].unit_dim == -1
+    # an inferred axis can be overridden, and the entry of a module's site covers its later positions
+    with DeadUnitTracker(Nets(), unit_dims={"relu": -1}) as tracker, torch.no_grad():
+        tracker.model(x)
+    assert tracker.stats["relu"].unit_dim == -1 and tracker.report()["relu"].num_units == 7
 
     class Twice(nn.Module):
         def __init__(self):
@@ -717,8 +739,9 @@ def test_unit_axis_through_a_layernorm_over_channels_and_later_positions():
         def forward(self, x):
             return self.act(self.act(x) - 1.0)
 
-    tracker = DeadUnitTracker(Twice(), unit_dims={"act": -1})
-    assert [s.name for s in tracker.all_sites] == ["act", "act_1"]
+    with DeadUnitTracker(Twice(), unit_dims={"act": -1}) as tracker:
+        tracker.model(torch.randn(2, 3, 4))
+    assert [s.name for s in tracker.sites] == ["act", "act_1"]
     assert tracker.stats["act"].unit_dim == tracker.stats["act_1"].unit_dim == -1
 
     class Others(nn.Module):  # another call of the same parent, and another module named like a later position
@@ -730,7 +753,8 @@ def test_unit_axis_through_a_layernorm_over_channels_and_later_positions():
         def forward(self, x):
             return F.relu(x).sum() + F.relu(self.conv(x) + x).sum() + self.relu_1(x).sum()
 
-    tracker = DeadUnitTracker(Others(), unit_dims={"relu": -1})
+    with DeadUnitTracker(Others(), unit_dims={"relu": -1}) as tracker:
+        tracker.model(torch.randn(2, 6, 6))
     dims = {name: stats.unit_dim for name, stats in tracker.stats.items()}
     assert dims == {"relu": -1, "relu_1_fn": 1, "relu_1": None}  # the module `relu_1` is no position of `relu`
 
@@ -743,8 +767,8 @@ def test_unit_axis_through_a_layernorm_over_channels_and_later_positions():
         def forward(self, x):
             return F.relu(self.ln(self.conv(x) + x))
 
-    (site,) = DeadUnitTracker(LinkedNorm()).all_sites
-    assert site.norm is not None and site.producer is None and (site.unit_dim, site.num_units) == (1, 6)
+    (site,) = find_relu_sites(LinkedNorm(), example_input=x)
+    assert site.producer is None and (site.unit_dim, site.num_units) == (1, 6)
 
 
 class _Recursive(nn.Module):
@@ -775,12 +799,12 @@ def test_a_recursive_module_is_numbered_alike_at_discovery_and_at_run_time():
             acts.append(torch.relu(h))
             h = torch.relu(model.fc(acts[-1]) - 0.2)
             relus.append(h)
+    names = [site.name for site in find_relu_sites(model, example_input=x)]
     tracker = DeadUnitTracker(model)
-    names = [site.name for site in tracker.all_sites]
     with tracker, torch.no_grad():
         model(x)
     report = tracker.report()
-    assert set(report) == set(names)  # no site created at run time that discovery missed
+    assert set(report) == set(names)  # the observation names the sites as the counting does
     # the module's positions number on as the runs return (its hooks restart them at each run's start only);
     # the functional call's position counts within each run, so every run's call is the one site
     assert sorted(names) == ["act", "act_1", "act_2", "relu"]
@@ -810,10 +834,10 @@ def test_a_functional_position_created_at_run_time_keeps_clear_of_module_names()
 
     torch.manual_seed(0)
     model = Parent()
-    tracker = DeadUnitTracker(model)
+    x = torch.randn(8, 3).abs()
+    tracker = DeadUnitTracker(model, discovered=find_relu_sites(model, example_input=x))
     assert [s.name for s in tracker.all_sites] == ["relu", "relu_1", "relu_fn"]
     model.rounds = 2
-    x = torch.randn(8, 3).abs()
     with tracker, torch.no_grad():
         model(x)
     with torch.no_grad():
@@ -873,7 +897,8 @@ def test_a_restored_position_is_created_for_its_own_kind():
         def forward(self, x):
             return F.relu(self.relu(x) - 0.5)
 
-    tracker = DeadUnitTracker(Parent())
+    model = Parent()
+    tracker = DeadUnitTracker(model, discovered=find_relu_sites(model, example_input=torch.randn(2, 3)))
     assert [(s.name, s.kind) for s in tracker.all_sites] == [("relu", "module"), ("relu_fn", "function")]
     assert tracker._place_stats("function", "relu", 1, create=False) is None  # not created without `create`
     stats = tracker._place_stats("function", "relu", 1, create=True)

@@ -249,6 +249,8 @@ class Structure:
     known: tuple[str, ...] = ()
     #: per site reached, the number of dimensions of its output
     ndims: dict[str, int] = field(default_factory=dict)
+    #: every site of the model (:class:`~lightning_relu.Site`, without links), reached by the forward or not
+    found: tuple[Any, ...] = ()
 
     def table(self) -> str:
         """A printable table: per site its units, producer, norms, consumers and the remedies that apply."""
@@ -538,8 +540,7 @@ def observe(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
-    # discovery may trace the model with torch.fx, which can run BatchNorm layers: their state comes back too
-    with preserved_state(model), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the counting warns about is the monitor's to say
         tracker = DeadUnitTracker(model, unit_dims=unit_dims, discovered=sites)
         tracker._watch_axes = False  # the analysis below finds every producer
@@ -573,7 +574,9 @@ def observe(
         tracker._observer = None
         tracker.detach()
     structure = _Analysis(model, recorder, calls, output).run()
-    structure.known = tuple(dict.fromkeys([*(site.name for site in tracker.all_sites), *structure.sites]))
+    found = {site.name: site for site in (*tracker.all_sites, *tracker.sites)}
+    structure.found = tuple(found.values())
+    structure.known = tuple(dict.fromkeys([*found, *structure.sites]))
     return structure
 
 
@@ -610,13 +613,15 @@ class AxisWatch:
             name for name, stats in tracker.stats.items() if stats.unit_dim is None and name not in tracker._unit_dims
         }
         self.adopted: dict[str, int] = {}
+        self.checked: set[str] = set()  # sites seen (functional ones found in this forward are open too)
         self._recorder: _Recorder | None = None
         self._analysis: _Analysis | None = None
         self._model = model
         self._inputs = list(_tensors(inputs))
 
     def start(self) -> AxisWatch:
-        if not self.open or self._recorder is not None:
+        discovering = self.tracker._discovery is not None and not self.tracker._discovery.done
+        if (not self.open and not discovering) or self._recorder is not None:
             return self
         self._recorder = _Recorder(self._inputs, keep_rectifier_inputs=False)
         self._analysis = _Analysis(self._model, self._recorder, [], None)
@@ -634,16 +639,27 @@ class AxisWatch:
         return self.adopted
 
     def _seen(self, site: Any, output: Tensor) -> None:
-        if site.name not in self.open or self._recorder is None or self._analysis is None:
+        if site.name in self.checked or self._recorder is None or self._analysis is None:
             return
-        self.open.discard(site.name)
+        self.checked.add(site.name)
+        stats = self.tracker.stats.get(site.name)
+        if stats is None or stats.unit_dim is not None or site.name in self.tracker._unit_dims:
+            return
         origin = self._recorder.origin.get(id(output))
         if origin is None or output.ndim < 3:
             return
-        producer = self._analysis._producer(self._recorder.nodes[origin[0]])[0]
-        if producer is None or output.shape[1 if producer.kind == "conv" else -1] != producer.weight.parameter.shape[0]:
+        node = self._recorder.nodes[origin[0]]
+        producer = self._analysis._producer(node)[0]
+        if producer is not None:
+            kinds = {producer.kind: producer.weight.parameter.shape[0]}
+        else:  # no single producer (a residual sum): the layers the pre-activation comes from, where they agree
+            kinds = self._analysis.ancestor_layouts(node)
+        if len(kinds) != 1:
             return
-        dim = 1 if producer.kind == "conv" else -1
+        ((kind, width),) = kinds.items()
+        dim = 1 if kind == "conv" else -1
+        if output.shape[dim] != width:
+            return
         self.tracker.stats[site.name].unit_dim = dim
         self.tracker._unit_dims[site.name] = dim
         self.adopted[site.name] = dim
@@ -723,6 +739,32 @@ class _Analysis:
             return None
         name, module_name, module = self.params[id(shaped[0])]
         return ParamRef(name, module_name, module, shaped[0], computed=True)  # type: ignore[arg-type]
+
+    def ancestor_layouts(self, node: _Node, limit: int = 256) -> dict[str, int]:
+        """The affine operations a node's data input comes from through elementwise, norm and chain operations
+        (no moves): their kinds (``"linear"``, ``"conv"``) with each one's output width, as far as they agree."""
+        kinds: dict[str, int] = {}
+        seen: set[int] = set()
+        stack = [s[0] for s, t in zip(node.sources, node.inputs, strict=True) if s is not None and id(t) in self._data]
+        while stack and len(seen) < limit:
+            index = stack.pop()
+            if index in seen:
+                continue
+            seen.add(index)
+            current = self.nodes[index]
+            if current.op in _AFFINE_OPS:
+                kind = "linear" if current.op == "linear" else "conv"
+                width = int(current.inputs[1].shape[0]) if len(current.inputs) > 1 else -1
+                if kinds.setdefault(kind, width) != width:
+                    return {}
+                continue
+            if current.op in _NORM_OPS or current.op in _CHAIN_OPS or current.op in _ARITH_OPS:
+                stack.extend(
+                    s[0]
+                    for s, t in zip(current.sources, current.inputs, strict=True)
+                    if s is not None and id(t) in self._data
+                )
+        return kinds
 
     # ---- producers
     def _producer(self, node: _Node) -> tuple[Producer | None, list[Norm], str | None, Tensor | None]:
