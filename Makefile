@@ -18,7 +18,7 @@ ZOO_PY := $(ZOO_VENV)/bin/python
 ZOO_STAMP := $(ZOO_VENV)/.lightning_relu-installed
 ZOO_REPORT ?= build/zoo-results.json
 
-.PHONY: demo test lint bench install zoo zoo-fast coverage clean
+.PHONY: demo test lint bench install docs zoo zoo-fast coverage clean
 
 demo: $(STAMP)
 	$(PY) -m lightning_relu demo
@@ -41,6 +41,11 @@ coverage: $(ZOO_STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_relu tests examples benchmarks docs
+
+# the documentation site, built strictly (a broken link, a missing page or a bad docstring fails) into build/site
+docs: $(STAMP)
+	$(PY) -c "import mkdocstrings, material" 2>/dev/null || $(PY) -m pip install -e ".[docs]"
+	$(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
