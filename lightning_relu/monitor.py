@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -159,7 +159,7 @@ class DeadUnitMonitor(Callback):
     def __init__(
         self,
         sites: Sequence[str] | None = None,
-        on_collapse: str = "warn",
+        on_collapse: Literal["warn", "raise", "stop"] = "warn",
         log_histograms: bool = True,
         revive: bool | DeadUnitReviver = False,
         trace: bool = True,

@@ -12,7 +12,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -65,7 +65,7 @@ def revive_dead_units_(
     optimizer: Optimizer | Iterable[Optimizer] | None = None,
     generator: torch.Generator | None = None,
     *,
-    init: str = "default",
+    init: Literal["default", "kaiming", "rai"] = "default",
     max_fraction: float = 1.0,
     exclude: Iterable[str] = (),
     sites: Iterable[Site] | None = None,
@@ -547,7 +547,7 @@ class DeadUnitReviver(Callback):
         every_n_epochs: int = 1,
         max_fraction: float = 1.0,
         exclude: Sequence[str] = (),
-        init: str = "default",
+        init: Literal["default", "kaiming", "rai"] = "default",
         seed: int | None = None,
         input_fn: Callable[[Any], Any] | None = None,
         example_size: int = 64,

@@ -211,3 +211,80 @@ def test_bad_callback_argument_is_reported(tmp_path: Path, capsys: pytest.Captur
         )
     message = str(info.value) + capsys.readouterr().err
     assert "on_collapse" in message
+
+
+DOCS_YAML = Path(__file__).resolve().parent.parent / "docs" / "examples" / "lightning_cli.yaml"
+
+
+def test_the_documented_yaml_configures_and_trains(tmp_path: Path) -> None:
+    """The configuration shown on the LightningCLI docs page, as written there."""
+    cli = _cli(["fit", f"--config={DOCS_YAML}", *TRAINER_ARGS], tmp_path)
+    (initializer,) = _callbacks(cli, ReluInitializer)
+    assert initializer.method == "rai+sign_flip" and initializer.seed == 0 and initializer.applied
+    (monitor,) = _callbacks(cli, DeadUnitMonitor)
+    assert monitor.on_collapse == "stop" and monitor.eps == 0.01
+    assert isinstance(monitor.reviver, DeadUnitReviver)
+    assert (monitor.reviver.init, monitor.reviver.max_fraction) == ("rai", 0.5)
+    assert [report.epoch for report in monitor.history] == [0, 1]
+    assert len(monitor.reviver.history) == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "allowed"),
+    [
+        ("DeadUnitMonitor.init_args.on_collapse", "stopp", ["warn", "raise", "stop"]),
+        ("ReluInitializer.init_args.method", "rai+signflip", ["rai", "sign_flip", "rai+sign_flip"]),
+    ],
+)
+def test_a_typo_in_a_string_option_fails_at_parse_time(
+    key: str, bad: str, allowed: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``Literal`` annotations: jsonargparse rejects the value while parsing, naming the values it accepts."""
+    callback, _, option = key.partition(".init_args.")
+    constructed: list[object] = []
+    with pytest.MonkeyPatch.context() as mp:
+        # a constructor that runs would record itself: a parse-time error constructs nothing
+        for kind in (DeadUnitMonitor, ReluInitializer):
+            original = kind.__init__
+
+            def spy(self: object, *args: object, _original=original, **kwargs: object) -> None:
+                constructed.append(self)
+                _original(self, *args, **kwargs)
+
+            mp.setattr(kind, "__init__", spy)
+        with pytest.raises(SystemExit) as info:
+            _cli(
+                [
+                    "fit",
+                    *TRAINER_ARGS,
+                    f"--trainer.callbacks+=lightning_relu.{callback}",
+                    f"--trainer.callbacks.init_args.{option}={bad}",
+                ],
+                tmp_path,
+            )
+    assert info.value.code != 0
+    assert constructed == []
+    err = capsys.readouterr().err
+    assert bad in err
+    for value in allowed:
+        assert value in err
+
+
+def test_reviver_init_is_a_literal_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """\
+trainer:
+  callbacks:
+    - class_path: lightning_relu.DeadUnitMonitor
+      init_args:
+        revive:
+          class_path: lightning_relu.DeadUnitReviver
+          init_args:
+            init: he
+"""
+    )
+    with pytest.raises(SystemExit):
+        _cli(["fit", f"--config={config}", *TRAINER_ARGS], tmp_path)
+    err = capsys.readouterr().err
+    assert "he" in err and "kaiming" in err
