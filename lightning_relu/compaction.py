@@ -57,7 +57,15 @@ from lightning_relu.structure.observation import (
 )
 from lightning_relu.surgery import _eval_output, _same, _unit_values
 
-__all__ = ["Compaction", "SiteCompaction", "certified_dead", "compact"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "Compaction",
+    "SiteCompaction",
+    "certified_dead",
+    "compact",
+    "layer_widths",
+    "resize_like_",
+]
 
 
 @dataclass(frozen=True)
@@ -806,3 +814,109 @@ def certified_dead(
         tracker.detach()
         model.train(was_training)
     return dead, notes
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+#: the key under which a compacted checkpoint records its layers' new widths (see :func:`resize_like_`)
+CHECKPOINT_KEY = "lightning_relu_compaction"
+_WIDTHS = (
+    "in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "num_groups",
+    "num_channels",
+)  # fmt: skip
+
+
+def layer_widths(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Per Linear/ConvNd/norm module of ``model``, its width attributes (what :func:`resize_like_` restores)."""
+    widths: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        found = {attribute: int(getattr(module, attribute)) for attribute in _WIDTHS if hasattr(module, attribute)}
+        if found:
+            widths[name] = found
+    return widths
+
+
+def resize_like_(model: nn.Module, checkpoint: Mapping[str, Any]) -> nn.Module:
+    """Give ``model`` (a fresh build of the original architecture) the layer widths of a compacted checkpoint, so
+    that its ``state_dict`` loads; returns ``model``.
+
+    ``checkpoint`` is what ``lightning-relu compact`` writes (a Lightning checkpoint with ``state_dict`` and the
+    widths under :data:`CHECKPOINT_KEY`). In a LightningModule, call it from ``on_load_checkpoint`` and
+    ``load_from_checkpoint`` loads the compacted weights::
+
+        def on_load_checkpoint(self, checkpoint):
+            lightning_relu.compaction.resize_like_(self, checkpoint)
+    """
+    widths = checkpoint.get(CHECKPOINT_KEY)
+    state = checkpoint.get("state_dict")
+    if not isinstance(widths, Mapping) or not isinstance(state, Mapping):
+        return model  # not a compacted checkpoint: nothing to resize
+    for module_name, attributes in widths.items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError as error:
+            raise ValueError(
+                f"The compacted checkpoint has layer {module_name!r} that the model does not have: was it written "
+                "for another architecture?"
+            ) from error
+        for attribute, value in attributes.items():
+            setattr(module, attribute, int(value))
+        prefix = f"{module_name}." if module_name else ""
+        for attribute, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            saved = state.get(prefix + attribute)
+            if isinstance(saved, Tensor) and saved.shape != tensor.shape:
+                _set(model, prefix + attribute, torch.zeros(saved.shape, dtype=tensor.dtype, device=tensor.device))
+    return model
+
+
+def _compact_checkpoint(
+    path: str, out: str | None, model_spec: str | None, input_shape: tuple[int, ...] | None, seed: int
+) -> tuple[Compaction, str]:
+    """What ``lightning-relu compact`` does: load a Lightning checkpoint holding a ``DeadUnitMonitor``'s history,
+    rebuild the LightningModule from its hyperparameters, compact it with the last epoch's report and write a
+    checkpoint of the compacted model (widths recorded, optimizer state dropped)."""
+    import importlib
+    import os
+
+    from lightning_relu.monitor import EpochReport
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path!r} is not a Lightning checkpoint (no `state_dict`)")
+    history = [
+        state["history"]
+        for key, state in dict(checkpoint.get("callbacks", {})).items()
+        if str(key).startswith("DeadUnitMonitor") and isinstance(state, Mapping) and state.get("history")
+    ]
+    if not history:
+        raise ValueError(
+            f"{path!r} holds no `DeadUnitMonitor` report: train with `DeadUnitMonitor()` among the callbacks (its "
+            "history is saved in the checkpoint)"
+        )
+    report = EpochReport.from_state_dict(history[0][-1])
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    if model_spec is None:
+        model_spec = "lightning_relu._demo:DemoRegressor"
+    module_name, _, attribute = model_spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"`--model` must be MODULE:NAME, got {model_spec!r}")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    model = factory(**hparams)
+    resize_like_(model, checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    generator = torch.Generator().manual_seed(seed)
+    if input_shape is None:
+        if "in_features" not in hparams:
+            raise ValueError("the model's input shape is not known: pass `--input-shape`")
+        input_shape = (1024, int(hparams["in_features"]))  # the demo's inputs: standard Gaussian features
+    example = torch.randn(input_shape, generator=generator)
+    result = compact(model, report, example)
+    written = dict(checkpoint)
+    written["state_dict"] = result.model.state_dict()
+    written[CHECKPOINT_KEY] = layer_widths(result.model)
+    for key in ("optimizer_states", "lr_schedulers"):
+        written.pop(key, None)  # shaped for the layers before: a resumed fit starts them afresh
+    if out is None:
+        root, extension = os.path.splitext(path)
+        out = f"{root}.compact{extension or '.ckpt'}"
+    torch.save(written, out)
+    return result, out

@@ -143,7 +143,53 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="shape of the random input, comma-separated (default: 2,3,64,64)",
     )
     structure.add_argument("--train", action="store_true", help="observe in training mode (default: evaluation)")
+    compact = commands.add_parser(
+        "compact",
+        help="remove the dead units of a checkpoint's model and write the smaller weights",
+        description=(
+            "Load a Lightning checkpoint written with a DeadUnitMonitor, rebuild its LightningModule from the "
+            "saved hyperparameters, remove the units dead in the monitor's last report (producer rows, norm "
+            "entries, consumer columns), check that the output is unchanged on an example input in evaluation "
+            "mode, print the per-site table and write a checkpoint of the compacted model (its layer widths are "
+            "recorded: `lightning_relu.compaction.resize_like_` makes a fresh build load it)."
+        ),
+    )
+    compact.add_argument(
+        "checkpoint", help="a .ckpt file written by a Trainer with DeadUnitMonitor among the callbacks"
+    )
+    compact.add_argument("--out", default=None, help="where to write (default: CHECKPOINT with .compact before .ckpt)")
+    compact.add_argument(
+        "--model",
+        default=None,
+        help="the LightningModule class, as MODULE:NAME (default: the demo's, lightning_relu._demo:DemoRegressor)",
+    )
+    compact.add_argument(
+        "--input-shape",
+        default=None,
+        help="shape of the random example input, comma-separated (default: 1024 samples of the model's in_features)",
+    )
+    compact.add_argument("--seed", type=int, default=0, help="seed of the example input (default: 0)")
     return parser
+
+
+def _compact_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from lightning_relu.compaction import _compact_checkpoint
+
+    shape = None
+    if args.input_shape is not None:
+        try:
+            shape = tuple(int(part) for part in args.input_shape.split(","))
+        except ValueError:
+            parser.error(f"--input-shape must be comma-separated integers, got {args.input_shape!r}")
+    if not os.path.isfile(args.checkpoint):
+        parser.error(f"`checkpoint` must be a file, got {args.checkpoint!r}")
+    try:
+        result, out = _compact_checkpoint(args.checkpoint, args.out, args.model, shape, args.seed)
+    except (ValueError, ImportError, AttributeError) as error:
+        parser.error(str(error))
+    print(result.table())
+    print(f"{result.removed} units removed; compacted checkpoint written to {out}")
+    return 0
 
 
 def _structure_command(parser: argparse.ArgumentParser, spec: str, shape_text: str, train: bool) -> int:
@@ -177,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "structure":
         return _structure_command(parser, args.model, args.input_shape, args.train)
+    if args.command == "compact":
+        return _compact_command(parser, args)
     if args.command != "demo":  # pragma: no cover - argparse rejects unknown commands
         parser.error(f"unknown command {args.command!r}")
     if args.epochs is not None and args.epochs < 1:

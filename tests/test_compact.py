@@ -435,3 +435,77 @@ def test_state_dict_round_trip_into_the_compacted_architecture() -> None:
     clone.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(clone(x), expected)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints and CLI
+def _demo_checkpoint(tmp_path) -> str:
+    """A checkpoint as a demo fit with checkpointing writes it: DemoRegressor, DeadUnitMonitor, three dead units."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_relu import DeadUnitMonitor
+    from lightning_relu._demo import DemoRegressor, DemoTask
+
+    pl.seed_everything(0, verbose=False)
+    task = DemoTask(depth=3, width=8, samples=256)
+    model = DemoRegressor(task.depth, task.width, task.in_features, task.lr, task.momentum)
+    _kill((model.net[0].bias, [0, 4, 5]))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        callbacks=[DeadUnitMonitor(print_summary=False)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(task.data(0), batch_size=64))
+    path = tmp_path / "demo.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def test_cli_compacts_a_demo_checkpoint_and_the_result_loads(tmp_path, capsys) -> None:
+    from lightning_relu._demo import DemoRegressor
+    from lightning_relu.compaction import CHECKPOINT_KEY, resize_like_
+    from lightning_relu.demo import main
+
+    path = _demo_checkpoint(tmp_path)
+    out = tmp_path / "small.ckpt"
+    assert main(["compact", path, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "net.1" in printed and "removed" in printed and str(out) in printed
+    original = torch.load(path, weights_only=True)
+    written = torch.load(out, weights_only=True)
+    dead = original["callbacks"]
+    assert written[CHECKPOINT_KEY]["net.0"]["out_features"] == 8 - 3
+    assert "optimizer_states" not in written and any(str(k).startswith("DeadUnitMonitor") for k in dead)
+    # the ground truth: the uncompacted model of the checkpoint, on fresh inputs
+    before = DemoRegressor(**original["hyper_parameters"])
+    before.load_state_dict(original["state_dict"])
+    after = resize_like_(DemoRegressor(**written["hyper_parameters"]), written)
+    after.load_state_dict(written["state_dict"])
+    x = torch.randn(512, 2)
+    assert _close(_eval(after, x), _eval(before, x))
+    # a LightningModule that resizes itself in `on_load_checkpoint` loads the compacted checkpoint with Lightning
+    class Resizing(DemoRegressor):
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            resize_like_(self, checkpoint)
+
+    loaded = Resizing.load_from_checkpoint(out, weights_only=True)
+    assert _close(_eval(loaded, x), _eval(before, x))
+    widths = written[CHECKPOINT_KEY]
+    assert _params(after) == sum((w["in_features"] + 1) * w["out_features"] for w in widths.values())
+    assert _params(after) <= _params(before) - 3 * (2 + 1) - 3 * 8
+
+
+def test_cli_refuses_a_checkpoint_without_a_monitor(tmp_path, capsys) -> None:
+    from lightning_relu.demo import main
+
+    path = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, path)
+    with pytest.raises(SystemExit):
+        main(["compact", str(path)])
+    assert "holds no `DeadUnitMonitor` report" in capsys.readouterr().err
