@@ -17,6 +17,7 @@ __version__ = "0.1.0.dev0"
 
 # public name -> the submodule that defines it
 _LAZY = {
+    "CompactOnFitEnd": "compaction",
     "Compaction": "compaction",
     "SiteCompaction": "compaction",
     "compact": "compaction",
@@ -47,7 +48,7 @@ _SUBMODULES = ("theory",)
 
 if TYPE_CHECKING:
     from lightning_relu import theory
-    from lightning_relu.compaction import Compaction, SiteCompaction, compact
+    from lightning_relu.compaction import Compaction, CompactOnFitEnd, SiteCompaction, compact
     from lightning_relu.init import SignFlipReport, rai_, sign_flip_
     from lightning_relu.initializer import ReluInitializer
     from lightning_relu.monitor import CollapseError, CollapseWarning, DeadUnitMonitor, DyingWarning, EpochReport
@@ -61,6 +62,7 @@ __all__ = [
     "ActivationStats",
     "CollapseError",
     "CollapseWarning",
+    "CompactOnFitEnd",
     "Compaction",
     "Consumer",
     "DeadUnitMonitor",

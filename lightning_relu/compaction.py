@@ -42,9 +42,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from typing_extensions import override
 
 from lightning_relu.functional import counting
 from lightning_relu.structure import SiteStructure, Structure, observe
@@ -59,6 +62,7 @@ from lightning_relu.surgery import _eval_output, _same, _unit_values
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "CompactOnFitEnd",
     "Compaction",
     "SiteCompaction",
     "certified_dead",
@@ -920,3 +924,128 @@ def _compact_checkpoint(
         out = f"{root}.compact{extension or '.ckpt'}"
     torch.save(written, out)
     return result, out
+
+
+# ------------------------------------------------------------------------------------------------ end of fit
+class CompactOnFitEnd(Callback):
+    """At the end of a fit, compact the LightningModule with the last report of the ``DeadUnitMonitor`` among the
+    Trainer's callbacks, keep the result in :attr:`result` and (with ``dirpath``) save it as a checkpoint that
+    :func:`resize_like_` loads.
+
+    The example input is the last call the training step made into the model (its forward, or ``self.net(x)``),
+    cut to ``example_size`` samples; with ``input_fn``, ``input_fn(batch)`` of the last training batch. The trained
+    model itself is not changed.
+
+    Args:
+        dirpath: directory to write ``filename`` into (``None``: nothing is written).
+        filename: name of the checkpoint written.
+        input_fn: takes the model's input out of a training batch (default: the call the step made).
+        example_size: samples of the example input.
+        certify: passed to :func:`compact`.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[DeadUnitMonitor(), CompactOnFitEnd(dirpath="compacted")])
+        trainer.fit(model, loader)
+        print(trainer.callbacks[-1].result.table())
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "compacted.ckpt",
+        input_fn: Any = None,
+        example_size: int = 64,
+        certify: tuple[Any, Any] | None = None,
+    ) -> None:
+        if input_fn is not None and not callable(input_fn):
+            raise ValueError(f"`input_fn` must be callable or None, got {input_fn!r}")
+        if isinstance(example_size, bool) or not isinstance(example_size, int) or example_size < 1:
+            raise ValueError(f"`example_size` must be a positive integer, got {example_size!r}")
+        if not isinstance(filename, str) or not filename:
+            raise ValueError(f"`filename` must be a non-empty string, got {filename!r}")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.input_fn = input_fn
+        self.example_size = example_size
+        self.certify = certify
+        self.result: Compaction | None = None
+        self.path: str | None = None
+        self._batch: Any = None
+        self._watch: Any = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._monitor(trainer) is None:
+            raise ValueError("`CompactOnFitEnd` needs a `DeadUnitMonitor` among the Trainer's callbacks")
+
+    @staticmethod
+    def _monitor(trainer: pl.Trainer) -> Any:
+        from lightning_relu.monitor import DeadUnitMonitor
+
+        return next((c for c in trainer.callbacks if isinstance(c, DeadUnitMonitor)), None)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        from lightning_relu.structure import RootCallWatch
+
+        if self.input_fn is None and (self._watch is None or self._watch.model is not pl_module):
+            self._stop()
+            self._watch = RootCallWatch(pl_module).start()
+        if self._watch is not None:
+            self._watch.active = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+        if self._watch is not None:
+            self._watch.active = False
+            self._watch.settle()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_relu.structure import example_from_batch
+
+        monitor = self._monitor(trainer)
+        report = monitor.last_report if monitor is not None else None
+        example = self._watch.example(self.example_size) if self._watch is not None else None
+        if example is None and self._batch is not None:
+            example = example_from_batch(self._batch, self.input_fn, self.example_size)
+        self._stop()
+        if report is None or example is None:
+            return  # no epoch ended: nothing measured
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.result = compact(pl_module, report, example, certify=self.certify)
+        if self.dirpath is not None and trainer.is_global_zero:
+            import os
+
+            os.makedirs(self.dirpath, exist_ok=True)
+            self.path = os.path.join(self.dirpath, self.filename)
+            torch.save(
+                {
+                    "state_dict": self.result.model.state_dict(),
+                    "hyper_parameters": dict(getattr(pl_module, "hparams", {})),
+                    CHECKPOINT_KEY: layer_widths(self.result.model),
+                },
+                self.path,
+            )
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.stop()

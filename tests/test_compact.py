@@ -489,6 +489,7 @@ def test_cli_compacts_a_demo_checkpoint_and_the_result_loads(tmp_path, capsys) -
     after.load_state_dict(written["state_dict"])
     x = torch.randn(512, 2)
     assert _close(_eval(after, x), _eval(before, x))
+
     # a LightningModule that resizes itself in `on_load_checkpoint` loads the compacted checkpoint with Lightning
     class Resizing(DemoRegressor):
         def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -509,3 +510,63 @@ def test_cli_refuses_a_checkpoint_without_a_monitor(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["compact", str(path)])
     assert "holds no `DeadUnitMonitor` report" in capsys.readouterr().err
+
+
+def test_compact_on_fit_end_callback(tmp_path) -> None:
+    import pickle
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_relu import CompactOnFitEnd, DeadUnitMonitor
+    from lightning_relu._demo import DemoRegressor, DemoTask
+    from lightning_relu.compaction import resize_like_
+
+    with pytest.raises(ValueError, match="`example_size` must be a positive integer, got 0"):
+        CompactOnFitEnd(example_size=0)
+    pickle.loads(pickle.dumps(CompactOnFitEnd(dirpath=str(tmp_path))))
+    pl.seed_everything(0, verbose=False)
+    task = DemoTask(depth=3, width=8, samples=256)
+    model = DemoRegressor(task.depth, task.width, task.in_features, task.lr, task.momentum)
+    _kill((model.net[2].bias, [1, 6]))
+    callback = CompactOnFitEnd(dirpath=str(tmp_path / "small"))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        callbacks=[DeadUnitMonitor(print_summary=False), callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(task.data(0), batch_size=64))
+    assert callback.result is not None and callback.result.sites["net.3"].removed >= 2
+    x = torch.randn(256, 2)
+    assert _close(_eval(callback.result.model, x), _eval(model, x))
+    saved = torch.load(callback.path, weights_only=True)
+    fresh = resize_like_(DemoRegressor(**saved["hyper_parameters"]), saved)
+    fresh.load_state_dict(saved["state_dict"])
+    assert _close(_eval(fresh, x), _eval(model, x))
+    assert fresh.net[2].out_features <= 6
+
+
+def test_compact_on_fit_end_needs_a_monitor(tmp_path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_relu import CompactOnFitEnd
+
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        limit_train_batches=1,
+        callbacks=[CompactOnFitEnd()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="needs a `DeadUnitMonitor`"):
+        trainer.fit(BoringModel())
