@@ -18,7 +18,7 @@ ZOO_PY := $(ZOO_VENV)/bin/python
 ZOO_STAMP := $(ZOO_VENV)/.lightning_relu-installed
 ZOO_REPORT ?= build/zoo-results.json
 
-.PHONY: demo test lint bench install docs zoo zoo-fast coverage clean
+.PHONY: demo test lint bench plasticity plasticity-quick install docs zoo zoo-fast coverage clean
 
 demo: $(STAMP)
 	$(PY) -m lightning_relu demo
@@ -49,6 +49,15 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# the plasticity benchmark (docs/plasticity.md): the full run rewrites the docs' tables and plots and
+# benchmarks/plasticity/results.json; the quick run (about 2 minutes) writes build/plasticity-quick only
+plasticity: $(STAMP)
+	$(PY) -m pip install -e ".[plots]"
+	$(PY) -m benchmarks.plasticity --docs --out build/plasticity
+
+plasticity-quick: $(STAMP)
+	$(PY) -m benchmarks.plasticity --quick --no-plots --out build/plasticity-quick
 
 install: $(STAMP)
 
