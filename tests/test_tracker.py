@@ -75,7 +75,8 @@ def test_nan_counts_as_not_active():
         stats_model(x)
     report = tracker.report()["0"]
     assert report.active_count.tolist() == [2, 0, 1]
-    assert report.dead.tolist() == [False, True, False]
+    # a site that saw NaN is non-finite, never dead (issue 20): its counts are kept, its units not judged
+    assert report.nonfinite and report.dead.tolist() == [False, False, False] and not report.collapsed
 
 
 def test_hooks_removed_on_exit_and_reset_and_pause():
@@ -93,8 +94,9 @@ def test_hooks_removed_on_exit_and_reset_and_pause():
     model(torch.randn(8, 3))  # not counted: detached
     assert tracker.report()["1"].samples == 5
     tracker.reset()
-    report = tracker.report()["1"]
-    assert report.samples == 0 and not report.seen and report.num_dead == 0
+    # nothing counted since the reset, hooks removed: an error, not "0 dead over 0 samples" (issue 20)
+    with pytest.raises(RuntimeError, match=r"nothing to report: its hooks are not attached"):
+        tracker.report()
     tracker.detach()  # idempotent
 
 
@@ -131,7 +133,8 @@ def test_width_mismatch_warns_and_skips():
     tracker = DeadUnitTracker(model)
     with tracker, pytest.warns(RuntimeWarning, match="expects 4 units"):
         relu(torch.randn(2, 9))
-    assert tracker.report()["1"].samples == 0
+    with pytest.raises(RuntimeError, match="nothing to report"):  # nothing counted: not "0 dead" (issue 20)
+        tracker.report()
 
 
 @pytest.mark.parametrize("path", ["cpu", "plain"])
@@ -522,7 +525,9 @@ def test_margin_for_functional_and_reused_sites(path):
     with torch.no_grad():
         pre = torch.cat([model.fc1(x) for x in batches]).double()
     torch.testing.assert_close(report["relu"].pre_mean, pre.mean(0), rtol=1e-5, atol=1e-6)
-    assert DeadUnitTracker(model).report()["relu"].margin is None
+    with DeadUnitTracker(model) as plain:
+        model(batches[0])
+    assert plain.report()["relu"].margin is None
     with pytest.raises(ValueError, match="`track_margin` must be a bool, got 1"):
         DeadUnitTracker(model, track_margin=1)
 
