@@ -13,7 +13,6 @@ a forward in evaluation mode under ``torch.no_grad()``, after warm-up.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import platform
 import statistics
@@ -58,17 +57,20 @@ def flops(model: nn.Module, example: Tensor) -> int:
     return 2 * total // example.shape[0]
 
 
-def latency_ms(model: nn.Module, example: Tensor, repeats: int) -> float:
-    model.eval()
+def latencies_ms(first: nn.Module, second: nn.Module, example: Tensor, repeats: int) -> tuple[float, float]:
+    """Median forward time of each model, the two timed in alternation (a load that comes and goes hits both)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    first.eval()
+    second.eval()
     with torch.no_grad():
-        for _ in range(3):
-            model(example)
-        times = []
+        for model in (first, second, first, second):
+            model(example)  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            model(example)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+            for model, kept in zip((first, second), times, strict=True):
+                start = time.perf_counter()
+                model(example)
+                kept.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
 
 
 def force_dead(model: nn.Module, example: Tensor, share: float, seed: int) -> int:
@@ -92,20 +94,21 @@ def force_dead(model: nn.Module, example: Tensor, share: float, seed: int) -> in
     return forced
 
 
-def measure(name: str, model: nn.Module, report: Any, example: Tensor, bench: Tensor, repeats: int) -> dict:
-    result = compact(model, report, example)
+def measure(name: str, model: nn.Module, report: Any, data: Tensor, repeats: int) -> dict:
+    """Compact with ``report`` on ``data`` (the data the report saw), then compare on the same data."""
+    result = compact(model, report, data)
     small = result.model.eval()
     model.eval()
     with torch.no_grad():
-        before, after = model(bench), small(bench)
+        before, after = model(data), small(data)
     change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
     return {
         "model": name,
         "dead": sum(s.dead for s in result.sites.values()),
         "removed": result.removed,
         "params": (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())),
-        "flops": (flops(model, bench), flops(small, bench)),
-        "latency": (latency_ms(model, bench, repeats), latency_ms(small, bench, repeats)),
+        "flops": (flops(model, data), flops(small, data)),
+        "latency": latencies_ms(model, small, data, repeats),
         "change": change,
     }
 
@@ -117,12 +120,11 @@ def torchvision_rows(names: list[str], share: float, repeats: int) -> list[dict]
     for name in names:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).train()
-        example = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-        force_dead(model, example, share, seed=0)
+        data = torch.randn(8, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+        force_dead(model, data, share, seed=0)
         with DeadUnitTracker(model) as tracker, torch.no_grad():
-            model(example)
-        bench = torch.randn(8, 3, 128, 128, generator=torch.Generator().manual_seed(2))
-        rows.append(measure(f"torchvision {name} ({share:.0%} forced)", model, tracker.report(), example, bench, repeats))
+            model(data)  # one training-mode batch: the forced units and those dead on it at random init
+        rows.append(measure(f"torchvision {name} ({share:.0%} forced)", model, tracker.report(), data, repeats))
         print(rows[-1], flush=True)
     return rows
 
@@ -145,23 +147,22 @@ def demo_row(repeats: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(task.data(0), batch_size=task.batch_size, shuffle=True))
-    example = task.data(0).tensors[0][:1024]
-    bench = torch.randn(4096, task.in_features, generator=torch.Generator().manual_seed(2))
-    row = measure("demo MLP (he, 20 epochs, died on its own)", model.eval(), monitor.last_report, example, bench, repeats)
+    data = task.data(0).tensors[0]  # the training inputs: what the monitor's last epoch saw
+    row = measure("demo MLP (he, 20 epochs, died on its own)", model.eval(), monitor.last_report, data, repeats)
     print(row, flush=True)
     return row
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | dead units | removed | parameters | MFLOPs / sample | latency (ms) | speed-up | max rel. output change |",
+        "| model | dead units | removed | parameters | MFLOPs / sample | latency (ms) | speed-up | output change |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         (p0, p1), (f0, f1), (t0, t1) = r["params"], r["flops"], r["latency"]
         lines.append(
             f"| {r['model']} | {r['dead']} | {r['removed']} | {p0:,} → {p1:,} ({1 - p1 / p0:.1%} fewer) | "
-            f"{f0 / 1e6:.2f} → {f1 / 1e6:.2f} ({1 - f1 / f0:.1%} fewer) | {t0:.2f} → {t1:.2f} | {t0 / t1:.2f}× | "
+            f"{f0 / 1e6:.4g} → {f1 / 1e6:.4g} ({1 - f1 / f0:.1%} fewer) | {t0:.2f} → {t1:.2f} | {t0 / t1:.2f}× | "
             f"{r['change']:.1e} |"
         )
     return "\n".join(lines)
@@ -172,15 +173,19 @@ def main() -> None:
     parser.add_argument("--models", default="vgg11_bn,resnet18,mobilenet_v2,squeezenet1_1")
     parser.add_argument("--share", type=float, default=0.25, help="share of each site's units forced dead")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--out", default=None, help="write the markdown table into this file (between markers)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = torchvision_rows([n for n in args.models.split(",") if n], args.share, args.repeats)
     rows.append(demo_row(args.repeats))
     text = table(rows)
     stamp = (
-        f"Measured {time.strftime('%Y-%m-%d')} on a {torch.get_num_threads()}-thread CPU sandbox "
-        f"({platform.machine()}, torch {torch.__version__}), images 8×3×128×128, demo batch 4096×2, "
-        f"median of {args.repeats} runs; other jobs were running on the machine (latencies are noisy)."
+        f"Measured {time.strftime('%Y-%m-%d')} on the 2-core CPU sandbox ({platform.machine()}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} intra-op thread), images 8×3×128×128, demo batch 4096×2; "
+        f"latency: median of {args.repeats} forwards in evaluation mode, the two models timed in alternation. Other "
+        "jobs were loading the machine (load average above 2 on 2 cores): latencies are noisy, the parameter and FLOP "
+        "counts are exact. Output change: max |after - before| / max |before| on the data the report saw (eval mode)."
     )
     print(text)
     print(stamp)
