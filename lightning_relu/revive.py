@@ -160,6 +160,8 @@ def revive_dead_units_(
     if example_input is not None:
         for name, layer in layers.items():
             _check_layer(name, layer)
+        known = find_relu_sites(model) if sites is None else _as_sites(sites, model)
+        _check_optimizers_hold(model, optimizers, layers, known)
         return revive_observed_(
             model,
             {name: layer.dead for name, layer in layers.items()},
@@ -171,7 +173,7 @@ def revive_dead_units_(
             max_fraction=max_fraction,
             excluded=excluded,
             check_output=check_output,
-            sites=None if sites is None else _as_sites(sites, model),
+            sites=known,
         )
     found = find_relu_sites(model) if sites is None else _as_sites(sites, model)
     sites_by_name = {site.name: site for site in found}
