@@ -1,4 +1,4 @@
-"""Screenshots of the demo's TensorBoard dashboards, and a figure of the paper reproductions, for the README.
+"""Screenshots of the demo's TensorBoard dashboards, and a figure of the paper reproductions, for the docs.
 
     python docs/screenshot.py                       # run the demo into a temporary directory, then screenshot it
     python docs/screenshot.py --logdir lightning_logs/demo   # use logs that exist already
@@ -12,8 +12,8 @@ It serves the logs with TensorBoard on a free loopback port, opens each dashboar
 - ``timeseries.png``: the Time Series tab;
 - ``heatmap_<variant>.png``: each run's last heatmap at full size, as TensorBoard serves it;
 - ``reproductions.png`` (needs matplotlib): the tables of ``examples/reproduce_lu2020.py`` and
-  ``examples/reproduce_rister2020.py``, read from the README where their output is recorded, or from files holding
-  their output (``--lu2020``, ``--rister2020``).
+  ``examples/reproduce_rister2020.py``, read from docs/reproductions.md where their output is recorded, or from
+  files holding their output (``--lu2020``, ``--rister2020``).
 
 Nothing here is part of the package: matplotlib and Chromium are needed only to regenerate the images.
 """
@@ -220,7 +220,12 @@ def rister2020_rows(text: str) -> list[dict[str, float]]:
 
 
 def reproductions_figure(lu_text: str, rister_text: str, png: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            'reproductions.png needs matplotlib: pip install -e ".[plots]" (or pass --skip-reproductions)'
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="demo epochs when running it (default: the demo's)")
     parser.add_argument("--chromium", help="Chromium executable (default: found on PATH)")
     parser.add_argument("--budget-ms", type=int, default=15000, help="virtual time given to TensorBoard's app")
-    parser.add_argument("--lu2020", type=Path, default=ROOT / "README.md", help="text holding the Lu 2020 tables")
-    parser.add_argument("--rister2020", type=Path, default=ROOT / "README.md", help="text holding the R&R tables")
+    tables = ROOT / "docs" / "reproductions.md"
+    parser.add_argument("--lu2020", type=Path, default=tables, help="text holding the Lu 2020 tables")
+    parser.add_argument("--rister2020", type=Path, default=tables, help="text holding the R&R tables")
     parser.add_argument("--skip-reproductions", action="store_true", help="no reproductions.png")
     parser.add_argument("--skip-screenshots", action="store_true", help="no TensorBoard screenshots")
     args = parser.parse_args(argv)

@@ -1,7 +1,12 @@
-"""The demo's training: the task, the network, the variants' fits and the printed report.
+"""The demo's training: the task, the network, the fits of every variant and seed, and the printed report.
 
 Imported by :mod:`lightning_relu.demo` when a command needs it (the command line itself imports neither torch nor
 Lightning).
+
+The setting is the one where death measurably hurts (Lu et al. 2020): a deep (10 layers), narrow (4 units) ReLU
+network on a one-dimensional regression. With He initialization such a network is often born with a layer whose
+every unit is dead, or loses one while training; then it outputs a constant. Each variant trains the same
+networks (same seeds: same He weights before any remedy, same batches), so the table compares like with like.
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ import contextlib
 import logging
 import math
 import os
+import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
@@ -26,42 +32,50 @@ from typing_extensions import override
 from lightning_relu.demo import DEFAULT_OUT, VARIANTS
 from lightning_relu.initializer import ReluInitializer
 from lightning_relu.monitor import CollapseWarning, DeadUnitMonitor, DyingWarning, EpochReport
+from lightning_relu.revive import RevivalWarning
 
-__all__ = ["DemoResults", "DemoTask", "VariantResult", "format_report", "run_demo"]
+__all__ = ["DemoRegressor", "DemoResults", "DemoTask", "VariantResult", "format_report", "run_demo"]
+
+#: Seeds of the full run and of ``--quick``.
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+QUICK_SEEDS = (0, 1, 2)
 
 
 @dataclass(frozen=True)
 class DemoTask:
-    """The synthetic regression and the network that learns it.
+    """The regression and the network that learns it.
 
-    Inputs are ``in_features`` standard Gaussian features; the target is a sum of sines of random projections of
-    them, ``y = sum_j sin(2 (x W)_j / sqrt(d)) / sqrt(d)`` with ``W`` a fixed Gaussian ``d x d`` matrix (variance about
-    0.9). The network has ``depth`` hidden layers of ``width`` ReLU units and a linear output; it is trained with SGD
-    and momentum on the mean squared error.
+    Inputs are ``in_features`` features uniform in [-1, 1]; with ``u = x·v`` for a fixed unit vector ``v`` (``u = ±x``
+    in one dimension) the target is ``sin(3u) + |u|``, standardized to mean 0 and variance 1, so a constant predictor
+    scores a mean squared error of 1. The data are drawn from ``data_seed``: every seed of the demo sees the same
+    data. The network has ``depth`` hidden layers of ``width`` ReLU units and a linear output, trained with Adam
+    (``momentum`` is its β₁) on the mean squared error.
     """
 
-    depth: int = 12
-    width: int = 8
-    in_features: int = 2
-    samples: int = 4096
-    batch_size: int = 64
-    lr: float = 0.05
+    depth: int = 10
+    width: int = 4
+    in_features: int = 1
+    samples: int = 1024
+    batch_size: int = 32
+    lr: float = 0.01
     momentum: float = 0.9
+    data_seed: int = 1234
 
-    def data(self, seed: int) -> TensorDataset:
-        generator = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.samples, self.in_features, generator=generator)
-        w = torch.randn(self.in_features, self.in_features, generator=generator)
-        scale = math.sqrt(self.in_features)
-        y = torch.sin(2 * (x @ w) / scale).sum(dim=1) / scale
-        return TensorDataset(x, y)
+    def data(self, seed: int | None = None) -> TensorDataset:
+        """The task's ``(x, y)`` pairs (drawn from ``seed`` instead of ``data_seed`` when given)."""
+        generator = torch.Generator().manual_seed(self.data_seed if seed is None else seed)
+        x = torch.rand(self.samples, self.in_features, generator=generator) * 2 - 1
+        direction = torch.randn(self.in_features, generator=generator)
+        u = x @ (direction / direction.norm())
+        y = torch.sin(3 * u) + u.abs()
+        return TensorDataset(x, (y - y.mean()) / y.std())
 
 
 class DemoRegressor(pl.LightningModule):
-    """A deep, narrow ReLU MLP with He-initialized layers, regressing a scalar with SGD and momentum."""
+    """A deep, narrow ReLU MLP with He-initialized layers (zero biases), regressing a scalar with Adam."""
 
     def __init__(
-        self, depth: int = 12, width: int = 8, in_features: int = 2, lr: float = 0.05, momentum: float = 0.9
+        self, depth: int = 10, width: int = 4, in_features: int = 1, lr: float = 0.01, momentum: float = 0.9
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,9 +89,6 @@ class DemoRegressor(pl.LightningModule):
             fan_in = width
         layers.append(nn.Linear(fan_in, 1))
         self.net = nn.Sequential(*layers)
-        self.epoch_losses: list[float] = []
-        self._loss_sum = torch.zeros(())
-        self._loss_count = 0
 
     @override
     def forward(self, x: Tensor) -> Tensor:
@@ -87,43 +98,26 @@ class DemoRegressor(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = nn.functional.mse_loss(self(x), y)
-        self._loss_sum = self._loss_sum.to(loss.device) + loss.detach() * len(y)
-        self._loss_count += len(y)
         self.log("train_loss", loss, on_step=False, on_epoch=True)
         return loss
 
-    @property
-    def running_loss(self) -> float:
-        """Mean training loss over the epoch so far (NaN before the first step)."""
-        return float(self._loss_sum) / self._loss_count if self._loss_count else math.nan
-
-    @override
-    def on_train_epoch_start(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_count = 0
-
-    @override
-    def on_train_epoch_end(self) -> None:
-        self.epoch_losses.append(self.running_loss)
-
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(self.hparams.momentum, 0.999))
 
 
 @dataclass
 class VariantResult:
-    """What one variant's fit produced: the monitor's reports, losses and what its callbacks did."""
+    """What one fit (one variant, one seed) produced: the monitor's reports, the loss, what the callbacks did."""
 
     name: str
+    seed: int
     log_dir: str
     history: list[EpochReport]
-    losses: list[float]
+    final_loss: float
     seconds: float
     flipped_sites: int | None = None
-    rai_layers: int | None = None
     revived_units: int | None = None
-    collapse_epochs: dict[str, int] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -131,75 +125,47 @@ class VariantResult:
 
     @property
     def dead_first(self) -> float:
-        """Dead share of all units at the first epoch."""
+        """Dead share of all units in the first epoch (epoch 0)."""
         return self.history[0].dead_fraction
 
     @property
     def dead_last(self) -> float:
-        """Dead share of all units at the last epoch."""
+        """Dead share of all units in the last epoch."""
         return self.history[-1].dead_fraction
 
     @property
     def dead_total(self) -> list[tuple[int, float]]:
-        """``(global_step, dead share of all units)`` per epoch: what ``dead_units/total`` logged."""
-        return [(report.global_step, report.dead_fraction) for report in self.history]
+        """``(epoch, dead share of all units)`` per epoch: what ``dead_units/total`` logged."""
+        return [(report.epoch, report.dead_fraction) for report in self.history]
+
+    @staticmethod
+    def _collapsed(report: EpochReport) -> list[str]:
+        return [name for name, layer in report.layers.items() if layer.seen and layer.collapsed]
+
+    @property
+    def collapsed_first(self) -> list[str]:
+        """Sites whose every unit was dead in the first epoch: the network was born (or soon) constant."""
+        return self._collapsed(self.history[0])
 
     @property
     def collapsed_at_end(self) -> list[str]:
-        """Sites whose every unit was dead in the last epoch."""
-        return [name for name, layer in self.history[-1].layers.items() if layer.seen and layer.collapsed]
-
-    @property
-    def final_loss(self) -> float:
-        return self.losses[-1] if self.losses else math.nan
+        """Sites whose every unit was dead in the last epoch: the network ends as a constant function."""
+        return self._collapsed(self.history[-1])
 
 
 @dataclass
 class DemoResults:
-    """The demo's results, one :class:`VariantResult` per variant, in training order."""
+    """The demo's results: for each variant, one :class:`VariantResult` per seed."""
 
     out_dir: str
     task: DemoTask
-    seed: int
+    seeds: list[int]
     epochs: int
     target_variance: float
-    variants: dict[str, VariantResult]
+    variants: dict[str, list[VariantResult]]
     seconds: float
-
-
-class _Progress(pl.Callback):
-    """Prints a line per reported epoch (a few per fit) and remembers when sites collapse."""
-
-    def __init__(self, name: str, monitor: DeadUnitMonitor, epochs: int, write: Callable[[str], None]) -> None:
-        self.name = name
-        self.monitor = monitor
-        self.epochs = epochs
-        self.write = write
-        self.every = max(1, math.ceil(epochs / 5))
-        self.collapse_epochs: dict[str, int] = {}
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.monitor.history:
-            return
-        report = self.monitor.history[-1]
-        new = [
-            name
-            for name, layer in report.layers.items()
-            if layer.seen and layer.collapsed and name not in self.collapse_epochs
-        ]
-        for name in new:
-            self.collapse_epochs[name] = report.epoch
-        epoch = report.epoch
-        if new or epoch % self.every == 0 or epoch == self.epochs - 1:
-            loss = pl_module.running_loss if isinstance(pl_module, DemoRegressor) else math.nan
-            line = (
-                f"  [{self.name}] epoch {epoch + 1:>3}/{self.epochs}  loss {loss:.4f}  dead units "
-                f"{report.total_dead:>3}/{report.total_units} ({report.dead_fraction:.0%})"
-            )
-            if new:
-                line += f"  collapsed: {', '.join(new)}"
-            self.write(line)
+    load_average: float | None = None
+    cpus: int | None = None
 
 
 def _variant_callbacks(name: str, seed: int) -> tuple[DeadUnitMonitor, list[pl.Callback]]:
@@ -218,21 +184,19 @@ def _variant_callbacks(name: str, seed: int) -> tuple[DeadUnitMonitor, list[pl.C
     raise ValueError(f"`variants` can hold {', '.join(map(repr, VARIANTS))}, got {name!r}")
 
 
-def _fit_variant(
-    name: str, task: DemoTask, seed: int, epochs: int, out_dir: str, write: Callable[[str], None]
-) -> VariantResult:
+def _fit_variant(name: str, task: DemoTask, seed: int, epochs: int, out_dir: str) -> VariantResult:
+    data = task.data()
     pl.seed_everything(seed, verbose=False)
     model = DemoRegressor(task.depth, task.width, task.in_features, task.lr, task.momentum)
-    loader = DataLoader(task.data(seed), batch_size=task.batch_size, shuffle=True)
+    loader = DataLoader(data, batch_size=task.batch_size, shuffle=True)
     monitor, callbacks = _variant_callbacks(name, seed)
-    progress = _Progress(name, monitor, epochs, write)
-    logger = TensorBoardLogger(out_dir, name=name, default_hp_metric=False)
+    logger = TensorBoardLogger(out_dir, name=name, version=f"seed_{seed}", default_hp_metric=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
         logger=logger,
-        callbacks=[*callbacks, progress],
+        callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -242,29 +206,57 @@ def _fit_variant(
     trainer.fit(model, loader)
     seconds = time.perf_counter() - start
     logger.experiment.flush()
+    x, y = data.tensors
+    model.eval()
+    with torch.no_grad():
+        final_loss = float(nn.functional.mse_loss(model(x), y))
     result = VariantResult(
         name=name,
+        seed=seed,
         log_dir=os.path.abspath(logger.log_dir),
         history=list(monitor.history),
-        losses=list(model.epoch_losses),
+        final_loss=final_loss,
         seconds=seconds,
-        collapse_epochs=dict(progress.collapse_epochs),
     )
     for callback in callbacks:
-        if isinstance(callback, ReluInitializer):
-            if callback.uses_sign_flip:
-                result.flipped_sites = sum(report.flipped for report in callback.report.values())
-            if callback.uses_rai:
-                result.rai_layers = len(callback.rai_layers)
+        if isinstance(callback, ReluInitializer) and callback.uses_sign_flip:
+            result.flipped_sites = sum(report.flipped for report in callback.report.values())
     revived = monitor.revived_totals()
     if revived is not None:
         result.revived_units = sum(revived.values())
     return result
 
 
+class _ProgressBar:
+    """One bar over all the fits, redrawn in place on a terminal, a line per fit elsewhere."""
+
+    def __init__(self, total: int, write: Callable[[str], None]) -> None:
+        self.total = total
+        self.done = 0
+        self.write = write
+        self.start = time.perf_counter()
+        self.tty = write is print and bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+    def step(self, result: VariantResult) -> None:
+        self.done += 1
+        width = 24
+        filled = round(width * self.done / self.total)
+        collapsed = "  collapsed" if result.collapsed_at_end else ""
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done:>2}/{self.total} fits, "
+            f"{time.perf_counter() - self.start:4.0f} s  {result.name:<10} seed {result.seed}: dead units "
+            f"{result.dead_first:4.0%} → {result.dead_last:4.0%}, loss {result.final_loss:.3f}{collapsed}"
+        )
+        if self.tty:
+            end = "\n" if self.done == self.total else ""
+            print("\r" + line.ljust(110), end=end, flush=True)
+        else:
+            self.write(line)
+
+
 def run_demo(
     epochs: int | None = None,
-    seed: int = 0,
+    seeds: Sequence[int] | None = None,
     out_dir: str | os.PathLike[str] = DEFAULT_OUT,
     *,
     quick: bool = False,
@@ -272,44 +264,55 @@ def run_demo(
     variants: Sequence[str] | None = None,
     write: Callable[[str], None] | None = print,
 ) -> DemoResults:
-    """Train the demo network once per variant and return what the monitors reported.
+    """Train the demo network once per variant and seed, and return what the monitors reported.
 
     Args:
-        epochs: training epochs per variant (default: 20, or 3 with ``quick``).
-        seed: seed of the data, the He initialization, the batch order and the RAI draw; every variant uses it.
-        out_dir: TensorBoard logs go to ``<out_dir>/<variant>/version_<n>``.
-        quick: a smoke run of a few seconds (512 samples, 3 epochs), for tests.
+        epochs: training epochs per fit (default: 8, or 4 with ``quick``); epochs are numbered from 0, as in
+            Lightning.
+        seeds: seeds of the He initialization, the batch order and the RAI draw (default: 0–4, or 0–2 with
+            ``quick``); every variant trains every seed.
+        out_dir: TensorBoard logs go to ``<out_dir>/<variant>/seed_<seed>``.
+        quick: a shorter run telling the same story (512 samples, 4 epochs, 3 seeds).
         task: the regression and network (default: :class:`DemoTask`, or its quick version).
-        variants: names from :data:`VARIANTS` to train (default: all, in that order).
+        variants: names from :data:`~lightning_relu.demo.VARIANTS` to train (default: all, in that order).
         write: where progress lines go (``None``: nowhere).
     """
     if epochs is None:
-        epochs = 3 if quick else 20
+        epochs = 4 if quick else 8
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`epochs` must be a positive integer, got {epochs!r}")
+    seed_list = list(QUICK_SEEDS if quick else DEFAULT_SEEDS) if seeds is None else list(seeds)
+    if not seed_list or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seed_list):
+        raise ValueError(f"`seeds` must be non-negative integers, at least one, got {seeds!r}")
     if task is None:
         task = DemoTask(samples=512) if quick else DemoTask()
     names = list(VARIANTS) if variants is None else list(variants)
     for name in names:
         if name not in VARIANTS:
             raise ValueError(f"`variants` can hold {', '.join(map(repr, VARIANTS))}, got {name!r}")
-    emit: Callable[[str], None] = write if write is not None else (lambda line: None)
     out = os.path.abspath(os.fspath(out_dir))
-    target_variance = float(task.data(seed).tensors[1].var())
+    target_variance = float(task.data().tensors[1].var())
     start = time.perf_counter()
-    results: dict[str, VariantResult] = {}
+    results: dict[str, list[VariantResult]] = {name: [] for name in names}
+    progress = _ProgressBar(len(names) * len(seed_list), write) if write is not None else None
     with _demo_environment():
-        for name in names:
-            emit(f"{name}: {VARIANTS[name]}")
-            results[name] = _fit_variant(name, task, seed, epochs, out, emit)
+        for seed in seed_list:
+            for name in names:
+                result = _fit_variant(name, task, seed, epochs, out)
+                results[name].append(result)
+                if progress is not None:
+                    progress.step(result)
+    load = os.getloadavg()[1] if hasattr(os, "getloadavg") else None
     return DemoResults(
         out_dir=out,
         task=task,
-        seed=seed,
+        seeds=seed_list,
         epochs=epochs,
         target_variance=target_variance,
         variants=results,
         seconds=time.perf_counter() - start,
+        load_average=load,
+        cpus=os.cpu_count(),
     )
 
 
@@ -317,8 +320,8 @@ def run_demo(
 def _demo_environment() -> Iterator[None]:
     """One intra-op thread; Lightning's banner lines and the warnings the demo reports itself silenced.
 
-    The layers are 8 units wide: a second thread only adds synchronization, and on a machine whose cores are busy
-    the spin-waiting of two threads makes each step tens of times slower.
+    The layers are 4 units wide: a second thread only adds synchronization, and on a machine whose cores are busy
+    the spin-waiting of two threads makes each step much slower.
     """
     threads = torch.get_num_threads()
     loggers = ("lightning.pytorch", "lightning.fabric", "lightning_relu")
@@ -328,8 +331,8 @@ def _demo_environment() -> Iterator[None]:
         for name in levels:
             logging.getLogger(name).setLevel(logging.WARNING)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CollapseWarning)
-            warnings.simplefilter("ignore", DyingWarning)
+            for category in (CollapseWarning, DyingWarning, RevivalWarning):
+                warnings.simplefilter("ignore", category)
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
@@ -341,67 +344,57 @@ def _demo_environment() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------------ output
-def _share(layer: Any) -> str:
-    return f"{layer.num_dead}/{layer.num_units}" if layer.seen else "-"
+def _range(values: Sequence[float], text: Callable[[float], str]) -> str:
+    return f"{text(min(values))}–{text(max(values))}" if len(values) > 1 else text(values[0])
 
 
-def format_layer_table(results: DemoResults) -> str:
-    """Dead units per layer (rows) and variant (columns), at the first and the last epoch."""
-    variants = list(results.variants.values())
-    if not variants:
-        return ""
-    sites = variants[0].sites
-    first, last = 1, results.epochs
-    columns = [f"{v.name} ({first}→{last})" for v in variants]
-    cells = [
-        [f"{_share(v.history[0].layers[site])} → {_share(v.history[-1].layers[site])}" for v in variants]
-        for site in sites
-    ]
-    totals = [f"{v.dead_first:.0%} → {v.dead_last:.0%}" for v in variants]
-    site_w = max(len("layer"), *(len(s) for s in sites))
-    widths = [max(len(c), *(len(row[i]) for row in [*cells, totals])) for i, c in enumerate(columns)]
-    lines = [
-        "layer".ljust(site_w) + "  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)),
-    ]
-    lines.append("-" * len(lines[0]))
-    for site, row in zip(sites, cells, strict=True):
-        lines.append(site.ljust(site_w) + "  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-    lines.append("-" * len(lines[0]))
-    lines.append("all".ljust(site_w) + "  " + "  ".join(c.rjust(w) for c, w in zip(totals, widths, strict=True)))
-    return "\n".join(lines)
-
-
-def _note(result: VariantResult) -> str:
-    notes = []
-    if result.rai_layers is not None:
-        notes.append(f"{result.rai_layers} layers RAI-initialized")
-    if result.flipped_sites is not None:
-        notes.append(f"{result.flipped_sites} of {len(result.sites)} sites flipped")
-    if result.revived_units is not None:
-        notes.append(f"{result.revived_units} units revived")
-    return ", ".join(notes)
+def _verdict(runs: list[VariantResult], baseline: list[VariantResult], tolerance: float) -> str:
+    """Plain words: did the variant end with fewer collapsed networks or a lower loss than the baseline?"""
+    collapsed, base_collapsed = (sum(bool(r.collapsed_at_end) for r in rs) for rs in (runs, baseline))
+    loss, base_loss = (statistics.fmean(r.final_loss for r in rs) for rs in (runs, baseline))
+    better = collapsed < base_collapsed or loss < base_loss - tolerance
+    worse = collapsed > base_collapsed or loss > base_loss + tolerance
+    if better and not worse:
+        return "helped"
+    if worse and not better:
+        return "did worse than He"
+    if better and worse:
+        return "mixed: fewer collapses but a higher loss, or the reverse"
+    return "no clear difference from He in this run"
 
 
 def format_summary(results: DemoResults) -> str:
-    """One line per variant: dead share at the first and last epoch, collapsed sites, final loss."""
-    header = ["variant", "dead, first epoch", "dead, last epoch", "collapsed (first epoch)", "final loss", "note"]
+    """One row per variant over the seeds: collapsed networks, dead share, final loss (mean and range)."""
+    n = len(results.seeds)
+    header = [
+        "variant",
+        "collapsed, epoch 0",
+        "collapsed, last epoch",
+        "dead units, last epoch",
+        "final loss: mean (range)",
+        "what the remedy did",
+    ]
     rows = []
-    for r in results.variants.values():
-        if r.collapse_epochs:
-            first_epoch = min(r.collapse_epochs.values())
-            collapsed = f"{len(r.collapse_epochs)} sites ({first_epoch + 1})"
-            if len(r.collapsed_at_end) != len(r.collapse_epochs):
-                collapsed += f", {len(r.collapsed_at_end)} at end"
-        else:
-            collapsed = "none"
+    for name, runs in results.variants.items():
+        notes = []
+        flips = [r.flipped_sites for r in runs if r.flipped_sites is not None]
+        if flips:
+            notes.append(f"flipped {sum(flips) / len(flips):.1f} layers per net")
+        revived = [r.revived_units for r in runs if r.revived_units is not None]
+        if revived:
+            notes.append(f"revived {sum(revived) / len(revived):.0f} units per net")
+        if name == "rai":
+            notes.append("re-drew every layer feeding a ReLU")
+        dead = [r.dead_last for r in runs]
+        losses = [r.final_loss for r in runs]
         rows.append(
             [
-                r.name,
-                f"{r.history[0].total_dead}/{r.history[0].total_units} ({r.dead_first:.0%})",
-                f"{r.history[-1].total_dead}/{r.history[-1].total_units} ({r.dead_last:.0%})",
-                collapsed,
-                f"{r.final_loss:.4f}",
-                _note(r),
+                name,
+                f"{sum(bool(r.collapsed_first) for r in runs)} of {n}",
+                f"{sum(bool(r.collapsed_at_end) for r in runs)} of {n}",
+                f"{statistics.fmean(dead):.0%} ({_range(dead, lambda v: f'{v:.0%}')})",
+                f"{statistics.fmean(losses):.3f} ({_range(losses, lambda v: f'{v:.3f}')})",
+                ", ".join(notes) or "-",
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -415,27 +408,69 @@ def format_summary(results: DemoResults) -> str:
     return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in rows)])
 
 
+def format_story(results: DemoResults) -> str:
+    """What happened, in plain words: one sentence per variant, each remedy compared with He."""
+    n = len(results.seeds)
+    variance = results.target_variance
+    lines = []
+    baseline = results.variants.get("he")
+    for name, runs in results.variants.items():
+        at_end = sum(bool(r.collapsed_at_end) for r in runs)
+        at_start = sum(bool(r.collapsed_first) for r in runs)
+        loss = statistics.fmean(r.final_loss for r in runs)
+        if name == "he":
+            lines.append(
+                f"- he: {at_end} of {n} networks ended collapsed ({at_start} of {n} already in epoch 0); "
+                f"mean final loss {loss:.3f}."
+            )
+            continue
+        sentence = f"- {name}: {at_end} of {n} ended collapsed, mean final loss {loss:.3f}"
+        if baseline is not None:
+            base_end = sum(bool(r.collapsed_at_end) for r in baseline)
+            base_start = sum(bool(r.collapsed_first) for r in baseline)
+            base_loss = statistics.fmean(r.final_loss for r in baseline)
+            verdict = _verdict(runs, baseline, tolerance=0.1 * variance)
+            sentence += f" (He: {base_end} of {n}, {base_loss:.3f}): {verdict}."
+            if at_start < base_start and at_end >= base_end:
+                sentence += (
+                    f" It kept the networks alive at the start ({at_start} of {n} collapsed in epoch 0, He "
+                    f"{base_start}), but training killed whole layers later."
+                )
+        else:
+            sentence += "."
+        lines.append(sentence)
+    lines.append(
+        f"Collapsed: some layer had every unit dead for a whole epoch, so the network output a constant, which scores "
+        f"a loss of {variance:.2f} (the variance of the targets); a loss near 0 is a network that learned the curve."
+    )
+    return "\n".join(lines)
+
+
 def format_report(results: DemoResults) -> str:
     task = results.task
+    machine = f"{results.cpus} CPU cores" if results.cpus else "this machine"
+    load = (
+        f"; load average {results.load_average:.1f} while it ran"
+        + (" (other processes shared the CPU)" if results.cpus and results.load_average > results.cpus else "")
+        if results.load_average is not None
+        else ""
+    )
     return "\n".join(
         [
             "",
-            f"Dead units per ReLU layer (dead/units), epoch 1 → epoch {results.epochs}:",
-            "",
-            format_layer_table(results),
-            "",
-            f"Per variant (final loss: mean squared error over the last epoch; a constant predictor scores "
-            f"{results.target_variance:.3f}):",
+            f"{task.depth} ReLU layers × {task.width} units, {task.samples} samples, Adam lr={task.lr}, "
+            f"{results.epochs} epochs (0–{results.epochs - 1}), seeds {', '.join(map(str, results.seeds))}: "
+            f"{len(results.seeds)} networks per variant, the same He weights and batches for every variant.",
             "",
             format_summary(results),
             "",
-            f"{task.depth} layers × {task.width} ReLU units, {task.samples} samples, SGD lr={task.lr} "
-            f"momentum={task.momentum}, seed {results.seed}; {results.seconds:.0f} s.",
+            "What happened:",
+            format_story(results),
             "",
-            "See it in TensorBoard (one run per variant; Custom Scalars, Images: the dead-unit heatmap):",
+            f"{results.seconds:.0f} s on {machine}{load}.",
+            "",
+            "See it in TensorBoard (one run per variant and seed: dead units per layer over the epochs, the heatmap):",
             "",
             f"    tensorboard --logdir {results.out_dir}",
         ]
     )
-
-
