@@ -872,6 +872,9 @@ def resize_like_(model: nn.Module, checkpoint: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+_DEMO_MODEL = "lightning_relu._demo:DemoRegressor"
+
+
 def _compact_checkpoint(
     path: str, out: str | None, model_spec: str | None, input_shape: tuple[int, ...] | None, seed: int
 ) -> tuple[Compaction, str]:
@@ -899,7 +902,7 @@ def _compact_checkpoint(
     report = EpochReport.from_state_dict(history[0][-1])
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     if model_spec is None:
-        model_spec = "lightning_relu._demo:DemoRegressor"
+        model_spec = _DEMO_MODEL
     module_name, _, attribute = model_spec.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"`--model` must be MODULE:NAME, got {model_spec!r}")
@@ -907,12 +910,14 @@ def _compact_checkpoint(
     model = factory(**hparams)
     resize_like_(model, checkpoint)
     model.load_state_dict(checkpoint["state_dict"])
-    generator = torch.Generator().manual_seed(seed)
-    if input_shape is None:
-        if "in_features" not in hparams:
-            raise ValueError("the model's input shape is not known: pass `--input-shape`")
-        input_shape = (1024, int(hparams["in_features"]))  # the demo's inputs: standard Gaussian features
-    example = torch.randn(input_shape, generator=generator)
+    if input_shape is not None:
+        example = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed))
+    elif model_spec == _DEMO_MODEL and "in_features" in hparams:
+        from lightning_relu._demo import DemoTask  # the demo's own inputs, as it trained on them
+
+        example = DemoTask(in_features=int(hparams["in_features"]), samples=1024).data(seed).tensors[0]
+    else:
+        raise ValueError("the model's input shape is not known: pass `--input-shape`")
     result = compact(model, report, example)
     written = dict(checkpoint)
     written["state_dict"] = result.model.state_dict()

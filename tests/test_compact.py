@@ -487,7 +487,9 @@ def test_cli_compacts_a_demo_checkpoint_and_the_result_loads(tmp_path, capsys) -
     before.load_state_dict(original["state_dict"])
     after = resize_like_(DemoRegressor(**written["hyper_parameters"]), written)
     after.load_state_dict(written["state_dict"])
-    x = torch.randn(512, 2)
+    from lightning_relu._demo import DemoTask
+
+    x = DemoTask(depth=3, width=8, samples=256).data(0).tensors[0]  # the data the report saw
     assert _close(_eval(after, x), _eval(before, x))
 
     # a LightningModule that resizes itself in `on_load_checkpoint` loads the compacted checkpoint with Lightning
@@ -499,7 +501,8 @@ def test_cli_compacts_a_demo_checkpoint_and_the_result_loads(tmp_path, capsys) -
     assert _close(_eval(loaded, x), _eval(before, x))
     widths = written[CHECKPOINT_KEY]
     assert _params(after) == sum((w["in_features"] + 1) * w["out_features"] for w in widths.values())
-    assert _params(after) <= _params(before) - 3 * (2 + 1) - 3 * 8
+    fan_in = before.hparams.in_features
+    assert _params(after) <= _params(before) - 3 * (fan_in + 1) - 3 * 8
 
 
 def test_cli_refuses_a_checkpoint_without_a_monitor(tmp_path, capsys) -> None:
@@ -544,7 +547,7 @@ def test_compact_on_fit_end_callback(tmp_path) -> None:
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(task.data(0), batch_size=64))
     assert callback.result is not None and callback.result.sites["net.3"].removed >= 2
-    x = torch.randn(256, 2)
+    x = task.data(0).tensors[0]  # the data the report saw
     assert _close(_eval(callback.result.model, x), _eval(model, x))
     saved = torch.load(callback.path, weights_only=True)
     fresh = resize_like_(DemoRegressor(**saved["hyper_parameters"]), saved)
