@@ -219,6 +219,26 @@ def test_grouped_conv_refuses_a_split_group() -> None:
     assert _close(_eval(result.model, x), before)
 
 
+@pytest.mark.parametrize(("dead", "removed"), [([0, 1, 2, 3], 4), ([0, 1, 2, 3, 5], 4), ([1, 5], 0)])
+def test_group_norm_loses_whole_groups_only(dead: list[int], removed: int) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.LazyLinear(2)
+    )
+    x = torch.randn(4, 3, 6, 6)
+    net(x)  # materialize the lazy layer
+    with torch.no_grad():
+        net[1].bias[dead] = -100.0
+    result, before, _ = _compacted(net, x)
+    site = result.sites["2"]
+    assert (site.dead, site.removed) == (len(dead), removed)
+    if removed < len(dead):
+        assert "GroupNorm `1` would lose part of a group" in (site.reason or "")
+    norm = result.model[1]
+    assert (norm.num_channels, norm.num_groups, norm.weight.numel()) == (8 - removed, 2 - removed // 4, 8 - removed)
+    assert _close(_eval(result.model, x), before)
+
+
 def test_residual_refuses_and_says_why() -> None:
     torch.manual_seed(0)
     net = Residual()
