@@ -637,20 +637,24 @@ class DeadUnitMonitor(Callback):
         return {"epoch": self._epoch, "sites": sites, "places": {name: places.get(name) for name in sites}}
 
     def _check_state_sites(self, state_dict: dict[str, Any]) -> None:
-        """A checkpoint's state must be of this model's sites (checked when the model is known, in a fit)."""
+        """A checkpoint's state must be of this model's sites (checked when the model is known, in a fit): a site of
+        both must have the same width, and the state must share a site with the model (a state's site the model
+        does not know yet may be a call position created at run time)."""
         tracker = self.tracker
         if tracker is None or not isinstance(state_dict, dict):
             return
         sites = {site.name: site for site in tracker.all_sites}
         names = list(sites)
         unknown: list[str] = []
+        matched = 0
         widths: list[str] = []
         for epoch in state_dict.get("history", []) or []:
             for layer in epoch.get("layers", []) if isinstance(epoch, dict) else []:
                 name = str(layer.get("name", ""))
-                if not _matches_site(name, names):
+                if not _matches_site(_unsuffixed(name), names):
                     unknown.append(name)
                     continue
+                matched += 1
                 site = sites.get(name)
                 width = len(layer.get("active_count", []))
                 if site is not None and site.num_units is not None and width != site.num_units:
@@ -661,9 +665,11 @@ class DeadUnitMonitor(Callback):
             for name in window.get("sites") or {}:
                 place = places.get(name)
                 base = place[1] if isinstance(place, (list, tuple)) and len(place) == 3 else name
-                if not _matches_site(str(base), names) and not _matches_site(name, names):
+                if not _matches_site(str(base), names) and not _matches_site(_unsuffixed(name), names):
                     unknown.append(name)
-        if unknown or widths:
+                else:
+                    matched += 1
+        if widths or (unknown and not matched):
             unknown = sorted(set(unknown))
             problem = f"reports of sites {unknown} that the model does not have" if unknown else "; ".join(widths)
             raise ValueError(
@@ -915,3 +921,10 @@ def _interrupted_epoch(window: dict[str, Any] | None, progress: dict[str, Any] |
     if isinstance(window, dict) and window.get("sites"):  # a checkpoint of an older version
         return int(window.get("epoch", 0))
     return None
+
+
+def _unsuffixed(name: str) -> str:
+    """A site name without the suffixes that tell a call position created at run time from a discovered site."""
+    while name.endswith(("_fn", "_mod")):
+        name = name.rpartition("_")[0]
+    return name

@@ -90,7 +90,7 @@ class Dump(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state = {
             "history": summary(self.monitor.history),
-            "partial": [report.partial for report in self.monitor.history],
+            "partial": [getattr(report, "partial", False) for report in self.monitor.history],
             "revived": [dict(entry["revived"]) for entry in self.monitor.reviver.history],
             "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
         }

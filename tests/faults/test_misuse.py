@@ -114,10 +114,12 @@ def test_a_monitor_state_of_another_models_sites_raises_and_loads_nothing(tmp_pa
     monitor = DeadUnitMonitor()
     fit = trainer(tmp_path / "other", [monitor], max_epochs=1)
     other = Net(random_batches(5))
-    other.net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    other.net = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()), torch.nn.Linear(3, 1))
     monitor.setup(fit, other, "fit")  # the model the state would be loaded into (Lightning: setup, then restore)
     kept = list(monitor.history)
-    with pytest.raises(ValueError, match=r"`state_dict` of `DeadUnitMonitor` holds reports of sites \['net.3'\]"):
+    with pytest.raises(
+        ValueError, match=r"`state_dict` of `DeadUnitMonitor` holds reports of sites \['net.1', 'net.3'\]"
+    ):
         monitor.load_state_dict({**state, "history": saved.state_dict()["history"]})
     assert monitor.history == kept and monitor._window is None  # nothing loaded
     wide = Net(random_batches(5))
