@@ -123,7 +123,7 @@ def screenshot(chromium: str, url: str, png: Path, window: str, budget_ms: int) 
         raise RuntimeError(f"Chromium wrote no screenshot for {url}")
 
 
-def heatmap_images(url: str, out: Path, tag: str = "lightning_relu/dead_heatmap") -> dict[str, Path]:
+def heatmap_images(url: str, out: Path, tag: str = "dead_units/heatmap") -> dict[str, Path]:
     """Save the last heatmap of every run at full size, ``heatmap_<variant>.png``, read from TensorBoard's API."""
     saved: dict[str, Path] = {}
     tags = _get_json(f"{url}/data/plugin/images/tags")

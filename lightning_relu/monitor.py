@@ -19,8 +19,10 @@ from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.dashboards import (
     HEATMAP_TAG,
     SUMMARY_TAG,
+    activation_rate_tag,
     custom_scalars_layout,
     dead_fraction_heatmap,
+    margin_tag,
     print_summary,
     summary_markdown,
 )
@@ -139,10 +141,14 @@ class DeadUnitMonitor(Callback):
     - ``living_data/<site>``: living-data fraction at the site;
     - ``dying_units/<site>``: share of the site's units active on fewer than ``eps`` of their entries.
 
-    TensorBoard loggers also get a histogram ``activation_rate/<site>`` of the per-unit share of active
-    entries and, with ``dashboards=True``, a Custom Scalars layout (one chart per metric with every site), a
-    sites × epochs heatmap image of the dead share (``lightning_relu/dead_heatmap``, updated every epoch) and,
-    at the end of training, a markdown summary table (``lightning_relu/summary``). The same table is printed
+    They are logged at the step and with the ``epoch`` value of Lightning's own epoch-level metrics (the epoch's
+    last step; epochs numbered from 0, as in checkpoint names), so a CSV row lines up with the epoch's losses.
+
+    TensorBoard loggers also get a histogram ``per_unit/activation_rate/<site>`` of the per-unit share of active
+    entries (grouped under ``per_unit/``, after the overview) and, with ``dashboards=True``, a Custom Scalars
+    layout (one chart per metric with every site), a sites × epochs heatmap image of the dead share
+    (``dead_units/heatmap``, beside the ``dead_units/<site>`` charts, updated every epoch) and, at the end of
+    training, a markdown summary table (``lightning_relu/summary``). The same table is printed
     on rank zero (a ``rich`` table when ``rich`` is installed) unless ``print_summary=False``.
 
     Args:
@@ -159,8 +165,8 @@ class DeadUnitMonitor(Callback):
         track_margin: also measure each unit's pre-activation mean and standard deviation over the epoch (two
             more float reductions per site and step): the death margin ``m = mean / std`` predicts the activity
             rate ``Φ(m)``, units with ``m < Φ⁻¹(eps)`` are *at risk* (inside Arnekvist et al.'s dead cone), logged
-            as ``at_risk/<site>`` with a ``margin/<site>`` histogram; a site whose at-risk share rises while few
-            of its units are dead gets one early warning.
+            as ``at_risk/<site>`` with a ``per_unit/margin/<site>`` histogram; a site whose at-risk share rises
+            while few of its units are dead gets one early warning.
         dashboards: write the Custom Scalars layout, the heatmap image and the summary text to TensorBoard.
         print_summary: print the per-site summary table at the end of training (rank zero).
         unit_dims: the unit axis of sites that no known layer fixes, by site name: ``-1`` (last dimension, for
@@ -337,11 +343,21 @@ class DeadUnitMonitor(Callback):
             known = [int(w) for w in widths if w is not None]
             bound = alive_probability_lower_bound(known)
             self.alive_lower_bound = bound
-            rank_zero_info(
-                f"DeadUnitMonitor: watching {len(widths)} ReLU sites of widths {widths}. With a symmetric iid "
-                f"initialization, a given input stays alive through all of them with probability >= "
-                f"{_probability_text(bound, known)} (Rister & Rubin, prod(1 - 2^-n_i))."
-            )
+            self._advise_initializer(trainer, known, bound)
+
+    def _advise_initializer(self, trainer: pl.Trainer, widths: list[int], bound: float) -> None:
+        """Say so at fit start when the network is narrow enough that an input may be cut off at initialization
+        (Rister & Rubin's bound allows more than 1%) and no ``ReluInitializer`` is there to prevent it."""
+        from lightning_relu.initializer import ReluInitializer
+
+        if bound >= _ADVICE_BOUND or any(isinstance(cb, ReluInitializer) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            return
+        risk = math.ceil((1.0 - bound) * 1000) / 10  # rounded up: an upper bound on the share cut off
+        rank_zero_info(
+            f"DeadUnitMonitor: {len(widths)} ReLU layers, the narrowest {min(widths)} units wide. With a standard "
+            f"random initialization, up to {risk:g}% of inputs can be cut off (every unit of some layer at 0) before "
+            'training starts. ReluInitializer("sign_flip") or ReluInitializer("rai") prevents that.'
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -801,37 +817,33 @@ class DeadUnitMonitor(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text(
-                        SUMMARY_TAG, summary_markdown(report, revived), global_step=report.global_step
+                        SUMMARY_TAG, summary_markdown(report, revived), global_step=_log_step(report)
                     )
         if self.print_summary:
             print_summary(report, revived)
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
+        # the step and the `epoch` column of Lightning's own epoch-level metrics, so that a CSV row of the monitor
+        # lines up with the epoch's losses and TensorBoard plots both at the same x
+        step = _log_step(report)
         for logger in trainer.loggers:
             separator = logger.group_separator
-            logger.log_metrics(
-                {key.replace("/", separator, 1): v for key, v in metrics.items()}, step=report.global_step
-            )
+            scalars = {key.replace("/", separator, 1): v for key, v in metrics.items()}
+            logger.log_metrics({**scalars, "epoch": float(report.epoch)}, step=step)
             if self.log_histograms and isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
                 for layer in report.layers.values():
                     if layer.seen and layer.num_units > 0:
                         writer.add_histogram(
-                            f"activation_rate/{layer.name}",
-                            layer.activation_rate.float(),
-                            global_step=report.global_step,
+                            activation_rate_tag(layer.name), layer.activation_rate.float(), global_step=step
                         )
-            if self.log_histograms and isinstance(logger, TensorBoardLogger):
-                for layer in report.layers.values():
                     if layer.seen and layer.margin is not None and bool(torch.isfinite(layer.margin).any()):
                         finite = layer.margin[torch.isfinite(layer.margin)]
-                        logger.experiment.add_histogram(
-                            f"margin/{layer.name}", finite.float(), global_step=report.global_step
-                        )
+                        writer.add_histogram(margin_tag(layer.name), finite.float(), global_step=step)
             if self.dashboards and isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(
-                    HEATMAP_TAG, dead_fraction_heatmap(self.history), global_step=report.global_step, dataformats="HWC"
+                    HEATMAP_TAG, dead_fraction_heatmap(self.history), global_step=step, dataformats="HWC"
                 )
 
     def _check_nonfinite(self, report: EpochReport) -> None:
@@ -897,6 +909,16 @@ class DeadUnitMonitor(Callback):
                 rank_zero_warn(message + suffix, category=CollapseWarning)
             if self.on_collapse == "stop":
                 trainer.should_stop = True
+
+
+# below this lower bound on the probability that an input stays alive, the start of a fit says what prevents it
+_ADVICE_BOUND = 0.99
+
+
+def _log_step(report: EpochReport) -> int:
+    """The step Lightning logs an epoch's epoch-level metrics at: its last batch's, ``global_step - 1`` (with one
+    optimizer stepping on every batch, as in automatic optimization)."""
+    return max(report.global_step - 1, 0)
 
 
 def _probability_text(bound: float, widths: list[int]) -> str:
