@@ -295,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--logdir", type=Path, help="existing demo logs (default: run the demo into a temp dir)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="where the PNGs go")
     parser.add_argument("--epochs", type=int, default=None, help="demo epochs when running it (default: the demo's)")
+    parser.add_argument("--seeds", type=int, default=1, help="demo seeds when running it (default: 1, one run each)")
     parser.add_argument("--chromium", help="Chromium executable (default: found on PATH)")
     parser.add_argument("--budget-ms", type=int, default=15000, help="virtual time given to TensorBoard's app")
     tables = ROOT / "docs" / "reproductions.md"
@@ -312,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if logdir is None:
                 from lightning_relu.demo import format_report, run_demo
 
-                results = run_demo(args.epochs, out_dir=tmp)
+                results = run_demo(args.epochs, list(range(args.seeds)), out_dir=tmp)
                 print(format_report(results))
                 logdir = Path(tmp)
             with tensorboard(logdir) as url:

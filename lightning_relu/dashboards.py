@@ -108,7 +108,7 @@ def _shorten(text: str, width: int, measure: Any) -> str:
 
 #: Width in pixels of the heatmap image: TensorBoard's image cards are about this wide, so the image is shown at
 #: (nearly) its own size and its text stays legible.
-HEATMAP_WIDTH = 480
+HEATMAP_WIDTH = 400
 
 
 def dead_fraction_heatmap(history: Sequence[EpochReport], sites: Sequence[str] | None = None) -> np.ndarray:
@@ -135,8 +135,8 @@ def dead_fraction_heatmap(history: Sequence[EpochReport], sites: Sequence[str] |
         return int(right - left)
 
     width = HEATMAP_WIDTH
-    bar_area = 92  # colour bar and its labels, on the right
-    label_w = min(max([text_width(name) for name in sites] + [40]) + 10, 170)
+    bar_area = 76  # colour bar and its labels, on the right
+    label_w = min(max([text_width(name) for name in sites] + [40]) + 10, 140)
     grid_x, grid_w = label_w, width - label_w - bar_area
     columns = max(1, len(epochs))
     row_h, top = 20, 30
@@ -173,7 +173,7 @@ def dead_fraction_heatmap(history: Sequence[EpochReport], sites: Sequence[str] |
             draw.text((center - text_width(label, small) / 2, y), label, fill=_INK, font=small)
     draw.text((grid_x, y + 16), "epoch", fill=_INK, font=small)
     # colour bar: 0% at the bottom, 100% at the top, and the grey of "not seen"
-    bar_x, bar_top, bar_h = width - bar_area + 14, top, 120
+    bar_x, bar_top, bar_h = width - bar_area + 8, top, 120
     for k in range(bar_h):
         fraction = 1 - k / (bar_h - 1)
         draw.line([bar_x, bar_top + k, bar_x + 14, bar_top + k], fill=dead_fraction_color(fraction))
