@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
+from lightning_relu._sharded import refuse_sharded
 from lightning_relu.sites import NORM_TYPES, Consumer, Site, SiteTracingWarning, find_relu_sites
 from lightning_relu.stats import LayerReport
 from lightning_relu.structure import ModuleCall, ObservationError, RootCallWatch, example_from_batch, observe
@@ -147,6 +148,7 @@ def revive_dead_units_(
     """
     layers = _as_layers(report)
     optimizers = _as_optimizers(optimizer)
+    refuse_sharded(model, "revive_dead_units_")
     _check_optimizers_hold(model, optimizers, layers, sites)
     if init not in INIT_MODES:
         raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
