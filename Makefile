@@ -18,7 +18,7 @@ ZOO_PY := $(ZOO_VENV)/bin/python
 ZOO_STAMP := $(ZOO_VENV)/.lightning_relu-installed
 ZOO_REPORT ?= build/zoo-results.json
 
-.PHONY: demo test lint bench install zoo zoo-fast coverage clean
+.PHONY: demo test lint bench plasticity plasticity-quick install docs zoo zoo-fast coverage clean
 
 demo: $(STAMP)
 	$(PY) -m lightning_relu demo
@@ -42,8 +42,22 @@ coverage: $(ZOO_STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_relu tests examples benchmarks docs
 
+# the documentation site, built strictly (a broken link, a missing page or a bad docstring fails) into build/site
+docs: $(STAMP)
+	$(PY) -c "import mkdocstrings, material" 2>/dev/null || $(PY) -m pip install -e ".[docs]"
+	$(PY) -m mkdocs build --strict
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+
+# the plasticity benchmark (docs/plasticity.md): the full run rewrites the docs' tables and plots and
+# benchmarks/plasticity/results.json; the quick run (about 2 minutes) writes build/plasticity-quick only
+plasticity: $(STAMP)
+	$(PY) -m pip install -e ".[plots]"
+	$(PY) -m benchmarks.plasticity --docs --out build/plasticity
+
+plasticity-quick: $(STAMP)
+	$(PY) -m benchmarks.plasticity --quick --no-plots --out build/plasticity-quick
 
 install: $(STAMP)
 

@@ -1,4 +1,4 @@
-"""Screenshots of the demo's TensorBoard dashboards, and a figure of the paper reproductions, for the README.
+"""Screenshots of the demo's TensorBoard dashboards, and a figure of the paper reproductions, for the docs.
 
     python docs/screenshot.py                       # run the demo into a temporary directory, then screenshot it
     python docs/screenshot.py --logdir lightning_logs/demo   # use logs that exist already
@@ -12,8 +12,8 @@ It serves the logs with TensorBoard on a free loopback port, opens each dashboar
 - ``timeseries.png``: the Time Series tab;
 - ``heatmap_<variant>.png``: each run's last heatmap at full size, as TensorBoard serves it;
 - ``reproductions.png`` (needs matplotlib): the tables of ``examples/reproduce_lu2020.py`` and
-  ``examples/reproduce_rister2020.py``, read from the README where their output is recorded, or from files holding
-  their output (``--lu2020``, ``--rister2020``).
+  ``examples/reproduce_rister2020.py``, read from docs/reproductions.md where their output is recorded, or from
+  files holding their output (``--lu2020``, ``--rister2020``).
 
 Nothing here is part of the package: matplotlib and Chromium are needed only to regenerate the images.
 """
@@ -123,7 +123,7 @@ def screenshot(chromium: str, url: str, png: Path, window: str, budget_ms: int) 
         raise RuntimeError(f"Chromium wrote no screenshot for {url}")
 
 
-def heatmap_images(url: str, out: Path, tag: str = "lightning_relu/dead_heatmap") -> dict[str, Path]:
+def heatmap_images(url: str, out: Path, tag: str = "dead_units/heatmap") -> dict[str, Path]:
     """Save the last heatmap of every run at full size, ``heatmap_<variant>.png``, read from TensorBoard's API."""
     saved: dict[str, Path] = {}
     tags = _get_json(f"{url}/data/plugin/images/tags")
@@ -220,7 +220,12 @@ def rister2020_rows(text: str) -> list[dict[str, float]]:
 
 
 def reproductions_figure(lu_text: str, rister_text: str, png: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            'reproductions.png needs matplotlib: pip install -e ".[plots]" (or pass --skip-reproductions)'
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,10 +295,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--logdir", type=Path, help="existing demo logs (default: run the demo into a temp dir)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images", help="where the PNGs go")
     parser.add_argument("--epochs", type=int, default=None, help="demo epochs when running it (default: the demo's)")
+    parser.add_argument("--seeds", type=int, default=1, help="demo seeds when running it (default: 1, one run each)")
     parser.add_argument("--chromium", help="Chromium executable (default: found on PATH)")
     parser.add_argument("--budget-ms", type=int, default=15000, help="virtual time given to TensorBoard's app")
-    parser.add_argument("--lu2020", type=Path, default=ROOT / "README.md", help="text holding the Lu 2020 tables")
-    parser.add_argument("--rister2020", type=Path, default=ROOT / "README.md", help="text holding the R&R tables")
+    tables = ROOT / "docs" / "reproductions.md"
+    parser.add_argument("--lu2020", type=Path, default=tables, help="text holding the Lu 2020 tables")
+    parser.add_argument("--rister2020", type=Path, default=tables, help="text holding the R&R tables")
     parser.add_argument("--skip-reproductions", action="store_true", help="no reproductions.png")
     parser.add_argument("--skip-screenshots", action="store_true", help="no TensorBoard screenshots")
     args = parser.parse_args(argv)
@@ -306,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if logdir is None:
                 from lightning_relu.demo import format_report, run_demo
 
-                results = run_demo(args.epochs, out_dir=tmp)
+                results = run_demo(args.epochs, list(range(args.seeds)), out_dir=tmp)
                 print(format_report(results))
                 logdir = Path(tmp)
             with tensorboard(logdir) as url:

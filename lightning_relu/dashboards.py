@@ -1,4 +1,10 @@
-"""What the monitor shows: the TensorBoard custom-scalars layout, the sites × epochs heatmap, and the summaries."""
+"""What the monitor shows: the TensorBoard custom-scalars layout, the sites × epochs heatmap, and the summaries.
+
+TensorBoard's Time Series tab (where it opens) groups cards by the tag's first path component, in alphabetical
+order. The overview comes first: ``dead_units/`` (every site's dead share, the total and the heatmap image),
+then ``dying_units/`` and ``living_data/``; the per-unit distributions are grouped under ``per_unit/``, out of
+the way.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +19,35 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEATMAP_TAG",
+    "PER_UNIT_PREFIX",
+    "SUMMARY_COLUMNS",
     "SUMMARY_TAG",
+    "activation_rate_tag",
     "custom_scalars_layout",
     "dead_fraction_color",
     "dead_fraction_heatmap",
+    "margin_tag",
     "summary_markdown",
     "summary_rows",
     "summary_text",
 ]
 
-HEATMAP_TAG = "lightning_relu/dead_heatmap"
+#: The heatmap image, in the overview group beside every site's ``dead_units/<site>`` chart.
+HEATMAP_TAG = "dead_units/heatmap"
 SUMMARY_TAG = "lightning_relu/summary"
+#: The per-unit histograms' group, after the overview in TensorBoard's alphabetical order.
+PER_UNIT_PREFIX = "per_unit"
+
+
+def activation_rate_tag(site: str) -> str:
+    """The histogram of a site's per-unit activation rates."""
+    return f"{PER_UNIT_PREFIX}/activation_rate/{site}"
+
+
+def margin_tag(site: str) -> str:
+    """The histogram of a site's per-unit death margins (``track_margin=True``)."""
+    return f"{PER_UNIT_PREFIX}/margin/{site}"
+
 
 # A sequential ramp from pale yellow (no dead unit) to dark red (every unit dead).
 _RAMP = np.array(
@@ -64,12 +88,38 @@ def dead_fraction_color(fraction: float) -> tuple[int, int, int]:
     return (round(float(rgb[0])), round(float(rgb[1])), round(float(rgb[2])))
 
 
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap font size
+        return ImageFont.load_default()
+
+
+def _shorten(text: str, width: int, measure: Any) -> str:
+    """``text`` cut from the left with an ellipsis until it is at most ``width`` pixels wide."""
+    if measure(text) <= width:
+        return text
+    while len(text) > 1 and measure("…" + text) > width:
+        text = text[1:]
+    return "…" + text
+
+
+#: Width in pixels of the heatmap image: TensorBoard's image cards are about this wide, so the image is shown at
+#: (nearly) its own size and its text stays legible.
+HEATMAP_WIDTH = 400
+
+
 def dead_fraction_heatmap(history: Sequence[EpochReport], sites: Sequence[str] | None = None) -> np.ndarray:
     """An RGB image (H, W, 3, uint8): one row per site, one column per epoch, coloured by dead fraction.
 
-    Site names label the rows, epochs the columns, and a colour bar from 0 to 1 runs along the bottom.
+    The image is :data:`HEATMAP_WIDTH` pixels wide whatever the number of epochs, so that TensorBoard shows it at
+    its own size: site names label the rows (cut from the left when long), epochs (Lightning's numbering, from 0)
+    the columns, each cell wide enough holds its percentage, and a colour bar from 0 to 100% dead, with the grey
+    of a site that saw nothing, stands on the right.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     if sites is None:
         names: list[str] = []
@@ -77,67 +127,105 @@ def dead_fraction_heatmap(history: Sequence[EpochReport], sites: Sequence[str] |
             names += [name for name in report.layers if name not in names]
         sites = names
     epochs = [report.epoch for report in history]
-    try:
-        font: Any = ImageFont.load_default(size=14)
-    except TypeError:  # Pillow < 10.1 has one bitmap font size
-        font = ImageFont.load_default()
+    font, small = _font(14), _font(12)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    def text_width(text: str) -> int:
-        left, _, right, _ = probe.textbbox((0, 0), text, font=font)
+    def text_width(text: str, f: Any = font) -> int:
+        left, _, right, _ = probe.textbbox((0, 0), text, font=f)
         return int(right - left)
 
-    row_h = 22
-    col_w = max(8, min(44, 900 // max(1, len(epochs))))
-    label_w = max([text_width(name) for name in sites] + [40]) + 12
-    top, legend_h = 28, 76
-    width = label_w + col_w * max(1, len(epochs)) + 16
-    width = max(width, label_w + 360)
-    height = top + row_h * max(1, len(sites)) + legend_h
+    width = HEATMAP_WIDTH
+    bar_area = 76  # colour bar and its labels, on the right
+    label_w = min(max([text_width(name) for name in sites] + [40]) + 10, 140)
+    grid_x, grid_w = label_w, width - label_w - bar_area
+    columns = max(1, len(epochs))
+    row_h, top = 20, 30
+    grid_h = row_h * max(1, len(sites))
+    height = max(top + grid_h + 44, top + 170)
     image = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(image)
-    draw.text((4, 4), "dead share per site (rows) and epoch (columns)", fill=_INK, font=font)
+    draw.text((4, 6), "dead units, share of each site", fill=_INK, font=font)
+
+    def column_x(j: int) -> int:
+        return grid_x + round(j * grid_w / columns)
+
     for i, name in enumerate(sites):
         y = top + i * row_h
-        draw.text((label_w - 6 - text_width(name), y + 2), name, fill=_INK, font=font)
+        label = _shorten(name, label_w - 10, text_width)
+        draw.text((label_w - 6 - text_width(label), y + 2), label, fill=_INK, font=font)
         for j, report in enumerate(history):
             layer = report.layers.get(name)
             fraction = layer.dead_fraction if layer is not None and layer.seen else math.nan
-            x = label_w + j * col_w
-            draw.rectangle([x, y, x + col_w - 1, y + row_h - 2], fill=dead_fraction_color(fraction))
-    # epoch ticks: first, last and a few in between
-    y = top + row_h * max(1, len(sites)) + 3
+            x0, x1 = column_x(j), column_x(j + 1) - 1
+            color = dead_fraction_color(fraction)
+            draw.rectangle([x0, y, x1, y + row_h - 2], fill=color)
+            cell = "-" if math.isnan(fraction) else f"{fraction:.0%}".replace("%", "")
+            if x1 - x0 >= text_width("100", small) + 4:
+                ink = (255, 255, 255) if _luminance(color) < 128 else _INK
+                draw.text((x0 + (x1 - x0 - text_width(cell, small)) / 2, y + 3), cell, fill=ink, font=small)
+    # epoch ticks under the columns: first, last and a few in between, never overlapping
+    y = top + grid_h + 4
     if epochs:
-        step = max(1, math.ceil(len(epochs) / 8))
+        step = max(1, math.ceil(len(epochs) / max(1, grid_w // 36)))
         for j in sorted({*range(0, len(epochs), step), len(epochs) - 1}):
-            draw.text((label_w + j * col_w, y), str(epochs[j]), fill=_INK, font=font)
-    draw.text((4, y), "epoch", fill=_INK, font=font)
-    # colour bar
-    y += 24
-    bar_x, bar_w = label_w, min(240, width - label_w - 40)
-    for k in range(bar_w):
-        draw.line([bar_x + k, y, bar_x + k, y + 12], fill=dead_fraction_color(k / max(1, bar_w - 1)))
-    draw.text((bar_x, y + 14), "0", fill=_INK, font=font)
-    draw.text((bar_x + bar_w - 8, y + 14), "1", fill=_INK, font=font)
-    draw.text((bar_x + bar_w + 10, y - 2), "dead share", fill=_INK, font=font)
+            label = str(epochs[j])
+            center = (column_x(j) + column_x(j + 1)) / 2
+            draw.text((center - text_width(label, small) / 2, y), label, fill=_INK, font=small)
+    draw.text((grid_x, y + 16), "epoch", fill=_INK, font=small)
+    # colour bar: 0% at the bottom, 100% at the top, and the grey of "not seen"
+    bar_x, bar_top, bar_h = width - bar_area + 8, top, 120
+    for k in range(bar_h):
+        fraction = 1 - k / (bar_h - 1)
+        draw.line([bar_x, bar_top + k, bar_x + 14, bar_top + k], fill=dead_fraction_color(fraction))
+    for fraction in (0.0, 0.5, 1.0):
+        y_tick = bar_top + round((1 - fraction) * (bar_h - 1))
+        draw.line([bar_x + 14, y_tick, bar_x + 18, y_tick], fill=_INK)
+        draw.text((bar_x + 21, y_tick - 7), f"{fraction:.0%}", fill=_INK, font=small)
+    grey_y = bar_top + bar_h + 10
+    draw.rectangle([bar_x, grey_y, bar_x + 14, grey_y + 12], fill=_UNSEEN)
+    draw.text((bar_x + 21, grey_y - 1), "unseen", fill=_INK, font=small)
+    draw.text((bar_x - 2, bar_top - 18), "dead", fill=_INK, font=small)
     return np.asarray(image, dtype=np.uint8)
 
 
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    return 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+
+
+#: The summary's columns and what each means (the console and TensorBoard summaries print these headers).
+SUMMARY_COLUMNS: dict[str, str] = {
+    "ReLU site": "where the model applies a rectifier (module name, or <module>.relu for a functional call)",
+    "units": "output features of the site",
+    "dead units": "units that were 0 on every sample of the epoch",
+    "dying units": "units active on fewer than a share eps (1% by default) of their entries; dead units included",
+    "samples alive": "share of samples whose output at the site was not all 0 (living data)",
+    "revived, whole fit": "units the reviver re-initialized, summed over the fit",
+}
+
+
 def summary_rows(report: EpochReport, revived: Mapping[str, int] | None = None) -> list[dict[str, str]]:
-    """One row per site: units, dead, dying, living data and units revived over the fit."""
+    """One row per site: units, dead, dying, living data and units revived over the fit (see
+    :data:`SUMMARY_COLUMNS`)."""
     rows = []
     for layer in report.layers.values():
         row = {
-            "site": layer.name,
+            "ReLU site": layer.name,
             "units": str(layer.num_units),
-            "dead": f"{layer.num_dead} ({layer.dead_fraction:.0%})" if layer.seen else "-",
-            "dying": f"{layer.num_dying} ({layer.dying_fraction:.0%})" if layer.seen else "-",
-            "living data": f"{layer.living_data_fraction:.1%}" if layer.seen else "-",
+            "dead units": f"{layer.num_dead} ({layer.dead_fraction:.0%})" if layer.seen else "-",
+            "dying units": f"{layer.num_dying} ({layer.dying_fraction:.0%})" if layer.seen else "-",
+            "samples alive": f"{layer.living_data_fraction:.1%}" if layer.seen else "-",
         }
         if revived is not None:
-            row["revived"] = str(revived.get(layer.name, 0))
+            row["revived, whole fit"] = str(revived.get(layer.name, 0))
         rows.append(row)
     return rows
+
+
+def _title(report: EpochReport) -> str:
+    return (
+        f"lightning_relu, epoch {report.epoch}: {report.total_dead} of {report.total_units} ReLU units dead "
+        f"({report.dead_fraction:.1%})"
+    )
 
 
 def summary_markdown(report: EpochReport, revived: Mapping[str, int] | None = None) -> str:
@@ -152,25 +240,35 @@ def summary_markdown(report: EpochReport, revived: Mapping[str, int] | None = No
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
     lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
-    return head + "\n".join(lines) + "\n"
+    legend = "\n".join(f"- *{c}*: {SUMMARY_COLUMNS[c]}" for c in columns)
+    return head + "\n".join(lines) + "\n\n" + legend + "\n"
 
 
 def summary_text(report: EpochReport, revived: Mapping[str, int] | None = None) -> str:
     """The summary as an aligned plain-text table for the console."""
     rows = summary_rows(report, revived)
-    title = (
-        f"lightning_relu, epoch {report.epoch}: {report.total_dead} of {report.total_units} units dead "
-        f"({report.dead_fraction:.1%})"
-    )
+    title = _title(report)
     if not rows:
         return title
     columns = list(rows[0])
     widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
-    header = "  ".join(c.ljust(widths[c]) if c == "site" else c.rjust(widths[c]) for c in columns)
+    first = columns[0]
+    header = "  ".join(c.ljust(widths[c]) if c == first else c.rjust(widths[c]) for c in columns)
     lines = [title, header, "-" * len(header)]
     for row in rows:
-        lines.append("  ".join(row[c].ljust(widths[c]) if c == "site" else row[c].rjust(widths[c]) for c in columns))
+        lines.append("  ".join(row[c].ljust(widths[c]) if c == first else row[c].rjust(widths[c]) for c in columns))
+    lines.append(_legend(report, columns))
     return "\n".join(lines)
+
+
+def _legend(report: EpochReport, columns: Sequence[str]) -> str:
+    """The columns that need a word: dead, dying and samples alive."""
+    eps = next(iter(report.layers.values())).eps if report.layers else 0.01
+    return (
+        f"dead: 0 on every sample of the epoch; dying: active on under {eps:.0%} (eps) of its entries; samples "
+        "alive: share of samples with a non-zero output at the site"
+        + ("; revived: units re-initialized over the fit" if "revived, whole fit" in columns else "")
+    )
 
 
 def print_summary(report: EpochReport, revived: Mapping[str, int] | None = None) -> None:
@@ -182,13 +280,10 @@ def print_summary(report: EpochReport, revived: Mapping[str, int] | None = None)
         print(summary_text(report, revived))
         return
     rows = summary_rows(report, revived)
-    table = Table(
-        title=f"lightning_relu, epoch {report.epoch}: {report.total_dead} of {report.total_units} units dead "
-        f"({report.dead_fraction:.1%})"
-    )
+    table = Table(title=_title(report), caption=_legend(report, list(rows[0]) if rows else []))
     if rows:
         for column in rows[0]:
-            table.add_column(column, justify="left" if column == "site" else "right")
+            table.add_column(column, justify="left" if column == "ReLU site" else "right")
         for row in rows:
             table.add_row(*row.values())
     Console().print(table)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_relu._sharded import refuse_sharded
 from lightning_relu.sites import Site, find_relu_sites, may_call_rectifiers
 from lightning_relu.structure import ObservationError, call_model
 
@@ -79,6 +80,8 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     """
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
+    if isinstance(module, nn.Module):
+        refuse_sharded(module, "rai_", "module")
     if _is_affine_layer(module):
         _rai_layer_(module, generator)
         return module
@@ -318,6 +321,7 @@ def sign_flip_(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
+    refuse_sharded(model, "sign_flip_")
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -84,7 +84,7 @@ class ReluInitializer(Callback):
 
     def __init__(
         self,
-        method: str = "rai",
+        method: Literal["rai", "sign_flip", "rai+sign_flip"] = "rai",
         *,
         seed: int | None = None,
         max_samples: int = 1024,

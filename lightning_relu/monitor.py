@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -19,8 +19,10 @@ from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.dashboards import (
     HEATMAP_TAG,
     SUMMARY_TAG,
+    activation_rate_tag,
     custom_scalars_layout,
     dead_fraction_heatmap,
+    margin_tag,
     print_summary,
     summary_markdown,
 )
@@ -28,7 +30,7 @@ from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.structure import AxisWatch
 from lightning_relu.theory import alive_probability_lower_bound
-from lightning_relu.tracker import DeadUnitTracker, check_unit_dims
+from lightning_relu.tracker import DeadUnitTracker, _matches_site, check_unit_dims
 
 __all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "DyingWarning", "EpochReport"]
 
@@ -45,6 +47,8 @@ class DyingWarning(RuntimeWarning):
 
 # "still low": at most this share of the site's units is dead
 _LOW_DEAD = 0.1
+# the first non-finite step while none was seen
+_NO_STEP = 2**62
 
 
 class CollapseError(RuntimeError):
@@ -53,40 +57,67 @@ class CollapseError(RuntimeError):
 
 @dataclass(eq=False)
 class EpochReport:
-    """The monitor's report for one training epoch."""
+    """The monitor's report for one training epoch.
+
+    Attributes:
+        epoch: the training epoch.
+        global_step: the global step at its end.
+        layers: the per-site reports, keyed by site name.
+        partial: the counts cover only part of the epoch (a fit resumed from a checkpoint that could not carry
+            them, or whose options differ); no remedy acts on such a report.
+        partial_reason: why, when ``partial``.
+        first_nonfinite_step: the global step of the first training batch in which a site produced NaN or Inf
+            (``None`` when none did, or when not known).
+    """
 
     epoch: int
     global_step: int
     layers: dict[str, LayerReport] = field(default_factory=dict)
+    partial: bool = False
+    partial_reason: str = ""
+    first_nonfinite_step: int | None = None
 
     @property
     def total_units(self) -> int:
-        return sum(r.num_units for r in self.layers.values() if r.seen)
+        """Units of the sites that saw data and stayed finite."""
+        return sum(r.num_units for r in self.layers.values() if r.seen and not r.nonfinite)
 
     @property
     def total_dead(self) -> int:
-        return sum(r.num_dead for r in self.layers.values() if r.seen)
+        return sum(r.num_dead for r in self.layers.values() if r.seen and not r.nonfinite)
 
     @property
     def dead_fraction(self) -> float:
-        """Dead units over all units of the sites that saw data (0.0 when none did)."""
+        """Dead units over all units of the finite sites that saw data (0.0 when none did)."""
         total = self.total_units
         return self.total_dead / total if total else 0.0
+
+    @property
+    def nonfinite_sites(self) -> list[str]:
+        """The sites that produced NaN or Inf in the epoch (never reported as dead), in report order."""
+        return [name for name, report in self.layers.items() if report.nonfinite]
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "global_step": self.global_step,
             "layers": [report.state_dict() for report in self.layers.values()],
+            "partial": self.partial,
+            "partial_reason": self.partial_reason,
+            "first_nonfinite_step": self.first_nonfinite_step,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> EpochReport:
         layers = [LayerReport.from_state_dict(s) for s in state.get("layers", [])]
+        first = state.get("first_nonfinite_step")
         return cls(
             epoch=int(state.get("epoch", -1)),
             global_step=int(state.get("global_step", -1)),
             layers={report.name: report for report in layers},
+            partial=bool(state.get("partial", False)),
+            partial_reason=str(state.get("partial_reason", "")),
+            first_nonfinite_step=None if first is None else int(first),
         )
 
 
@@ -110,10 +141,14 @@ class DeadUnitMonitor(Callback):
     - ``living_data/<site>``: living-data fraction at the site;
     - ``dying_units/<site>``: share of the site's units active on fewer than ``eps`` of their entries.
 
-    TensorBoard loggers also get a histogram ``activation_rate/<site>`` of the per-unit share of active
-    entries and, with ``dashboards=True``, a Custom Scalars layout (one chart per metric with every site), a
-    sites × epochs heatmap image of the dead share (``lightning_relu/dead_heatmap``, updated every epoch) and,
-    at the end of training, a markdown summary table (``lightning_relu/summary``). The same table is printed
+    They are logged at the step and with the ``epoch`` value of Lightning's own epoch-level metrics (the epoch's
+    last step; epochs numbered from 0, as in checkpoint names), so a CSV row lines up with the epoch's losses.
+
+    TensorBoard loggers also get a histogram ``per_unit/activation_rate/<site>`` of the per-unit share of active
+    entries (grouped under ``per_unit/``, after the overview) and, with ``dashboards=True``, a Custom Scalars
+    layout (one chart per metric with every site), a sites × epochs heatmap image of the dead share
+    (``dead_units/heatmap``, beside the ``dead_units/<site>`` charts, updated every epoch) and, at the end of
+    training, a markdown summary table (``lightning_relu/summary``). The same table is printed
     on rank zero (a ``rich`` table when ``rich`` is installed) unless ``print_summary=False``.
 
     Args:
@@ -130,8 +165,8 @@ class DeadUnitMonitor(Callback):
         track_margin: also measure each unit's pre-activation mean and standard deviation over the epoch (two
             more float reductions per site and step): the death margin ``m = mean / std`` predicts the activity
             rate ``Φ(m)``, units with ``m < Φ⁻¹(eps)`` are *at risk* (inside Arnekvist et al.'s dead cone), logged
-            as ``at_risk/<site>`` with a ``margin/<site>`` histogram; a site whose at-risk share rises while few
-            of its units are dead gets one early warning.
+            as ``at_risk/<site>`` with a ``per_unit/margin/<site>`` histogram; a site whose at-risk share rises
+            while few of its units are dead gets one early warning.
         dashboards: write the Custom Scalars layout, the heatmap image and the summary text to TensorBoard.
         print_summary: print the per-site summary table at the end of training (rank zero).
         unit_dims: the unit axis of sites that no known layer fixes, by site name: ``-1`` (last dimension, for
@@ -159,7 +194,7 @@ class DeadUnitMonitor(Callback):
     def __init__(
         self,
         sites: Sequence[str] | None = None,
-        on_collapse: str = "warn",
+        on_collapse: Literal["warn", "raise", "stop"] = "warn",
         log_histograms: bool = True,
         revive: bool | DeadUnitReviver = False,
         trace: bool = True,
@@ -223,6 +258,16 @@ class DeadUnitMonitor(Callback):
         self._resumed_epoch: int | None = None
         self._world_size = 1
         self._epoch = 0
+        # the epoch in progress: training batches counted, whether its last batch has run, why its counts are only
+        # part of it (None: they are whole), the global step of the batch running and the first step at which a
+        # site produced NaN/Inf (a device tensor, `_NO_STEP` while none did: no host sync per step)
+        self._batches = 0
+        self._epoch_done = False
+        self._partial: str | None = None
+        self._step = 0
+        self._nonfinite_first: torch.Tensor | None = None
+        # what a resumed checkpoint says of the epoch it interrupted (see `on_train_start`)
+        self._restored_progress: dict[str, Any] | None = None
 
     @property
     @override
@@ -259,6 +304,8 @@ class DeadUnitMonitor(Callback):
         if starts_afresh(trainer):  # a new fit: what an earlier one left is not its history
             self.history = []
             self._window, self._unmerged = None, {}
+            self._restored_progress = None
+            self._start_epoch()
             self._collapse_warned.clear()
             self._nonfinite_warned.clear()
             self._at_risk_warned.clear()
@@ -297,24 +344,86 @@ class DeadUnitMonitor(Callback):
             known = [int(w) for w in widths if w is not None]
             bound = alive_probability_lower_bound(known)
             self.alive_lower_bound = bound
-            rank_zero_info(
-                f"DeadUnitMonitor: watching {len(widths)} ReLU sites of widths {widths}. With a symmetric iid "
-                f"initialization, a given input stays alive through all of them with probability >= "
-                f"{_probability_text(bound, known)} (Rister & Rubin, prod(1 - 2^-n_i))."
-            )
+            self._advise_initializer(trainer, known, bound)
+
+    def _advise_initializer(self, trainer: pl.Trainer, widths: list[int], bound: float) -> None:
+        """Say so at fit start when the network is narrow enough that an input may be cut off at initialization
+        (Rister & Rubin's bound allows more than 1%) and no ``ReluInitializer`` is there to prevent it."""
+        from lightning_relu.initializer import ReluInitializer
+
+        if bound >= _ADVICE_BOUND or any(isinstance(cb, ReluInitializer) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            return
+        risk = math.ceil((1.0 - bound) * 1000) / 10  # rounded up: an upper bound on the share cut off
+        rank_zero_info(
+            f"DeadUnitMonitor: {len(widths)} ReLU layers, the narrowest {min(widths)} units wide. With a standard "
+            f"random initialization, up to {risk:g}% of inputs can be cut off (every unit of some layer at 0) before "
+            'training starts. ReluInitializer("sign_flip") or ReluInitializer("rai") prevents that.'
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # a fit resumed in the middle of an epoch (Lightning calls no `on_train_epoch_start` for it): that epoch's
-        # counts so far come back from the checkpoint
+        # A fit resumed from a checkpoint saved during an epoch (Lightning calls no `on_train_epoch_start` for it):
+        # that epoch's counts so far come back from the checkpoint. One saved on the epoch's last batch, before the
+        # epoch's end, resumes with the next epoch: that epoch is reported (and its remedies run) now.
         window, self._window = self._window, None
+        progress, self._restored_progress = self._restored_progress, None
         self._epoch = trainer.current_epoch
-        if self.tracker is not None and window is not None and window.get("epoch") == trainer.current_epoch:
-            self.tracker.reset()
+        if self.tracker is None or not self.tracker.sites:
+            return
+        epoch = _interrupted_epoch(window, progress)
+        if epoch is None or epoch > trainer.current_epoch:
+            return
+        self.tracker.reset()
+        self._start_epoch()
+        self._epoch = epoch
+        self._restore_epoch(trainer, window, progress or {}, epoch)
+        if epoch < trainer.current_epoch:
+            self._report_epoch(trainer, pl_module)
+            self._epoch = trainer.current_epoch
+        else:
+            self._resumed_epoch = epoch
+
+    def _restore_epoch(
+        self, trainer: pl.Trainer, window: dict[str, Any] | None, progress: dict[str, Any], epoch: int
+    ) -> None:
+        """Take back what a checkpoint holds of the epoch it interrupted: its counts (added on global rank zero only:
+        under several processes the checkpoint holds the sum over every rank), its progress, and why its report
+        would be partial."""
+        self._batches = int(progress.get("batches", 0))
+        self._epoch_done = bool(progress.get("done", False))
+        reason = progress.get("partial")
+        self._partial = str(reason) if reason else None
+        step = progress.get("nonfinite_step")
+        if step is not None and self.tracker is not None:
+            self._nonfinite_first = torch.tensor(int(step), dtype=torch.int64, device=self._tracker_device())
+        if window is None or window.get("epoch") != epoch:
+            if self._batches > 0 and self._partial is None:
+                self._partial = (
+                    f"the checkpoint holds no counts of the {self._batches} training batches of epoch {epoch} run "
+                    "before it was saved (saved by an older version under several processes?)"
+                )
+            return
+        sites = window.get("sites") or {}
+        if self.track_margin and any("pre_sum_bits" not in states for states in sites.values()):
+            self._partial = self._partial or (
+                "`track_margin` was off when the checkpoint was saved: the margins cover only the batches run "
+                "after the resume"
+            )
+        if trainer.global_rank == 0:
             places = window.get("places") or {}
-            self._unmerged = {name: (states, places.get(name)) for name, states in window["sites"].items()}
+            self._unmerged = {name: (states, places.get(name)) for name, states in sites.items()}
             self._merge_window(final=False)
-            self._resumed_epoch = trainer.current_epoch
+
+    def _tracker_device(self) -> torch.device:
+        """The device the counts live on (the CPU before any)."""
+        stats = next(iter(self.tracker.stats.values()), None) if self.tracker is not None else None
+        return stats.device if stats is not None else torch.device("cpu")
+
+    def _start_epoch(self) -> None:
+        self._batches = 0
+        self._epoch_done = False
+        self._partial = None
+        self._nonfinite_first = None
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -323,6 +432,7 @@ class DeadUnitMonitor(Callback):
         if self.tracker is not None and resumed != trainer.current_epoch:
             self.tracker.reset()
             self._unmerged = {}
+            self._start_epoch()
 
     @override
     def on_train_batch_start(
@@ -330,6 +440,7 @@ class DeadUnitMonitor(Callback):
     ) -> None:
         if self.reviver is not None and self.reviver not in trainer.callbacks:  # type: ignore[attr-defined]
             self.reviver.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._step = trainer.global_step
         if self.tracker is not None:
             if trainer.global_step == 0 and batch_idx == 0 and self.tracker.model is pl_module:
                 # sites whose unit axis no known layer fixes take their producer's, seen in this step's forward
@@ -344,6 +455,9 @@ class DeadUnitMonitor(Callback):
         self._stop_axis_watch()
         if self.tracker is not None:
             self.tracker.pause()
+            self._batches += 1
+            self._epoch_done = bool(trainer.is_last_batch)
+            self._note_nonfinite()
         if self.reviver is not None and self.reviver not in trainer.callbacks:  # type: ignore[attr-defined]
             self.reviver.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # it holds a batch slice
 
@@ -356,22 +470,61 @@ class DeadUnitMonitor(Callback):
         if watch is not None:
             watch.stop()
 
+    def _note_nonfinite(self) -> None:
+        """Keep the first step at which a site's counts saw NaN/Inf, on the device (a few 0-d operations per step,
+        no host sync)."""
+        assert self.tracker is not None
+        flags = [stats.nonfinite for stats in self.tracker.stats.values()]
+        if not flags:
+            return
+        total = torch.stack(flags).sum() if len(flags) > 1 else flags[0]
+        first = self._nonfinite_first
+        if first is None or first.device != total.device:
+            first = torch.full((), _NO_STEP, dtype=torch.int64, device=total.device)
+        self._nonfinite_first = torch.minimum(first, torch.where(total > 0, self._step, _NO_STEP))
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tracker = self.tracker
         if tracker is None or not tracker.sites:
             return
+        self._report_epoch(trainer, pl_module)
+
+    def _report_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report the epoch ``self._epoch`` from the counts, log it, and call the listeners (the remedies)."""
+        tracker = self.tracker
+        assert tracker is not None
         tracker.pause()
         self._merge_window(final=True)
         self._agree_on_sizes(trainer)
-        layers = tracker.report()  # every rank takes part: the counts are summed across processes
+        layers = tracker._reports()  # every rank takes part: the counts are summed across processes
         tracker.reset()
-        report = EpochReport(epoch=trainer.current_epoch, global_step=trainer.global_step, layers=layers)
+        partial = self._partial
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(partial is not None, all=False):
+            partial = partial or "another process's counts of the epoch are partial"
+        first = None
+        if any(layer.nonfinite for layer in layers.values()):  # the same on every rank: the counts are summed
+            step = self._nonfinite_first
+            if step is None:
+                step = torch.full((), _NO_STEP, dtype=torch.int64, device=self._tracker_device())
+            if trainer.world_size > 1:
+                step = trainer.strategy.reduce(step.to(trainer.strategy.root_device), reduce_op="min")
+            first = int(step) if int(step) != _NO_STEP else None
+        report = EpochReport(
+            epoch=self._epoch,
+            global_step=trainer.global_step,
+            layers=layers,
+            partial=partial is not None,
+            partial_reason=partial or "",
+            first_nonfinite_step=first,
+        )
+        self._start_epoch()
         self.history.append(report)
         metrics = self._metrics(report)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         self._log(trainer, report, metrics)
         self._check_nonfinite(report)
+        self._check_partial(report)
         self._check_at_risk(report)
         for listener in list(self._listeners):
             listener(trainer, pl_module, report)
@@ -399,10 +552,44 @@ class DeadUnitMonitor(Callback):
             "collapse_warned": sorted(self._collapse_warned),
             "reviver": self.reviver.state_dict() if self.reviver is not None else {},
             "window": self._current_window(),
+            "progress": self._progress(),
+        }
+
+    def _progress(self) -> dict[str, Any]:
+        """Where the epoch in progress stands: enough for a resumed fit to tell whether its report is whole."""
+        step = self._nonfinite_first
+        first = int(step) if step is not None and int(step) != _NO_STEP else None
+        return {
+            "epoch": self._epoch,
+            "batches": self._batches,
+            "done": self._epoch_done,
+            "partial": self._partial,
+            "nonfinite_step": first,
         }
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Under several processes each holds its own counts and the checkpoint is written from one: every process
+        # takes part here (Lightning saves checkpoints on every process) to store the counts summed over all.
+        if trainer.world_size <= 1 or self.tracker is None or not self.tracker.sites:
+            return
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if not isinstance(state, dict):
+            return
+        state["window"] = self._summed_window(trainer)
+        step = self._nonfinite_first
+        if step is None:
+            step = torch.full((), _NO_STEP, dtype=torch.int64, device=self._tracker_device())
+        step = int(trainer.strategy.reduce(step.to(trainer.strategy.root_device), reduce_op="min"))
+        state["progress"]["nonfinite_step"] = step if step != _NO_STEP else None
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_state_sites(state_dict)  # before anything changes
+        progress = state_dict.get("progress")
+        self._restored_progress = dict(progress) if isinstance(progress, dict) else None
         self.history = [EpochReport.from_state_dict(s) for s in state_dict.get("history", [])]
         self._collapse_warned = set(state_dict.get("collapse_warned", []))
         if self.reviver is not None:
@@ -435,6 +622,78 @@ class DeadUnitMonitor(Callback):
             return None
         return {"epoch": self._epoch, "sites": sites, "places": {name: places.get(name) for name in sites}}
 
+    def _summed_window(self, trainer: pl.Trainer) -> dict[str, Any] | None:
+        """The counts of the epoch in progress summed over every process (each takes part): two all-reduces."""
+        tracker = self.tracker
+        assert tracker is not None
+        self._merge_window(final=True)  # what an earlier checkpoint of this epoch holds (global rank zero only)
+        self._agree_on_sizes(trainer)  # the same sites, of the same sizes, in the same order on every rank
+        device = trainer.strategy.root_device
+        parts: list[tuple[str, str, torch.Tensor]] = [
+            (name, key, getattr(stats, key).detach())
+            for name, stats in tracker.stats.items()
+            for key in stats._defaults
+        ]
+        counts = [value.reshape(-1).to(device) for _, key, value in parts if not key.endswith("_bits")]
+        sums = [value.reshape(-1).view(torch.float64).to(device) for _, key, value in parts if key.endswith("_bits")]
+        counts_sum = trainer.strategy.reduce(torch.cat(counts), reduce_op="sum").cpu() if counts else None
+        sums_sum = trainer.strategy.reduce(torch.cat(sums), reduce_op="sum").cpu() if sums else None
+        sites: dict[str, dict[str, torch.Tensor]] = {}
+        offsets = {"counts": 0, "sums": 0}
+        for name, key, value in parts:
+            kind, flat = ("sums", sums_sum) if key.endswith("_bits") else ("counts", counts_sum)
+            assert flat is not None
+            start = offsets[kind]
+            offsets[kind] = start + value.numel()
+            piece = flat[start : start + value.numel()].reshape(value.shape).clone()
+            sites.setdefault(name, {})[key] = piece.view(torch.int64) if kind == "sums" else piece
+        sites = {name: states for name, states in sites.items() if int(states["samples"]) > 0}
+        if not sites:
+            return None
+        places = {site.name: list(tracker._place(site)) for site in tracker.sites}
+        return {"epoch": self._epoch, "sites": sites, "places": {name: places.get(name) for name in sites}}
+
+    def _check_state_sites(self, state_dict: dict[str, Any]) -> None:
+        """A checkpoint's state must be of this model's sites (checked when the model is known, in a fit): a site of
+        both must have the same width, and the state must share a site with the model (a state's site the model
+        does not know yet may be a call position created at run time)."""
+        tracker = self.tracker
+        if tracker is None or not isinstance(state_dict, dict):
+            return
+        sites = {site.name: site for site in tracker.all_sites}
+        names = list(sites)
+        unknown: list[str] = []
+        matched = 0
+        widths: list[str] = []
+        for epoch in state_dict.get("history", []) or []:
+            for layer in epoch.get("layers", []) if isinstance(epoch, dict) else []:
+                name = str(layer.get("name", ""))
+                if not _matches_site(_unsuffixed(name), names):
+                    unknown.append(name)
+                    continue
+                matched += 1
+                site = sites.get(name)
+                width = len(layer.get("active_count", []))
+                if site is not None and site.num_units is not None and width != site.num_units:
+                    widths.append(f"{name!r} has {width} units in the checkpoint, {site.num_units} in the model")
+        window = state_dict.get("window")
+        if isinstance(window, dict):
+            places = window.get("places") or {}
+            for name in window.get("sites") or {}:
+                place = places.get(name)
+                base = place[1] if isinstance(place, (list, tuple)) and len(place) == 3 else name
+                if not _matches_site(str(base), names) and not _matches_site(_unsuffixed(name), names):
+                    unknown.append(name)
+                else:
+                    matched += 1
+        if widths or (unknown and not matched):
+            unknown = sorted(set(unknown))
+            problem = f"reports of sites {unknown} that the model does not have" if unknown else "; ".join(widths)
+            raise ValueError(
+                f"`state_dict` of `DeadUnitMonitor` holds {problem}; the model's sites are {names}. Was the "
+                "checkpoint saved from another model? Nothing was loaded."
+            )
+
     def _merge_window(self, final: bool) -> None:
         """Add a resumed checkpoint's counts of the epoch to the tracker's. A site whose counts have their shape
         now is merged at once; one sized by its first output, or a later call position not created yet, waits for
@@ -446,10 +705,17 @@ class DeadUnitMonitor(Callback):
         for name, (states, place) in list(self._unmerged.items()):
             valid = isinstance(place, (list, tuple)) and len(place) == 3
             stats = tracker._place_stats(*place, create=final) if valid else None
-            if stats is None or set(states) != set(stats._defaults):
+            if stats is None or "active" not in states:
                 if final:
                     del self._unmerged[name]
                 continue
+            # options changed since the save (`track_margin`): the counts are kept, margins it did not keep start at 0
+            # (the epoch is flagged partial in `_restore_epoch`), margins it kept and the site does not are dropped
+            states = {key: value for key, value in states.items() if key in stats._defaults}
+            for key in stats._defaults:
+                if key not in states:
+                    bits = key.endswith("_bits")
+                    states[key] = torch.zeros_like(states["active"]) if bits else torch.zeros((), dtype=torch.int64)
             unsized = [key for key, value in states.items() if getattr(stats, key).shape != value.shape]
             if unsized and not final:
                 continue
@@ -497,15 +763,22 @@ class DeadUnitMonitor(Callback):
     def _metrics(report: EpochReport) -> dict[str, float]:
         metrics: dict[str, float] = {}
         seen = [layer for layer in report.layers.values() if layer.seen]
-        for layer in seen:
+        finite = [layer for layer in seen if not layer.nonfinite]  # a non-finite site is not judged dead or dying
+        for layer in finite:
             metrics[f"dead_units/{layer.name}"] = layer.dead_fraction
-        if seen:
+        if finite:
             metrics["dead_units/total"] = report.dead_fraction
         for layer in seen:
             if not math.isnan(layer.living_data_fraction):
                 metrics[f"living_data/{layer.name}"] = layer.living_data_fraction
-        for layer in seen:
+        for layer in finite:
             metrics[f"dying_units/{layer.name}"] = layer.dying_fraction
+        for layer in seen:
+            if layer.nonfinite:
+                metrics[f"nonfinite/{layer.name}"] = float(layer.nonfinite_batches)
+        if seen:
+            metrics["nonfinite/total"] = float(len(report.nonfinite_sites))
+        metrics["partial_epoch"] = float(report.partial)
         for layer in seen:
             if layer.at_risk is not None:
                 metrics[f"at_risk/{layer.name}"] = layer.at_risk_fraction
@@ -545,48 +818,60 @@ class DeadUnitMonitor(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text(
-                        SUMMARY_TAG, summary_markdown(report, revived), global_step=report.global_step
+                        SUMMARY_TAG, summary_markdown(report, revived), global_step=_log_step(report)
                     )
         if self.print_summary:
             print_summary(report, revived)
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
+        # the step and the `epoch` column of Lightning's own epoch-level metrics, so that a CSV row of the monitor
+        # lines up with the epoch's losses and TensorBoard plots both at the same x
+        step = _log_step(report)
         for logger in trainer.loggers:
             separator = logger.group_separator
-            logger.log_metrics(
-                {key.replace("/", separator, 1): v for key, v in metrics.items()}, step=report.global_step
-            )
+            scalars = {key.replace("/", separator, 1): v for key, v in metrics.items()}
+            logger.log_metrics({**scalars, "epoch": float(report.epoch)}, step=step)
             if self.log_histograms and isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
                 for layer in report.layers.values():
                     if layer.seen and layer.num_units > 0:
                         writer.add_histogram(
-                            f"activation_rate/{layer.name}",
-                            layer.activation_rate.float(),
-                            global_step=report.global_step,
+                            activation_rate_tag(layer.name), layer.activation_rate.float(), global_step=step
                         )
-            if self.log_histograms and isinstance(logger, TensorBoardLogger):
-                for layer in report.layers.values():
                     if layer.seen and layer.margin is not None and bool(torch.isfinite(layer.margin).any()):
                         finite = layer.margin[torch.isfinite(layer.margin)]
-                        logger.experiment.add_histogram(
-                            f"margin/{layer.name}", finite.float(), global_step=report.global_step
-                        )
+                        writer.add_histogram(margin_tag(layer.name), finite.float(), global_step=step)
             if self.dashboards and isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(
-                    HEATMAP_TAG, dead_fraction_heatmap(self.history), global_step=report.global_step, dataformats="HWC"
+                    HEATMAP_TAG, dead_fraction_heatmap(self.history), global_step=step, dataformats="HWC"
                 )
 
     def _check_nonfinite(self, report: EpochReport) -> None:
-        for layer in report.layers.values():
-            if layer.nonfinite_batches and layer.name not in self._nonfinite_warned:
-                self._nonfinite_warned.add(layer.name)
-                rank_zero_warn(
-                    f"Site {layer.name!r} produced NaN or Inf activations in {layer.nonfinite_batches} training "
-                    f"batches of epoch {report.epoch}; NaN entries are counted as not active.",
-                    category=RuntimeWarning,
-                )
+        """One warning per fit, naming the first site (in forward order) and the first step that saw NaN/Inf."""
+        names = report.nonfinite_sites
+        if not names or self._nonfinite_warned:
+            return
+        self._nonfinite_warned.add(names[0])
+        layer = report.layers[names[0]]
+        step = report.first_nonfinite_step
+        where = f"first at global step {step}" if step is not None else "first step unknown"
+        others = f"; {len(names) - 1} later sites too" if len(names) > 1 else ""
+        rank_zero_warn(
+            f"Site {layer.name!r} produced NaN or Inf activations in {layer.nonfinite_batches} training batches of "
+            f"epoch {report.epoch} ({where}{others}). Non-finite sites are reported as non-finite "
+            "(`LayerReport.nonfinite`, `nonfinite/<site>`), never as dead or collapsed, and no remedy acts on the "
+            "epoch: the training has likely diverged (lower the learning rate, clip gradients, check the data).",
+            category=RuntimeWarning,
+        )
+
+    def _check_partial(self, report: EpochReport) -> None:
+        if report.partial:
+            rank_zero_warn(
+                f"The dead-unit report of epoch {report.epoch} is partial: {report.partial_reason}. It is logged with "
+                "`partial_epoch` = 1 and no remedy acts on it.",
+                category=RuntimeWarning,
+            )
 
     def _check_at_risk(self, report: EpochReport) -> None:
         """Warn once per site when its at-risk share rises epoch over epoch while its dead share is still low."""
@@ -627,6 +912,16 @@ class DeadUnitMonitor(Callback):
                 trainer.should_stop = True
 
 
+# below this lower bound on the probability that an input stays alive, the start of a fit says what prevents it
+_ADVICE_BOUND = 0.99
+
+
+def _log_step(report: EpochReport) -> int:
+    """The step Lightning logs an epoch's epoch-level metrics at: its last batch's, ``global_step - 1`` (with one
+    optimizer stepping on every batch, as in automatic optimization)."""
+    return max(report.global_step - 1, 0)
+
+
 def _probability_text(bound: float, widths: list[int]) -> str:
     """``bound`` rounded down to 4 significant digits; within 1e-4 of 1, the weaker bound ``1 - 2^-m`` with
     ``2^-m = sum(2^-n_i)`` (the union bound, computed without underflow), ``m`` rounded down to 0.01. Rounding
@@ -640,3 +935,19 @@ def _probability_text(bound: float, widths: list[int]) -> str:
     power = math.floor(math.log10(bound))
     scaled = math.floor(bound / 10.0**power * 1000)  # 4 significant digits, rounded down
     return f"{scaled / 1000 * 10.0**power:.4g}"
+
+
+def _interrupted_epoch(window: dict[str, Any] | None, progress: dict[str, Any] | None) -> int | None:
+    """The epoch a resumed checkpoint interrupted (some of its batches had run), or None."""
+    if isinstance(progress, dict) and int(progress.get("batches", 0)) > 0:
+        return int(progress.get("epoch", 0))
+    if isinstance(window, dict) and window.get("sites"):  # a checkpoint of an older version
+        return int(window.get("epoch", 0))
+    return None
+
+
+def _unsuffixed(name: str) -> str:
+    """A site name without the suffixes that tell a call position created at run time from a discovered site."""
+    while name.endswith(("_fn", "_mod")):
+        name = name.rpartition("_")[0]
+    return name

@@ -23,16 +23,21 @@ class LayerReport:
         entries_per_unit: number of entries each unit produced (samples × positions).
         samples: number of samples that went through the site.
         killed: number of samples whose whole output at the site was 0.
-        dead: per unit, ``True`` when the unit was 0 on every entry seen (never ``True`` when nothing was seen).
+        dead: per unit, ``True`` when the unit was 0 on every entry seen (never ``True`` when nothing was seen, nor
+            at a non-finite site).
         activation_rate: per unit, the share of its entries that were ``> 0`` (float64; NaN when nothing was seen).
         num_dead: number of dead units.
-        dead_fraction: ``num_dead / num_units`` (0.0 when nothing was seen).
+        dead_fraction: ``num_dead / num_units`` (0.0 when nothing was seen, NaN at a non-finite site).
         living_data_fraction: share of samples not killed at the site (NaN when nothing was seen).
         eps: the activity threshold below which a unit is *dying*.
         dying: per unit, ``True`` when its activation rate is below ``eps`` (dead units included).
         num_dying: number of dying units.
         dying_fraction: ``num_dying / num_units``.
         nonfinite_batches: number of batches whose output at the site held NaN or Inf.
+        nonfinite: whether any batch of the window was non-finite at the site. Such a site is never reported as
+            dead, dying or collapsed (a NaN entry is not ``> 0``, so a diverged network would look dead): its
+            ``dead`` and ``dying`` masks are all ``False`` and its ``dead_fraction`` is NaN; ``active_count`` and
+            ``activation_rate`` still hold the raw counts.
         margin: per unit, ``m = mean / std`` of its pre-activation over the window (only with margin tracking,
             else ``None``). With Gaussian pre-activations the unit is active with probability ``Φ(m)``.
         predicted_rate: ``Φ(margin)``, the activation rate the margin predicts (``None`` without tracking).
@@ -81,6 +86,7 @@ class LayerReport:
         self.num_dying = num_dying
         self.dying_fraction = dying_fraction
         self.nonfinite_batches = nonfinite_batches
+        self.nonfinite = nonfinite_batches > 0
         self.pre_mean = pre_mean
         self.pre_std = pre_std
         self.margin: Tensor | None = None
@@ -114,14 +120,21 @@ class LayerReport:
         active_count = active_count.detach().to("cpu", torch.int64)
         num_units = int(active_count.numel())
         seen = entries_per_unit > 0
-        dead = (active_count == 0) & seen
+        # a site that saw NaN/Inf is not judged: NaN is not > 0, so a diverged network would look dead
+        judged = seen and nonfinite_batches == 0
+        dead = (active_count == 0) & judged
         if seen:
             rate = active_count.to(torch.float64) / entries_per_unit
         else:
             rate = torch.full((num_units,), math.nan, dtype=torch.float64)
         num_dead = int(dead.sum())
-        dying = (rate < eps) & seen
+        dying = (rate < eps) & judged
         num_dying = int(dying.sum())
+        if not judged and seen:
+            dead_fraction = dying_fraction = math.nan
+        else:
+            dead_fraction = num_dead / num_units if num_units else 0.0
+            dying_fraction = num_dying / num_units if num_units else 0.0
         pre_mean = pre_std = None
         if pre_sum is not None and pre_sumsq is not None and pre_entries > 0 and pre_sum.numel() == num_units:
             pre_mean = pre_sum.detach().to("cpu", torch.float64) / pre_entries
@@ -137,12 +150,12 @@ class LayerReport:
             dead=dead,
             activation_rate=rate,
             num_dead=num_dead,
-            dead_fraction=num_dead / num_units if num_units else 0.0,
+            dead_fraction=dead_fraction,
             living_data_fraction=1.0 - killed / samples if samples else math.nan,
             eps=float(eps),
             dying=dying,
             num_dying=num_dying,
-            dying_fraction=num_dying / num_units if num_units else 0.0,
+            dying_fraction=dying_fraction,
             nonfinite_batches=int(nonfinite_batches),
             pre_mean=pre_mean,
             pre_std=pre_std,
@@ -155,8 +168,8 @@ class LayerReport:
 
     @property
     def collapsed(self) -> bool:
-        """Every unit dead: everything after the site receives a constant."""
-        return self.seen and self.num_units > 0 and self.num_dead == self.num_units
+        """Every unit dead: everything after the site receives a constant (never at a non-finite site)."""
+        return self.seen and not self.nonfinite and self.num_units > 0 and self.num_dead == self.num_units
 
     def state_dict(self) -> dict[str, Any]:
         """The raw counts, enough to rebuild the report (tensors and primitives only)."""
@@ -204,5 +217,5 @@ class LayerReport:
         return (
             f"LayerReport(name={self.name!r}, num_units={self.num_units}, num_dead={self.num_dead}, "
             f"dead_fraction={self.dead_fraction:.4g}, living_data_fraction={self.living_data_fraction:.4g}, "
-            f"samples={self.samples})"
+            f"samples={self.samples}{', nonfinite=True' if self.nonfinite else ''})"
         )

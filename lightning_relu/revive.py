@@ -12,7 +12,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
+from lightning_relu._sharded import refuse_sharded
 from lightning_relu.sites import (
     NORM_TYPES,
     Consumer,
@@ -35,7 +36,7 @@ from lightning_relu.sites import (
     may_call_rectifiers,
 )
 from lightning_relu.stats import LayerReport
-from lightning_relu.structure import ObservationError, RootCallWatch, example_from_batch, observe
+from lightning_relu.structure import ModuleCall, ObservationError, RootCallWatch, example_from_batch, observe
 from lightning_relu.surgery import reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def revive_dead_units_(
     optimizer: Optimizer | Iterable[Optimizer] | None = None,
     generator: torch.Generator | None = None,
     *,
-    init: str = "default",
+    init: Literal["default", "kaiming", "rai"] = "default",
     max_fraction: float = 1.0,
     exclude: Iterable[str] = (),
     sites: Iterable[Site] | None = None,
@@ -155,6 +156,8 @@ def revive_dead_units_(
     """
     layers = _as_layers(report)
     optimizers = _as_optimizers(optimizer)
+    refuse_sharded(model, "revive_dead_units_")
+    _check_optimizers_hold(model, optimizers, layers, sites)
     if init not in INIT_MODES:
         raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
     _check_fraction(max_fraction)
@@ -167,6 +170,8 @@ def revive_dead_units_(
     if example_input is not None:
         for name, layer in layers.items():
             _check_layer(name, layer)
+        known = find_relu_sites(model) if sites is None else _as_sites(sites, model)
+        _check_optimizers_hold(model, optimizers, layers, known)
         return revive_observed_(
             model,
             {name: layer.dead for name, layer in layers.items()},
@@ -178,7 +183,7 @@ def revive_dead_units_(
             max_fraction=max_fraction,
             excluded=excluded,
             check_output=check_output,
-            sites=None if sites is None else _as_sites(sites, model),
+            sites=known,
         )
     found = find_relu_sites(model) if sites is None else _as_sites(sites, model)
     sites_by_name = {site.name: site for site in found}
@@ -189,6 +194,7 @@ def revive_dead_units_(
         )
     for name, layer in layers.items():
         _validate_layer(name, layer, sites_by_name)
+    _check_optimizers_hold(model, optimizers, layers, found)
 
     # ---- decide everything (no tensor of the model is touched before this loop is done)
     counts: dict[str, int] = {}
@@ -304,6 +310,42 @@ def _as_optimizers(optimizer: Any) -> list[Optimizer]:
     return optimizers
 
 
+def _check_optimizers_hold(
+    model: nn.Module, optimizers: list[Optimizer], layers: Mapping[str, Any], sites: Iterable[Site] | None
+) -> None:
+    """Every optimizer given must train ``model`` and hold the parameters that revival rewrites (the producers and
+    consumers of the sites with dead units, where known): otherwise their state could not be reset."""
+    if not optimizers:
+        return
+    names = {id(param): name for name, param in model.named_parameters()}
+    held: set[int] = set()
+    for index, opt in enumerate(optimizers):
+        params = [param for group in opt.param_groups for param in group["params"]]
+        if not any(id(param) in names for param in params):
+            label = "`optimizer`" if len(optimizers) == 1 else f"`optimizer` number {index}"
+            raise ValueError(
+                f"{label} ({type(opt).__name__} of {len(params)} parameters) holds none of `model`'s parameters: it "
+                "trains another model, so the state of the revived units could not be reset. Pass the optimizer "
+                "that trains `model`."
+            )
+        held.update(id(param) for param in params)
+    known = [site for site in sites if isinstance(site, Site)] if isinstance(sites, (list, tuple)) else []
+    by_name = {site.name: site for site in known}
+    for name, layer in layers.items():
+        site, dead = by_name.get(name), getattr(layer, "dead", None)
+        if site is None or not isinstance(dead, Tensor) or not bool(dead.any()):
+            continue
+        modules = [site.producer, site.norm, *(consumer.module for consumer in site.consumers)]
+        for module in (m for m in modules if m is not None):
+            for param in module.parameters(recurse=False):
+                if param.requires_grad and id(param) in names and id(param) not in held:
+                    raise ValueError(
+                        f"`optimizer` does not hold parameter {names[id(param)]!r}, which reviving the dead units of "
+                        f"site {name!r} rewrites: its optimizer state could not be reset. Pass every optimizer that "
+                        "trains `model`."
+                    )
+
+
 def _short_repr(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
@@ -361,6 +403,47 @@ def _validate_layer(name: str, layer: Any, sites: dict[str, Site]) -> None:
             f"The report of site {name!r} has {dead.numel()} units but the model's site {name!r} has {expected} "
             f"(producer {site.producer_name!r}). Was the report measured on another model?"
         )
+
+
+def _copied(example: Any, device: torch.device | None = None) -> Any:
+    """``example`` with every tensor copied (a slice would save its whole batch's storage), to ``device`` if given."""
+    if isinstance(example, Tensor):
+        return example.detach().to(device or example.device, copy=True)
+    if isinstance(example, ModuleCall):
+        return ModuleCall(example.module, _copied(example.args, device), _copied(example.kwargs, device))
+    if isinstance(example, tuple):
+        return tuple(_copied(item, device) for item in example)
+    if isinstance(example, list):
+        return [_copied(item, device) for item in example]
+    if isinstance(example, dict):
+        return {key: _copied(value, device) for key, value in example.items()}
+    return example
+
+
+def _example_state(example: Any) -> dict[str, Any] | None:
+    """A held example as primitives and tensors (a checkpoint loads with ``weights_only=True``)."""
+    if example is None:
+        return None
+    if isinstance(example, ModuleCall):
+        return {"module": example.module, "args": _listed(example.args), "kwargs": _listed(example.kwargs)}
+    return {"input": _listed(example), "tuple": isinstance(example, tuple)}
+
+
+def _listed(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_listed(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _listed(item) for key, item in value.items()}
+    return value
+
+
+def _example_from_state(state: Any) -> Any:
+    if not isinstance(state, dict):
+        return None
+    if "module" in state:
+        return ModuleCall(str(state["module"]), tuple(state.get("args", ())), dict(state.get("kwargs", {})))
+    example = state.get("input")
+    return tuple(example) if state.get("tuple") and isinstance(example, list) else example
 
 
 def _device_of(generator: torch.Generator | None) -> torch.device:
@@ -557,7 +640,7 @@ class DeadUnitReviver(Callback):
         every_n_epochs: int = 1,
         max_fraction: float = 1.0,
         exclude: Sequence[str] = (),
-        init: str = "default",
+        init: Literal["default", "kaiming", "rai"] = "default",
         seed: int | None = None,
         input_fn: Callable[[Any], Any] | None = None,
         example_size: int = 64,
@@ -573,6 +656,9 @@ class DeadUnitReviver(Callback):
         self.example_size = example_size
         self.check_output = check_output
         self._batch: Any = None  # the latest training batch (a reference)
+        # a copy of the example held on an epoch's last batch, saved with a checkpoint taken there: a fit resumed from
+        # it revives that epoch on the same example as the uninterrupted fit (see `DeadUnitMonitor.on_train_start`)
+        self._epoch_example: Any = None
         self._watch: RootCallWatch | None = None  # the call the training step makes into the model
         self._example_checked = False
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
@@ -645,6 +731,7 @@ class DeadUnitReviver(Callback):
         """Forget what an earlier fit left (its revivals, its drawn seed)."""
         self.history = []
         self._batch = None
+        self._epoch_example = None
         self._stop_watch()
         self._example_checked = False
         self._warned.clear()
@@ -691,6 +778,7 @@ class DeadUnitReviver(Callback):
                 for e in self.history
             ],
             "seed": self._resolved_seed,
+            "example": _example_state(self._epoch_example),
         }
 
     @override
@@ -705,6 +793,7 @@ class DeadUnitReviver(Callback):
         ]
         if self.seed is None and state_dict.get("seed") is not None:
             self._resolved_seed = int(state_dict["seed"])
+        self._epoch_example = _example_from_state(state_dict.get("example"))
 
     @override
     def on_train_batch_start(
@@ -725,6 +814,8 @@ class DeadUnitReviver(Callback):
         if self._watch is not None:
             self._watch.active = False  # validation and other calls between steps are not training inputs
             self._watch.settle()
+        # the epoch's revival acts on this example: a copy goes into a checkpoint taken before the epoch's end
+        self._epoch_example = _copied(self._example_of(trainer)) if trainer.is_last_batch else None
         if not self._example_checked:
             # the first batch tells whether the model can be observed on it: fail now, not after an epoch
             self._example_checked = True
@@ -745,8 +836,9 @@ class DeadUnitReviver(Callback):
             call = self._watch.example(self.example_size)
             if call is not None:
                 return call
-        if self._batch is None:
-            return None
+        if self._batch is None:  # a fit resumed from a checkpoint taken on an epoch's last batch: the example it holds
+            example = self._epoch_example
+            return None if example is None else _copied(example, trainer.lightning_module.device)
         return example_from_batch(trainer.precision_plugin.convert_input(self._batch), self.input_fn, self.example_size)
 
     def _stop_watch(self) -> None:
@@ -757,6 +849,7 @@ class DeadUnitReviver(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_batch"] = state["_watch"] = None  # a batch and hooks on the model: not pickled
+        state["_epoch_example"] = None
         state["_monitor"] = None  # the link is re-made in `setup`/`attach`
         state["_sites"] = state["_sites_model"] = None  # they hold the model's modules
         return state
@@ -780,7 +873,26 @@ class DeadUnitReviver(Callback):
         return torch.Generator().manual_seed((self._resolved_seed + epoch) % 2**63)
 
     def _on_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: EpochReport) -> None:
+        try:
+            self._revive_after(trainer, pl_module, report)
+        finally:
+            self._epoch_example = None  # used now, or never: the next epoch holds its own
+
+    def _revive_after(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: EpochReport) -> None:
         if (report.epoch + 1) % self.every_n_epochs != 0:
+            return
+        nonfinite = list(getattr(report, "nonfinite_sites", []))
+        if getattr(report, "partial", False) or nonfinite:
+            why = (
+                f"sites {nonfinite} produced NaN or Inf"
+                if nonfinite
+                else f"its counts are partial ({getattr(report, 'partial_reason', '')})"
+            )
+            rank_zero_warn(
+                f"`DeadUnitReviver` revived nothing after epoch {report.epoch}: {why}, and no remedy acts on such a "
+                "report.",
+                category=RevivalWarning,
+            )
             return
         generator = self._generator(trainer, report.epoch)
         layers = dict(report.layers)

@@ -552,7 +552,29 @@ class DeadUnitTracker:
         """Per-site reports over everything counted since the last :meth:`reset`, keyed by site name.
 
         In a distributed run every process must call it: counts are summed across processes.
+
+        Raises:
+            RuntimeError: when no site has counted anything (no forward ran while the hooks were attached, or the
+                tracker was read before its ``with`` block ran one): an empty report would read "0 dead".
         """
+        reports = self._reports()
+        if reports and not any(report.seen for report in reports.values()):
+            where = (
+                "its hooks are attached but no forward pass of the model ran since"
+                if self.attached
+                else "its hooks are not attached (its `with` block has closed, or it was never entered) and no forward "
+                "pass ran while they were, since"
+            )
+            raise RuntimeError(
+                f"`DeadUnitTracker.report()` has nothing to report: {where} it was created or last reset (or every "
+                f"pass ran while it was paused), so none of its {len(reports)} sites has counted a sample. Run the "
+                "forward passes inside `with DeadUnitTracker(model) as tracker:` and read `tracker.report()` after "
+                "them."
+            )
+        return reports
+
+    def _reports(self) -> dict[str, LayerReport]:
+        """The per-site reports, empty windows included (the monitor reports epochs that may count nothing)."""
         return {name: _compute(stats) for name, stats in self.stats.items()}
 
     def reset(self) -> None:

@@ -1,24 +1,26 @@
-"""The ``lightning-relu demo`` showcase: a quick run, read back from its TensorBoard event files."""
+"""The ``lightning-relu demo`` showcase: a short run, read back from its TensorBoard event files."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import re
-import subprocess
-import sys
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_relu import demo
+from lightning_relu import _demo, demo
+from lightning_relu._demo import DemoTask, VariantResult, _verdict
 from lightning_relu.demo import VARIANTS, DemoResults, main, run_demo
+from lightning_relu.monitor import EpochReport
 
 
 @dataclass
-class QuickRun:
+class ShortRun:
     rc: int
     out: str
     out_dir: Path
@@ -26,8 +28,8 @@ class QuickRun:
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
-    """One ``demo --quick`` through ``main``, with the results that ``main`` got from ``run_demo``."""
+def short_run(tmp_path_factory: pytest.TempPathFactory) -> ShortRun:
+    """``demo --quick --seeds 2 --epochs 2`` through ``main``, with the results ``main`` got from ``run_demo``."""
     out_dir = tmp_path_factory.mktemp("demo")
     captured: list[DemoResults] = []
 
@@ -39,101 +41,129 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(demo, "run_demo", spy)
-        rc = main(["demo", "--quick", "--out", str(out_dir)])
+        rc = main(["demo", "--quick", "--seeds", "2", "--epochs", "2", "--out", str(out_dir)])
     assert len(captured) == 1
-    return QuickRun(rc=rc, out=stdout.getvalue(), out_dir=out_dir, results=captured[0])
+    return ShortRun(rc=rc, out=stdout.getvalue(), out_dir=out_dir, results=captured[0])
 
 
-def _events(log_dir: Path) -> EventAccumulator:
+def _events(log_dir: Path | str) -> EventAccumulator:
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     accumulator.Reload()
     return accumulator
 
 
-def test_quick_demo_returns_0_and_prints_table_and_tensorboard_command(quick_run: QuickRun) -> None:
-    assert quick_run.rc == 0
-    out = quick_run.out
-    assert f"tensorboard --logdir {quick_run.out_dir.resolve()}" in out
-    assert "Dead units per ReLU layer" in out
+def _collapsed(report: EpochReport) -> bool:
+    """A site whose every unit is dead, from the per-unit masks (not from LayerReport.collapsed)."""
+    return any(bool(layer.dead.all()) and layer.dead.numel() > 0 for layer in report.layers.values())
+
+
+def test_the_run_prints_the_table_the_story_and_the_tensorboard_command(short_run: ShortRun) -> None:
+    assert short_run.rc == 0
+    out = short_run.out
+    assert f"tensorboard --logdir {short_run.out_dir.resolve()}" in out
+    assert "What happened:" in out
     for name in VARIANTS:
-        assert f"[{name}] epoch" in out  # progress lines
-        assert re.search(rf"^{name}\s", out, flags=re.MULTILINE)  # a summary row
-    for site in quick_run.results.variants["he"].sites:
-        assert re.search(rf"^{re.escape(site)}\s", out, flags=re.MULTILINE)  # a per-layer row
+        assert re.search(rf"^{name}\s", out, flags=re.MULTILINE)  # a table row
+        assert re.search(rf"^- {name}: ", out, flags=re.MULTILINE)  # a sentence
+        assert f"{name:<10} seed 1:" in out  # a progress line
+    assert re.search(r"\d+ s on \d+ CPU cores", out)
 
 
-def test_one_tensorboard_run_per_variant(quick_run: QuickRun) -> None:
-    results = quick_run.results
-    assert list(results.variants) == list(VARIANTS)
-    for name, result in results.variants.items():
-        files = list((quick_run.out_dir / name).rglob("events.out.tfevents.*"))
-        assert len(files) == 1, files
-        assert Path(result.log_dir) == files[0].parent
-        assert len(result.history) == results.epochs == 3
+def test_printed_counts_match_the_reports(short_run: ShortRun) -> None:
+    """Each row's collapsed counts and mean final loss, recomputed from the per-unit reports."""
+    results = short_run.results
+    n = len(results.seeds)
+    rows = {line.split()[0]: line for line in short_run.out.splitlines() if line.split()[:1] == [line[:10].strip()]}
+    for name, runs in results.variants.items():
+        assert [r.seed for r in runs] == results.seeds == [0, 1]
+        first = sum(_collapsed(r.history[0]) for r in runs)
+        last = sum(_collapsed(r.history[-1]) for r in runs)
+        cells = re.findall(r"(\d+) of (\d+)", rows[name])
+        assert cells[:2] == [(str(first), str(n)), (str(last), str(n))]
+        mean_loss = statistics.fmean(r.final_loss for r in runs)
+        assert f"{mean_loss:.3f} (" in rows[name]
 
 
-def test_event_files_match_the_reports(quick_run: QuickRun) -> None:
-    """What TensorBoard reads back is what the monitors reported, and what the table printed."""
-    for result in quick_run.results.variants.values():
-        events = _events(Path(result.log_dir))
-        total = [(event.step, event.value) for event in events.Scalars("dead_units/total")]
-        assert [step for step, _ in total] == [step for step, _ in result.dead_total]
-        for (_, logged), (_, reported) in zip(total, result.dead_total, strict=True):
-            assert logged == pytest.approx(reported, abs=1e-6)
-        # recompute the total from the per-unit reports, independently of EpochReport.dead_fraction
-        for report, (_, logged) in zip(result.history, total, strict=True):
-            dead = sum(int(layer.dead.sum()) for layer in report.layers.values())
-            units = sum(int(layer.dead.numel()) for layer in report.layers.values())
-            assert logged == pytest.approx(dead / units, abs=1e-6)
-        tags = events.Tags()
-        for site in result.sites:
-            assert f"activation_rate/{site}" in tags["histograms"]
-            logged = events.Scalars(f"dead_units/{site}")
-            assert len(logged) == quick_run.results.epochs
-            first, last = result.history[0].layers[site], result.history[-1].layers[site]
-            assert logged[0].value * first.num_units == pytest.approx(first.num_dead, abs=1e-4)
-            assert logged[-1].value * last.num_units == pytest.approx(last.num_dead, abs=1e-4)
+def test_final_loss_of_a_collapsed_network_is_the_target_variance(short_run: ShortRun) -> None:
+    """A network with a layer all dead outputs a constant: its loss is at least the targets' variance (n-1 scaled)."""
+    variance = short_run.results.target_variance
+    _, y = short_run.results.task.data().tensors
+    assert variance == pytest.approx(float(y.var()), rel=1e-6) and variance == pytest.approx(1.0, abs=1e-5)
+    for runs in short_run.results.variants.values():
+        for run in runs:
+            if _collapsed(run.history[-1]):
+                assert run.final_loss >= float(((y - y.mean()) ** 2).mean()) - 1e-5
 
 
-def test_printed_layer_table_matches_event_files(quick_run: QuickRun) -> None:
-    results = quick_run.results
-    names = list(results.variants)
-    lines = {line.split()[0]: line for line in quick_run.out.splitlines() if line.startswith("net.")}
-    events = {name: _events(Path(result.log_dir)) for name, result in results.variants.items()}
-    for site in results.variants["he"].sites:
-        cells = re.findall(r"(\d+)/(\d+) → (\d+)/(\d+)", lines[site])
-        assert len(cells) == len(names)
-        for name, (dead_first, units, dead_last, units_last) in zip(names, cells, strict=True):
-            logged = events[name].Scalars(f"dead_units/{site}")
-            assert int(units) == int(units_last) == results.task.width
-            assert logged[0].value * int(units) == pytest.approx(int(dead_first), abs=1e-4)
-            assert logged[-1].value * int(units) == pytest.approx(int(dead_last), abs=1e-4)
+def test_one_tensorboard_run_per_variant_and_seed_matching_the_reports(short_run: ShortRun) -> None:
+    results = short_run.results
+    for name, runs in results.variants.items():
+        for run in runs:
+            files = list((short_run.out_dir / name / f"seed_{run.seed}").glob("events.out.tfevents.*"))
+            assert len(files) == 1, files
+            assert len(run.history) == results.epochs == 2
+            events = _events(run.log_dir)
+            total = events.Scalars("dead_units/total")
+            assert len(total) == results.epochs
+            for report, logged in zip(run.history, total, strict=True):
+                dead = sum(int(layer.dead.sum()) for layer in report.layers.values())
+                units = sum(int(layer.dead.numel()) for layer in report.layers.values())
+                assert logged.value == pytest.approx(dead / units, abs=1e-6)
 
 
-def test_variants_did_what_they_say(quick_run: QuickRun) -> None:
-    variants = quick_run.results.variants
-    assert variants["rai"].rai_layers == quick_run.results.task.depth
-    assert variants["sign_flip"].flipped_sites is not None
-    assert variants["he_revival"].revived_units is not None
-    assert variants["he"].revived_units is None and variants["he"].flipped_sites is None
-    # every variant starts from the same He weights and batch order: without a flip, sign_flip is the baseline
-    if variants["sign_flip"].flipped_sites == 0:
-        assert variants["sign_flip"].losses == variants["he"].losses
+def test_every_variant_starts_from_the_same_he_weights(short_run: ShortRun) -> None:
+    """Same seed, same He weights and batches: he and he_revival agree on epoch 0 (revival acts after it), and
+    sign_flip equals he wherever it flipped nothing."""
+    variants = short_run.results.variants
+    for he, revival, flip in zip(variants["he"], variants["he_revival"], variants["sign_flip"], strict=True):
+        for site, layer in he.history[0].layers.items():
+            assert torch.equal(layer.dead, revival.history[0].layers[site].dead)
+        if flip.flipped_sites == 0:
+            assert flip.final_loss == he.final_loss
+    assert all(r.revived_units is not None for r in variants["he_revival"])
+    assert all(r.flipped_sites is not None for r in variants["sign_flip"])
+    assert all(r.revived_units is None and r.flipped_sites is None for r in variants["he"])
 
 
-def test_help_runs_as_a_module() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_relu", "demo", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "python -m lightning_relu demo" in proc.stdout
-    for option in ("--epochs", "--seed", "--out", "--quick"):
-        assert option in proc.stdout
+def _fake(name: str, collapsed: bool, loss: float) -> VariantResult:
+    """A one-epoch result whose one site has both units dead (collapsed) or one alive."""
+    from lightning_relu.functional import activation_stats
+
+    output = torch.zeros(4, 2)
+    if not collapsed:
+        output[:, 1] = 1.0
+    report = EpochReport(epoch=0, global_step=1, layers={"net.1": activation_stats(output, name="net.1")})
+    return VariantResult(name, 0, "", [report], loss, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("runs", "expected"),
+    [
+        ([(False, 0.1), (False, 0.2)], "helped"),
+        ([(True, 1.0), (True, 1.0)], "no clear difference from He in this run"),
+        ([(True, 1.0), (True, 1.5)], "did worse than He"),
+        ([(False, 1.0), (True, 1.0)], "helped"),
+    ],
+)
+def test_verdict_words(runs: list[tuple[bool, float]], expected: str) -> None:
+    baseline = [_fake("he", True, 1.0), _fake("he", True, 1.0)]
+    assert _verdict([_fake("x", *run) for run in runs], baseline, tolerance=0.1) == expected
+
+
+def test_help_lists_the_options_and_variants(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--epochs", "--seeds", "--out", "--quick", "--depth", "--width"):
+        assert option in out
     for name in VARIANTS:
-        assert name in proc.stdout
+        assert name in out
 
 
-@pytest.mark.parametrize("argv", [[], ["demo", "--epochs", "0"], ["demo", "--width", "0"], ["nope"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["demo", "--epochs", "0"], ["demo", "--seeds", "0"], ["demo", "--width", "0"], ["nope"]]
+)
 def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -144,5 +174,16 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
 def test_run_demo_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="`epochs`"):
         run_demo(0, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="`seeds`"):
+        run_demo(1, [], out_dir=tmp_path)
     with pytest.raises(ValueError, match="`variants`"):
         run_demo(1, out_dir=tmp_path, variants=["xavier"])
+
+
+def test_the_task_is_standardized_and_the_same_for_every_seed() -> None:
+    task = DemoTask(samples=256)
+    x, y = task.data().tensors
+    assert x.shape == (256, 1) and bool((x.abs() <= 1).all())
+    assert float(y.mean()) == pytest.approx(0.0, abs=1e-5) and float(y.std()) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(task.data().tensors[1], y)
+    assert _demo.DEFAULT_SEEDS == (0, 1, 2, 3, 4) and len(_demo.QUICK_SEEDS) >= 3

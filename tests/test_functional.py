@@ -185,9 +185,10 @@ def test_public_function_reports_one_tensor():
     counts, killed, nonfinite = brute(out, 1)
     report = activation_stats(out, name="conv", eps=0.3)
     assert report.name == "conv" and report.active_count.tolist() == counts
-    assert report.dead.tolist() == [c == 0 for c in counts]
+    # a non-finite output is not judged: no unit is dead or dying (issue 20)
+    assert report.dead.tolist() == [c == 0 and not nonfinite for c in counts]
     assert report.killed == killed and report.samples == 8 and report.nonfinite_batches == nonfinite
-    assert report.dying.tolist() == [c / 32 < 0.3 for c in counts]
+    assert report.dying.tolist() == [c / 32 < 0.3 and not nonfinite for c in counts]
     empty = activation_stats(torch.zeros(0, 5))
     assert empty.num_units == 5 and not empty.seen
     with pytest.raises(ValueError, match="`unit_dim` must be 1, -1 or None, got 2"):

@@ -152,7 +152,7 @@ def test_scalar_tags_for_every_site(served: Served) -> None:
 
 def test_scalar_values_are_the_monitor_reports(served: Served) -> None:
     points = _json(served, "/data/plugin/scalars/scalars", run=RUN, tag="dead_units/total")
-    assert [step for _, step, _ in points] == [report.global_step for report in served.history]
+    assert [step for _, step, _ in points] == [report.global_step - 1 for report in served.history]
     for (_, _, value), report in zip(points, served.history, strict=True):
         assert value == pytest.approx(report.dead_fraction, abs=1e-6)
     for site in served.sites:
@@ -164,8 +164,9 @@ def test_scalar_values_are_the_monitor_reports(served: Served) -> None:
 def test_histogram_tags_for_every_site(served: Served) -> None:
     tags = _json(served, "/data/plugin/histograms/tags")[RUN]
     for site in served.sites:
-        assert f"activation_rate/{site}" in tags
-    series = _json(served, "/data/plugin/histograms/histograms", run=RUN, tag=f"activation_rate/{served.sites[0]}")
+        assert f"per_unit/activation_rate/{site}" in tags
+    tag = f"per_unit/activation_rate/{served.sites[0]}"
+    series = _json(served, "/data/plugin/histograms/histograms", run=RUN, tag=tag)
     assert len(series) == EPOCHS
 
 
@@ -178,9 +179,9 @@ def _skip_unless(present: bool, what: str) -> None:
 
 def test_dead_heatmap_image(served: Served) -> None:
     tags = _json(served, "/data/plugin/images/tags").get(RUN, {})
-    _skip_unless("lightning_relu/dead_heatmap" in tags, "the `lightning_relu/dead_heatmap` image")
-    images = _json(served, "/data/plugin/images/images", run=RUN, tag="lightning_relu/dead_heatmap", sample="0")
-    assert [image["step"] for image in images] == [report.global_step for report in served.history]
+    _skip_unless("dead_units/heatmap" in tags, "the `dead_units/heatmap` image")
+    images = _json(served, "/data/plugin/images/images", run=RUN, tag="dead_units/heatmap", sample="0")
+    assert [image["step"] for image in images] == [report.global_step - 1 for report in served.history]
     png = _get(f"{served.url}/data/plugin/images/individualImage?{images[-1]['query']}")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])

@@ -149,3 +149,8 @@ def relative_change(after: Tensor, before: Tensor) -> float:
 
 def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of parameter entries (each shared parameter once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -13,6 +13,8 @@ structure code). Each check compares the package with values computed here:
 - ``revive_fire``: on another batch, in train mode, at least 99% of the revived units are active;
 - ``rai``: :func:`~lightning_relu.rai_` changes the weights of at least one producer (an affine operation whose output
   reaches a rectifier, found at the dispatcher level) and keeps outputs finite;
+- ``compact``: :func:`~lightning_relu.compact` leaves the model untouched and returns a model whose eval-mode output
+  equals the original's (relative change at most 1e-5); every site whose dead units stay is named with a reason;
 - ``sign_flip``: with one site made to kill every sample (all its units' bias far negative),
   :func:`~lightning_relu.sign_flip_` runs, negates the map feeding that site (its bias turns positive), changes only
   signs of parameters, no buffer, no module's mode, and keeps outputs finite.
@@ -196,6 +198,37 @@ def test_revived_units_fire(entry: ZooModel, record_property: Any) -> None:
     worst.sort(reverse=True)
     detail = ", ".join(f"{name}: {dead}/{count}" for dead, name, count in worst[:4])
     assert share >= FIRE_SHARE, f"{still_dead} of {total} revived units dead on the next batch ({detail})"
+
+
+# ---------------------------------------------------------------------------------------------------- compaction
+@pytest.mark.zoo_check("compact")
+@pytest.mark.parametrize("entry", PARAMS)
+def test_compact_keeps_output(entry: ZooModel, record_property: Any) -> None:
+    model, example, _ = checks.forced(entry)
+    report = checks.tracked(model, example)
+    before = checks.eval_output(model, example)
+    state = checks.snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lightning_relu.compact(model, report, example)
+    changed = checks.byte_differences(state, checks.snapshot(model))
+    assert changed == [], f"compact changed the input model: {changed[:4]}"
+    dead = sum(int(layer.num_dead) for layer in report.values())
+    assert dead, "no dead unit to remove: the forcing did not work"
+    unexplained = [s.name for s in result.sites.values() if s.kept and not s.reason]
+    assert not unexplained, f"dead units kept without a reason at {unexplained[:4]}"
+    small, large = checks.parameter_count(result.model), checks.parameter_count(model)
+    first = next((f"{s.name}: {s.reason}" for s in result.sites.values() if s.kept), "")
+    record_property(
+        "detail",
+        f"{result.removed} of {dead} dead units removed, parameters {large} -> {small}"
+        + (f"; kept e.g. {first[:160]}" if first else ""),
+    )
+    after = checks.eval_output(result.model, example)
+    assert after.shape == before.shape, f"output shape {tuple(after.shape)} != {tuple(before.shape)}"
+    change = checks.relative_change(after, before)
+    assert change <= REL_TOL, f"compaction changed the eval-mode output by {change:.3g} (relative, max {REL_TOL})"
+    assert small <= large
 
 
 # -------------------------------------------------------------------------------------------------- initializers

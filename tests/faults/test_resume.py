@@ -1,0 +1,109 @@
+"""Exact resume from any step, on one process; partial epochs flagged where exactness is impossible (issue 20)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_relu import DeadUnitMonitor, DeadUnitReviver
+from tests.faults.models import Net, alike_batches, random_batches, summary, trainer
+
+
+def _params(module: Net) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def test_a_checkpoint_on_the_epochs_last_batch_resumes_with_that_epochs_report_and_revival(tmp_path: Path) -> None:
+    """`ModelCheckpoint(every_n_train_steps=5)` lands on the last of 5 batches, before the epoch's end: the resumed
+    fit reports that epoch and revives after it exactly as the uninterrupted fit (same seed): the same reports,
+    the same revivals, and bit for bit the same weights after two epochs of SGD with momentum."""
+    x = random_batches(5)
+    whole = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    torch.manual_seed(0)
+    first = Net(x, lr=0.05)
+    trainer(tmp_path, [whole, ckpt], enable_checkpointing=True).fit(first)
+    assert sum(whole.reviver.history[0]["revived"].values()) > 0  # the data holds what is tested
+
+    resumed = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
+    torch.manual_seed(0)
+    second = Net(x, lr=0.05)
+    trainer(tmp_path, [resumed]).fit(second, ckpt_path=str(tmp_path / "ckpt" / "step=5.ckpt"))
+    assert summary(resumed.history) == summary(whole.history)
+    assert resumed.reviver.history == whole.reviver.history
+    after, expected = _params(second), _params(first)
+    assert all(torch.equal(after[name], expected[name]) for name in expected)
+
+
+def _checkpoint_at_step_2(tmp_path: Path, x: torch.Tensor, **monitor: object) -> DeadUnitMonitor:
+    whole = DeadUnitMonitor(**monitor)  # type: ignore[arg-type]
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer(tmp_path, [whole, ckpt], max_epochs=1, enable_checkpointing=True).fit(Net(x))
+    return whole
+
+
+def _resume_partial(tmp_path: Path, x: torch.Tensor, monitor: DeadUnitMonitor) -> tuple[object, list[str]]:
+    fit = trainer(tmp_path, [monitor], max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(Net(x), ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt"))
+    return fit, [str(w.message) for w in caught]
+
+
+def test_track_margin_changed_between_save_and_resume_keeps_the_counts_and_flags_the_epoch_partial(
+    tmp_path: Path,
+) -> None:
+    """The mid-epoch counts were dropped silently: now they are kept (exact dead units), the margins, which the
+    checkpoint did not keep, make the epoch partial: flagged, logged, warned, and not revived."""
+    x = alike_batches(5)
+    whole = _checkpoint_at_step_2(tmp_path, x)
+    resumed = DeadUnitMonitor(track_margin=True, revive=DeadUnitReviver(seed=0))
+    fit, messages = _resume_partial(tmp_path, x, resumed)
+    report = resumed.history[0]
+    assert [(layer.active_count.tolist(), layer.samples) for layer in report.layers.values()] == [
+        (layer.active_count.tolist(), layer.samples) for layer in whole.history[0].layers.values()
+    ]
+    with torch.no_grad():  # brute force: lr = 0, so every batch meets the initial weights
+        out = Net(x).net[:4](x)
+    assert report.layers["net.3"].samples == 20  # the whole epoch
+    assert report.layers["net.3"].dead.tolist() == [bool((out[:, u] <= 0).all()) for u in range(6)]
+    assert report.layers["net.3"].num_dead > 0
+    assert report.partial and "track_margin" in report.partial_reason
+    assert float(fit.callback_metrics["partial_epoch"]) == 1.0
+    assert sum("epoch 0 is partial" in m for m in messages) == 1
+    assert resumed.reviver.history == []  # dead units, but no remedy on partial data
+    assert any("revived nothing after epoch 0" in m for m in messages)
+
+
+def test_a_checkpoint_without_the_epochs_counts_resumes_into_a_partial_epoch(tmp_path: Path) -> None:
+    """A checkpoint that lacks the interrupted epoch's counts (an older version under DDP wrote none): the epoch
+    is reported over the batches after the resume and flagged partial, and nothing is revived."""
+    x = alike_batches(5)
+    _checkpoint_at_step_2(tmp_path, x)
+    path = tmp_path / "ckpt" / "step=2.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("DeadUnitMonitor")]
+    checkpoint["callbacks"][key]["window"] = None  # the fault: a rank's partial counts are missing
+    torch.save(checkpoint, path)
+    resumed = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
+    fit, messages = _resume_partial(tmp_path, x, resumed)
+    assert sum("epoch 0 is partial" in m for m in messages) == 1
+    report = resumed.history[0]
+    assert report.layers["net.3"].samples == 12  # the 3 batches run after the resume
+    assert report.partial and "holds no counts of the 2 training batches" in report.partial_reason
+    assert float(fit.callback_metrics["partial_epoch"]) == 1.0
+    assert resumed.reviver.history == []
+
+
+def test_a_whole_epoch_is_not_partial(tmp_path: Path) -> None:
+    x = alike_batches(5)
+    whole = _checkpoint_at_step_2(tmp_path, x)
+    resumed = DeadUnitMonitor()
+    fit, messages = _resume_partial(tmp_path, x, resumed)
+    assert not whole.history[0].partial and not resumed.history[0].partial
+    assert float(fit.callback_metrics["partial_epoch"]) == 0.0
+    assert summary(resumed.history) == summary(whole.history)
+    assert not any("partial" in m for m in messages)
