@@ -15,11 +15,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_relu import DeadUnitMonitor, DeadUnitReviver, DeadUnitTracker, rai_, revive_dead_units_, sign_flip_
 from tests.faults.models import Dump, Net, alike_batches, trainer
@@ -28,9 +29,20 @@ from tests.helpers import kill_units, mlp
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def _fit(root: Path, name: str, ckpt_path: str | None = None) -> None:
+class _DivergeOnRankOne(Callback):
+    """The fault: rank 1's weights turn NaN at global step 2; DDP's gradient all-reduce spreads it to rank 0."""
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            with torch.no_grad():
+                pl_module.net[0].weight.fill_(float("nan"))
+
+
+def _fit(root: Path, name: str, ckpt_path: str | None = None, *extra: Callback, max_epochs: int = 2) -> None:
     monitor = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
-    callbacks: list = [monitor, Dump(str(root / name), monitor)]
+    callbacks: list = [*extra, monitor, Dump(str(root / name), monitor)]
     if ckpt_path is None:
         callbacks.append(
             ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
@@ -41,6 +53,7 @@ def _fit(root: Path, name: str, ckpt_path: str | None = None) -> None:
         strategy="ddp",
         devices=2,
         limit_train_batches=4,
+        max_epochs=max_epochs,
         enable_checkpointing=ckpt_path is None,
         use_distributed_sampler=False,  # each rank reads the alike batches in order (a sampler would shuffle them)
     )
@@ -84,9 +97,12 @@ def _fsdp2(rank: int) -> dict[str, Any]:
                 results[f"{name}, warm={warm}"] = f"{type(error).__name__}: {error}"
         after = [p.to_local() for p in model.parameters()]
         results[f"unchanged, warm={warm}"] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    model(x).sum().backward()  # training goes on: the refusals left the sharded model usable
-    optimizer.step()
-    results["trained"] = True
+    try:  # training goes on: the refusals left the sharded model usable
+        model(x).sum().backward()
+        optimizer.step()
+        results["trained"] = "trained"
+    except Exception as error:  # every rank fails alike (the same calls): no rank waits for the other
+        results["trained"] = f"{type(error).__name__}: {error}"
     return results
 
 
@@ -99,6 +115,15 @@ def _rank(rank: int, port: int, root: str) -> None:
     _fit(path, "whole")  # checkpoints at steps 2 (the middle of epoch 0), 4 (its last batch), 6, 8
     _fit(path, "mid", str(path / "ckpt" / "step=2.ckpt"))
     _fit(path, "last", str(path / "ckpt" / "step=4.ckpt"))
+    if rank == 0:  # the fault: the checkpoint lacks the interrupted epoch's counts (an older version wrote none)
+        checkpoint = torch.load(path / "ckpt" / "step=2.ckpt", weights_only=False)
+        for key, state in checkpoint["callbacks"].items():
+            if key.startswith("DeadUnitMonitor"):
+                state["window"] = None
+        torch.save(checkpoint, path / "no-counts.ckpt")
+    dist.barrier()
+    _fit(path, "partial", str(path / "no-counts.ckpt"), max_epochs=1)
+    _fit(path, "diverged", None, _DivergeOnRankOne(), max_epochs=1)
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.save(_fsdp2(rank), path / f"fsdp2_rank{rank}.pt")
@@ -137,6 +162,24 @@ def test_ddp_resume_mid_epoch_and_from_the_last_batch_is_exact_on_every_rank(run
             assert torch.equal(run["params"][key], value), key
 
 
+def test_ddp_missing_counts_make_the_epoch_partial_on_every_rank(runs: Path) -> None:
+    for run in _load(runs, "partial"):
+        assert run["partial"] == [True]
+        (_, _, sites) = run["history"][0]
+        assert sites["net.3"][1] == 16  # the 2 batches of each rank run after the resume
+        assert run["revived"] == []  # no remedy on partial data
+
+
+def test_ddp_non_finite_on_one_rank_is_reported_on_every_rank_and_not_revived(runs: Path) -> None:
+    for run in _load(runs, "diverged"):
+        # brute force: rank 1 is NaN at steps 2 and 3, rank 0 at step 3 (after the NaN gradients' all-reduce)
+        assert run["nonfinite"] == [(["net.1", "net.3"], 2)]
+        assert run["nonfinite_batches"] == [{"net.1": 3, "net.3": 3}]
+        (_, _, sites) = run["history"][0]
+        assert not any(sites["net.1"][2]) and not any(sites["net.3"][2])  # never dead
+        assert run["revived"] == []
+
+
 def test_fsdp2_sharded_models_are_refused_before_anything_changes(runs: Path) -> None:
     for results in _load(runs, "fsdp2"):
         for warm in (False, True):
@@ -145,4 +188,4 @@ def test_fsdp2_sharded_models_are_refused_before_anything_changes(runs: Path) ->
                 pattern = rf"ValueError: `{name}` cannot write into `{argument}`: its parameters '0\.weight'.*FSDP2"
                 assert re.match(pattern, message), message
             assert results[f"unchanged, warm={warm}"]
-        assert results["trained"]
+        assert results["trained"] == "trained"
