@@ -91,6 +91,14 @@ class Dump(Callback):
         state = {
             "history": summary(self.monitor.history),
             "partial": [getattr(report, "partial", False) for report in self.monitor.history],
+            "nonfinite": [
+                (list(getattr(report, "nonfinite_sites", [])), getattr(report, "first_nonfinite_step", None))
+                for report in self.monitor.history
+            ],
+            "nonfinite_batches": [
+                {name: layer.nonfinite_batches for name, layer in report.layers.items()}
+                for report in self.monitor.history
+            ],
             "revived": [dict(entry["revived"]) for entry in self.monitor.reviver.history],
             "params": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
         }
