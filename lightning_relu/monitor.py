@@ -27,10 +27,11 @@ from lightning_relu.dashboards import (
     summary_markdown,
 )
 from lightning_relu.revive import DeadUnitReviver
+from lightning_relu.sites import could_be_functional, matches_site
 from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.structure import AxisWatch
 from lightning_relu.theory import alive_probability_lower_bound
-from lightning_relu.tracker import DeadUnitTracker, _matches_site, check_unit_dims
+from lightning_relu.tracker import DeadUnitTracker, check_unit_dims
 
 __all__ = ["CollapseError", "CollapseWarning", "DeadUnitMonitor", "DyingWarning", "EpochReport"]
 
@@ -668,8 +669,9 @@ class DeadUnitMonitor(Callback):
         for epoch in state_dict.get("history", []) or []:
             for layer in epoch.get("layers", []) if isinstance(epoch, dict) else []:
                 name = str(layer.get("name", ""))
-                if not _matches_site(_unsuffixed(name), names):
-                    unknown.append(name)
+                if not matches_site(_unsuffixed(name), names):
+                    if not (tracker.discovering and could_be_functional(name, tracker.model)):
+                        unknown.append(name)  # else a functional call the first forward will find
                     continue
                 matched += 1
                 site = sites.get(name)
@@ -682,8 +684,9 @@ class DeadUnitMonitor(Callback):
             for name in window.get("sites") or {}:
                 place = places.get(name)
                 base = place[1] if isinstance(place, (list, tuple)) and len(place) == 3 else name
-                if not _matches_site(str(base), names) and not _matches_site(_unsuffixed(name), names):
-                    unknown.append(name)
+                if not matches_site(str(base), names) and not matches_site(_unsuffixed(name), names):
+                    if not (tracker.discovering and could_be_functional(name, tracker.model)):
+                        unknown.append(name)
                 else:
                     matched += 1
         if widths or (unknown and not matched):

@@ -31,6 +31,7 @@ from lightning_relu.sites import (
     Consumer,
     Site,
     SiteTracingWarning,
+    could_be_functional,
     find_relu_sites,
     matches_site,
     may_call_rectifiers,
@@ -862,8 +863,13 @@ class DeadUnitReviver(Callback):
                 self._sites, self._sites_model = find_relu_sites(pl_module), pl_module
             names = [site.name for site in self._sites]
         # later call positions (`<site>_<k>`) and functional calls show up on the first forward only
-        unknown = [name for name in self.exclude if not matches_site(name, names)]
-        if unknown and not may_call_rectifiers(pl_module):
+        functional = may_call_rectifiers(pl_module)
+        unknown = [
+            name
+            for name in self.exclude
+            if not matches_site(name, names) and not (functional and could_be_functional(name, pl_module))
+        ]
+        if unknown:
             raise ValueError(f"`exclude` has unknown site names {unknown}; the model's sites are {names}")
 
     def _generator(self, trainer: pl.Trainer, epoch: int) -> torch.Generator:
