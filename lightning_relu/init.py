@@ -141,21 +141,35 @@ def _rai_layer_(layer: nn.Module, generator: torch.Generator | None) -> None:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return
     fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
-    units = weight.shape[0]
-    positions = fan_in + (1 if bias is not None else 0)
-    sigma = RAI_SIGMA_SCALE / math.sqrt(fan_in)
     device = generator.device if generator is not None else weight.device
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     with torch.no_grad():
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        values = torch.empty(units, positions, device=device, dtype=dtype)
-        values.normal_(0.0, sigma, generator=generator)
-        replaced = torch.randint(0, positions, (units,), device=device, generator=generator)
-        # Beta(2, 1) has density 2x on [0, 1]: its inverse CDF is sqrt(u)
-        beta = torch.rand(units, device=device, dtype=dtype, generator=generator).sqrt_()
-        values[torch.arange(units, device=device), replaced] = beta
-        weight.copy_(values[:, :fan_in].reshape(weight.shape))
-        if bias is not None:
-            bias.copy_(values[:, fan_in])
+        rows, row_bias = rai_rows(weight.shape[0], fan_in, bias is not None, generator, device, dtype)
+        weight.copy_(rows.reshape(weight.shape))
+        if bias is not None and row_bias is not None:
+            bias.copy_(row_bias)
+
+
+def rai_rows(
+    count: int,
+    fan_in: int,
+    has_bias: bool,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor | None]:
+    """``count`` rows of Randomized Asymmetric Initialization, the one draw :func:`rai_` and revival share:
+    ``V_j = [w_j; b_j] ~ N(0, (0.6007 / sqrt(fan_in))^2)`` with one uniformly chosen entry (among ``fan_in + 1``
+    with a bias, ``fan_in`` without) replaced by a Beta(2, 1) draw (``sqrt(U)``, ``U ~ U(0, 1)``). Returns the
+    weights ``(count, fan_in)`` and the bias ``(count,)`` (``None`` without)."""
+    positions = fan_in + int(has_bias)
+    values = torch.empty(count, positions, device=device, dtype=dtype)
+    values.normal_(0.0, RAI_SIGMA_SCALE / math.sqrt(fan_in), generator=generator)
+    replaced = torch.randint(0, positions, (count,), device=device, generator=generator)
+    # Beta(2, 1) has density 2x on [0, 1]: its inverse CDF is sqrt(u)
+    beta = torch.rand(count, device=device, dtype=dtype, generator=generator).sqrt_()
+    values[torch.arange(count, device=device), replaced] = beta
+    return values[:, :fan_in], (values[:, fan_in] if has_bias else None)
 
 
 # --------------------------------------------------------------------------------------------------------------------

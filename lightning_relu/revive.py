@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu._sharded import refuse_sharded
+from lightning_relu.init import rai_rows
 from lightning_relu.sites import (
     NORM_TYPES,
     Consumer,
@@ -48,8 +49,6 @@ __all__ = ["INIT_MODES", "DeadUnitReviver", "RevivalWarning", "revive_dead_units
 #: Initializations that :func:`revive_dead_units_` can draw revived rows from.
 INIT_MODES: tuple[str, ...] = ("default", "kaiming", "rai")
 
-# RAI (Lu et al. 2020): standard deviation of the Gaussian part is _RAI_SCALE / sqrt(fan_in).
-_RAI_SCALE = 0.6007
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _AFFINE = ("weight", "bias")
 _BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -493,7 +492,7 @@ def _draw_rows(
     """``count`` fresh rows of ``fan_in`` weights (and their bias entries), vectorized, in float32."""
     device = _device_of(generator)
     if init == "rai":
-        return _rai_rows(count, fan_in, has_bias, generator)
+        return rai_rows(count, fan_in, has_bias, generator, _device_of(generator))
     if init == "kaiming":
         std = math.sqrt(2.0 / fan_in)
         weight = torch.randn(count, fan_in, generator=generator, device=device) * std
@@ -503,21 +502,6 @@ def _draw_rows(
     weight = (torch.rand(count, fan_in, generator=generator, device=device) * 2.0 - 1.0) * bound
     bias = (torch.rand(count, generator=generator, device=device) * 2.0 - 1.0) * bound if has_bias else None
     return weight, bias
-
-
-def _rai_rows(
-    count: int, fan_in: int, has_bias: bool, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor | None]:
-    """Randomized Asymmetric Initialization of ``count`` rows: ``V_j = [w_j; b_j] ~ N(0, (0.6007/sqrt(fan_in))^2)``
-    with one uniformly chosen entry (among ``fan_in + 1`` with a bias, ``fan_in`` without) replaced by a
-    Beta(2, 1) draw, ``sqrt(U)`` with ``U ~ U(0, 1)``."""
-    device = _device_of(generator)
-    width = fan_in + int(has_bias)
-    rows = torch.randn(count, width, generator=generator, device=device) * (_RAI_SCALE / math.sqrt(fan_in))
-    position = torch.randint(0, width, (count,), generator=generator, device=device)
-    beta = torch.rand(count, generator=generator, device=device).sqrt()
-    rows[torch.arange(count, device=device), position] = beta
-    return rows[:, :fan_in], (rows[:, fan_in] if has_bias else None)
 
 
 def _redraw_producer(

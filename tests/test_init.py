@@ -619,9 +619,8 @@ def test_sign_flip_reused_rectifier_module_is_one_site_per_call() -> None:
     model = _Reused(2, 12)
     before = copy.deepcopy(model)
     x = torch.randn(200, 3)
-    sites = find_relu_sites(model)
-    if len(sites) != 12:
-        pytest.skip("the site discovery does not split a reused module into one site per call")
+    sites = find_relu_sites(model, example_input=x[:8])
+    assert len(sites) == 12  # one site per call of the reused module
     report = sign_flip_(model, x)
     assert list(report) == [site.name for site in sites]
     brute = _brute_force_chain(list(model.layers), x)
@@ -651,11 +650,10 @@ class _Functional(nn.Module):
 def test_sign_flip_functional_sites() -> None:
     torch.manual_seed(16)
     model = _Functional(2, 12)
-    sites = find_relu_sites(model)
-    linked = [site for site in sites if site.module is None and site.producer is not None]
-    if len(linked) != 12:
-        pytest.skip("the site discovery does not trace functional rectifier calls")
     x = torch.randn(200, 3)
+    sites = find_relu_sites(model, example_input=x[:8])
+    linked = [site for site in sites if site.module is None and site.producer is not None]
+    assert len(linked) == 12 and len(sites) == 13  # the call after the residual sum has no producer
     with pytest.warns(RuntimeWarning, match="cannot watch the functional rectifier calls"):
         report = sign_flip_(model, x)
     assert list(report) == [site.name for site in linked]
