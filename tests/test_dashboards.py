@@ -177,9 +177,12 @@ class _LossModule(L.LightningModule):
             torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
         )
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         (x,) = batch
-        loss = self.net(x).pow(2).mean()
+        loss = self(x).pow(2).mean()
         self.log("train_loss", loss, on_step=False, on_epoch=True)
         return loss
 
