@@ -332,6 +332,8 @@ class DeadUnitMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reviver is not None and self.reviver not in trainer.callbacks:  # type: ignore[attr-defined]
+            self.reviver.on_fit_start(trainer, pl_module)  # refuses a sharded model before the first step
         if self.tracker is None or not self.tracker.sites:
             return
         self.tracker.to(pl_module.device)

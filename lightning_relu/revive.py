@@ -752,6 +752,11 @@ class DeadUnitReviver(Callback):
         self.attach(monitors[0], pl_module)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # under FSDP2 (sharded by `configure_model`, before this hook) revival would fail at the first epoch's end
+        refuse_sharded(pl_module, "DeadUnitReviver", "pl_module")
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.detach()
