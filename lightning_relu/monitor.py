@@ -478,7 +478,10 @@ class DeadUnitMonitor(Callback):
         flags = [stats.nonfinite for stats in self.tracker.stats.values()]
         if not flags:
             return
-        total = torch.stack(flags).sum() if len(flags) > 1 else flags[0]
+        try:
+            total = torch.stack(flags).sum() if len(flags) > 1 else flags[0]
+        except RuntimeError:  # counts on several devices (a model split across them)
+            total = torch.stack([flag.to(flags[0].device) for flag in flags]).sum()
         first = self._nonfinite_first
         if first is None or first.device != total.device:
             first = torch.full((), _NO_STEP, dtype=torch.int64, device=total.device)

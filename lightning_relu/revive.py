@@ -307,7 +307,7 @@ def _check_optimizers_hold(
 ) -> None:
     """Every optimizer given must train ``model`` and hold the parameters that revival rewrites (the producers and
     consumers of the sites with dead units, where known): otherwise their state could not be reset."""
-    if not optimizers:
+    if not optimizers or not isinstance(model, nn.Module):  # not a module: a check below says so
         return
     names = {id(param): name for name, param in model.named_parameters()}
     held: set[int] = set()
