@@ -230,7 +230,7 @@ class _Pending:
 
     @property
     def empty(self) -> bool:
-        return self.samples == 0
+        return self.load == 0 and self.filled == 0 and self.samples == 0
 
     def full(self) -> bool:
         """Whether one more output could overflow what is kept (the float32 counts' exact range, or ``rows``)."""
@@ -266,9 +266,11 @@ class _Pending:
         self.samples += ws.samples
         self.entries += ws.entries
 
-    def fold(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
-        """``(active, killed, nonfinite, samples, entries)`` over everything added since the last fold (int64 per
-        unit, 0-d int64, 0-d int64, host integers), and empty again."""
+    def fold_counts(self) -> Tensor | None:
+        """The active entries per unit added since they were last folded (int64), or None when there are none; the
+        float32 counts are zero again."""
+        if self.load == 0:
+            return None
         counts = self.counts
         if self.positions:
             per_entry = counts.as_strided(self.sample_shape, self.sample_strides)
@@ -278,6 +280,15 @@ class _Pending:
         else:
             per_unit = counts
         active = per_unit.to(torch.int64)
+        counts.zero_()
+        self.load = 0
+        return active
+
+    def fold_rows(self) -> tuple[Tensor, Tensor] | None:
+        """Killed samples and non-finite outputs (0-d int64) among the outputs whose per-sample sums are kept, or
+        None when none are; ``rows`` is free again."""
+        if self.filled == 0:
+            return None
         rows = self.rows[: self.filled]
         killed = rows.eq(0).sum()
         if self.floating:  # NaN and Inf reach the largest sum, which is then not <= the largest finite value
@@ -285,10 +296,21 @@ class _Pending:
             nonfinite = rows.amax(1).le(largest).logical_not().sum()
         else:
             nonfinite = torch.zeros((), dtype=torch.int64)
-        result = active, killed, nonfinite, self.samples, self.entries
-        counts.zero_()
-        self.load = self.filled = self.samples = self.entries = 0
-        return result
+        self.filled = 0
+        return killed, nonfinite
+
+    def fold_totals(self) -> tuple[int, int]:
+        """Samples and entries per unit added since they were last folded (host integers), zero again."""
+        totals = self.samples, self.entries
+        self.samples = self.entries = 0
+        return totals
+
+    def fold(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
+        """``(active, killed, nonfinite, samples, entries)`` over everything added since the last fold, and empty
+        again (every part must hold something)."""
+        active, rows = self.fold_counts(), self.fold_rows()
+        assert active is not None and rows is not None
+        return active, *rows, *self.fold_totals()
 
 
 def _count_plain(output: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,12 +23,13 @@ from lightning_relu.report import LayerReport
 __all__ = ["ActivationStats", "LayerReport"]
 
 
-def _state(name: str, doc: str) -> property:
-    """A count state of :class:`ActivationStats`, held in ``_<name>``, that folds pending counts before any access."""
+def _state(name: str, part: str, doc: str) -> property:
+    """A count state of :class:`ActivationStats`, held in ``_<name>``: a read folds the pending ``part`` of the counts
+    that it is made of first (``"counts"``, ``"rows"`` or ``"totals"``, see ``_Pending``), a write folds everything."""
     key = "_" + name
 
     def get(self: ActivationStats) -> Tensor:
-        self._fold()
+        self._fold(part)
         value: Tensor = self.__dict__[key]
         return value
 
@@ -178,17 +179,26 @@ class ActivationStats(Metric):
             self._fold()
         pending.add(output, ws)
 
-    def _fold(self) -> None:
-        """Add the partial counts of the CPU path to the states."""
+    def _fold(self, part: str | None = None) -> None:
+        """Add the partial counts of the CPU path to the states: all of them, or one ``part`` (a read of ``nonfinite``
+        at every step, as the monitor makes, folds only the per-sample sums)."""
         pending = self.__dict__.get("_pending")
         if pending is None or pending.empty:
             return
-        active, killed, nonfinite, samples, entries = pending.fold()
-        self._active.add_(active)
-        self._killed.add_(killed)
-        self._nonfinite.add_(nonfinite)
-        self._samples.add_(samples)
-        self._entries.add_(entries)
+        if part in (None, "counts"):
+            active = pending.fold_counts()
+            if active is not None:
+                self._active.add_(active)
+        if part in (None, "rows"):
+            rows = pending.fold_rows()
+            if rows is not None:
+                self._killed.add_(rows[0])
+                self._nonfinite.add_(rows[1])
+        if part in (None, "totals"):
+            samples, entries = pending.fold_totals()
+            if samples:
+                self._samples.add_(samples)
+                self._entries.add_(entries)
 
     def flush(self) -> None:
         """Add what the CPU path holds back to the states (reading or setting a state does it too)."""
@@ -234,11 +244,11 @@ class ActivationStats(Metric):
     # The count states read and write through properties: a read adds what the CPU path holds back first (so every
     # reader, torchmetrics' sync and state_dict included, sees exact counts), and a write (reset, load, sync) replaces
     # the state after that. The hot path adds to the underlying tensors directly.
-    active = _state("active", "Active entries per unit (int64).")
-    entries = _state("entries", "Entries per unit seen (0-d int64).")
-    samples = _state("samples", "Samples seen (0-d int64).")
-    killed = _state("killed", "Samples whose whole output was 0 (0-d int64).")
-    nonfinite = _state("nonfinite", "Batches whose output held NaN or Inf (0-d int64).")
+    active = _state("active", "counts", "Active entries per unit (int64).")
+    entries = _state("entries", "totals", "Entries per unit seen (0-d int64).")
+    samples = _state("samples", "totals", "Samples seen (0-d int64).")
+    killed = _state("killed", "rows", "Samples whose whole output was 0 (0-d int64).")
+    nonfinite = _state("nonfinite", "rows", "Batches whose output held NaN or Inf (0-d int64).")
 
     @property
     def pre_sum(self) -> Tensor:
