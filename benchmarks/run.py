@@ -29,13 +29,16 @@ With each tracker row comes the floor it sits on: bare forward hooks on the same
 counting operations (the median process's figure).
 
 Reported without a budget: the optional death margin (`track_margin=True`), one `revive_dead_units_` on
-the CNN relative to one training step, and the tracker's overhead on a `torch.compile`d model (with a
-check that its counts equal eager counts).
+the CNN relative to one training step, and the tracker's overhead on a `torch.compile`d model: the tracker's
+hooks trace into the model's graph (no graph break), so the compiled counting is fused by the compiler; the
+compiled tracked step is compared with the same model compiled without the tracker (a copy with the same
+weights, interleaved in blocks as above), with a check that the compiled counts equal eager counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
@@ -56,8 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, batch
 
-from lightning_relu import DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
-from lightning_relu.functional import _activation_stats_update
+from lightning_relu import ActivationStats, DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
 from lightning_relu.init import sign_flip_
 
 SECTIONS = ("tracker", "margin", "lightning", "sign_flip", "revival", "compiled")
@@ -154,15 +156,13 @@ def interleaved(
 def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callable[[], None]]:
     """(attach, detach) of bare forward hooks on the tracker's module sites that do the counting the tracker's hooks
     do and nothing else: the floor the tracker's own bookkeeping (and torchmetrics' ``update`` wrapper) sits on. Each
-    hook runs the counting function with a workspace of its own, as the tracker's states keep theirs."""
+    hook adds its output to a metric of its own with the metric's counting body (``ActivationStats._add``)."""
     handles: list[Any] = []
-    workspaces: dict[int, Any] = {}
     sites = [site for site in tracker.sites if site.module is not None]
-    unit_dims = {id(site.module): tracker.stats[site.name].unit_dim for site in sites}
+    metrics = {id(site.module): ActivationStats(unit_dim=tracker.stats[site.name].unit_dim) for site in sites}
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        key = id(module)
-        workspaces[key] = _activation_stats_update(output, unit_dims[key], workspaces.get(key))[-1]
+        metrics[id(module)]._add(output)
 
     def attach() -> None:
         modules = {id(site.module): site.module for site in tracker.sites if site.module is not None}
@@ -197,7 +197,9 @@ def time_in_hooks(tracker: DeadUnitTracker, step: Callable[[], None], steps: int
         return wrapper
 
     make_reset = tracker._make_reset
-    tracker._hook = timed(tracker._hook)  # type: ignore[method-assign]
+    methods = ("_hook", "_forward_began", "_watch_backward")  # the per-site hook and the model's two
+    for method in methods:
+        setattr(tracker, method, timed(getattr(tracker, method)))
     tracker._make_reset = lambda keys: timed(make_reset(keys))  # type: ignore[method-assign]
     per_step = []
     try:
@@ -209,7 +211,8 @@ def time_in_hooks(tracker: DeadUnitTracker, step: Callable[[], None], steps: int
             per_step.append(spent[0])
     finally:
         tracker.detach()
-        del tracker._hook, tracker._make_reset  # the class's methods again
+        for method in (*methods, "_make_reset"):
+            delattr(tracker, method)  # the class's methods again
     return statistics.median(per_step)
 
 
@@ -227,22 +230,39 @@ def _tracked_vs_plain(
     build, _ = WORKLOADS[name]
     torch.manual_seed(0)
     model = build()
-    run = torch.compile(model) if compile_model else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = batch(name)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(run(x), y).backward()
-        opt.step()
+    def training_step(run: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(run(x), y).backward()
+            opt.step()
 
-    tracker = DeadUnitTracker(model, track_margin=track_margin)
+        return step
 
     def nothing() -> None:
         pass
 
-    variants = {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}
+    tracker = DeadUnitTracker(model, track_margin=track_margin)
+    if compile_model:
+        # attaching and removing hooks between blocks would make dynamo compile again (its guards see the hooks):
+        # the tracked model keeps its hooks, and a copy of it with the same weights, compiled alone, is the plain one
+        plain_model = copy.deepcopy(model)
+        tracker.attach()
+        run = torch.compile(model)
+        plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        step = training_step(run, opt)
+        variants = {
+            "plain": (nothing, training_step(torch.compile(plain_model), plain_opt), nothing),
+            "tracked": (nothing, step, nothing),
+        }
+    else:
+        run = model
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        step = training_step(run, opt)
+        variants = {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}
     if floor:
         attach_bare, detach_bare = _counting_only(tracker)
         variants["counting_only"] = (attach_bare, step, detach_bare)
@@ -479,16 +499,32 @@ def bench_revival(repeats: int) -> dict[str, float]:
 
 
 def bench_compiled(name: str, rounds: int, block: int) -> dict[str, Any]:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     result, model, compiled, tracker, x = _tracked_vs_plain(name, rounds, block, compile_model=True)
+    graph_breaks = sum(counters["graph_break"].values())
     # correctness: counts from the compiled model equal the counts of an eager pass with the same weights
-    with torch.no_grad(), tracker:
+    with torch.no_grad():
         tracker.reset()
         compiled(x)
         from_compiled = {k: v.active_count.tolist() for k, v in tracker.report().items()}
         tracker.reset()
         model(x)
         from_eager = {k: v.active_count.tolist() for k, v in tracker.report().items()}
-    return {**result, "counts_match_eager": from_compiled == from_eager}
+    tracker.detach()
+    # inductor's kernels round differently from eager ones (a fused BatchNorm, for one), so an entry within rounding
+    # of 0 may fall on the other side of the rectifier: the share of counted entries that differ is reported too
+    # (tests/test_compile.py checks exact equality with the `aot_eager` backend, which runs eager's kernels)
+    differ = sum(abs(a - b) for k in from_eager for a, b in zip(from_compiled[k], from_eager[k], strict=True))
+    total = sum(sum(counts) for counts in from_eager.values())
+    return {
+        **result,
+        "graph_breaks": graph_breaks,
+        "counts_match_eager": from_compiled == from_eager,
+        "counts_differing_share": differ / max(total, 1),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -581,8 +617,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in WORKLOADS:
             r = in_fresh_processes(bench_compiled, (name, rounds, block), processes)
             record("compiled", name, r, f"DeadUnitTracker step, torch.compile, {name}", "step_ms", None)
-            if not r["counts_match_eager"]:
-                failures.append(f"compiled {name}: counts differ from eager counts")
+            if r["counts_differing_share"] > 1e-4:
+                failures.append(f"compiled {name}: counts differ from eager counts beyond rounding")
+            if r["graph_breaks"]:
+                failures.append(f"compiled {name}: {r['graph_breaks']} graph breaks")
 
     print("| measurement | baseline | ratio | page faults per call (without -> with [-> bare hooks]) | budget |")
     print("|---|---|---|---|---|")

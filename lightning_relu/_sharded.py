@@ -16,7 +16,7 @@ from torch import nn
 def sharded_parameters(model: nn.Module) -> list[str]:
     """Names of ``model``'s parameters that are ``DTensor``s (none while ``torch.distributed.tensor`` is unused)."""
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None or not isinstance(model, nn.Module):  # not a module: the caller's own check names it
+    if dtensor is None or not isinstance(model, nn.Module):  # not a module: the caller's own check says so
         return []
     return [name for name, param in model.named_parameters() if isinstance(param, dtensor)]
 

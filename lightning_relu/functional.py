@@ -3,23 +3,27 @@
 As torchmetrics pairs ``MeanSquaredError`` with ``functional.mean_squared_error``, this module holds the counting
 itself: :func:`_activation_stats_update` reduces one output to what the metric's states add up,
 :func:`_activation_stats_compute` turns summed states into a :class:`~lightning_relu.LayerReport`, and
-:func:`activation_stats` does both for one tensor. :class:`~lightning_relu.ActivationStats` only calls them.
+:func:`activation_stats` does both for one tensor. :class:`~lightning_relu.ActivationStats` calls the same code.
 
 Definitions (the same everywhere): an entry is *active* when it is ``> 0`` (NaN is not, ``+Inf`` is); a sample is
 *killed* when its whole output is 0 (a sample holding NaN is not); a batch is *non-finite* when an entry is NaN or
-Inf. Counts are exact: per-unit counts are float sums of 0/1 values taken in float32 only below 2**24 terms and in
-float64 above, then added to int64 states.
+Inf. Counts are exact: per-unit counts are float sums of 0/1 values taken in float32 only while they stay below 2**24
+and in float64 above, then added to int64 states.
 
-How it is fast with ATen alone (measured on 2 CPU cores; see the README's Performance section). The count of active
-entries needs one elementwise comparison and one float reduction of its result (a float reduction is several times
-cheaper than reducing a bool mask, and ``count_nonzero`` or ``vector_norm(ord=0)`` are slower still), and the killed
-samples and the non-finite flag need one float reduction per sample. On the CPU those three operations run over
-chunks of samples of about ``_CHUNK_NUMEL_PER_THREAD`` entries per thread: the comparison writes into a reused
-buffer that stays in the cores' caches, and the two reductions read the chunk while it is still there, so the output
-is read from memory once. Every buffer is allocated once per output shape (a :class:`_Workspace`) and every
-operation writes into it with ``out=``: counting allocates nothing once warm. On other devices, for tensor
-subclasses and while ``torch.compile`` traces (where the compiler fuses them), the same quantities come from plain
-ATen operations.
+How it is fast with ATen alone (measured on 2 CPU cores; see ``docs/performance.md``). Inside a training step every
+ATen call costs far more than in a loop on its own (tens of microseconds each on the reference machine: the step's
+weights and activations have just evicted the dispatcher's code and data from the caches), so the CPU path makes as
+few calls per output as it can: per chunk of samples, one comparison into a reused float32 mask buffer, one
+matrix-vector product that *adds* the mask's column sums to a float32 accumulator kept per position of a sample (or a
+sum and an add per unit, for large samples), and one sum per sample written straight into a buffer that keeps the
+per-sample sums of the last ``_ROWS_KEPT`` outputs. Nothing else runs per output: :class:`_Pending` holds these
+partial sums and folds them into the int64 counts only when the counts are read, when a float32 sum would reach 2**24,
+when the kept per-sample sums are full, or when the output's shape changes. Killed samples and non-finite batches come
+from the kept per-sample sums at that point (a sum is 0 exactly when the whole sample is 0, as the entries are never
+negative; NaN or Inf when an entry is). Every buffer is allocated once per output shape (a :class:`_Workspace`, and a
+:class:`_Pending` per metric), and every operation writes into it with ``out=`` or in place. On other devices, for
+tensor subclasses, layouts whose samples are not dense, and while ``torch.compile`` traces (where the compiler fuses
+them), the same quantities come from plain ATen operations added to the counts at once.
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ __all__ = ["activation_stats", "counting"]
 
 # float32 sums of 0/1 values are exact below 2**24 terms
 _FLOAT32_EXACT = 2**24
-# CPU outputs are counted in chunks of samples of about this many entries per thread of ATen's pool (512 KiB of
-# float32 mask per thread): small enough that a chunk and its mask stay in the cores' caches between the three
-# operations, large enough that the cost of each operation's dispatch and parallel region stays small (2**14 to
-# 2**18 per thread measured on the benchmark's outputs; 2**16 to 2**17 were the fastest)
+# CPU outputs are counted in chunks of samples of about this many entries per thread of ATen's pool: small enough that
+# a chunk and its float32 mask stay in the cores' caches between the operations that read them, large enough that
+# the number of ATen calls per output stays small (measured inside training steps of the benchmark's workloads)
 _CHUNK_NUMEL_PER_THREAD = 2**17
-# a sample larger than this is counted with temporaries rather than grow the kept mask buffer (4 MiB of float32)
+# a sample larger than this is counted with plain operations rather than grow the kept mask buffer (4 MiB of float32)
 _MAX_SAMPLE_NUMEL = 2**20
+# outputs with one entry per unit in a sample (Linear outputs), and samples up to this many entries, keep one float32
+# partial count per entry of a sample (one matrix-vector product per chunk adds to it); other outputs keep one per
+# unit (a sum and an add per chunk), which measured faster on the benchmark's convolutions (it writes less)
+_MAX_POSITIONS_KEPT = 2**12
+# outputs whose per-sample sums are kept before killed samples and non-finite batches are counted from them
+_ROWS_KEPT = 64
 _THREAD = threading.local()
 
 
@@ -61,79 +70,78 @@ def unit_axis(output: Tensor, unit_dim: int | None) -> int:
     return (1 if unit_dim is None else unit_dim) % output.ndim
 
 
+def _row_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-sample sums: float32 for half types (as exact as the output), the output's own for float32
+    and float64, int64 for integer and bool outputs."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    return torch.float32 if dtype.is_floating_point else torch.int64
+
+
 class _Workspace:
-    """Buffers and views that count outputs of one shape, strides, dtype and unit axis on the CPU without
-    allocating: built by :func:`_workspace` on the first such output and reused for every later one."""
+    """Views and buffers that count CPU outputs of one shape, strides, dtype and unit axis, built by
+    :func:`_workspace` on the first such output and reused for every later one (on the thread that built it: the
+    mask buffer is the thread's)."""
 
     __slots__ = (
-        "counts",
-        "dims",
+        "batch_stride",
         "entries",
-        "finite",
-        "flag",
         "floating",
         "key",
-        "killed",
-        "largest",
         "masks",
-        "part_views",
-        "parts",
-        "peak",
-        "per_unit",
-        "row_parts",
-        "rows",
-        "sample_dims",
+        "ones",
+        "part",
+        "part_dims",
+        "per_sample",
+        "positions",
+        "row_dtype",
+        "sample_shape",
+        "sample_strides",
         "samples",
+        "sizes",
         "step",
         "thread",
-        "zero_rows",
+        "unit_in_sample",
+        "units",
     )
 
     def __init__(self, output: Tensor, axis: int) -> None:
         self.key = _key(output, axis)
         self.thread = threading.get_ident()
         batch = output.shape[0]
-        units = output.shape[axis]
-        per_sample = output.numel() // batch
-        per_block = per_sample // units  # entries per unit in one sample
         self.samples = batch
-        self.entries = batch * per_block
+        self.per_sample = output.numel() // batch
+        self.units = output.shape[axis]
+        self.entries = batch * (self.per_sample // self.units)  # entries per unit in one output
         self.floating = output.is_floating_point()
-        others = tuple(d for d in range(1, output.ndim) if d != axis)
-        self.dims = (0, *others)  # reduced to count one chunk's active entries per unit
-        self.sample_dims = tuple(range(1, output.ndim))  # reduced per sample
+        self.row_dtype = _row_dtype(output.dtype)
+        self.batch_stride = output.stride(0)
+        # a sample's entries fill memory positions 0 .. per_sample - 1 (offset by the sample's start) in some order
+        self.sample_shape = tuple(output.shape[1:])
+        self.sample_strides = tuple(output.stride()[1:])
+        self.unit_in_sample = axis - 1
+        # per entry of a sample for small samples (one matrix-vector product per chunk), else per unit
+        self.positions = self.per_sample <= _MAX_POSITIONS_KEPT or self.per_sample == self.units
         chunk_numel = _CHUNK_NUMEL_PER_THREAD * max(1, torch.get_num_threads())
-        self.step = max(1, chunk_numel // per_sample)  # samples per chunk
-        chunks = -(-batch // self.step)
-        # a chunk's per-unit counts are exact in float32 below 2**24 terms, the whole output's likewise
-        part_dtype = torch.float32 if self.step * per_block < _FLOAT32_EXACT else torch.float64
-        total_dtype = torch.float32 if self.entries < _FLOAT32_EXACT else torch.float64
-        # per-sample sums: float32 for half types (as exact as the output), the output's own dtype else
-        if output.dtype in (torch.float32, torch.float64):
-            row_dtype = output.dtype
-        elif self.floating:
-            row_dtype = torch.float32
-        else:
-            row_dtype = torch.int64
+        self.step = max(1, min(batch, chunk_numel // self.per_sample))  # samples per chunk
+        self.sizes = [min(self.step, batch - start) for start in range(0, batch, self.step)]
+        # the mask of a chunk seen as samples, to sum it per unit (when the counts are kept per unit)
+        self.part_dims = (0, *(d + 1 for d in range(len(self.sample_shape)) if d != self.unit_in_sample))
         with torch.inference_mode(False):  # usable in and out of inference mode
-            mask = _scratch(min(batch, self.step) * per_sample)
-            self.parts = torch.empty(chunks, units, dtype=part_dtype)
-            self.part_views = list(self.parts.unbind())
-            # one chunk: its counts are the output's (when of the same dtype), else the chunks' counts are summed
-            one_part = chunks == 1 and part_dtype == total_dtype
-            self.per_unit = self.part_views[0] if one_part else torch.empty(units, dtype=total_dtype)
-            self.counts = torch.empty(units, dtype=torch.int64)
-            self.rows = torch.empty(batch, dtype=row_dtype)
-            sizes = [min(self.step, batch - start) for start in range(0, batch, self.step)]
-            self.masks = [mask[: n * per_sample].view(n, *output.shape[1:]) for n in sizes]
-            self.row_parts = list(self.rows.split(self.step))
-            # what the per-sample sums tell: killed samples, and whether the output is non-finite
-            self.zero_rows = torch.empty(batch, dtype=torch.bool)
-            self.killed = torch.empty((), dtype=torch.int64)
-            self.peak = torch.empty((), dtype=row_dtype)
-            self.finite = torch.empty((), dtype=torch.bool)
-            self.flag = torch.zeros((), dtype=torch.int64)
-            self.largest = torch.tensor(torch.finfo(row_dtype).max if self.floating else 0, dtype=row_dtype)
+            mask = _scratch(self.step * self.per_sample)
+            self.masks = [mask[: n * self.per_sample].view(n, self.per_sample) for n in self.sizes]
+            ones = torch.ones(self.step, dtype=torch.float32)
+            self.ones = [ones[:n] for n in self.sizes]
+            self.part = None if self.positions else torch.empty(self.units, dtype=torch.float32)
+
+    def rows(self, output: Tensor) -> Tensor:
+        """``output`` as a ``(samples, entries of a sample)`` matrix in memory order (a view)."""
+        return output.as_strided((self.samples, self.per_sample), (self.batch_stride, 1), output.storage_offset())
+
+    def as_samples(self, flat: Tensor) -> Tensor:
+        """Rows of ``flat`` (``(n, per_sample)``, contiguous) seen with the output's sample shape and strides."""
+        n = flat.shape[0]
+        return flat.as_strided((n, *self.sample_shape), (self.per_sample, *self.sample_strides))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         return None  # a copy of the metric builds its own buffers on its first output
@@ -159,59 +167,156 @@ def _scratch(numel: int) -> Tensor:
     return buffer
 
 
+def _dense_samples(output: Tensor) -> bool:
+    """Whether each sample's entries fill one block of memory without gaps (in any order of its dimensions)."""
+    expected = 1
+    for stride, size in sorted(
+        (output.stride(d), output.shape[d]) for d in range(1, output.ndim) if output.shape[d] > 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _workspace(output: Tensor, axis: int, cached: _Workspace | None) -> _Workspace | None:
     """``cached`` when it counts ``output`` on this thread, else a new workspace for it; None where counting uses
-    plain ATen operations (not a plain CPU tensor, or ``torch.compile`` is tracing)."""
+    plain ATen operations (not a plain CPU tensor, samples not dense in memory, or ``torch.compile`` is tracing)."""
     if type(output) is not Tensor or not output.is_cpu or torch.compiler.is_compiling() or output.is_complex():
         return None
     if cached is not None and cached.key == _key(output, axis) and cached.thread == threading.get_ident():
         return cached
-    if output.numel() // output.shape[0] > _MAX_SAMPLE_NUMEL:
-        return None  # one sample larger than any buffer worth keeping: plain operations, with temporaries
+    if output.numel() // output.shape[0] > _MAX_SAMPLE_NUMEL or not _dense_samples(output):
+        return None  # plain operations, with temporaries
     return _Workspace(output, axis)
 
 
-def _count_with_workspace(output: Tensor, ws: _Workspace) -> tuple[Tensor, Tensor]:
-    """Active entries per unit (int64, in ``ws.counts``) and per-sample sums (in ``ws.rows``) of a CPU output, chunk
-    by chunk: compare into the cached mask, reduce the mask per unit, reduce the chunk per sample."""
-    dims, sample_dims = ws.dims, ws.sample_dims
-    if len(ws.masks) == 1:
-        mask = ws.masks[0]
-        torch.gt(output, 0, out=mask)
-        torch.sum(mask, dims, dtype=ws.parts.dtype, out=ws.part_views[0])
-        torch.sum(output, sample_dims, dtype=ws.rows.dtype, out=ws.rows)
-    else:
-        parts_dtype, rows_dtype = ws.parts.dtype, ws.rows.dtype
-        for chunk, mask, part, rows in zip(output.split(ws.step), ws.masks, ws.part_views, ws.row_parts, strict=True):
-            torch.gt(chunk, 0, out=mask)
-            torch.sum(mask, dims, dtype=parts_dtype, out=part)
-            torch.sum(chunk, sample_dims, dtype=rows_dtype, out=rows)
-    if ws.per_unit is not ws.part_views[0]:
-        torch.sum(ws.parts, 0, dtype=ws.per_unit.dtype, out=ws.per_unit)
-    ws.counts.copy_(ws.per_unit)
-    return ws.counts, ws.rows
+class _Pending:
+    """Partial counts of CPU outputs not yet added to a metric's states (see the module's docstring).
 
+    ``counts`` holds float32 sums of 0/1 values, per entry of a sample (``positions``) or per unit; ``rows`` the
+    per-sample sums of the last ``filled`` outputs; ``samples`` and ``entries`` are host integers. :meth:`fold`
+    turns them into what the states add and empties them. Plain attributes only: copies and pickles of a metric carry
+    what it has not folded yet.
+    """
 
-def _rows_tell(rows: Tensor, ws: _Workspace | None) -> tuple[Tensor, Tensor]:
-    """Killed samples (0-d int64) and whether the output is non-finite (0-d int64, 0 or 1) from its per-sample sums
-    (into the workspace's buffers when there is one). A sum is 0 exactly when the sample's whole output is 0 (the
-    entries are never negative), NaN or Inf when one of its entries is: NaN is not 0, so a sample holding NaN is
-    not killed; NaN and Inf propagate into the largest sum, which is then not ``<=`` the largest finite value."""
-    if ws is None:
+    def __init__(self, ws: _Workspace) -> None:
+        with torch.inference_mode(False):
+            self.counts = torch.zeros(ws.per_sample if ws.positions else ws.units, dtype=torch.float32)
+            self.rows = torch.empty(_ROWS_KEPT, ws.samples, dtype=ws.row_dtype)
+        self.positions = ws.positions
+        self.sample_shape, self.sample_strides, self.unit_in_sample = (
+            ws.sample_shape,
+            ws.sample_strides,
+            ws.unit_in_sample,
+        )
+        self.units = ws.units
+        self.floating = ws.floating
+        self.load = 0  # the largest value a float32 count can hold now
+        self.step_load = ws.samples if ws.positions else ws.entries  # what one output adds to it at most
+        self.filled = 0  # outputs whose per-sample sums are in `rows`
+        self.samples = 0
+        self.entries = 0
+
+    def fits(self, ws: _Workspace) -> bool:
+        """Whether ``ws``'s outputs can be added to these partial counts."""
+        return (
+            self.positions == ws.positions
+            and self.rows.shape[1] == ws.samples
+            and self.rows.dtype == ws.row_dtype
+            and (self.sample_shape, self.sample_strides, self.unit_in_sample)
+            == (ws.sample_shape, ws.sample_strides, ws.unit_in_sample)
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self.load == 0 and self.filled == 0 and self.samples == 0
+
+    def full(self) -> bool:
+        """Whether one more output could overflow what is kept (the float32 counts' exact range, or ``rows``)."""
+        return self.filled == _ROWS_KEPT or self.load + self.step_load >= _FLOAT32_EXACT
+
+    def add(self, output: Tensor, ws: _Workspace) -> None:
+        """Add one output (prepared, matching ``ws``): per chunk of samples, a comparison into the mask buffer, the
+        mask's sums added to ``counts``, and the chunk's per-sample sums written into ``rows``."""
+        rows = self.rows[self.filled]
+        matrix = ws.rows(output)
+        counts = self.counts
+        if len(ws.sizes) == 1:
+            mask = ws.masks[0]
+            torch.gt(matrix, 0, out=mask)
+            if self.positions:
+                counts.addmv_(mask.t(), ws.ones[0])
+            else:
+                counts.add_(torch.sum(ws.as_samples(mask), ws.part_dims, out=ws.part))
+            torch.sum(matrix, 1, dtype=rows.dtype, out=rows)
+        else:
+            step, part, part_dims = ws.step, ws.part, ws.part_dims
+            for chunk, mask, ones, chunk_rows in zip(
+                matrix.split(step), ws.masks, ws.ones, rows.split(step), strict=True
+            ):
+                torch.gt(chunk, 0, out=mask)
+                if self.positions:
+                    counts.addmv_(mask.t(), ones)
+                else:
+                    counts.add_(torch.sum(ws.as_samples(mask), part_dims, out=part))
+                torch.sum(chunk, 1, dtype=rows.dtype, out=chunk_rows)
+        self.filled += 1
+        self.load += self.step_load
+        self.samples += ws.samples
+        self.entries += ws.entries
+
+    def fold_counts(self) -> Tensor | None:
+        """The active entries per unit added since they were last folded (int64), or None when there are none; the
+        float32 counts are zero again."""
+        if self.load == 0:
+            return None
+        counts = self.counts
+        if self.positions:
+            per_entry = counts.as_strided(self.sample_shape, self.sample_strides)
+            dims = tuple(d for d in range(len(self.sample_shape)) if d != self.unit_in_sample)
+            # in float64: a unit's count sums its positions' counts and may pass 2**24
+            per_unit = per_entry.sum(dims, dtype=torch.float64) if dims else per_entry.to(torch.float64)
+        else:
+            per_unit = counts
+        active = per_unit.to(torch.int64)
+        counts.zero_()
+        self.load = 0
+        return active
+
+    def fold_rows(self) -> tuple[Tensor, Tensor] | None:
+        """Killed samples and non-finite outputs (0-d int64) among the outputs whose per-sample sums are kept, or
+        None when none are; ``rows`` is free again."""
+        if self.filled == 0:
+            return None
+        rows = self.rows[: self.filled]
         killed = rows.eq(0).sum()
-        if not rows.is_floating_point():
-            return killed, torch.zeros((), dtype=torch.int64, device=rows.device)
-        return killed, rows.amax().le(torch.finfo(rows.dtype).max).logical_not().to(torch.int64)
-    torch.sum(torch.eq(rows, 0, out=ws.zero_rows), 0, out=ws.killed)
-    if ws.floating:
-        torch.le(torch.amax(rows, 0, out=ws.peak), ws.largest, out=ws.finite)
-        torch.logical_not(ws.finite, out=ws.flag)
-    return ws.killed, ws.flag
+        if self.floating:  # NaN and Inf reach the largest sum, which is then not <= the largest finite value
+            largest = torch.finfo(rows.dtype).max
+            nonfinite = rows.amax(1).le(largest).logical_not().sum()
+        else:
+            nonfinite = torch.zeros((), dtype=torch.int64)
+        self.filled = 0
+        return killed, nonfinite
+
+    def fold_totals(self) -> tuple[int, int]:
+        """Samples and entries per unit added since they were last folded (host integers), zero again."""
+        totals = self.samples, self.entries
+        self.samples = self.entries = 0
+        return totals
+
+    def fold(self) -> tuple[Tensor, Tensor, Tensor, int, int]:
+        """``(active, killed, nonfinite, samples, entries)`` over everything added since the last fold, and empty
+        again (every part must hold something)."""
+        active, rows = self.fold_counts(), self.fold_rows()
+        assert active is not None and rows is not None
+        return active, *rows, *self.fold_totals()
 
 
-def _count_plain(output: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """Active entries per unit (int64) and per-sample sums with plain ATen operations (GPU tensors, tensor
-    subclasses, code that ``torch.compile`` traces: there the compiler fuses them into one pass)."""
+def _count_plain(output: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Active entries per unit (int64), killed samples and whether the output is non-finite (0-d int64) with plain
+    ATen operations (GPU tensors, tensor subclasses, layouts without dense samples, code that ``torch.compile``
+    traces: there the compiler fuses them into one pass)."""
     others = tuple(d for d in range(1, output.ndim) if d != axis)
     sample_dims = tuple(range(1, output.ndim))
     if output.device.type == "cpu":
@@ -221,11 +326,13 @@ def _count_plain(output: Tensor, axis: int) -> tuple[Tensor, Tensor]:
         per_unit = output.gt(0).to(dtype).sum((0, *others)).to(torch.int64)
     else:
         per_unit = output.gt(0).sum((0, *others), dtype=torch.int64)
-    if output.dtype in (torch.float32, torch.float64) or not output.is_floating_point():
-        rows = output.sum(sample_dims)
+    rows = output.sum(sample_dims, dtype=_row_dtype(output.dtype))
+    killed = rows.eq(0).sum()
+    if rows.is_floating_point():
+        nonfinite = rows.amax().le(torch.finfo(rows.dtype).max).logical_not().to(torch.int64)
     else:
-        rows = output.sum(sample_dims, dtype=torch.float32)
-    return per_unit, rows
+        nonfinite = torch.zeros((), dtype=torch.int64, device=rows.device)
+    return per_unit, killed, nonfinite
 
 
 def _prepare(output: Tensor) -> Tensor:
@@ -242,29 +349,30 @@ def _activation_stats_update(
     Args:
         output: the rectifier's output, ``(batch, ...)`` (a 1-D output is one unit per sample); not empty.
         unit_dim: the dimension that indexes units of a 3-D or larger output (``1`` or ``-1``; ``None``: ``1``).
-        workspace: the workspace of an earlier call, reused when it fits (the metric keeps it between calls).
+        workspace: the workspace of an earlier call, reused when it fits.
 
     Returns:
         ``(active, killed, nonfinite, samples, entries, workspace)``: active entries per unit (int64), killed
         samples and whether the output is non-finite (0-d int64, 0 or 1), the number of samples and of entries per
-        unit, and the workspace that counted (None when plain operations did). The tensors may live in the
-        workspace: add them before the next call with this workspace.
+        unit, and the workspace that counted (None when plain operations did).
     """
-    _THREAD.counting = True
+    output = _prepare(output)
+    axis = unit_axis(output, unit_dim)
+    ws = _workspace(output, axis, workspace)
+    tracing = torch.compiler.is_compiling()
+    if not tracing:
+        _THREAD.counting = True
     try:
-        output = _prepare(output)
-        axis = unit_axis(output, unit_dim)
-        ws = _workspace(output, axis, workspace)
         if ws is not None:
-            active, rows = _count_with_workspace(output, ws)
-            samples, entries = ws.samples, ws.entries
+            pending = _Pending(ws)
+            pending.add(output, ws)
+            active, killed, nonfinite, samples, entries = pending.fold()
         else:
-            active, rows = _count_plain(output, axis)
-            samples = output.shape[0]
-            entries = output.numel() // output.shape[axis]
-        killed, nonfinite = _rows_tell(rows, ws)
+            active, killed, nonfinite = _count_plain(output, axis)
+            samples, entries = output.shape[0], output.numel() // output.shape[axis]
     finally:
-        _THREAD.counting = False
+        if not tracing:
+            _THREAD.counting = False
     return active, killed, nonfinite, samples, entries, ws
 
 
@@ -273,7 +381,9 @@ def _margin_update(pre_activation: Tensor, unit_dim: int | None = None) -> tuple
 
     Two read-only float reductions: a sum, and a 2-norm that gives the sum of squares without a squared copy.
     """
-    _THREAD.counting = True
+    tracing = torch.compiler.is_compiling()
+    if not tracing:
+        _THREAD.counting = True
     try:
         pre = _prepare(pre_activation)
         axis = unit_axis(pre, unit_dim)
@@ -282,7 +392,8 @@ def _margin_update(pre_activation: Tensor, unit_dim: int | None = None) -> tuple
         total = pre.sum(dims, dtype=acc).to(torch.float64)
         squares = torch.linalg.vector_norm(pre, 2, dims, dtype=acc).to(torch.float64).square()
     finally:
-        _THREAD.counting = False
+        if not tracing:
+            _THREAD.counting = False
     return total, squares, pre.numel() // pre.shape[axis]
 
 

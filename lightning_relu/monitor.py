@@ -334,6 +334,8 @@ class DeadUnitMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.reviver is not None and self.reviver not in trainer.callbacks:  # type: ignore[attr-defined]
+            self.reviver.on_fit_start(trainer, pl_module)  # refuses a sharded model before the first step
         if self.tracker is None or (not self.tracker.sites and not self.tracker.discovering):
             return
         self.tracker.to(pl_module.device)
@@ -478,7 +480,10 @@ class DeadUnitMonitor(Callback):
         flags = [stats.nonfinite for stats in self.tracker.stats.values()]
         if not flags:
             return
-        total = torch.stack(flags).sum() if len(flags) > 1 else flags[0]
+        try:
+            total = torch.stack(flags).sum() if len(flags) > 1 else flags[0]
+        except RuntimeError:  # counts on several devices (a model split across them)
+            total = torch.stack([flag.to(flags[0].device) for flag in flags]).sum()
         first = self._nonfinite_first
         if first is None or first.device != total.device:
             first = torch.full((), _NO_STEP, dtype=torch.int64, device=total.device)

@@ -315,7 +315,7 @@ def _check_optimizers_hold(
 ) -> None:
     """Every optimizer given must train ``model`` and hold the parameters that revival rewrites (the producers and
     consumers of the sites with dead units, where known): otherwise their state could not be reset."""
-    if not optimizers:
+    if not optimizers or not isinstance(model, nn.Module):  # not a module: a check below says so
         return
     names = {id(param): name for name, param in model.named_parameters()}
     held: set[int] = set()
@@ -745,6 +745,11 @@ class DeadUnitReviver(Callback):
                 "`DeadUnitMonitor(revive=DeadUnitReviver())`."
             )
         self.attach(monitors[0], pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # under FSDP2 (sharded by `configure_model`, before this hook) revival would fail at the first epoch's end
+        refuse_sharded(pl_module, "DeadUnitReviver", "pl_module")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -8,10 +8,13 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+import lightning_relu.functional as functional
 from lightning_relu.functional import (
     _activation_stats_compute,
-    _activation_stats_update,
+    _count_plain,
     _margin_update,
+    _Pending,
+    _prepare,
     _Workspace,
     unit_axis,
 )
@@ -20,13 +23,33 @@ from lightning_relu.report import LayerReport
 __all__ = ["ActivationStats", "LayerReport"]
 
 
+def _state(name: str, part: str, doc: str) -> property:
+    """A count state of :class:`ActivationStats`, held in ``_<name>``: a read folds the pending ``part`` of the counts
+    that it is made of first (``"counts"``, ``"rows"`` or ``"totals"``, see ``_Pending``), a write folds everything."""
+    key = "_" + name
+
+    def get(self: ActivationStats) -> Tensor:
+        self._fold(part)
+        value: Tensor = self.__dict__[key]
+        return value
+
+    def set(self: ActivationStats, value: Tensor) -> None:
+        self._fold()
+        self.__dict__[key] = value
+
+    return property(get, set, doc=doc)
+
+
 class ActivationStats(Metric):
     """Exact per-unit activity counts of one rectifier site, reduced across processes by summation.
 
     ``update`` takes the site's output and adds, per unit, the number of entries ``> 0`` and, per batch,
     the number of samples whose whole output is 0. It runs on the output's device without any
     host-device synchronization; on the CPU it allocates nothing once it has seen an output of the same shape
-    (see :mod:`lightning_relu.functional`, which does the counting). NaN entries count as not active.
+    and makes three ATen calls per chunk of samples, keeping partial sums that are added to the states when a state
+    is read (any read: ``compute``, ``state_dict``, a sync across processes, an attribute access) or set (``reset``,
+    a load), so the states always read exact (see :mod:`lightning_relu.functional`, which does the counting). NaN
+    entries count as not active.
 
     States (all summed across processes): ``active`` (int64 per unit), ``entries`` (entries per unit),
     ``samples``, ``killed``, ``nonfinite`` (batches holding NaN or Inf); with ``track_margin``, the per-unit sums
@@ -58,11 +81,6 @@ class ActivationStats(Metric):
     higher_is_better = None
     is_differentiable = False
 
-    active: Tensor
-    entries: Tensor
-    samples: Tensor
-    killed: Tensor
-    nonfinite: Tensor
     pre_sum_bits: Tensor
     pre_sumsq_bits: Tensor
     pre_entries: Tensor
@@ -92,6 +110,7 @@ class ActivationStats(Metric):
         self.unit_dim = unit_dim
         self.name = name
         self._workspace: _Workspace | None = None  # buffers of the last output's shape (CPU; see `functional`)
+        self._pending: _Pending | None = None  # partial counts not yet in the states (CPU; see `functional`)
         width = num_units or 0
         self.add_state("active", default=torch.zeros(width, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("entries", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
@@ -104,27 +123,86 @@ class ActivationStats(Metric):
             self.add_state("pre_sumsq_bits", default=zeros.clone(), dist_reduce_fx=_sum_float64_bits)
             self.add_state("pre_entries", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
+    @property
+    def width(self) -> int:
+        """The number of units: ``num_units``, or the width of the first output seen (0 before one)."""
+        return self.num_units if self.num_units is not None else self._active.numel()
+
     def unit_axis(self, output: Tensor) -> int:
         """The dimension of ``output`` that indexes units (non-negative)."""
         return unit_axis(output, self.unit_dim)
 
     def update(self, output: Tensor) -> None:
         """Count the active entries of one output of the site (shape ``(batch, ...)``)."""
-        num_units = output.shape[unit_axis(output, self.unit_dim)] if output.ndim > 1 else 1
-        active = self.active
-        if active.numel() != num_units or active.dtype is not torch.int64:
-            active = self._shaped(output, num_units)
+        self._add(output)
+
+    def _add(self, output: Tensor) -> None:
+        """What ``update`` does, without torchmetrics' bookkeeping around it (the tracker's hooks call it while
+        ``torch.compile`` traces them)."""
+        output = _prepare(output)
+        axis = unit_axis(output, self.unit_dim)
+        active = self._active
+        if active.numel() != output.shape[axis] or active.dtype is not torch.int64:
+            self._shaped(output, output.shape[axis])
         if output.shape[0] == 0:
             return
-        cached = self._workspace
-        counts, killed, nonfinite, samples, entries, ws = _activation_stats_update(output, self.unit_dim, cached)
-        if ws is not cached:
+        ws = functional._workspace(output, axis, self._workspace)
+        tracing = torch.compiler.is_compiling()
+        if not tracing:
+            functional._THREAD.counting = True
+        try:
+            if ws is None:
+                self._add_plain(output, axis)
+            else:
+                self._add_pending(output, ws)
+        finally:
+            if not tracing:
+                functional._THREAD.counting = False
+
+    def _add_plain(self, output: Tensor, axis: int) -> None:
+        counts, killed, nonfinite = _count_plain(output, axis)
+        self._active.add_(counts)
+        self._killed.add_(killed)
+        self._nonfinite.add_(nonfinite)
+        self._samples.add_(output.shape[0])
+        self._entries.add_(output.numel() // output.shape[axis])
+
+    def _add_pending(self, output: Tensor, ws: _Workspace) -> None:
+        pending = self._pending
+        if ws is not self._workspace:
             self._workspace = ws
-        active.add_(counts)
-        self.killed.add_(killed)
-        self.nonfinite.add_(nonfinite)
-        self.samples.add_(samples)
-        self.entries.add_(entries)
+            if pending is None or not pending.fits(ws):
+                self._fold()
+                pending = self._pending = _Pending(ws)
+        assert pending is not None
+        if pending.full():
+            self._fold()
+        pending.add(output, ws)
+
+    def _fold(self, part: str | None = None) -> None:
+        """Add the partial counts of the CPU path to the states: all of them, or one ``part`` (a read of ``nonfinite``
+        at every step, as the monitor makes, folds only the per-sample sums)."""
+        pending = self.__dict__.get("_pending")
+        if pending is None or pending.empty:
+            return
+        if part in (None, "counts"):
+            active = pending.fold_counts()
+            if active is not None:
+                self._active.add_(active)
+        if part in (None, "rows"):
+            rows = pending.fold_rows()
+            if rows is not None:
+                self._killed.add_(rows[0])
+                self._nonfinite.add_(rows[1])
+        if part in (None, "totals"):
+            samples, entries = pending.fold_totals()
+            if samples:
+                self._samples.add_(samples)
+                self._entries.add_(entries)
+
+    def flush(self) -> None:
+        """Add what the CPU path holds back to the states (reading or setting a state does it too)."""
+        self._fold()
 
     def _shaped(self, output: Tensor, num_units: int) -> Tensor:
         """The per-unit state sized from the first output (or converted from the float64 counts of an older
@@ -162,6 +240,15 @@ class ActivationStats(Metric):
         self.pre_sum.add_(total)
         self.pre_sumsq.add_(squares)
         self.pre_entries.add_(entries)
+
+    # The count states read and write through properties: a read adds what the CPU path holds back first (so every
+    # reader, torchmetrics' sync and state_dict included, sees exact counts), and a write (reset, load, sync) replaces
+    # the state after that. The hot path adds to the underlying tensors directly.
+    active = _state("active", "counts", "Active entries per unit (int64).")
+    entries = _state("entries", "totals", "Entries per unit seen (0-d int64).")
+    samples = _state("samples", "totals", "Samples seen (0-d int64).")
+    killed = _state("killed", "rows", "Samples whose whole output was 0 (0-d int64).")
+    nonfinite = _state("nonfinite", "rows", "Batches whose output held NaN or Inf (0-d int64).")
 
     @property
     def pre_sum(self) -> Tensor:

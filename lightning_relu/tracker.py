@@ -155,6 +155,8 @@ class DeadUnitTracker:
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
         self._transformed_warned = False
+        # the model's output has begun its backward pass since the model's last forward (`_backward_began`)
+        self._backward = False
         # Call positions: a rectifier module applied at several places of one forward is one site per place,
         # and so is each functional call of a parent's forward. Position k of key m is the k-th call since the
         # forward of m's owner (or of the model) began; keys are id(module) for modules, id(parent) for calls.
@@ -222,6 +224,10 @@ class DeadUnitTracker:
         for owner, keys in owners.values():
             reset = _Hook(self._make_reset(keys))
             self._handles.append(owner.register_forward_pre_hook(reset))
+        # forwards that run inside the backward pass of the model's output (activation checkpointing's recomputations)
+        # are not counted again: the model's output says when its backward begins, its next forward that it is over
+        self._handles.append(self.model.register_forward_pre_hook(_Hook(self._forward_began)))
+        self._handles.append(self.model.register_forward_hook(_Hook(self._watch_backward)))
         if self._watch_axes:
             # sites whose unit axis no known layer fixes take their producer's, seen on the first forward
             self._handles.append(
@@ -338,10 +344,13 @@ class DeadUnitTracker:
     def new_pass(self) -> None:
         """Mark the start of a new forward pass (call positions restart; the model's own forward does this)."""
         self._calls.clear()
+        self._backward = False
 
     def flush(self) -> None:
-        """Nothing to do: every hook adds its output's counts to the site's :attr:`stats` before it returns (kept so
-        that code written for the versions that folded waiting results still runs)."""
+        """Add what the sites' counts hold back to their states (reading a state, or :meth:`report`, does it too;
+        see :class:`~lightning_relu.ActivationStats`)."""
+        for stats in self.stats.values():
+            stats.flush()
 
     def _make_reset(self, keys: list[int]) -> Any:
         calls = self._calls
@@ -354,6 +363,30 @@ class DeadUnitTracker:
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self._count(id(module), output)
+
+    def _forward_began(self, module: nn.Module, inputs: Any) -> None:
+        self._backward = False
+
+    def _watch_backward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """Hook the model's output tensors that autograd tracks: the first gradient that reaches one of them says
+        that a backward pass has begun (:meth:`_backward_began`). Not while ``torch.compile`` traces: a compiled
+        backward recomputes inside its own graph, without running forward hooks."""
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return
+        for tensor in _tensors(output):
+            if tensor.grad_fn is not None:  # not a leaf, whose hooks would outlive the step
+                tensor.register_hook(self._backward_began)
+
+    def _backward_began(self, grad: Tensor) -> None:
+        self._backward = True
+
+    def _recomputing(self) -> bool:
+        """Whether a forward now runs inside the backward pass of the model's output, as activation checkpointing
+        recomputes one (with autograd on, in both of its modes). A forward without autograd is never one, and says
+        that the backward is over."""
+        if self._backward and not torch.is_grad_enabled():
+            self._backward = False
+        return self._backward
 
     def _pre_hook(self, module: nn.Module, inputs: Any) -> None:
         if inputs and isinstance(inputs[0], Tensor):
@@ -372,7 +405,7 @@ class DeadUnitTracker:
 
     def _margin(self, key: int, pre_activation: Tensor) -> None:
         """Accumulate the pre-activation of the call about to happen (position = calls so far)."""
-        entry = self._entry(key, self._calls.get(key, 0)) if self.enabled and not _in_backward() else None
+        entry = self._entry(key, self._calls.get(key, 0)) if self.enabled and not self._recomputing() else None
         if entry is None:
             return
         stats = entry[1]
@@ -385,7 +418,7 @@ class DeadUnitTracker:
             stats.update_margin(pre_activation)
 
     def _count(self, key: int, output: Any) -> None:
-        if _in_backward():
+        if self._recomputing():
             return  # a forward recomputed by activation checkpointing was counted when it first ran
         calls = self._calls
         k = calls.get(key, 0)
@@ -403,14 +436,19 @@ class DeadUnitTracker:
             return
         if stats.unit_dim is None and output.ndim == 3 and site.name not in self._axis_warned:
             self._warn_axis(site, output)
-        width = stats.num_units if stats.num_units is not None else stats.active.numel()
+        width = stats.width
         # the same unit axis the counts use; a 1-D output is one unit per sample
         if width and (output.shape[stats.unit_axis(output)] if output.ndim > 1 else 1) != width:
             self._warn_width(site, output, width)
             return
         if stats.device != output.device:
             stats.to(output.device)
-        stats.update(output)  # counts the detached output: no autograd graph
+        if torch.compiler.is_compiling():
+            # the counting itself, traced into the model's graph; not torchmetrics' `update` wrapper, whose call count
+            # (an integer attribute) would make the compiler build a new graph on every call
+            stats._add(output)
+        else:
+            stats.update(output)  # counts the detached output: no autograd graph
 
     @staticmethod
     def _base_name(first: Site) -> str:
@@ -814,19 +852,31 @@ def _callees(parent: nn.Module) -> Iterator[nn.Module]:
             yield child
 
 
-_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", None)
-_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-
-
 def _transformed(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a wrapper of a ``torch.func`` transform (vmap's batched tensors, grad's tracking
-    tensors). Never asked while ``torch.compile`` traces (the call would break the graph there)."""
-    return _IS_WRAPPED is not None and not torch.compiler.is_compiling() and bool(_IS_WRAPPED(tensor))
+    tensors): a plain, strided ``Tensor`` without storage of its own. Never asked while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or type(tensor) is not Tensor or tensor.layout is not torch.strided:
+        return False
+    try:
+        tensor.untyped_storage()
+    except NotImplementedError:
+        return True
+    return False
 
 
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass (where checkpointing recomputes forwards)."""
-    return _GRAPH_TASK_ID is not None and _GRAPH_TASK_ID() != -1
+def _tensors(output: Any, limit: int = 16) -> list[Tensor]:
+    """Up to ``limit`` tensors of a forward's output (a tensor, or tuples, lists and dicts of them)."""
+    found: list[Tensor] = []
+    stack = [output]
+    while stack and len(found) < limit:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            found.append(item)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, Mapping):
+            stack.extend(reversed(list(item.values())))
+    return found
 
 
 def observed_unit_dims(model: nn.Module, example_input: Any, found: Sequence[Site]) -> dict[str, int]:

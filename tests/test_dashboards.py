@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -177,9 +178,12 @@ class _LossModule(L.LightningModule):
             torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
         )
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         (x,) = batch
-        loss = self.net(x).pow(2).mean()
+        loss = self(x).pow(2).mean()
         self.log("train_loss", loss, on_step=False, on_epoch=True)
         return loss
 
@@ -291,3 +295,53 @@ def test_start_of_fit_advice_only_when_it_tells_something_to_do(tmp_path, caplog
         assert ("up to 23.5% of inputs can be cut off" in caplog.text) is expected, caplog.text
         assert ('ReluInitializer("sign_flip")' in caplog.text) is expected
         caplog.clear()
+
+
+def test_heatmap_is_shown_near_its_own_size_in_tensorboard(tmp_path):
+    """A headless Chromium screenshot of TensorBoard's landing page (Time Series, 1400 × 1000 window): the heatmap's
+    colour bar, 15 px wide in the image, is at least 12 px wide on screen, so the image is shown at 80% of its size
+    or more and its 14 px labels stay legible. Needs Chromium (Debian's ``chromium``); skipped without it."""
+    import importlib.util
+    import shutil
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from PIL import Image
+
+    found = [shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")]
+    chromium = next((path for path in found if path), None)
+    if chromium is None:
+        pytest.skip("needs Chromium (apt-get install chromium)")
+    spec = importlib.util.spec_from_file_location("screenshot", Path(__file__).parent.parent / "docs" / "screenshot.py")
+    assert spec is not None and spec.loader is not None
+    screenshot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshot)
+
+    class Alive(_LossModule):  # no unit dies: the colour bar holds the only dark red on the page
+        def __init__(self) -> None:
+            super().__init__()
+            with torch.no_grad():
+                for layer in self.net[:-1:2]:
+                    layer.bias.fill_(5.0)
+
+    logger = TensorBoardLogger(tmp_path / "logs", name="run", version=0)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        logger=logger,
+        callbacks=[DeadUnitMonitor(print_summary=False)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Alive())
+    png = tmp_path / "timeseries.png"
+    try:
+        with screenshot.tensorboard(tmp_path / "logs") as url:
+            screenshot.screenshot(chromium, f"{url}/#timeseries", png, "1400,1000", 15000)
+    except (RuntimeError, OSError) as error:  # a sandbox that cannot run TensorBoard or Chromium
+        pytest.skip(f"no screenshot: {error}")
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    darkest = np.array(dead_fraction_color(1.0))
+    xs = np.nonzero((np.abs(pixels - darkest).sum(axis=2) < 40).any(axis=0))[0]
+    assert xs.size, "no heatmap colour bar on TensorBoard's landing page"
+    assert xs.max() - xs.min() + 1 >= 12, f"the colour bar is {xs.max() - xs.min() + 1} px wide on screen"

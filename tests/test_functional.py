@@ -99,8 +99,11 @@ def laid_out(out: torch.Tensor, layout: object) -> torch.Tensor:
 @pytest.mark.parametrize(("shape", "axis", "unit_dim", "layout"), LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("special", [False, True])
-def test_counts_match_brute_force(monkeypatch, path, shape, axis, unit_dim, layout, dtype, special):
+@pytest.mark.parametrize("kept", ["per entry", "per unit"])
+def test_counts_match_brute_force(monkeypatch, path, shape, axis, unit_dim, layout, dtype, special, kept):
     monkeypatch.setattr(functional, "_CHUNK_NUMEL_PER_THREAD", 64)  # several chunks even for small outputs
+    # the CPU path keeps its partial counts per entry of a sample, or (larger samples) per unit
+    monkeypatch.setattr(functional, "_MAX_POSITIONS_KEPT", 2**12 if kept == "per entry" else 0)
     out = laid_out(relu_output(shape, dtype, seed=len(shape), special=special), layout)
     check(out, axis, unit_dim)
 
@@ -177,6 +180,41 @@ def test_a_workspace_serves_only_outputs_like_its_own():
     thread.start()
     thread.join()
     assert seen[0] is not None and seen[0] is not ws  # the mask buffer is per thread
+
+
+@pytest.mark.parametrize("kept", ["per entry", "per unit"])
+def test_metric_states_read_exact_while_counts_are_held_back(monkeypatch, kept):
+    """The CPU path holds partial counts back (float32 sums, per-sample sums of recent outputs) and folds them into the
+    int64 states when they would stop being exact, when the kept sums are full, when the output's shape changes, and
+    before any read or write of a state: every read in between equals brute force."""
+    monkeypatch.setattr(functional, "_MAX_POSITIONS_KEPT", 2**12 if kept == "per entry" else 0)
+    monkeypatch.setattr(functional, "_ROWS_KEPT", 3)  # the kept per-sample sums fill every third output
+    monkeypatch.setattr(functional, "_FLOAT32_EXACT", 40)  # float32 counts fold before they pass 40
+    monkeypatch.setattr(functional, "_CHUNK_NUMEL_PER_THREAD", 32)
+    stats = ActivationStats(num_units=3, unit_dim=1)
+    stats.persistent(True)
+    expected = [0, 0, 0]
+    killed = nonfinite = samples = 0
+    shapes = [(6, 3, 2, 2)] * 4 + [(5, 3, 2, 2)] + [(6, 3, 2, 2)] * 3  # a smaller batch in between
+    for step, shape in enumerate(shapes):
+        out = relu_output(shape, torch.float32, seed=step, special=step == 5)
+        stats.update(out)
+        counts, k, n = brute(out, 1)
+        expected = [e + c for e, c in zip(expected, counts, strict=True)]
+        killed, nonfinite, samples = killed + k, nonfinite + n, samples + shape[0]
+        if step % 2:  # reads in the middle of the stream fold what is held back
+            assert stats.active.tolist() == expected
+            assert (int(stats.killed), int(stats.nonfinite), int(stats.samples)) == (killed, nonfinite, samples)
+            assert int(stats.entries) == samples * 4
+    report = stats.compute()
+    assert report.active_count.tolist() == expected and report.killed == killed and report.samples == samples
+    assert report.nonfinite_batches == nonfinite == 1
+    stats.update(relu_output((6, 3, 2, 2), torch.float32, seed=9))
+    stats.reset()  # what was held back goes with the states it belongs to
+    assert stats.active.tolist() == [0, 0, 0] and int(stats.samples) == 0 and int(stats.killed) == 0
+    out = relu_output((6, 3, 2, 2), torch.float32, seed=10)
+    stats.update(out)
+    assert stats.state_dict()["active"].tolist() == brute(out, 1)[0]  # a checkpoint holds what was held back
 
 
 def test_public_function_reports_one_tensor():

@@ -57,6 +57,26 @@ def tune(processes: int) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines) + "\n", runs
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 6 significant digits (the raw results' precision in the JSON), recursively."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def dump(result: dict[str, Any]) -> str:
+    """The results as compact JSON: one line per run."""
+    rounded = _rounded(result)
+    runs = rounded.pop("runs")
+    head = json.dumps(rounded, separators=(",", ":"))
+    lines = ",\n".join(json.dumps(run, separators=(",", ":")) for run in runs)
+    return head[:-1] + ',"runs":[\n' + lines + "\n]}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plasticity", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2 seeds, fewer and shorter tasks (about 2 minutes)")
@@ -96,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     print(file=sys.stderr)
     result = {"date": date, "machine": machine, "seconds": seconds, "config": config_dict(config), "runs": runs}
-    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    (args.out / "results.json").write_text(dump(result))
     table = tables(runs, config.methods)
     header = (f"_{config.label} run, {date}; {machine}; {config.processes} worker processes of one thread; "
               f"{seconds / 60:.1f} min wall-clock._\n\n")
@@ -108,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         DOCS.write_text(replace_section(DOCS.read_text(), "results", header + table))
         if not args.no_plots:
             plot(runs, config.methods, IMAGES)
-        (ROOT / "benchmarks" / "plasticity" / "results.json").write_text(json.dumps(result, indent=1))
+        (ROOT / "benchmarks" / "plasticity" / "results.json").write_text(dump(result))
     return result
 
 

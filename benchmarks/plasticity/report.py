@@ -88,6 +88,7 @@ def plot(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "The plasticity benchmark's plots need matplotlib: install the project's `plots` extra "
@@ -120,6 +121,7 @@ def plot(
                                       [m + h for m, h in zip(mean, half, strict=True)], alpha=0.15)
                 axis.set_title(f"{optimizer.upper()}: {title}", fontsize=9)
                 axis.set_xlabel("task")
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[0][0].legend(fontsize=7)
         figure.suptitle(f"{setting} (mean and 95% interval over seeds)")
         figure.tight_layout()

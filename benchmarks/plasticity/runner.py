@@ -54,7 +54,7 @@ class Config:
     cbp_decay: float = 0.99
     cbp_maturity: int = 100
     # ours: how many steps the tracker's window covers before a revival (tuned on the tuning task, not reported)
-    revival_period: int = 1000
+    revival_period: int = 50
     # inputs of the current task that ReDo scores units on and that our revival calibrates revived units on
     score_batch: int = 64
     processes: int = 2
@@ -67,20 +67,20 @@ class Config:
 
 FULL = Config(
     settings=(
-        Setting("permuted", "mlp", (100, 100), tasks=15, steps_per_task=400, batch_size=16),
-        Setting("random_labels", "mlp", (100, 100), tasks=15, steps_per_task=400, batch_size=16,
+        Setting("permuted", "mlp", (100, 100), tasks=12, steps_per_task=300, batch_size=16),
+        Setting("random_labels", "mlp", (100, 100), tasks=12, steps_per_task=300, batch_size=16,
                 lr={"sgd": 0.1, "adam": 0.001}),
-        Setting("random_labels", "cnn", (8, 16, 32), tasks=10, steps_per_task=400, batch_size=16,
+        Setting("random_labels", "cnn", (8, 16, 32), tasks=10, steps_per_task=300, batch_size=16,
                 lr={"sgd": 0.1, "adam": 0.001}),
-        # Dohare et al.: 5 hidden units, one example per step, SGD step size 0.01; T = 500 here (10 000 in the paper)
-        Setting("regression", "mlp", (5,), tasks=24, steps_per_task=500, batch_size=1),
+        # Dohare et al.: 5 hidden units, one example per step, SGD step size 0.01; T = 400 here (10 000 in the paper)
+        Setting("regression", "mlp", (5,), tasks=20, steps_per_task=400, batch_size=1),
     ),
     seeds=(0, 1, 2, 3, 4),
 )
 
 QUICK = replace(
     FULL,
-    settings=tuple(replace(s, tasks=max(4, s.tasks // 4), steps_per_task=s.steps_per_task // 2) for s in FULL.settings),
+    settings=tuple(replace(s, tasks=3, steps_per_task=s.steps_per_task // 3) for s in FULL.settings),
     seeds=(0, 1),
     label="quick",
 )

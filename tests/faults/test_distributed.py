@@ -97,6 +97,11 @@ def _fsdp2(rank: int) -> dict[str, Any]:
                 results[f"{name}, warm={warm}"] = f"{type(error).__name__}: {error}"
         after = [p.to_local() for p in model.parameters()]
         results[f"unchanged, warm={warm}"] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    try:  # the reviver refuses at the start of a fit (Lightning shards in `configure_model`, before `on_fit_start`)
+        DeadUnitReviver().on_fit_start(None, model)  # type: ignore[arg-type]
+        results["reviver"] = "no error"
+    except Exception as error:
+        results["reviver"] = f"{type(error).__name__}: {error}"
     try:  # training goes on: the refusals left the sharded model usable
         model(x).sum().backward()
         optimizer.step()
@@ -188,4 +193,5 @@ def test_fsdp2_sharded_models_are_refused_before_anything_changes(runs: Path) ->
                 pattern = rf"ValueError: `{name}` cannot write into `{argument}`: its parameters '0\.weight'.*FSDP2"
                 assert re.match(pattern, message), message
             assert results[f"unchanged, warm={warm}"]
+        assert re.match(r"ValueError: `DeadUnitReviver` cannot write into `pl_module`", results["reviver"])
         assert results["trained"] == "trained"
