@@ -676,6 +676,8 @@ class _Discovery(TorchFunctionMode):
         if not self.stack:
             self.__exit__(None, None, None)
             self.hand_over()
+            if module is self.tracker.model and not _redirected(module):
+                self.finish()  # the model's own forward ran whole: nothing else belongs to the first forward
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         base = FUNCTIONAL_RECTIFIERS.get(func) if self.stack else None

@@ -111,6 +111,43 @@ def _fsdp2(rank: int) -> dict[str, Any]:
     return results
 
 
+class _Wrapped(torch.nn.Module):
+    """An MLP with a rectifier function at the root: the tracker must observe a forward to find it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp([4, 8, 8, 2], seed=0)
+        kill_units(self.body, 0, [1, 2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu(self.body(x) - 0.1)
+
+
+def _fsdp2_tracker(rank: int) -> dict[str, Any]:
+    """A tracker built on an FSDP2 model before its first forward (no trace may run FSDP2's hooks early)."""
+    from torch.distributed.fsdp import fully_shard
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1 + rank))
+    model, plain = _Wrapped(), _Wrapped()
+    for layer in model.body:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    results: dict[str, Any] = {}
+    try:
+        with DeadUnitTracker(model) as tracker:
+            model(x).sum().backward()
+        results["counts"] = {name: r.active_count.tolist() for name, r in tracker.report().items()}
+    except Exception as error:  # what the user sees, checked by the test
+        results["counts"] = f"{type(error).__name__}: {error}"
+    with torch.no_grad():  # brute force on this rank's samples; the test adds the ranks up
+        a = torch.relu(plain.body[0](x))
+        b = torch.relu(plain.body[2](a))
+        c = torch.relu(plain.body[4](b) - 0.1)
+    results["local"] = {name: (out > 0).sum(0).tolist() for name, out in (("body.1", a), ("body.3", b), ("relu", c))}
+    return results
+
+
 def _rank(rank: int, port: int, root: str) -> None:
     # what torchrun sets: Lightning's `ddp` joins the processes instead of launching them
     os.environ.update(
@@ -132,6 +169,7 @@ def _rank(rank: int, port: int, root: str) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.save(_fsdp2(rank), path / f"fsdp2_rank{rank}.pt")
+    torch.save(_fsdp2_tracker(rank), path / f"fsdp2_tracker_rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +233,13 @@ def test_fsdp2_sharded_models_are_refused_before_anything_changes(runs: Path) ->
             assert results[f"unchanged, warm={warm}"]
         assert re.match(r"ValueError: `DeadUnitReviver` cannot write into `pl_module`", results["reviver"])
         assert results["trained"] == "trained"
+
+
+def test_fsdp2_a_tracker_built_before_the_first_forward_counts_exactly(runs: Path) -> None:
+    ranks = _load(runs, "fsdp2_tracker")
+    expected = {
+        name: [sum(values) for values in zip(*(run["local"][name] for run in ranks), strict=True)]
+        for name in ranks[0]["local"]
+    }
+    for run in ranks:
+        assert run["counts"] == expected  # summed over both ranks, the functional site included
