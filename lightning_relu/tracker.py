@@ -336,10 +336,17 @@ class DeadUnitTracker:
     def pause(self) -> None:
         """Stop counting without removing the hooks."""
         self.enabled = False
+        self._end_watch()
 
     def resume(self) -> None:
         """Count again after :meth:`pause`."""
         self.enabled = True
+        self._end_watch()
+
+    def _end_watch(self) -> None:
+        """Remove the first-forward watch's hooks once it is over (outside a forward, where that is safe)."""
+        if self._discovery is not None and self._discovery.done and self._discovery.handles:
+            self._discovery.remove()
 
     def new_pass(self) -> None:
         """Mark the start of a new forward pass (call positions restart; the model's own forward does this)."""
@@ -656,6 +663,8 @@ class _Discovery(TorchFunctionMode):
 
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if self.done:
+            if not torch.compiler.is_compiling():
+                self.remove()  # the watch ended in a forward hook, where its hooks could not go
             return
         if torch.compiler.is_compiling():
             return  # compiled after the watch began: its graph would not hold the mode
@@ -677,7 +686,7 @@ class _Discovery(TorchFunctionMode):
             self.__exit__(None, None, None)
             self.hand_over()
             if module is self.tracker.model and not _redirected(module):
-                self.finish()  # the model's own forward ran whole: nothing else belongs to the first forward
+                self.done = True  # the model's own forward ran whole: nothing else belongs to the first forward
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         base = FUNCTIONAL_RECTIFIERS.get(func) if self.stack else None
@@ -740,6 +749,11 @@ class _Discovery(TorchFunctionMode):
 
     def finish(self) -> None:
         self.done = True
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the watch's hooks (from a pre-hook or outside a forward: a forward hook may run while torch walks
+        the dict of forward hooks, on an error path)."""
         handles, self.handles = self.handles, []
         for handle in handles:
             handle.remove()
