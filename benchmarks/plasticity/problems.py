@@ -13,6 +13,8 @@
   LTU ``i`` fires when its input sum exceeds ``θ_i = (m + 1) β - S_i``, ``S_i`` its number of negative input
   weights. A task is one period of ``T`` examples; reported: the online squared error over the period (the
   error on each example before the step that learns from it, averaged), as the paper's binned error.
+- ``tuning``: random labels on a pool of i.i.d. Gaussian 32-d inputs; only for tuning our revival's window, never
+  reported.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ FULL = Config(
 
 QUICK = replace(
     FULL,
-    settings=tuple(replace(s, tasks=3, steps_per_task=s.steps_per_task // 3) for s in FULL.settings),
+    settings=tuple(replace(s, tasks=3, steps_per_task=s.steps_per_task // 4) for s in FULL.settings),
     seeds=(0, 1),
     label="quick",
 )
