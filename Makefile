@@ -58,6 +58,7 @@ plasticity: $(STAMP)
 
 plasticity-quick: $(STAMP)
 	$(PY) -m benchmarks.plasticity --quick --no-plots --out build/plasticity-quick
+	$(PY) -m benchmarks.plasticity.check build/plasticity-quick/results.json
 
 install: $(STAMP)
 

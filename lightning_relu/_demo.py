@@ -199,7 +199,7 @@ def _fit_variant(name: str, task: DemoTask, seed: int, epochs: int, out_dir: str
         callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=True,  # the last epoch's checkpoint, for `lightning-relu compact`
         log_every_n_steps=max(1, math.ceil(task.samples / task.batch_size)),
     )
     start = time.perf_counter()

@@ -101,6 +101,9 @@ def test_one_tensorboard_run_per_variant_and_seed_matching_the_reports(short_run
         for run in runs:
             files = list((short_run.out_dir / name / f"seed_{run.seed}").glob("events.out.tfevents.*"))
             assert len(files) == 1, files
+            # the last epoch's checkpoint, which `lightning-relu compact` reads
+            checkpoints = list((short_run.out_dir / name / f"seed_{run.seed}" / "checkpoints").glob("*.ckpt"))
+            assert len(checkpoints) == 1 and checkpoints[0].name.startswith(f"epoch={results.epochs - 1}-"), checkpoints
             assert len(run.history) == results.epochs == 2
             events = _events(run.log_dir)
             total = events.Scalars("dead_units/total")

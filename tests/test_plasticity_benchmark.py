@@ -195,3 +195,15 @@ def test_replace_section() -> None:
     assert replace_section(text, "results", "new") == "a\n<!-- results:begin -->\nnew\n<!-- results:end -->\nb"
     with pytest.raises(ValueError, match="markers"):
         replace_section("nothing", "results", "x")
+
+
+def test_the_ci_shape_check_accepts_a_run_and_names_what_is_missing(tmp_path, monkeypatch) -> None:
+    import benchmarks.plasticity.__main__ as entry
+    from benchmarks.plasticity.check import check
+
+    monkeypatch.setattr(entry, "QUICK", replace(TINY, settings=TINY.settings[:1], seeds=(0,)))
+    result = json.loads(json.dumps(main(["--quick", "--out", str(tmp_path), "--processes", "1", "--no-plots"])))
+    assert check(result) == []
+    broken = {**result, "runs": [{k: v for k, v in run.items() if k != "tasks"} for run in result["runs"]]}
+    assert check(broken)[0] == "run 0: missing ['tasks']"
+    assert check({**result, "runs": result["runs"][1:]})[0].endswith(f"the config asks for {len(result['runs'])}")
