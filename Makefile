@@ -18,13 +18,14 @@ ZOO_PY := $(ZOO_VENV)/bin/python
 ZOO_STAMP := $(ZOO_VENV)/.lightning_relu-installed
 ZOO_REPORT ?= build/zoo-results.json
 
-.PHONY: demo test lint bench plasticity plasticity-quick install docs zoo zoo-fast coverage clean
+.PHONY: demo test lint typecheck bench plasticity plasticity-quick install docs zoo zoo-fast coverage clean
 
 demo: $(STAMP)
 	$(PY) -m lightning_relu demo
 
 test: $(STAMP) $(ZOO_STAMP)
 	$(PY) -m ruff check lightning_relu tests examples benchmarks docs
+	$(PY) -m mypy lightning_relu
 	$(PY) -m pytest
 	$(ZOO_PY) -m pytest tests/zoo --zoo=fast
 
@@ -41,6 +42,11 @@ coverage: $(ZOO_STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_relu tests examples benchmarks docs
+
+# the package's types, strict (pyproject.toml [tool.mypy]); also a step of `make test`
+typecheck: $(STAMP)
+	$(PY) -c "import mypy" 2>/dev/null || $(PY) -m pip install -e ".[dev]"
+	$(PY) -m mypy lightning_relu
 
 # the documentation site, built strictly (a broken link, a missing page or a bad docstring fails) into build/site
 docs: $(STAMP)

@@ -92,7 +92,8 @@ class DemoRegressor(pl.LightningModule):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).squeeze(-1)
+        out: Tensor = self.net(x).squeeze(-1)
+        return out
 
     @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -103,7 +104,7 @@ class DemoRegressor(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=(self.hparams.momentum, 0.999))
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"], betas=(self.hparams["momentum"], 0.999))
 
 
 @dataclass

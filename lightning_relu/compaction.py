@@ -40,7 +40,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import lightning.pytorch as pl
 import torch
@@ -254,7 +254,7 @@ def compact(
 
     sites: dict[str, SiteCompaction] = {}
     for name, mask in candidates.items():
-        units = structure.sites[name].num_units if name in structure.sites else int(mask.numel())
+        num_units = structure.sites[name].num_units if name in structure.sites else int(mask.numel())
         removed = int(accepted[name].numel()) if name in accepted else 0
         dead = int(mask.sum())
         why = "; ".join(dict.fromkeys(reasons[name])) or None
@@ -262,7 +262,7 @@ def compact(
             why = None
         elif why is None:
             why = "kept so that the units removed at other sites keep the output"
-        sites[name] = SiteCompaction(name, units, dead, removed, why)
+        sites[name] = SiteCompaction(name, num_units, dead, removed, why)
     return Compaction(result_model, sites)
 
 
@@ -452,17 +452,19 @@ class _Planner:
             in_per = parameter.shape[1]
             removed_rows = rows.get(weight_name, (groups, 0, set()))[2]
             removed_columns = columns.get(weight_name, set())
-            whole = {
+            whole_groups = {
                 g
                 for g in range(groups)
                 if all(r in removed_rows for r in range(g * out_per, (g + 1) * out_per))
                 and all(c in removed_columns for c in range(g * in_per, (g + 1) * in_per))
             }
             why = f"the grouped convolution `{weight_name.rsplit('.', 1)[0]}` would lose part of a group"
-            bad_rows = sorted(r for r in removed_rows if r // out_per not in whole)
+            bad_rows = sorted(r for r in removed_rows if r // out_per not in whole_groups)
             if bad_rows and weight_name in origin_rows:
                 block(origin_rows[weight_name], torch.tensor(bad_rows, dtype=torch.long), why)
-            bad_columns = torch.tensor(sorted(c for c in removed_columns if c // in_per not in whole), dtype=torch.long)
+            bad_columns = torch.tensor(
+                sorted(c for c in removed_columns if c // in_per not in whole_groups), dtype=torch.long
+            )
             if bad_columns.numel():
                 for site_name, site_columns, site_units in origin_columns.get(weight_name, []):
                     hit = torch.isin(site_columns, bad_columns)
@@ -593,12 +595,13 @@ def _apply(model: nn.Module, cut: _Cut) -> None:
                 per = module.num_channels // module.num_groups
                 module.num_channels, module.num_groups = width, width // per
             elif hasattr(module, "num_features"):
-                module.num_features = width
+                cast(Any, module).num_features = width
 
 
 def _get(model: nn.Module, name: str) -> Tensor:
     module_name, _, attribute = name.rpartition(".")
-    return getattr(model.get_submodule(module_name), attribute)
+    tensor: Tensor = getattr(model.get_submodule(module_name), attribute)
+    return tensor
 
 
 def _build_checked(
@@ -990,7 +993,8 @@ class CompactOnFitEnd(Callback):
     def _monitor(trainer: pl.Trainer) -> Any:
         from lightning_relu.monitor import DeadUnitMonitor
 
-        return next((c for c in trainer.callbacks if isinstance(c, DeadUnitMonitor)), None)
+        callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning, undeclared
+        return next((c for c in callbacks if isinstance(c, DeadUnitMonitor)), None)
 
     @override
     def on_train_batch_start(

@@ -12,7 +12,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -133,8 +133,8 @@ def _is_affine_layer(module: object) -> bool:
 
 
 def _rai_layer_(layer: nn.Module, generator: torch.Generator | None) -> None:
-    weight = layer.weight
-    bias = layer.bias
+    weight = cast(Tensor, layer.weight)
+    bias = cast("Tensor | None", layer.bias)
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"`rai_` cannot initialize {layer}: its parameters are not materialized yet (lazy module)")
     if weight.numel() == 0:
@@ -249,19 +249,19 @@ def _flip_target(site: Site) -> _FlipTarget | str:
     """The parameters to negate to negate the site's pre-activation, or the reason why there are none."""
     norm = site.norm
     if norm is not None and getattr(norm, "weight", None) is not None:
-        tensors = [norm.weight]
+        tensors = [cast(Tensor, norm.weight)]
         if getattr(norm, "bias", None) is not None:
-            tensors.append(norm.bias)
+            tensors.append(cast(Tensor, norm.bias))
         return _FlipTarget(str(site.norm_name), tensors, [])
     producer = site.producer
     if producer is None:
         if norm is not None:
             return "its norm layer has no affine parameters and no producer was found"
         return "no producer: the pre-activation is not the output of one affine layer (e.g. after a residual sum)"
-    tensors = [producer.weight]
+    tensors = [cast(Tensor, producer.weight)]
     if producer.bias is not None:
-        tensors.append(producer.bias)
-    running_means = []
+        tensors.append(cast(Tensor, producer.bias))
+    running_means: list[Tensor] = []
     # normalization is an odd function of its input when it has no affine parameters: negating the producer negates
     # the normalized output; a running mean must follow for the layer to stay an exact negation in eval mode
     if isinstance(norm, _BatchNorm) and norm.running_mean is not None:
@@ -381,7 +381,7 @@ def sign_flip_(
                     module.train()
             pass_state.start(_first_samples(inputs, None, count=True))
             on_host = isinstance(inputs, Tensor) and inputs.device.type == "cpu"
-            if on_host and _HOST_DECISIONS and inputs.is_floating_point():
+            if on_host and _HOST_DECISIONS and isinstance(inputs, Tensor) and inputs.is_floating_point():
                 pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
             handles = pass_state.register()
             try:
@@ -470,7 +470,7 @@ class _SignFlipPass:
             if site.module is not None:
                 self._inputs.setdefault(site.module, []).append(site)
             elif site.norm is not None or site.producer is not None:
-                module = site.norm if site.norm is not None else site.producer
+                module = cast(nn.Module, site.norm if site.norm is not None else site.producer)
                 self._outputs.setdefault(module, []).append(site)
             else:
                 self.unobservable.append(site.name)
@@ -675,8 +675,8 @@ class _SignFlipPass:
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

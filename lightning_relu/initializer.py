@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -323,4 +323,4 @@ def _first_loader(loaders: Any) -> Iterable[Any] | None:
         return _first_loader(next(iter(loaders.values()), None))
     if isinstance(loaders, (list, tuple)) and loaders and isinstance(loaders[0], torch.utils.data.DataLoader):
         return loaders[0]
-    return loaders
+    return cast("Iterable[Any] | None", loaders)

@@ -588,8 +588,8 @@ class DeadUnitMonitor(Callback):
         step = self._nonfinite_first
         if step is None:
             step = torch.full((), _NO_STEP, dtype=torch.int64, device=self._tracker_device())
-        step = int(trainer.strategy.reduce(step.to(trainer.strategy.root_device), reduce_op="min"))
-        state["progress"]["nonfinite_step"] = step if step != _NO_STEP else None
+        first = int(trainer.strategy.reduce(step.to(trainer.strategy.root_device), reduce_op="min"))
+        state["progress"]["nonfinite_step"] = first if first != _NO_STEP else None
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -712,7 +712,7 @@ class DeadUnitMonitor(Callback):
             return
         for name, (states, place) in list(self._unmerged.items()):
             valid = isinstance(place, (list, tuple)) and len(place) == 3
-            stats = tracker._place_stats(*place, create=final) if valid else None
+            stats = tracker._place_stats(place[0], place[1], place[2], create=final) if valid else None
             if stats is None or "active" not in states:
                 if final:
                     del self._unmerged[name]

@@ -49,7 +49,7 @@ __all__ = ["INIT_MODES", "DeadUnitReviver", "RevivalWarning", "revive_dead_units
 #: Initializations that :func:`revive_dead_units_` can draw revived rows from.
 INIT_MODES: tuple[str, ...] = ("default", "kaiming", "rai")
 
-_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES: tuple[type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _AFFINE = ("weight", "bias")
 _BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -268,7 +268,7 @@ def revive_dead_units_(
         return counts
 
     # ---- surgery
-    touched: dict[nn.Parameter, Tensor] = {}  # parameter -> bool mask of touched entries
+    touched: dict[Tensor, Tensor] = {}  # parameter -> bool mask of touched entries
     with torch.no_grad():
         for plan in plans:
             _redraw_producer(plan.site.producer, plan.units, init, generator, touched)  # type: ignore[arg-type]
@@ -461,7 +461,7 @@ def _consumer_fits(site: Site, consumer: Consumer) -> bool:
         # a Linear applied directly reads the last dimension: the units only for dense sites
         return site.unit_dim == -1 and module.in_features == units
     if isinstance(module, _CONV_TYPES):
-        return site.unit_dim == 1 and not consumer.through_flatten and module.in_channels == units  # type: ignore[attr-defined]
+        return site.unit_dim == 1 and not consumer.through_flatten and module.in_channels == units
     return False
 
 
@@ -479,7 +479,7 @@ def _norm_mixes_units(site: Site) -> bool:
     return isinstance(norm, nn.LayerNorm) and (site.num_units or 0) > 1
 
 
-def _mark(touched: dict[nn.Parameter, Tensor], tensor: Tensor | None, index: Any) -> None:
+def _mark(touched: dict[Tensor, Tensor], tensor: Tensor | None, index: Any) -> None:
     if isinstance(tensor, nn.Parameter):
         if tensor not in touched:
             touched[tensor] = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
@@ -509,7 +509,7 @@ def _redraw_producer(
     units: Tensor,
     init: str,
     generator: torch.Generator | None,
-    touched: dict[nn.Parameter, Tensor],
+    touched: dict[Tensor, Tensor],
 ) -> None:
     weight: Tensor = producer.weight  # type: ignore[assignment]
     bias: Tensor | None = producer.bias  # type: ignore[assignment]
@@ -531,7 +531,7 @@ def _norm_index(site: Site, tensor: Tensor, units: Tensor) -> tuple[Any, ...]:
     return (index,)  # channels: BatchNorm/GroupNorm vectors, or the first dim of a LayerNorm over (C, ...)
 
 
-def _reset_norm(site: Site, units: Tensor, touched: dict[nn.Parameter, Tensor]) -> None:
+def _reset_norm(site: Site, units: Tensor, touched: dict[Tensor, Tensor]) -> None:
     norm = site.norm
     assert norm is not None and isinstance(norm, NORM_TYPES)
     for attribute, value in (("weight", 1.0), ("bias", 0.0)):
@@ -547,7 +547,7 @@ def _reset_norm(site: Site, units: Tensor, touched: dict[nn.Parameter, Tensor]) 
                 tensor[units.to(tensor.device)] = value
 
 
-def _zero_consumer(site: Site, consumer: Consumer, units: Tensor, touched: dict[nn.Parameter, Tensor]) -> None:
+def _zero_consumer(site: Site, consumer: Consumer, units: Tensor, touched: dict[Tensor, Tensor]) -> None:
     module = consumer.module
     weight: Tensor = module.weight  # type: ignore[assignment]
     units = units.to(weight.device)
@@ -693,7 +693,7 @@ class DeadUnitReviver(Callback):
         if not callable(getattr(monitor, "add_report_listener", None)):
             raise ValueError(f"`monitor` must be a `DeadUnitMonitor`, got {type(monitor).__name__}")
         # the monitor's tracker found the sites already (with tracing, as revival needs): one discovery per fit
-        tracker = getattr(monitor, "tracker", None)
+        tracker: Any = getattr(monitor, "tracker", None)
         traced = getattr(monitor, "trace", False) is True and tracker is not None and tracker.model is pl_module
         self._sites = list(tracker.all_sites) if traced else None
         self._sites_model = pl_module if traced else None
@@ -894,7 +894,7 @@ class DeadUnitReviver(Callback):
         # every rank operates on rank zero's held batch, so every rank makes the same surgery
         example = self._example_of(trainer)
         example = trainer.strategy.broadcast(example, src=0) if trainer.world_size > 1 else example
-        tracker = getattr(self._monitor, "tracker", None)
+        tracker: Any = getattr(self._monitor, "tracker", None)
         paused = tracker is not None and tracker.enabled
         if paused:
             tracker.pause()  # the observation forwards are not training data

@@ -84,6 +84,12 @@ class ActivationStats(Metric):
     pre_sum_bits: Tensor
     pre_sumsq_bits: Tensor
     pre_entries: Tensor
+    # the count states as stored (the properties `active`, `entries`, ... fold pending counts into them first)
+    _active: Tensor
+    _entries: Tensor
+    _samples: Tensor
+    _killed: Tensor
+    _nonfinite: Tensor
 
     def __init__(
         self,
@@ -219,7 +225,8 @@ class ActivationStats(Metric):
                 self.active = torch.zeros(num_units, dtype=torch.int64, device=output.device)
             else:
                 self.active = active.to(torch.int64)
-        return self.active
+        shaped: Tensor = self.active
+        return shaped
 
     def update_margin(self, pre_activation: Tensor) -> None:
         """Accumulate per-unit sums of one pre-activation and of its square (with ``track_margin=True``; a no-op

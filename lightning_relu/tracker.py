@@ -673,7 +673,7 @@ class _Discovery(TorchFunctionMode):
                 self.finish()
                 return
             self.roots.add(id(module))
-            self.__enter__()
+            self.__enter__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         else:
             self.callees.setdefault(id(self.stack[-1][0]), {})[name] = None
         self.stack.append((module, name, [0], {}, _redirected(module)))
@@ -683,7 +683,7 @@ class _Discovery(TorchFunctionMode):
             return
         self.stack.pop()
         if not self.stack:
-            self.__exit__(None, None, None)
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             self.hand_over()
             if module is self.tracker.model and not _redirected(module):
                 self.done = True  # the model's own forward ran whole: nothing else belongs to the first forward
@@ -762,7 +762,7 @@ class _Discovery(TorchFunctionMode):
         """Leave a forward the watch is in (an error path)."""
         if self.stack:
             self.stack.clear()
-            self.__exit__(None, None, None)
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
 
 class _FunctionalCounter(TorchFunctionMode):
@@ -803,7 +803,7 @@ class _FunctionalCounter(TorchFunctionMode):
         self.depth = 0
         if push:
             self.active = True
-            self.__enter__()
+            self.__enter__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
     def exit_parent(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if not self.runs:
@@ -814,7 +814,7 @@ class _FunctionalCounter(TorchFunctionMode):
         pushed, self.depth, self.tracker._calls[self.key] = run
         if pushed:
             self.active = False
-            self.__exit__(None, None, None)
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
 
     def enter_child(self, module: nn.Module, inputs: Any) -> None:
         self.depth += 1
@@ -826,7 +826,7 @@ class _FunctionalCounter(TorchFunctionMode):
         while self.runs:
             run = self.runs.pop()
             if run is not None and run[0]:
-                self.__exit__(None, None, None)
+                self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.active = False
         self.depth = 0
 
@@ -946,7 +946,7 @@ def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -
     for name, dim in unit_dims.items():
         site = sites.get(name)
         fixed = site is not None and (site.producer is not None or site.norm is not None)  # not merely inferred
-        if fixed and site.unit_dim != dim:
+        if fixed and site is not None and site.unit_dim != dim:
             raise ValueError(
                 f"`unit_dims` gives site {name!r} unit dimension {dim}, but its layer "
                 f"{site.producer_name or site.norm_name!r} puts its units on dimension {site.unit_dim}"

@@ -15,23 +15,15 @@ import lightning_relu.functional as functional
 from lightning_relu import ActivationStats, DeadUnitTracker
 from lightning_relu.functional import _activation_stats_update, _margin_update, activation_stats
 from lightning_relu.init import _SignFlipPass
+from tests.conftest import expected_counts
 from tests.helpers import conv_bn_net, counting_path, mlp
 
 
 def brute(output: torch.Tensor, axis: int) -> tuple[list[int], int, int]:
     """Per-unit counts of entries > 0, killed samples (whole output 0; NaN is not 0) and whether any entry is NaN or
-    Inf, with Python loops."""
-    values = output.to(torch.float64).movedim(axis, -1).reshape(output.shape[0], -1, output.shape[axis])
-    counts = [0] * output.shape[axis]
-    killed = nonfinite = 0
-    for sample in values.tolist():
-        flat = [v for block in sample for v in block]
-        for block in sample:
-            for u, v in enumerate(block):
-                counts[u] += v > 0  # NaN is not > 0, +Inf is
-        killed += all(v == 0 for v in flat)
-        nonfinite |= any(not math.isfinite(v) for v in flat)
-    return counts, killed, nonfinite
+    Inf, by the brute-force oracle (``tests.conftest.expected_counts``)."""
+    counts = expected_counts([output], axis)
+    return counts["active"], counts["killed"], int(counts["nonfinite"])
 
 
 def relu_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int, special: bool = False) -> torch.Tensor:

@@ -626,7 +626,7 @@ class AxisWatch:
         self._recorder = _Recorder(self._inputs, keep_rectifier_inputs=False)
         self._analysis = _Analysis(self._model, self._recorder, [], None)
         self.tracker._observer = self._seen
-        self._recorder.__enter__()
+        self._recorder.__enter__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         return self
 
     def stop(self) -> dict[str, int]:
@@ -634,7 +634,7 @@ class AxisWatch:
         recorder, self._recorder = self._recorder, None
         if recorder is not None:
             self.tracker._observer = None
-            recorder.__exit__(None, None, None)
+            recorder.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             self._analysis = None
         return self.adopted
 
@@ -912,7 +912,10 @@ class _Analysis:
     def _check_shared(self, site: SiteStructure, own: set[int]) -> None:
         if site.producer is None:
             return
-        tensors = [site.producer.weight.parameter, site.producer.bias.parameter if site.producer.bias else None]
+        tensors: list[Tensor | None] = [
+            site.producer.weight.parameter,
+            site.producer.bias.parameter if site.producer.bias else None,
+        ]
         tensors += [t for norm in site.norms for t in (norm.weight, norm.bias)]
         for tensor in tensors:
             if tensor is None:
