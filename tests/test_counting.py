@@ -3,34 +3,29 @@ tensors and ``torch.compile`` take): counts against brute force, the metric's st
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 import lightning_relu.functional as functional
 from lightning_relu import ActivationStats, DeadUnitTracker
+from tests.conftest import expected_counts
 from tests.helpers import counting_path
 
 
 def brute(output: torch.Tensor, unit_dim: int) -> dict:
-    """Per-unit counts, killed samples and the non-finite flag with Python loops over the entries."""
+    """Per-unit counts, killed samples and the non-finite flag, by the brute-force oracle
+    (``tests.conftest.expected_counts``) along the dimension the metric reads units from."""
     if output.ndim == 1:
         output = output.unsqueeze(1)
     axis = output.ndim - 1 if output.ndim <= 2 else unit_dim % output.ndim
-    values = output.to(torch.float64).movedim(axis, -1).reshape(output.shape[0], -1, output.shape[axis])
-    units = output.shape[axis]
-    active = [0] * units
-    killed = 0
-    for sample in values.tolist():
-        flat = [v for block in sample for v in block]
-        killed += all(v == 0 for v in flat)  # NaN is not 0: a sample holding NaN is not killed
-        for block in sample:
-            for u, v in enumerate(block):
-                active[u] += v > 0  # NaN is not > 0, +Inf is
-    nonfinite = any(not math.isfinite(v) for v in output.to(torch.float64).flatten().tolist())
-    return {"active": active, "killed": killed, "nonfinite": int(nonfinite), "samples": output.shape[0]}
+    counts = expected_counts([output], axis)
+    return {
+        "active": counts["active"],
+        "killed": counts["killed"],
+        "nonfinite": int(counts["nonfinite"]),
+        "samples": counts["samples"],
+    }
 
 
 def sample_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int, special: bool) -> torch.Tensor:
