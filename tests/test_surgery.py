@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_relu import DeadUnitTracker, RevivalWarning, revive_dead_units_
+from lightning_relu.functional import activation_stats
 
 
 def _active_share(model: nn.Module, module: nn.Module, x: Tensor, unit_dim: int) -> Tensor:
-    """Per unit, the share of its entries > 0 at ``module``'s output on ``x`` (brute force, a plain hook)."""
+    """Per unit, the share of its entries > 0 at ``module``'s output on ``x`` (a plain hook; counted by the functional
+    twin ``activation_stats``, the shared oracle of tests that are not about the counting itself)."""
     seen: list[Tensor] = []
     handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     try:
@@ -20,8 +22,7 @@ def _active_share(model: nn.Module, module: nn.Module, x: Tensor, unit_dim: int)
             model(x)
     finally:
         handle.remove()
-    out = seen[0].movedim(unit_dim, 0)
-    return (out.reshape(out.shape[0], -1) > 0).double().mean(1)
+    return activation_stats(seen[0], unit_dim).activation_rate.double()
 
 
 def _report(model: nn.Module, x: Tensor):
