@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_relu.demo import DEFAULT_OUT, VARIANTS
+from lightning_relu._demo_options import DEFAULT_OUT, VARIANTS
 from lightning_relu.initializer import ReluInitializer
 from lightning_relu.monitor import CollapseWarning, DeadUnitMonitor, DyingWarning, EpochReport
 from lightning_relu.revive import RevivalWarning

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from lightning_relu._demo_options import DEFAULT_OUT, VARIANTS
+
 if TYPE_CHECKING:
     from lightning_relu._demo import DemoResults, DemoTask, VariantResult, format_report, run_demo
 
@@ -32,16 +34,6 @@ __all__ = [
     "main",
     "run_demo",
 ]
-
-#: The variants trained by the demo, in order, with a one-line description each.
-VARIANTS: dict[str, str] = {
-    "he": "He initialization (N(0, 2/fan_in) weights, zero biases), nothing else: the baseline",
-    "rai": 'randomized asymmetric initialization (Lu et al. 2020): ReluInitializer("rai")',
-    "sign_flip": 'He, then data-dependent sign flipping (Rister & Rubin): ReluInitializer("sign_flip")',
-    "he_revival": "He, and dead units revived after every epoch: DeadUnitMonitor(revive=True)",
-}
-
-DEFAULT_OUT = os.path.join("lightning_logs", "demo")
 
 # names defined by the demo's training module, imported on first use
 _TRAINING_NAMES = ("DemoResults", "DemoTask", "VariantResult", "format_report", "run_demo")

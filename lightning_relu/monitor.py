@@ -251,6 +251,8 @@ class DeadUnitMonitor(Callback):
         self._nonfinite_warned: set[str] = set()
         self._at_risk_warned: set[str] = set()
         self._listeners: list[ReportListener] = []
+        # the revivers of the Trainer's callbacks that follow this monitor, found at fit start (see `_revivers`)
+        self._followers: list[DeadUnitReviver] = []
         self._axis_watch: AxisWatch | None = None  # the first step's recording, while it runs
         # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
         self._window: dict[str, Any] | None = None
@@ -329,11 +331,18 @@ class DeadUnitMonitor(Callback):
             rank_zero_warn(nothing, category=RuntimeWarning)
         tracker._no_sites_warning = (nothing, RuntimeWarning)  # said after the first forward, where it looks
         self.tracker = tracker
+        self._followers = []
         if self.reviver is not None:
             self.reviver.attach(self, pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # every callback's `setup` has run: a reviver among them follows its monitor by now
+        self._followers = [
+            cb
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if isinstance(cb, DeadUnitReviver) and cb.monitor is self and cb is not self.reviver
+        ]
         if self.reviver is not None and self.reviver not in trainer.callbacks:  # type: ignore[attr-defined]
             self.reviver.on_fit_start(trainer, pl_module)  # refuses a sharded model before the first step
         if self.tracker is None or (not self.tracker.sites and not self.tracker.discovering):
@@ -534,7 +543,15 @@ class DeadUnitMonitor(Callback):
         self._check_at_risk(report)
         for listener in list(self._listeners):
             listener(trainer, pl_module, report)
+        for reviver in self._revivers():  # the remedies act before a collapse can stop the fit
+            reviver.revive_after_report(trainer, pl_module, report)
         self._check_collapse(trainer, report)
+
+    def _revivers(self) -> list[DeadUnitReviver]:
+        """The revivers this monitor drives: its own :attr:`reviver`, then those of the Trainer's callbacks that
+        follow it, in the Trainer's order."""
+        own = [self.reviver] if self.reviver is not None else []
+        return own + [reviver for reviver in self._followers if reviver is not self.reviver]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -794,13 +811,7 @@ class DeadUnitMonitor(Callback):
 
     def revived_totals(self) -> dict[str, int] | None:
         """Units revived per site over the fit, by the reviver acting on this monitor's reports (None: no reviver)."""
-        revivers = [self.reviver] if self.reviver is not None else []
-        revivers += [
-            getattr(listener, "__self__", None)
-            for listener in self._listeners
-            if isinstance(getattr(listener, "__self__", None), DeadUnitReviver)
-            and getattr(listener, "__self__", None) is not self.reviver
-        ]
+        revivers = self._revivers()
         if not revivers:
             return None
         totals: dict[str, int] = {}

@@ -39,7 +39,7 @@ from lightning_relu.sites import (
 )
 from lightning_relu.stats import LayerReport
 from lightning_relu.structure import ModuleCall, ObservationError, RootCallWatch, example_from_batch, observe
-from lightning_relu.surgery import reset_optimizer_state, revive_observed_
+from lightning_relu.surgery import RevivalWarning, reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
     from lightning_relu.monitor import DeadUnitMonitor, EpochReport
@@ -52,10 +52,6 @@ INIT_MODES: tuple[str, ...] = ("default", "kaiming", "rai")
 _CONV_TYPES: tuple[type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _AFFINE = ("weight", "bias")
 _BATCH_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-class RevivalWarning(RuntimeWarning):
-    """A revival could not be done exactly as asked (no producer, no consumer, a norm that mixes units)."""
 
 
 # ------------------------------------------------------------------------------------------------ surgery
@@ -579,6 +575,14 @@ def _zero_consumer(site: Site, consumer: Consumer, units: Tensor, touched: dict[
 
 
 # ------------------------------------------------------------------------------------------------ callback
+def _publishes_reports(callback: Any) -> bool:
+    """Whether ``callback`` is a :class:`~lightning_relu.DeadUnitMonitor`, told by its public interface: the monitor
+    imports this module (``DeadUnitMonitor(revive=True)``), so this module never imports the monitor's."""
+    return isinstance(callback, Callback) and all(
+        callable(getattr(callback, name, None)) for name in ("add_report_listener", "remove_report_listener")
+    )
+
+
 class DeadUnitReviver(Callback):
     r"""Revive the dead units after each training epoch's dead-unit report, with :func:`revive_dead_units_`.
 
@@ -684,14 +688,34 @@ class DeadUnitReviver(Callback):
         return sum(sum(entry["revived"].values()) for entry in self.history)
 
     # --------------------------------------------------------------- wiring
+    @property
+    def monitor(self) -> DeadUnitMonitor | None:
+        """The monitor whose reports this reviver acts on (``None`` while it follows none)."""
+        return self._monitor
+
     def attach(self, monitor: DeadUnitMonitor, pl_module: nn.Module | None = None) -> None:
         """Act on ``monitor``'s reports from now on (idempotent; replaces a previous monitor).
 
-        ``DeadUnitMonitor(revive=...)`` calls it from its own ``setup``; a reviver in the Trainer's callbacks calls
-        it itself. With ``pl_module``, the ``exclude`` names are checked against the model's sites (``ValueError``).
+        The monitor drives its reviver: after each epoch's report it calls :meth:`revive_after_report`. A reviver
+        that is not itself among the Trainer's callbacks becomes the monitor's
+        :attr:`~lightning_relu.DeadUnitMonitor.reviver`, as with ``DeadUnitMonitor(revive=reviver)`` (whose
+        ``setup`` calls this method); ``ValueError`` when the monitor holds another reviver. A reviver in the
+        Trainer's callbacks needs no call: its ``setup`` follows the monitor it finds there. With ``pl_module``,
+        the ``exclude`` names are checked against the model's sites (``ValueError``).
         """
-        if not callable(getattr(monitor, "add_report_listener", None)):
+        if not _publishes_reports(monitor):
             raise ValueError(f"`monitor` must be a `DeadUnitMonitor`, got {type(monitor).__name__}")
+        held = getattr(monitor, "reviver", None)
+        if held is not None and held is not self:
+            raise ValueError(
+                f"`monitor` drives another `DeadUnitReviver` already ({held!r}): give each monitor one reviver"
+            )
+        self._follow(monitor, pl_module)
+        if held is None:
+            monitor.reviver = self
+
+    def _follow(self, monitor: DeadUnitMonitor, pl_module: nn.Module | None) -> None:
+        """Take ``monitor``'s sites and act on its reports (the monitor calls :meth:`revive_after_report`)."""
         # the monitor's tracker found the sites already (with tracing, as revival needs): one discovery per fit
         tracker: Any = getattr(monitor, "tracker", None)
         traced = getattr(monitor, "trace", False) is True and tracker is not None and tracker.model is pl_module
@@ -702,14 +726,12 @@ class DeadUnitReviver(Callback):
         if self._monitor is not None and self._monitor is not monitor:
             self.detach()
         self._monitor = monitor
-        monitor.add_report_listener(self._on_report)
 
     def detach(self) -> None:
-        """Stop acting on the monitor's reports, and stop watching the training steps (idempotent)."""
+        """Stop following the monitor and watching the training steps (idempotent). A monitor that holds this reviver
+        as its ``reviver`` has it follow again in its next fit's ``setup`` (set ``monitor.reviver = None`` to stop)."""
         self._stop_watch()
-        monitor, self._monitor = self._monitor, None
-        if monitor is not None:
-            monitor.remove_report_listener(self._on_report)
+        self._monitor = None
 
     # ------------------------------------------------------------ lifecycle
     def _start_afresh(self) -> None:
@@ -728,9 +750,7 @@ class DeadUnitReviver(Callback):
             return
         if starts_afresh(trainer):
             self._start_afresh()
-        from lightning_relu.monitor import DeadUnitMonitor  # here: monitor.py imports this module
-
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, DeadUnitMonitor)]  # type: ignore[attr-defined]
+        monitors = [cb for cb in trainer.callbacks if _publishes_reports(cb)]  # type: ignore[attr-defined]
         if self._monitor is not None and self._monitor in monitors:
             monitors = [self._monitor]
         if not monitors:
@@ -744,7 +764,7 @@ class DeadUnitReviver(Callback):
                 "tell which one to follow: give the reviver to one of them, "
                 "`DeadUnitMonitor(revive=DeadUnitReviver())`."
             )
-        self.attach(monitors[0], pl_module)
+        self._follow(monitors[0], pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -867,7 +887,10 @@ class DeadUnitReviver(Callback):
             self._resolved_seed = int(trainer.strategy.broadcast(torch.initial_seed() % 2**62, src=0))
         return torch.Generator().manual_seed((self._resolved_seed + epoch) % 2**63)
 
-    def _on_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: EpochReport) -> None:
+    def revive_after_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: EpochReport) -> None:
+        """Revive the dead units of ``report``, one epoch's report reduced across processes, after every
+        ``every_n_epochs``-th epoch. The monitor the reviver follows calls it on every rank, right after it has
+        logged the report (not a Lightning hook)."""
         try:
             self._revive_after(trainer, pl_module, report)
         finally:

@@ -32,7 +32,15 @@ from torch.optim import Optimizer
 from lightning_relu.structure import SiteStructure, call_model, observe, preserved_state
 from lightning_relu.structure.observation import _tensors
 
-__all__ = ["reset_optimizer_state", "revive_observed_"]
+__all__ = ["RevivalWarning", "reset_optimizer_state", "revive_observed_"]
+
+
+class RevivalWarning(RuntimeWarning):
+    """A revival could not be done exactly as asked (no producer, no consumer, a norm that mixes units).
+
+    Public as :class:`lightning_relu.RevivalWarning` and ``lightning_relu.revive.RevivalWarning`` (the same class);
+    defined here, with the surgery that raises it, so that the surgery never imports :mod:`lightning_relu.revive`.
+    """
 
 
 class _Writes:
@@ -88,8 +96,6 @@ def revive_observed_(
 
     Returns the number of units revived per site of ``dead`` not in ``excluded``.
     """
-    from lightning_relu.revive import RevivalWarning  # the public warning class lives with the public function
-
     if sites is None:
         from lightning_relu.sites import find_relu_sites
 
