@@ -49,7 +49,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
 
+from lightning_relu._compat import CONV_TYPES
 from lightning_relu.functional import counting
+from lightning_relu.sites import could_be_functional, matches_site
 from lightning_relu.structure import SiteStructure, Structure, observe
 from lightning_relu.structure.observation import (
     _CAST_OPS,
@@ -183,7 +185,7 @@ def compact(
     reference = copy.deepcopy(model).eval()
     structure = observe(reference, example_input, keep_values=True)
     if masks is not None:
-        _validate(masks, structure)
+        _validate(masks, structure, model)
     certified: dict[str, Tensor] = {}
     certify_notes: dict[str, str] = {}
     if box is not None:
@@ -285,8 +287,15 @@ def _masks(report: Any) -> dict[str, Tensor]:
     return masks
 
 
-def _validate(masks: dict[str, Tensor], structure: Structure) -> None:
-    unknown = [name for name in masks if name not in structure.known]
+def _validate(masks: dict[str, Tensor], structure: Structure, model: nn.Module) -> None:
+    # a functional call or later call position the observed forward did not reach (an auxiliary head that runs in
+    # training only) is the model's all the same: its units stay, as for any site the forward does not reach
+    known = list(structure.known)
+    unknown = [
+        name
+        for name in masks
+        if name not in structure.known and not matches_site(name, known) and not could_be_functional(name, model)
+    ]
     if unknown:
         raise ValueError(
             f"The report has site {unknown[0]!r} that the model does not have (the model's sites are "
@@ -538,7 +547,7 @@ def _set(model: nn.Module, name: str, value: Tensor) -> None:
     if isinstance(old, nn.Parameter):
         setattr(module, attribute, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
     else:
-        module._buffers[attribute] = value.detach().clone()
+        setattr(module, attribute, value.detach().clone())  # a buffer stays one, persistent or not
 
 
 def _apply(model: nn.Module, cut: _Cut) -> None:
@@ -557,7 +566,7 @@ def _apply(model: nn.Module, cut: _Cut) -> None:
                 if item.bias is not None:
                     bias = model.get_parameter(item.bias)
                     _set(model, item.bias, bias[rows.to(bias.device)])
-                if isinstance(module, nn.modules.conv._ConvNd):
+                if isinstance(module, CONV_TYPES):
                     module.groups = len(kept_groups)
                     module.out_channels = new.shape[0]
                     module.in_channels = weight.shape[1] * len(kept_groups)
@@ -571,7 +580,7 @@ def _apply(model: nn.Module, cut: _Cut) -> None:
                 _set(model, item.bias, bias[rows.to(bias.device)])
             if isinstance(module, nn.Linear):
                 module.out_features, module.in_features = new.shape[0], new.shape[1]
-            elif isinstance(module, nn.modules.conv._ConvNd):
+            elif isinstance(module, CONV_TYPES):
                 module.out_channels, module.in_channels = new.shape[0], new.shape[1]
         touched: set[str] = set()
         for name, channels in cut.norms.items():
@@ -887,22 +896,24 @@ def _compact_checkpoint(
     import importlib
     import os
 
-    from lightning_relu.monitor import EpochReport
+    from lightning_relu.monitor import EpochReport, _saved_reports
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise ValueError(f"{path!r} is not a Lightning checkpoint (no `state_dict`)")
-    history = [
-        state["history"]
+    # the monitor's latest report (a checkpoint of an older version holds every epoch's: the latest is taken)
+    reports = [
+        _saved_reports(dict(state))
         for key, state in dict(checkpoint.get("callbacks", {})).items()
-        if str(key).startswith("DeadUnitMonitor") and isinstance(state, Mapping) and state.get("history")
+        if str(key).startswith("DeadUnitMonitor") and isinstance(state, Mapping)
     ]
-    if not history:
+    reports = [found for found in reports if found]
+    if not reports:
         raise ValueError(
             f"{path!r} holds no `DeadUnitMonitor` report: train with `DeadUnitMonitor()` among the callbacks (its "
-            "history is saved in the checkpoint)"
+            "latest epoch's report is saved in the checkpoint)"
         )
-    report = EpochReport.from_state_dict(history[0][-1])
+    report = EpochReport.from_state_dict(reports[0][-1])
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     if model_spec is None:
         model_spec = _DEMO_MODEL

@@ -593,3 +593,38 @@ def test_compact_on_fit_end_needs_a_monitor(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="needs a `DeadUnitMonitor`"):
         trainer.fit(BoringModel())
+
+
+class _AuxHead(nn.Module):
+    """A trunk, and an auxiliary head with a rectifier function that runs in training only (GoogLeNet's aux heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+        self.aux = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.trunk.bias[:2] = -1e4
+            self.aux.bias[0] = -1e4
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.nn.functional.relu(self.trunk(x))
+        out = self.head(h)
+        if self.training:
+            out = out + torch.nn.functional.relu(self.aux(h)).sum(1, keepdim=True)
+        return out
+
+
+def test_a_site_only_training_reaches_stays_with_its_reason() -> None:
+    model = _AuxHead()
+    x = torch.randn(16, 4)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(x)  # training mode: the aux head's call is a site
+    report = tracker.report()
+    assert set(report) == {"relu", "relu_1"} and int(report["relu_1"].dead.sum()) == 1
+    small, sites = compact(model.eval(), report, x)
+    assert sites["relu"].removed == 2 and small.trunk.out_features == 4
+    assert sites["relu_1"].removed == 0 and "does not reach" in str(sites["relu_1"].reason)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
