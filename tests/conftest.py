@@ -1,22 +1,26 @@
 """Shared fixtures and the one brute-force oracle of the test suite.
 
 The oracle, :func:`expected_counts`, measures the activity of one site from its outputs with plain boolean logic on a
-float64 copy (exact for every floating dtype), independent of the code under test: it is what the tests of the counting
-itself (``tests/test_tracker*.py``, ``tests/test_monitor*.py``, ``tests/test_functional.py``, ``tests/test_stats.py``,
-``tests.helpers.brute_force``) compare with. ``lightning_relu.functional.activation_stats``, the functional twin of
-``ActivationStats``, is the package's own counting: tests of something else that need the counts of one tensor (the
-reviver, compaction, the dashboards) may use it, never a test of the counting (it would check the code with itself).
-``tests/zoo/oracle.py`` stays the zoo's own oracle (it dispatches on the zoo's model kinds and reuses this one's rules).
+float64 copy (exact for every floating dtype), independent of the code under test. The tests of the counting itself
+compare with it: directly (``tests/test_tracker_models.py``, ``tests/test_monitor_*.py``, ``tests/test_functional.py``,
+``tests/test_counting.py``) or through ``tests.helpers.brute_force``, which replays an ``nn.Sequential`` layer by layer
+and measures each ReLU output with it (``tests/test_monitor.py``, ``tests/test_tracker.py`` and others).
 
-Fixtures: ``oracle`` (the function above), ``trainer_factory`` (``tests.helpers.make_trainer``: a small CPU Trainer).
+``lightning_relu.functional.activation_stats``, the functional twin of ``ActivationStats``, is the package's own
+counting: tests of something else that need the counts of one tensor use it (``tests/test_surgery.py``: the activity
+of revived units), never a test of the counting (it would check the code with itself).
+
+``tests/zoo/oracle.py`` stays the zoo's own oracle: it records every rectifier operation at the ATen dispatcher level,
+where the zoo's real models have no hand-written replay.
+
+Fixtures: ``path``, each counting path in turn (``"cpu"``, ``"plain"``), for the tests of the counting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
 from torch import Tensor
@@ -56,15 +60,11 @@ def expected_counts(outputs: list[Tensor], unit_axis: int) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def oracle() -> Callable[[list[Tensor], int], dict[str, Any]]:
-    """The brute-force oracle, :func:`expected_counts`."""
-    return expected_counts
+@pytest.fixture(params=["cpu", "plain"])
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each counting path in turn (``tests.helpers.counting_path``): ``"cpu"`` (chunks of samples into reused buffers)
+    and ``"plain"`` (the ATen operations that GPU tensors, tensor subclasses and ``torch.compile`` take)."""
+    from tests.helpers import counting_path
 
-
-@pytest.fixture
-def trainer_factory() -> Callable[..., L.Trainer]:
-    """``tests.helpers.make_trainer``: ``trainer_factory(tmp_path, callbacks, **overrides)``."""
-    from tests.helpers import make_trainer
-
-    return make_trainer
+    with counting_path(request.param):
+        yield request.param

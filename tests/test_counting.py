@@ -10,7 +10,6 @@ from torch import nn
 import lightning_relu.functional as functional
 from lightning_relu import ActivationStats, DeadUnitTracker
 from tests.conftest import expected_counts
-from tests.helpers import counting_path
 
 
 def brute(output: torch.Tensor, unit_dim: int) -> dict:
@@ -48,12 +47,6 @@ SHAPES = [
     ((4, 10, 10), 1),  # one sample per chunk
     ((40,), -1),  # one unit per sample
 ]
-
-
-@pytest.fixture(params=["cpu", "plain"])
-def path(request):
-    with counting_path(request.param):
-        yield request.param
 
 
 @pytest.mark.parametrize(("shape", "unit_dim"), SHAPES)

@@ -37,12 +37,6 @@ def relu_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int, special: 
     return out
 
 
-@pytest.fixture(params=["cpu", "plain"])
-def path(request):
-    with counting_path(request.param):
-        yield request.param
-
-
 def check(out: torch.Tensor, axis: int, unit_dim: int | None) -> None:
     """Twice through the same workspace (the second count reuses it), against brute force."""
     expected_counts, expected_killed, expected_nonfinite = brute(out, axis)
