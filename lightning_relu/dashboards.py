@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from lightning_relu.monitor import EpochReport
+    from lightning_relu.report import EpochReport
 
 __all__ = [
     "HEATMAP_TAG",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -26,6 +25,7 @@ from lightning_relu.dashboards import (
     print_summary,
     summary_markdown,
 )
+from lightning_relu.report import EpochReport
 from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.sites import could_be_functional, matches_site
 from lightning_relu.stats import LayerReport, _check_eps
@@ -54,72 +54,6 @@ _NO_STEP = 2**62
 
 class CollapseError(RuntimeError):
     """Raised by ``DeadUnitMonitor(on_collapse="raise")`` when a site collapses."""
-
-
-@dataclass(eq=False)
-class EpochReport:
-    """The monitor's report for one training epoch.
-
-    Attributes:
-        epoch: the training epoch.
-        global_step: the global step at its end.
-        layers: the per-site reports, keyed by site name.
-        partial: the counts cover only part of the epoch (a fit resumed from a checkpoint that could not carry
-            them, or whose options differ); no remedy acts on such a report.
-        partial_reason: why, when ``partial``.
-        first_nonfinite_step: the global step of the first training batch in which a site produced NaN or Inf
-            (``None`` when none did, or when not known).
-    """
-
-    epoch: int
-    global_step: int
-    layers: dict[str, LayerReport] = field(default_factory=dict)
-    partial: bool = False
-    partial_reason: str = ""
-    first_nonfinite_step: int | None = None
-
-    @property
-    def total_units(self) -> int:
-        """Units of the sites that saw data and stayed finite."""
-        return sum(r.num_units for r in self.layers.values() if r.seen and not r.nonfinite)
-
-    @property
-    def total_dead(self) -> int:
-        return sum(r.num_dead for r in self.layers.values() if r.seen and not r.nonfinite)
-
-    @property
-    def dead_fraction(self) -> float:
-        """Dead units over all units of the finite sites that saw data (0.0 when none did)."""
-        total = self.total_units
-        return self.total_dead / total if total else 0.0
-
-    @property
-    def nonfinite_sites(self) -> list[str]:
-        """The sites that produced NaN or Inf in the epoch (never reported as dead), in report order."""
-        return [name for name, report in self.layers.items() if report.nonfinite]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "layers": [report.state_dict() for report in self.layers.values()],
-            "partial": self.partial,
-            "partial_reason": self.partial_reason,
-            "first_nonfinite_step": self.first_nonfinite_step,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> EpochReport:
-        layers = [LayerReport.from_state_dict(s) for s in state.get("layers", [])]
-        first = state.get("first_nonfinite_step")
-        return cls(
-            epoch=int(state.get("epoch", -1)),
-            global_step=int(state.get("global_step", -1)),
-            layers={report.name: report for report in layers},
-            partial=bool(state.get("partial", False)),
-            partial_reason=str(state.get("partial_reason", "")),
-            first_nonfinite_step=None if first is None else int(first),
-        )
 
 
 ReportListener = Callable[["pl.Trainer", "pl.LightningModule", EpochReport], None]

@@ -1,14 +1,17 @@
-"""``LayerReport``: what one rectifier site did over a window, computed from its counts."""
+"""``LayerReport``: what one rectifier site did over a window, computed from its counts; ``EpochReport``: every
+site's, for one training epoch of the monitor (public as ``lightning_relu.EpochReport`` and
+``lightning_relu.monitor.EpochReport``, the same class)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LayerReport"]
+__all__ = ["EpochReport", "LayerReport"]
 
 
 class LayerReport:
@@ -218,4 +221,70 @@ class LayerReport:
             f"LayerReport(name={self.name!r}, num_units={self.num_units}, num_dead={self.num_dead}, "
             f"dead_fraction={self.dead_fraction:.4g}, living_data_fraction={self.living_data_fraction:.4g}, "
             f"samples={self.samples}{', nonfinite=True' if self.nonfinite else ''})"
+        )
+
+
+@dataclass(eq=False)
+class EpochReport:
+    """The monitor's report for one training epoch.
+
+    Attributes:
+        epoch: the training epoch.
+        global_step: the global step at its end.
+        layers: the per-site reports, keyed by site name.
+        partial: the counts cover only part of the epoch (a fit resumed from a checkpoint that could not carry
+            them, or whose options differ); no remedy acts on such a report.
+        partial_reason: why, when ``partial``.
+        first_nonfinite_step: the global step of the first training batch in which a site produced NaN or Inf
+            (``None`` when none did, or when not known).
+    """
+
+    epoch: int
+    global_step: int
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    partial: bool = False
+    partial_reason: str = ""
+    first_nonfinite_step: int | None = None
+
+    @property
+    def total_units(self) -> int:
+        """Units of the sites that saw data and stayed finite."""
+        return sum(r.num_units for r in self.layers.values() if r.seen and not r.nonfinite)
+
+    @property
+    def total_dead(self) -> int:
+        return sum(r.num_dead for r in self.layers.values() if r.seen and not r.nonfinite)
+
+    @property
+    def dead_fraction(self) -> float:
+        """Dead units over all units of the finite sites that saw data (0.0 when none did)."""
+        total = self.total_units
+        return self.total_dead / total if total else 0.0
+
+    @property
+    def nonfinite_sites(self) -> list[str]:
+        """The sites that produced NaN or Inf in the epoch (never reported as dead), in report order."""
+        return [name for name, report in self.layers.items() if report.nonfinite]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "layers": [report.state_dict() for report in self.layers.values()],
+            "partial": self.partial,
+            "partial_reason": self.partial_reason,
+            "first_nonfinite_step": self.first_nonfinite_step,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> EpochReport:
+        layers = [LayerReport.from_state_dict(s) for s in state.get("layers", [])]
+        first = state.get("first_nonfinite_step")
+        return cls(
+            epoch=int(state.get("epoch", -1)),
+            global_step=int(state.get("global_step", -1)),
+            layers={report.name: report for report in layers},
+            partial=bool(state.get("partial", False)),
+            partial_reason=str(state.get("partial_reason", "")),
+            first_nonfinite_step=None if first is None else int(first),
         )

@@ -42,7 +42,8 @@ from lightning_relu.structure import ModuleCall, ObservationError, RootCallWatch
 from lightning_relu.surgery import RevivalWarning, reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
-    from lightning_relu.monitor import DeadUnitMonitor, EpochReport
+    from lightning_relu.monitor import DeadUnitMonitor
+    from lightning_relu.report import EpochReport
 
 __all__ = ["INIT_MODES", "DeadUnitReviver", "RevivalWarning", "revive_dead_units_"]
 

@@ -72,22 +72,24 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _run_time_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node of ``tree`` that can run: the body of ``if TYPE_CHECKING:`` left out (its ``else`` kept)."""
+def _run_time_nodes(tree: ast.AST, type_checking: bool = False) -> list[ast.AST]:
+    """Every node of ``tree`` that can run: the body of ``if TYPE_CHECKING:`` left out (its ``else`` kept), unless
+    ``type_checking``."""
     found: list[ast.AST] = []
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
         found.append(node)
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node.test):
             stack.extend(node.orelse)
             continue
         stack.extend(ast.iter_child_nodes(node))
     return found
 
 
-def import_graph(package_dir: Path) -> list[Edge]:
-    """Every run-time import between two modules of the package at ``package_dir`` (see the module docstring)."""
+def import_graph(package_dir: Path, type_checking: bool = False) -> list[Edge]:
+    """Every run-time import between two modules of the package at ``package_dir`` (see the module docstring);
+    with ``type_checking``, the imports under ``if TYPE_CHECKING:`` too."""
     root = package_dir.name
     modules = _module_files(package_dir)
     lazy = {name: f"{root}.{sub}" for name, sub in _lazy_table(package_dir / "__init__.py").items()}
@@ -105,7 +107,7 @@ def import_graph(package_dir: Path) -> list[Edge]:
                 return lazy[name]
             return base if base in modules and base != root else None
 
-        for node in _run_time_nodes(ast.parse(path.read_text(), str(path))):
+        for node in _run_time_nodes(ast.parse(path.read_text(), str(path)), type_checking):
             targets: list[str | None] = []
             if isinstance(node, ast.Import):
                 targets = [resolve(alias.name, None) for alias in node.names if alias.name.split(".")[0] == root]
@@ -292,6 +294,10 @@ def test_the_data_flows_one_way() -> None:
         assert p + "monitor" not in reaches(p + remedy), f"{p + remedy} reaches {p}monitor"
     # the demo's runner never reaches the command line that launches it
     assert p + "demo" not in reaches(p + "_demo")
+    # the dashboards take the reports as data: they do not name the monitor even for the type checker
+    typed = {(e.source, e.target) for e in import_graph(PACKAGE_DIR, type_checking=True)}
+    assert (p + "dashboards", p + "report") in typed
+    assert not any(source == p + "dashboards" and target == p + "monitor" for source, target in typed)
 
 
 # --- the scanner itself, on a made-up package whose import graph is known ---
@@ -380,6 +386,8 @@ def test_scanner_names_each_cycle_with_its_import_lines(tmp_path: Path) -> None:
     cycles = find_cycles(import_graph(pkg))
     chains = sorted(tuple(e.source.removeprefix("pkg.") for e in cycle) for cycle in cycles)
     assert chains == [("monitor", "revive"), ("sub", "w"), ("x", "y", "z")]
+    typed = sorted(tuple(e.source.removeprefix("pkg.") for e in c) for c in find_cycles(import_graph(pkg, True)))
+    assert typed == [("leaf", "typed"), ("monitor", "revive"), ("sub", "w"), ("x", "y", "z")]
     text = describe(next(c for c in cycles if c[0].source == "pkg.monitor"))
     assert text.splitlines() == [
         "pkg.monitor -> pkg.revive -> pkg.monitor",
