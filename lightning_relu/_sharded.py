@@ -1,16 +1,42 @@
-"""Refusing models whose parameters are sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""Refusing models whose weights the initializers and revival cannot write for good: FSDP2 shards and DeepSpeed.
 
-FSDP2 holds each parameter as a ``DTensor`` shard. The initializers and revival write rows, columns and single
-entries of parameters and read whole weights; on shards they would fail half way with raw ``DTensor`` errors, or
-write into the unsharded copies that FSDP2 frees after the forward. Until they write through the shards, they refuse
-such a model before changing anything.
+FSDP2 (``torch.distributed.fsdp.fully_shard``) holds each parameter as a ``DTensor`` shard. The initializers and
+revival write rows, columns and single entries of parameters and read whole weights; on shards they would fail half
+way with raw ``DTensor`` errors, or write into the unsharded copies that FSDP2 frees after the forward.
+
+DeepSpeed keeps weights of its own beside the model's: ZeRO stages 1 and 2 (and its bf16/fp16 optimizers) hold fp32
+master partitions in the optimizer and copy them over the model's parameters at every ``engine.step()``; ZeRO-3
+partitions the parameters themselves (``ds_id``, ``ds_tensor``: the module's ``weight`` is an empty placeholder
+outside a forward). A unit revived in the model would be reverted by the next step, and a report of revived units
+would be wrong.
+
+Until they write through the shards and the master weights, the initializers and revival refuse such a model, such
+an optimizer or such a trainer before changing anything. Neither ``torch.distributed.tensor`` nor ``deepspeed`` is
+imported here: a model cannot hold their objects unless its program imported them (``sys.modules``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
+
+_FSDP2_ADVICE = (
+    "Initialize the model before sharding it (in `configure_model`, before `fully_shard`), and train without "
+    "revival under FSDP2."
+)
+_DEEPSPEED_ADVICE = (
+    "DeepSpeed keeps fp32 master weights and optimizer state of its own, and the next `engine.step()` would copy "
+    "them back over the change. Nothing was changed. Initialize the model before `deepspeed.initialize` (under "
+    "Lightning: before `DeepSpeedStrategy` wraps it, e.g. in the module's `__init__`), and train without revival "
+    "under DeepSpeed."
+)
+# parameter attributes that DeepSpeed sets: ZeRO-3's partitioned parameters (checked on deepspeed 0.19.8), and the
+# link from a model parameter to its fp32 master fragment (ZeRO stages 1 and 2, the bf16 optimizer)
+_ZERO3_MARK = "ds_id"
+_MASTER_MARK = "_hp_mapping"
 
 
 def sharded_parameters(model: nn.Module) -> list[str]:
@@ -21,14 +47,101 @@ def sharded_parameters(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if isinstance(param, dtensor)]
 
 
-def refuse_sharded(model: nn.Module, function: str, argument: str = "model") -> None:
-    """Raise ``ValueError`` naming ``function`` and the sharded parameters when ``model`` holds any."""
+def _shown(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _deepspeed_class(module: str, name: str) -> type | None:
+    """A DeepSpeed class, only where the program imported it (``None`` otherwise: nothing can be an instance)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def _engine_reason(model: nn.Module) -> str | None:
+    """Why a ``DeepSpeedEngine`` passed as the model keeps master weights; ``None`` for an engine that keeps none
+    (ZeRO stage 0 in fp32 with a torch optimizer: the optimizer steps the model's own parameters)."""
+    engine = _deepspeed_class("deepspeed.runtime.engine", "DeepSpeedEngine")
+    if engine is None or not isinstance(model, engine):
+        return None
+    stage = _call(model, "zero_optimization_stage", 0)
+    mixed = [name for name in ("fp16", "bfloat16") if _call(model, f"{name}_enabled", False)]
+    optimizer = getattr(model, "optimizer", None)
+    if not (stage or mixed or _is_deepspeed_optimizer(optimizer)):
+        return None
+    how = f"ZeRO stage {stage}" + (f", {mixed[0]}" if mixed else "")
+    return f"it is a DeepSpeed engine (`{type(model).__name__}`, {how})"
+
+
+def _call(obj: Any, method: str, default: Any) -> Any:
+    function = getattr(obj, method, None)
+    try:
+        return function() if callable(function) else default
+    except Exception:  # an engine half set up: its config says nothing
+        return default
+
+
+def _is_deepspeed_optimizer(optimizer: Any) -> bool:
+    base = _deepspeed_class("deepspeed.runtime.base_optimizer", "DeepSpeedOptimizer")
+    return base is not None and isinstance(optimizer, base)
+
+
+def _parameters_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s parameters belong to a DeepSpeed engine (partitioned by ZeRO-3, or linked to fp32 masters)."""
+    partitioned = [name for name, param in model.named_parameters() if hasattr(param, _ZERO3_MARK)]
+    if partitioned:
+        return (
+            f"its parameters {_shown(partitioned)} ({len(partitioned)} in all) are partitioned by DeepSpeed ZeRO "
+            "stage 3 (outside a forward each holds an empty placeholder; the weights are `ds_tensor` partitions)"
+        )
+    linked = [name for name, param in model.named_parameters() if hasattr(param, _MASTER_MARK)]
+    if linked:
+        return (
+            f"its parameters {_shown(linked)} ({len(linked)} in all) are copies of fp32 master weights that a "
+            "DeepSpeed optimizer holds (ZeRO stage 1 or 2, or bf16)"
+        )
+    return None
+
+
+def _optimizers_of(optimizer: Any) -> list[Any]:
+    """The optimizers given, without consuming an iterator (the caller's own check reads it)."""
+    if isinstance(optimizer, (list, tuple, set, frozenset)):
+        return list(optimizer)
+    return [] if optimizer is None or isinstance(optimizer, Iterable) else [optimizer]
+
+
+def _strategy_reason(trainer: Any) -> str | None:
+    strategy = getattr(trainer, "strategy", None)
+    for module in ("lightning.pytorch.strategies.deepspeed", "pytorch_lightning.strategies.deepspeed"):
+        deepspeed_strategy = getattr(sys.modules.get(module), "DeepSpeedStrategy", None)
+        if deepspeed_strategy is not None and isinstance(strategy, deepspeed_strategy):
+            return f"the trainer's strategy is `{type(strategy).__name__}`, which wraps the model in a DeepSpeed engine"
+    return None
+
+
+def refuse_sharded(
+    model: nn.Module, function: str, argument: str = "model", *, optimizer: Any = None, trainer: Any = None
+) -> None:
+    """Raise ``ValueError`` naming ``function``, the argument and why, when ``model`` is sharded by FSDP2 or managed by
+    DeepSpeed (an engine, ZeRO-3 partitions, parameters linked to master weights), when ``optimizer`` (one or a
+    list) is a DeepSpeed optimizer, or when ``trainer`` runs Lightning's ``DeepSpeedStrategy``."""
     sharded = sharded_parameters(model)
-    if not sharded:
+    if sharded:
+        raise ValueError(
+            f"`{function}` cannot write into `{argument}`: its parameters {_shown(sharded)} ({len(sharded)} in all) "
+            f"are DTensor shards of FSDP2 (`fully_shard`), which it does not support yet. Nothing was changed. "
+            + _FSDP2_ADVICE
+        )
+    reason = _strategy_reason(trainer)
+    if "deepspeed" not in sys.modules and reason is None:  # no DeepSpeed class or mark exists before its import
         return
-    shown = ", ".join(repr(name) for name in sharded[:3]) + (", ..." if len(sharded) > 3 else "")
-    raise ValueError(
-        f"`{function}` cannot write into `{argument}`: its parameters {shown} ({len(sharded)} in all) are DTensor "
-        "shards of FSDP2 (`fully_shard`), which it does not support yet. Nothing was changed. Initialize the model "
-        "before sharding it (in `configure_model`, before `fully_shard`), and train without revival under FSDP2."
-    )
+    if reason is None and isinstance(model, nn.Module):
+        reason = _engine_reason(model) or _parameters_reason(model)
+    if reason is not None:
+        raise ValueError(f"`{function}` cannot write into `{argument}`: {reason}. {_DEEPSPEED_ADVICE}")
+    for given in _optimizers_of(optimizer):
+        if _is_deepspeed_optimizer(given):
+            kind = type(given)
+            raise ValueError(
+                f"`{function}` cannot use `optimizer`: it is a DeepSpeed optimizer (`{kind.__name__}` of "
+                f"`{kind.__module__}`), which steps fp32 master weights of its own rather than `{argument}`'s "
+                f"parameters. {_DEEPSPEED_ADVICE}"
+            )
