@@ -16,9 +16,8 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 
+from lightning_relu._compat import BATCH_NORM_TYPES, CONV_TYPES
 from lightning_relu._sharded import refuse_sharded
 from lightning_relu.sites import Site, find_relu_sites, may_call_rectifiers
 from lightning_relu.structure import ObservationError, call_model
@@ -87,7 +86,7 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
         return module
     if not isinstance(module, nn.Module):
         raise ValueError(f"`module` must be a `torch.nn.Module`, got {type(module).__name__}")
-    if isinstance(module, _ConvNd):  # transposed convolutions: fan-in is not what the paper means
+    if isinstance(module, CONV_TYPES):  # transposed convolutions: fan-in is not what the paper means
         raise ValueError(f"`module` must be a Linear or a (non-transposed) ConvNd layer or a model, got {module}")
     producers: dict[int, nn.Module] = {}
     for site in find_relu_sites(module, example_input=example_input):
@@ -129,7 +128,7 @@ def _warn_unreached(model: nn.Module, example_input: Any) -> None:
 def _is_affine_layer(module: object) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, _ConvNd) and not module.transposed
+    return isinstance(module, CONV_TYPES) and not module.transposed
 
 
 def _rai_layer_(layer: nn.Module, generator: torch.Generator | None) -> None:
@@ -140,7 +139,7 @@ def _rai_layer_(layer: nn.Module, generator: torch.Generator | None) -> None:
     if weight.numel() == 0:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
         return
-    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+    fan_in = weight.shape[1] * math.prod(weight.shape[2:])  # as `nn.init` counts it: inputs x receptive field
     device = generator.device if generator is not None else weight.device
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     with torch.no_grad():
@@ -264,7 +263,7 @@ def _flip_target(site: Site) -> _FlipTarget | str:
     running_means: list[Tensor] = []
     # normalization is an odd function of its input when it has no affine parameters: negating the producer negates
     # the normalized output; a running mean must follow for the layer to stay an exact negation in eval mode
-    if isinstance(norm, _BatchNorm) and norm.running_mean is not None:
+    if isinstance(norm, BATCH_NORM_TYPES) and norm.running_mean is not None:
         running_means.append(norm.running_mean)
     return _FlipTarget(str(site.producer_name), tensors, running_means)
 
@@ -359,7 +358,7 @@ def sign_flip_(
     buffers = [
         (tensor, tensor.clone())
         for module in model.modules()
-        if isinstance(module, _BatchNorm)
+        if isinstance(module, BATCH_NORM_TYPES)
         for tensor in (module.running_mean, module.running_var, module.num_batches_tracked)
         if tensor is not None
     ]
@@ -377,7 +376,7 @@ def sign_flip_(
                 pass_state = _SignFlipPass(sites)
             model.eval()
             for module in model.modules():
-                if isinstance(module, _BatchNorm):
+                if isinstance(module, BATCH_NORM_TYPES):
                     module.train()
             pass_state.start(_first_samples(inputs, None, count=True))
             on_host = isinstance(inputs, Tensor) and inputs.device.type == "cpu"
@@ -794,7 +793,7 @@ def _expected_input(model: nn.Module) -> str:
     for module in model.modules():
         if isinstance(module, nn.Linear):
             return f"expected samples of shape (..., {module.in_features})"
-        if isinstance(module, _ConvNd):
+        if isinstance(module, CONV_TYPES):
             spatial = ", ".join(["*"] * (module.weight.dim() - 2))
             return f"expected samples of shape (num_samples, {module.in_channels}, {spatial})"
     return "expected inputs the model accepts, samples along dimension 0"

@@ -504,8 +504,13 @@ class DeadUnitMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """What a resumed fit needs, of a size that does not grow with the epochs (O(units)): the latest epoch's
+        report (``last_report``: the next epoch's at-risk check compares with it), the counts and progress of the
+        epoch in progress, the reviver's state and the sites warned of. The reports of earlier epochs live in the
+        loggers (``dead_units/...`` and the other scalars), not in the checkpoint."""
+        last = self.history[-1] if self.history else None
         return {
-            "history": [report.state_dict() for report in self.history],
+            "last_report": last.state_dict() if last is not None else None,
             "collapse_warned": sorted(self._collapse_warned),
             "reviver": self.reviver.state_dict() if self.reviver is not None else {},
             "window": self._current_window(),
@@ -547,7 +552,9 @@ class DeadUnitMonitor(Callback):
         self._check_state_sites(state_dict)  # before anything changes
         progress = state_dict.get("progress")
         self._restored_progress = dict(progress) if isinstance(progress, dict) else None
-        self.history = [EpochReport.from_state_dict(s) for s in state_dict.get("history", [])]
+        # a state of an older version holds every epoch's report: the latest one is kept, as a new state holds it
+        last = _saved_reports(state_dict)[-1:]
+        self.history = [EpochReport.from_state_dict(report) for report in last]
         self._collapse_warned = set(state_dict.get("collapse_warned", []))
         if self.reviver is not None:
             self.reviver.load_state_dict(state_dict.get("reviver", {}))
@@ -563,7 +570,7 @@ class DeadUnitMonitor(Callback):
             return None
         tracker.flush()
         sites = {
-            name: {key: getattr(stats, key).detach().cpu().clone() for key in stats._defaults}
+            name: {key: _tensor(value).detach().cpu().clone() for key, value in stats.metric_state.items()}
             for name, stats in tracker.stats.items()
             if int(stats.samples) > 0
         }
@@ -587,9 +594,9 @@ class DeadUnitMonitor(Callback):
         self._agree_on_sizes(trainer)  # the same sites, of the same sizes, in the same order on every rank
         device = trainer.strategy.root_device
         parts: list[tuple[str, str, torch.Tensor]] = [
-            (name, key, getattr(stats, key).detach())
+            (name, key, _tensor(value).detach())
             for name, stats in tracker.stats.items()
-            for key in stats._defaults
+            for key, value in stats.metric_state.items()
         ]
         counts = [value.reshape(-1).to(device) for _, key, value in parts if not key.endswith("_bits")]
         sums = [value.reshape(-1).view(torch.float64).to(device) for _, key, value in parts if key.endswith("_bits")]
@@ -622,7 +629,7 @@ class DeadUnitMonitor(Callback):
         unknown: list[str] = []
         matched = 0
         widths: list[str] = []
-        for epoch in state_dict.get("history", []) or []:
+        for epoch in _saved_reports(state_dict):
             for layer in epoch.get("layers", []) if isinstance(epoch, dict) else []:
                 name = str(layer.get("name", ""))
                 if not matches_site(_unsuffixed(name), names):
@@ -670,8 +677,9 @@ class DeadUnitMonitor(Callback):
                 continue
             # options changed since the save (`track_margin`): the counts are kept, margins it did not keep start at 0
             # (the epoch is flagged partial in `_restore_epoch`), margins it kept and the site does not are dropped
-            states = {key: value for key, value in states.items() if key in stats._defaults}
-            for key in stats._defaults:
+            keys = list(stats.metric_state)
+            states = {key: value for key, value in states.items() if key in keys}
+            for key in keys:
                 if key not in states:
                     bits = key.endswith("_bits")
                     states[key] = torch.zeros_like(states["active"]) if bits else torch.zeros((), dtype=torch.int64)
@@ -750,9 +758,8 @@ class DeadUnitMonitor(Callback):
             return None
         totals: dict[str, int] = {}
         for reviver in revivers:
-            for entry in reviver.history:
-                for name, count in entry["revived"].items():
-                    totals[name] = totals.get(name, 0) + int(count)
+            for name, count in reviver.revived_per_site.items():
+                totals[name] = totals.get(name, 0) + count
         return totals
 
     @rank_zero_only
@@ -888,6 +895,22 @@ def _probability_text(bound: float, widths: list[int]) -> str:
     power = math.floor(math.log10(bound))
     scaled = math.floor(bound / 10.0**power * 1000)  # 4 significant digits, rounded down
     return f"{scaled / 1000 * 10.0**power:.4g}"
+
+
+def _tensor(state: Any) -> torch.Tensor:
+    """A state of ``ActivationStats`` (a tensor: none of its states is a list)."""
+    assert isinstance(state, torch.Tensor), type(state)
+    return state
+
+
+def _saved_reports(state_dict: dict[str, Any]) -> list[dict[str, Any]]:
+    """The epoch reports a monitor state holds: its ``last_report``, or every epoch's in the ``history`` of a state
+    saved by an older version (oldest first)."""
+    last = state_dict.get("last_report")
+    if isinstance(last, dict):
+        return [last]
+    history = state_dict.get("history")
+    return [report for report in history if isinstance(report, dict)] if isinstance(history, list) else []
 
 
 def _interrupted_epoch(window: dict[str, Any] | None, progress: dict[str, Any] | None) -> int | None:

@@ -152,8 +152,8 @@ def revive_dead_units_(
         True
     """
     layers = _as_layers(report)
-    refuse_sharded(model, "revive_dead_units_", optimizer=optimizer)  # before `optimizer` must be a torch one
     optimizers = _as_optimizers(optimizer)
+    refuse_sharded(model, "revive_dead_units_")
     _check_optimizers_hold(model, optimizers, layers, sites)
     if init not in INIT_MODES:
         raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
@@ -417,6 +417,15 @@ def _copied(example: Any, device: torch.device | None = None) -> Any:
     return example
 
 
+def _entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """One revival of :attr:`DeadUnitReviver.history` as plain values."""
+    return {
+        "epoch": int(entry.get("epoch", -1)),
+        "global_step": int(entry.get("global_step", -1)),
+        "revived": {str(name): int(count) for name, count in entry.get("revived", {}).items()},
+    }
+
+
 def _example_state(example: Any) -> dict[str, Any] | None:
     """A held example as primitives and tensors (a checkpoint loads with ``weights_only=True``)."""
     if example is None:
@@ -466,7 +475,10 @@ def _stored(module: nn.Module | None, attribute: str) -> bool:
     """Whether ``module.<attribute>`` is absent or a parameter the module holds itself, so that writing into it
     changes the layer (not a tensor recomputed by a parametrization or a weight-norm hook)."""
     value = getattr(module, attribute, None)
-    return value is None or (isinstance(value, nn.Parameter) and module._parameters.get(attribute) is value)  # type: ignore[union-attr]
+    if value is None or module is None:
+        return True
+    own = dict(module.named_parameters(recurse=False, remove_duplicate=False))
+    return isinstance(value, nn.Parameter) and own.get(attribute) is value
 
 
 def _norm_mixes_units(site: Site) -> bool:
@@ -602,8 +614,9 @@ class DeadUnitReviver(Callback):
     - ``revived/<site>``: number of units revived at the site;
     - ``revived/total``: over all sites.
 
-    :attr:`history` keeps ``{"epoch", "global_step", "revived": {site: count}}`` for every revival and goes into
-    checkpoints.
+    :attr:`history` keeps ``{"epoch", "global_step", "revived": {site: count}}`` for every revival of the fit. A
+    checkpoint holds the latest revival and the totals per site (:attr:`revived_per_site`), not every epoch's: a fit
+    resumed from it starts its history with that latest revival (the earlier ones are in the loggers).
 
     Args:
         every_n_epochs: revive after every ``every_n_epochs``-th training epoch.
@@ -665,6 +678,7 @@ class DeadUnitReviver(Callback):
         self.init = init
         self.seed = seed
         self.history: list[dict[str, Any]] = []
+        self._earlier: dict[str, int] = {}  # units revived per site by revivals not in `history` (a checkpoint's)
         self._resolved_seed: int | None = seed
         self._monitor: DeadUnitMonitor | None = None
         self._sites: list[Site] | None = None  # the sites of `_sites_model`, found once per fit
@@ -685,8 +699,18 @@ class DeadUnitReviver(Callback):
 
     @property
     def total_revived(self) -> int:
-        """Units revived over the whole history."""
-        return sum(sum(entry["revived"].values()) for entry in self.history)
+        """Units revived over the fit (a resumed fit: since the start of the fit it resumes)."""
+        return sum(self.revived_per_site.values())
+
+    @property
+    def revived_per_site(self) -> dict[str, int]:
+        """Units revived per site over the fit (a resumed fit: since the start of the fit it resumes), in the order
+        the sites were first revived."""
+        totals = dict(self._earlier)
+        for entry in self.history:
+            for name, count in entry["revived"].items():
+                totals[name] = totals.get(name, 0) + int(count)
+        return totals
 
     # --------------------------------------------------------------- wiring
     @property
@@ -738,6 +762,7 @@ class DeadUnitReviver(Callback):
     def _start_afresh(self) -> None:
         """Forget what an earlier fit left (its revivals, its drawn seed)."""
         self.history = []
+        self._earlier = {}
         self._batch = None
         self._epoch_example = None
         self._stop_watch()
@@ -770,7 +795,7 @@ class DeadUnitReviver(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # under FSDP2 (sharded by `configure_model`, before this hook) revival would fail at the first epoch's end
-        refuse_sharded(pl_module, "DeadUnitReviver", "pl_module", trainer=trainer)  # DeepSpeedStrategy too
+        refuse_sharded(pl_module, "DeadUnitReviver", "pl_module")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -783,25 +808,32 @@ class DeadUnitReviver(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Of a size that does not grow with the epochs: the latest revival, the totals per site, the seed drawn and
+        the example held for the epoch in progress (every revival is in the loggers, ``revived/...``)."""
+        last = self.history[-1] if self.history else None
         return {
-            "history": [
-                {"epoch": e["epoch"], "global_step": e["global_step"], "revived": dict(e["revived"])}
-                for e in self.history
-            ],
+            "last": None if last is None else _entry(last),
+            "totals": self.revived_per_site,
             "seed": self._resolved_seed,
             "example": _example_state(self._epoch_example),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [
-            {
-                "epoch": int(entry.get("epoch", -1)),
-                "global_step": int(entry.get("global_step", -1)),
-                "revived": {str(k): int(v) for k, v in entry.get("revived", {}).items()},
-            }
-            for entry in state_dict.get("history", [])
-        ]
+        entries = [_entry(e) for e in state_dict.get("history", []) or [] if isinstance(e, dict)]  # older versions
+        last = state_dict.get("last")
+        if isinstance(last, dict):
+            entries = [_entry(last)]
+        totals: dict[str, int] = {}
+        for entry in entries:
+            for name, count in entry["revived"].items():
+                totals[name] = totals.get(name, 0) + count
+        saved = state_dict.get("totals")
+        if isinstance(saved, dict):
+            totals = {str(name): int(count) for name, count in saved.items()}
+        self.history = entries[-1:]
+        latest = self.history[0]["revived"] if self.history else {}
+        self._earlier = {name: count - latest.get(name, 0) for name, count in totals.items()}
         if self.seed is None and state_dict.get("seed") is not None:
             self._resolved_seed = int(state_dict["seed"])
         self._epoch_example = _example_from_state(state_dict.get("example"))

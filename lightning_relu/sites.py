@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_relu._compat import is_compiled
+
 __all__ = [
     "FUNCTIONAL_RECTIFIERS",
     "NORM_TYPES",
@@ -274,13 +276,12 @@ def _tied_modules(model: nn.Module) -> set[int]:
     embedding's matrix)."""
     holders: dict[int, set[int]] = {}
     for _, module in model.named_modules(remove_duplicate=False):
-        for parameter in module._parameters.values():
-            if parameter is not None:
-                holders.setdefault(id(parameter), set()).add(id(module))
+        for _, parameter in module.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(parameter), set()).add(id(module))
     return {
         id(module)
         for module in model.modules()
-        if any(p is not None and len(holders[id(p)]) > 1 for p in module._parameters.values())
+        if any(len(holders[id(p)]) > 1 for _, p in module.named_parameters(recurse=False, remove_duplicate=False))
     }
 
 
@@ -420,22 +421,10 @@ def may_call_rectifiers(model: nn.Module) -> bool:
     """Whether a forward of ``model`` may call a rectifier function outside an ``nn.ReLU``/``nn.ReLU6``: some
     module has a ``forward`` of its own (not a ``torch.nn`` built-in), or is a built-in transformer layer."""
     return any(
-        not (type(module).__module__.startswith("torch.nn.") or _compiled(module))
+        not (type(module).__module__.startswith("torch.nn.") or is_compiled(module))
         or type(module).__name__.startswith("Transformer")
         for module in model.modules()
     )
-
-
-def _compiled(module: nn.Module) -> bool:
-    """Whether ``module`` is the wrapper ``torch.compile`` returns (it holds the model as ``_orig_mod``), or a module
-    whose ``forward`` was replaced by a compiled one (as Lightning does for a compiled LightningModule)."""
-    if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
-        return True
-    if isinstance(module.__dict__.get("_compiler_ctx"), dict):  # Lightning's record of a compiled LightningModule
-        return True
-    if module.__dict__.get("_compiled_call_impl") is not None:  # `module.compile()`
-        return True
-    return hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
 
 
 def matches_site(name: str, names: list[str]) -> bool:

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lightning_relu._compat import is_compiled, is_forward_redirected
 from lightning_relu.sites import (
     FUNCTIONAL_RECTIFIERS,
     RECTIFIER_TYPES,
     Site,
-    _compiled,
     _join,
     find_relu_sites,
     matches_site,
@@ -235,7 +235,7 @@ class DeadUnitTracker:
             )
             self._handles.append(self.model.register_forward_hook(_Hook(self._stop_axis_watch), always_call=True))
         if self._discovery is not None and not self._discovery.done:
-            if any(_compiled(module) for module in self.model.modules()):
+            if any(is_compiled(module) for module in self.model.modules()):
                 self._discovery.warn_compiled()  # a compiled forward cannot be watched
             else:
                 # its mode goes in after the axis watch's recorder (which must see an output before it is counted)
@@ -676,7 +676,7 @@ class _Discovery(TorchFunctionMode):
             self.__enter__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         else:
             self.callees.setdefault(id(self.stack[-1][0]), {})[name] = None
-        self.stack.append((module, name, [0], {}, _redirected(module)))
+        self.stack.append((module, name, [0], {}, is_forward_redirected(module)))
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.done or torch.compiler.is_compiling() or not self.stack or self.stack[-1][0] is not module:
@@ -685,7 +685,7 @@ class _Discovery(TorchFunctionMode):
         if not self.stack:
             self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             self.hand_over()
-            if module is self.tracker.model and not _redirected(module):
+            if module is self.tracker.model and not is_forward_redirected(module):
                 self.done = True  # the model's own forward ran whole: nothing else belongs to the first forward
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -788,7 +788,7 @@ class _FunctionalCounter(TorchFunctionMode):
         return out
 
     def enter_parent(self, module: nn.Module, inputs: Any) -> None:
-        if _redirected(module):
+        if is_forward_redirected(module):
             # Lightning (and Fabric) run `training_step` through the module's call to reach DDP, with the forward
             # swapped for it; it calls `self(x)`, the real run. Its own calls (a loss) are not the forward's.
             self.runs.append(None)
@@ -829,13 +829,6 @@ class _FunctionalCounter(TorchFunctionMode):
                 self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self.active = False
         self.depth = 0
-
-
-def _redirected(module: nn.Module) -> bool:
-    """Whether ``module``'s forward is swapped for another method for this call: Lightning's and Fabric's forward
-    redirection (``_ForwardRedirection``, ``_FabricModule``) set an instance ``forward`` named ``wrapped_forward``."""
-    forward = module.__dict__.get("forward")
-    return forward is not None and getattr(forward, "__name__", "") == "wrapped_forward"
 
 
 class _Hook(functools.partial):  # type: ignore[type-arg]

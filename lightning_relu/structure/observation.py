@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_relu._compat import is_forward_redirected
 from lightning_relu.functional import counting
 
 __all__ = [
@@ -451,7 +452,7 @@ class RootCallWatch:
 
     def _enter(self, name: str) -> Callable[..., None]:
         def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            redirected = getattr(module.__dict__.get("forward"), "__name__", "") == "wrapped_forward"
+            redirected = is_forward_redirected(module)
             if self.active and self._depth == 0 and not redirected and (self.root is None or self.root == name):
                 self.root, self.args, self.kwargs = name, args, kwargs
             if not redirected:
@@ -460,7 +461,7 @@ class RootCallWatch:
         return enter
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._depth > 0 and getattr(module.__dict__.get("forward"), "__name__", "") != "wrapped_forward":
+        if self._depth > 0 and not is_forward_redirected(module):
             self._depth -= 1
 
     def example(self, size: int | None) -> ModuleCall | None:

@@ -108,7 +108,8 @@ def test_a_monitor_state_of_another_models_sites_raises_and_loads_nothing(tmp_pa
     trainer(tmp_path, [saved, ckpt], max_epochs=1, enable_checkpointing=True).fit(Net(random_batches(5)))
     checkpoint = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("DeadUnitMonitor")]
-    for layer in (layer for epoch in saved.state_dict()["history"] for layer in epoch["layers"]):
+    history = [saved.state_dict()["last_report"]]  # a state of an older version held every epoch's report
+    for layer in (layer for epoch in history for layer in epoch["layers"]):
         assert layer["name"] in ("net.1", "net.3")
 
     monitor = DeadUnitMonitor()
@@ -120,7 +121,7 @@ def test_a_monitor_state_of_another_models_sites_raises_and_loads_nothing(tmp_pa
     with pytest.raises(
         ValueError, match=r"`state_dict` of `DeadUnitMonitor` holds reports of sites \['net.1', 'net.3'\]"
     ):
-        monitor.load_state_dict({**state, "history": saved.state_dict()["history"]})
+        monitor.load_state_dict({**state, "history": history})
     assert monitor.history == kept and monitor._window is None  # nothing loaded
     wide = Net(random_batches(5))
     wide.net = torch.nn.Sequential(torch.nn.Linear(4, 7), torch.nn.ReLU(), torch.nn.Linear(7, 7), torch.nn.ReLU())
