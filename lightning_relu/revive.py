@@ -152,8 +152,8 @@ def revive_dead_units_(
         True
     """
     layers = _as_layers(report)
+    refuse_sharded(model, "revive_dead_units_", optimizer=optimizer)  # before `optimizer` must be a torch one
     optimizers = _as_optimizers(optimizer)
-    refuse_sharded(model, "revive_dead_units_")
     _check_optimizers_hold(model, optimizers, layers, sites)
     if init not in INIT_MODES:
         raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
@@ -795,7 +795,7 @@ class DeadUnitReviver(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # under FSDP2 (sharded by `configure_model`, before this hook) revival would fail at the first epoch's end
-        refuse_sharded(pl_module, "DeadUnitReviver", "pl_module")
+        refuse_sharded(pl_module, "DeadUnitReviver", "pl_module", trainer=trainer)  # DeepSpeedStrategy too
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
