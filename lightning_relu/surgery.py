@@ -301,9 +301,13 @@ def _threshold(z: Tensor) -> Tensor:
     n = z.shape[1]
     share = min(0.9, max(0.5, 1.0 - 0.01 ** (1.0 / n)))
     k = math.floor((1.0 - share) * n)  # the k smallest entries end at or below 0
-    if k == 0:  # so few entries that every one must be active: below the smallest by half the spread
+    if k == 0:  # so few entries that every one must be active, with a margin below the smallest
         low, high = z.amin(1), z.amax(1)
-        return low - 0.5 * (high - low)
+        spread = high - low
+        # two or three entries say little about one unit's spread (two close entries give a tiny one): the median
+        # spread of the site's revived units is a steadier scale, and three of it keep a fresh entry above the
+        # threshold with probability about 99.6% (Gaussian entries, two held)
+        return low - torch.maximum(0.5 * spread, 3.0 * spread.median())
     return z.kthvalue(k, dim=1).values
 
 

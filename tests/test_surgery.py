@@ -248,3 +248,18 @@ def test_a_lightning_module_without_forward_is_revived_through_the_call_its_step
     dead = monitor.history[0].layers["net.act_fc"].dead
     assert revived["net.act_fc"] == int(dead.sum()) >= 3
     assert bool((_active_share(module.net, module.net.act_fc, x, 1)[dead] > 0.1).all())
+
+
+def test_a_unit_seen_on_two_entries_is_set_active_on_fresh_ones() -> None:
+    """A dense layer on a batch of two: each revived unit must be active on both held entries and, with the margin
+    taken from the site's typical spread, on fresh entries of the same distribution (Gaussian: about 99.6%). Half the
+    unit's own two-entry spread (the former margin) leaves about 9% of fresh entries at or below zero."""
+    from lightning_relu.surgery import _threshold
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4000, 1, generator=g, dtype=torch.float64) * 5
+    held = mean + torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    fresh = mean + torch.randn(4000, 64, generator=g, dtype=torch.float64)
+    shift = _threshold(held)[:, None]
+    assert bool(((held - shift) > 0).all())
+    assert float(((fresh - shift) <= 0).double().mean()) < 0.01
