@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-CHECKS = ("count", "setup", "revive_output", "revive_fire", "rai", "sign_flip")
+CHECKS = ("count", "setup", "revive_output", "revive_fire", "rai", "sign_flip", "compact")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -18,6 +18,7 @@ COLUMNS = {
     "revive_fire": "revive: units fire",
     "rai": "rai",
     "sign_flip": "sign flip",
+    "compact": "compact: output kept",
 }
 
 CHECKS_TEXT = """\
@@ -36,6 +37,9 @@ negative at up to four places of each model):
   level) and outputs stay finite.
 - **sign flip**: with one site made to kill every sample, `sign_flip_` negates the map feeding it, changes only signs
   of parameters, no buffer, no module mode, and outputs stay finite.
+- **compact: output kept**: `compact(model, report, example_input)` leaves the model untouched and returns a smaller
+  one whose eval-mode output changes by at most 1e-5 (relative); every site whose dead units stay is named with a
+  reason.
 """
 
 
