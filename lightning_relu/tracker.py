@@ -745,7 +745,14 @@ class _Discovery(TorchFunctionMode):
                 NoReluSitesWarning,
             )
             warnings.warn(message, category, stacklevel=2)
-        tracker._confirm_names()
+        try:
+            tracker._confirm_names()
+        except ValueError:
+            # the model's later forward hooks do not run after this one raises: end the axis watch's recording here
+            watch, tracker._axis_watch, tracker._axis_depth = tracker._axis_watch, None, 0
+            if watch is not None:
+                watch.stop()
+            raise
 
     def finish(self) -> None:
         self.done = True

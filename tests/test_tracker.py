@@ -642,6 +642,9 @@ def test_names_of_functional_sites_are_checked_on_the_first_forward():
     tracker = DeadUnitTracker(model, unit_dims={"nope": -1})
     with pytest.raises(ValueError, match=r"`unit_dims` has unknown site names \['nope'\]"), tracker:
         model(x)
+    from torch.overrides import _get_current_function_mode_stack
+
+    assert _get_current_function_mode_stack() == []  # no recording left running after the error
     # the names are checked once: counting goes on in the next forwards
     tracker.reset()
     with tracker, torch.no_grad():
