@@ -271,15 +271,7 @@ class DeadUnitTracker:
         self._first_site.setdefault(key, site)
         while len(positions) < k:
             positions.append(None)
-        entry = None
-        if self._is_wanted(name):
-            with torch.inference_mode(False):  # the first forward may run under inference mode
-                stats = _new_stats(site, self.eps, self.track_margin, self._unit_dims.get(name))
-            if self.stats:
-                stats.to(next(iter(self.stats.values())).device)
-            self.sites.append(site)
-            self.stats[name] = stats
-            entry = (site, stats)
+        entry = (site, self._watch_new(site, self._unit_dims.get(name))) if self._is_wanted(name) else None
         positions.append(entry)
 
     def _confirm_names(self) -> None:
@@ -500,6 +492,16 @@ class DeadUnitTracker:
         if id(parent) not in self._positions:
             self._new_function_site(parent, parent_name, "relu", 0, 0)
 
+    def _watch_new(self, site: Site, unit_dim: int | None) -> ActivationStats:
+        """Count a site created during a forward: its counts, on the device of the others, in :attr:`stats`."""
+        with torch.inference_mode(False):  # the forward that creates it may run under inference mode
+            stats = _new_stats(site, self.eps, self.track_margin, unit_dim)
+        if self.stats:
+            stats.to(next(iter(self.stats.values())).device)
+        self.sites.append(site)
+        self.stats[site.name] = stats
+        return stats
+
     def _add_positions(self, key: int, k: int) -> None:
         positions = self._positions[key]
         first = self._first_site[key]
@@ -520,13 +522,7 @@ class DeadUnitTracker:
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
                 unit_dim = self._unit_dims.get(site.name, self._unit_dims.get(first.name))
-                with torch.inference_mode(False):  # a forward under inference mode may create the position
-                    stats = _new_stats(site, self.eps, self.track_margin, unit_dim)
-                if self.stats:
-                    stats.to(next(iter(self.stats.values())).device)
-                self.sites.append(site)
-                self.stats[site.name] = stats
-                positions.append((site, stats))
+                positions.append((site, self._watch_new(site, unit_dim)))
             else:
                 positions.append(None)
         if k == _MAX_POSITIONS - 1:
