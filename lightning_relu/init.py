@@ -332,18 +332,7 @@ def sign_flip_(
         >>> all(r.survival >= 0.5 for r in report.values())
         True
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
-    refuse_sharded(model, "sign_flip_")
-    if max_samples is not None and (
-        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise ValueError(f"`max_samples` must be a positive integer or None, got {max_samples!r}")
-    if input_fn is not None and not callable(input_fn):
-        raise ValueError(f"`input_fn` must be a callable or None, got {input_fn!r}")
-    if data is None:
-        raise ValueError("`data` must be a tensor, a list/tuple of batches or a DataLoader, got None")
-
+    _check_sign_flip_args(model, data, max_samples, input_fn)
     sites = find_relu_sites(model)
     nothing = (
         f"`sign_flip_` found no rectifier site (`nn.ReLU`/`nn.ReLU6` module or rectifier function call) in "
@@ -353,69 +342,7 @@ def sign_flip_(
         warnings.warn(nothing, RuntimeWarning, stacklevel=2)
         return {}
 
-    device = _model_device(model)
-    modes = {module: module.training for module in model.modules()}
-    buffers = [
-        (tensor, tensor.clone())
-        for module in model.modules()
-        if isinstance(module, BATCH_NORM_TYPES)
-        for tensor in (module.running_mean, module.running_var, module.num_batches_tracked)
-        if tensor is not None
-    ]
-    cuda_devices = [device] if device.type == "cuda" else []
-    # a DataLoader shuffling with a generator of its own draws from it, not from the global one forked below
-    data_generators = [(generator, generator.get_state()) for generator in _generators_of(data)]
-    pass_state = _SignFlipPass(sites)
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
-            inputs = _to_device(_collect_inputs(data, input_fn, max_samples), device)
-            # the links come from a forward observed on a few of the samples (the pass reports a failing forward)
-            with contextlib.suppress(ObservationError):
-                sites = find_relu_sites(model, example_input=_first_samples(inputs, 8))
-                pass_state = _SignFlipPass(sites)
-            model.eval()
-            for module in model.modules():
-                if isinstance(module, BATCH_NORM_TYPES):
-                    module.train()
-            pass_state.start(_first_samples(inputs, None, count=True))
-            on_host = isinstance(inputs, Tensor) and inputs.device.type == "cpu"
-            if on_host and _HOST_DECISIONS and isinstance(inputs, Tensor) and inputs.is_floating_point():
-                pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
-            handles = pass_state.register()
-            try:
-                call_model(model, inputs)
-            except (RuntimeError, ValueError, TypeError) as err:
-                if pass_state.error is not None:
-                    raise pass_state.error from err
-                raise ValueError(
-                    f"`sign_flip_` could not run the model on `data` of shape {_shape_of(inputs)}"
-                    f" ({_expected_input(model)}): {err}"
-                    + (
-                        "; dict batches are passed as keyword arguments: pass `input_fn` to take the input out of them"
-                        if isinstance(inputs, dict)
-                        else ""
-                    )
-                ) from err
-            if pass_state.error is not None:
-                raise pass_state.error
-    except BaseException:
-        pass_state.undo()
-        raise
-    finally:
-        for handle in handles:
-            handle.remove()
-        # one recursive `train()` from the root, then `train()` again only where a module's own mode differed (overrides
-        # run either way); calling `train()` on every module would walk each subtree again: quadratic in the nesting
-        model.train(modes[model])
-        for module, training in modes.items():  # pre-order: a subtree set here is corrected below where it differs
-            if module.training != training:
-                module.train(training)
-        with torch.no_grad():
-            for tensor, saved in buffers:
-                tensor.copy_(saved)
-        for generator, state in data_generators:
-            generator.set_state(state)
+    pass_state, sites = _run_sign_flip_pass(model, data, sites, max_samples, input_fn)
     # a norm layer without affine parameters whose producer was negated: its running mean follows
     for target, flip in pass_state.applied:
         target.negate_where_(flip, running_means=True)
@@ -440,6 +367,122 @@ def sign_flip_(
             stacklevel=2,
         )
     return pass_state.reports
+
+
+def _check_sign_flip_args(
+    model: nn.Module, data: Any, max_samples: int | None, input_fn: Callable[[Any], Tensor] | None
+) -> None:
+    """Refuse what :func:`sign_flip_` cannot take, before anything is read or changed."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
+    refuse_sharded(model, "sign_flip_")
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"`max_samples` must be a positive integer or None, got {max_samples!r}")
+    if input_fn is not None and not callable(input_fn):
+        raise ValueError(f"`input_fn` must be a callable or None, got {input_fn!r}")
+    if data is None:
+        raise ValueError("`data` must be a tensor, a list/tuple of batches or a DataLoader, got None")
+
+
+@dataclass
+class _PassRestore:
+    """What the sign-flip pass changes besides the signs, saved to be put back after it: module modes, batch-norm
+    running statistics, and the state of the data's own generators."""
+
+    modes: dict[nn.Module, bool]
+    buffers: list[tuple[Tensor, Tensor]]
+    data_generators: list[tuple[torch.Generator, Tensor]]
+
+    @classmethod
+    def save(cls, model: nn.Module, data: Any) -> _PassRestore:
+        modes = {module: module.training for module in model.modules()}
+        buffers = [
+            (tensor, tensor.clone())
+            for module in model.modules()
+            if isinstance(module, BATCH_NORM_TYPES)
+            for tensor in (module.running_mean, module.running_var, module.num_batches_tracked)
+            if tensor is not None
+        ]
+        # a DataLoader shuffling with a generator of its own draws from it, not from the global one forked by the pass
+        data_generators = [(generator, generator.get_state()) for generator in _generators_of(data)]
+        return cls(modes, buffers, data_generators)
+
+    def restore(self, model: nn.Module) -> None:
+        # one recursive `train()` from the root, then `train()` again only where a module's own mode differed (overrides
+        # run either way); calling `train()` on every module would walk each subtree again: quadratic in the nesting
+        model.train(self.modes[model])
+        for module, training in self.modes.items():  # pre-order: a subtree set here is corrected below where it differs
+            if module.training != training:
+                module.train(training)
+        with torch.no_grad():
+            for tensor, saved in self.buffers:
+                tensor.copy_(saved)
+        for generator, state in self.data_generators:
+            generator.set_state(state)
+
+
+def _run_sign_flip_pass(
+    model: nn.Module,
+    data: Any,
+    sites: list[Site],
+    max_samples: int | None,
+    input_fn: Callable[[Any], Tensor] | None,
+) -> tuple[_SignFlipPass, list[Site]]:
+    """The one forward of :func:`sign_flip_`, its hooks deciding and flipping site by site; returns the pass and the
+    sites as observed on the first samples. Modes, running statistics and generators are restored whatever happens;
+    a pass that fails undoes its flips."""
+    device = _model_device(model)
+    saved = _PassRestore.save(model, data)
+    cuda_devices = [device] if device.type == "cuda" else []
+    pass_state = _SignFlipPass(sites)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
+            inputs = _to_device(_collect_inputs(data, input_fn, max_samples), device)
+            # the links come from a forward observed on a few of the samples (the pass reports a failing forward)
+            with contextlib.suppress(ObservationError):
+                sites = find_relu_sites(model, example_input=_first_samples(inputs, 8))
+                pass_state = _SignFlipPass(sites)
+            model.eval()
+            for module in model.modules():
+                if isinstance(module, BATCH_NORM_TYPES):
+                    module.train()
+            pass_state.start(_first_samples(inputs, None, count=True))
+            on_host = isinstance(inputs, Tensor) and inputs.device.type == "cpu"
+            if on_host and _HOST_DECISIONS and isinstance(inputs, Tensor) and inputs.is_floating_point():
+                pass_state._host_buffers(inputs.dtype)  # before the pass: it then allocates nothing per site
+            handles = pass_state.register()
+            _call_for_pass(model, inputs, pass_state)
+    except BaseException:
+        pass_state.undo()
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+        saved.restore(model)
+    return pass_state, sites
+
+
+def _call_for_pass(model: nn.Module, inputs: Tensor | dict[str, Tensor], pass_state: _SignFlipPass) -> None:
+    """Run the model once on the pass's inputs; the pass's own error first, then a failing forward as a ValueError."""
+    try:
+        call_model(model, inputs)
+    except (RuntimeError, ValueError, TypeError) as err:
+        if pass_state.error is not None:
+            raise pass_state.error from err
+        raise ValueError(
+            f"`sign_flip_` could not run the model on `data` of shape {_shape_of(inputs)}"
+            f" ({_expected_input(model)}): {err}"
+            + (
+                "; dict batches are passed as keyword arguments: pass `input_fn` to take the input out of them"
+                if isinstance(inputs, dict)
+                else ""
+            )
+        ) from err
+    if pass_state.error is not None:
+        raise pass_state.error
 
 
 class _SignFlipPass:
