@@ -473,6 +473,56 @@ class RootCallWatch:
         return ModuleCall(self.root, _cut(self.args, size, batch), _cut(self.kwargs, size, batch))
 
 
+class TrainingInputWatch:
+    """What a callback keeps of the training steps to hold an example input: the latest training batch (a
+    reference) and, through a :class:`RootCallWatch`, the latest call a step made into the model.
+
+    Call :meth:`batch_start` and :meth:`batch_end` from the callback's ``on_train_batch_start`` and
+    ``on_train_batch_end``, and :meth:`stop` from its ``teardown`` and ``on_exception``. Neither the batch nor the
+    watch is pickled (the watch holds hooks on the model).
+    """
+
+    def __init__(self) -> None:
+        self.batch: Any = None  # the latest training batch (a reference)
+        self.watch: RootCallWatch | None = None  # the call the training step makes into the model
+
+    def batch_start(self, model: nn.Module, watch_calls: bool = True) -> None:
+        """Record the calls of the step about to run; with ``watch_calls`` a watch is started on ``model`` first
+        when none watches it yet (without, only the batch is kept: the callback takes its input from it)."""
+        if watch_calls and (self.watch is None or self.watch.model is not model):
+            # the call the training step makes into the model (its forward, or `self.net(x)`), with its arguments
+            self.stop()
+            self.watch = RootCallWatch(model).start()
+        if self.watch is not None:
+            self.watch.active = True
+
+    def batch_end(self, batch: Any) -> None:
+        """Keep ``batch`` (a reference) and stop recording: validation and other calls between steps are not
+        training inputs."""
+        self.batch = batch
+        if self.watch is not None:
+            self.watch.active = False
+            self.watch.settle()
+
+    def call(self, size: int | None) -> ModuleCall | None:
+        """The latest call a step made into the model, cut to ``size`` samples (None before one, or unwatched)."""
+        return self.watch.example(size) if self.watch is not None else None
+
+    def stop(self) -> None:
+        """Remove the watch's hooks (idempotent); the batch is kept."""
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.stop()
+
+    def forget(self) -> None:
+        """Stop watching and drop the batch (a fit starting afresh)."""
+        self.batch = None
+        self.stop()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"batch": None, "watch": None}
+
+
 def _cut(example: Any, size: int | None, batch: int | None = None) -> Any:
     """``example`` detached, its tensors cut to their first ``size`` samples (only those whose first dimension is
     ``batch``, when given)."""
