@@ -38,7 +38,8 @@ from lightning_relu.sites import (
     may_call_rectifiers,
 )
 from lightning_relu.stats import LayerReport
-from lightning_relu.structure import ModuleCall, ObservationError, RootCallWatch, example_from_batch, observe
+from lightning_relu.structure import ModuleCall, ObservationError, example_from_batch, observe
+from lightning_relu.structure.observation import TrainingInputWatch
 from lightning_relu.surgery import RevivalWarning, reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
@@ -155,15 +156,7 @@ def revive_dead_units_(
     refuse_sharded(model, "revive_dead_units_", optimizer=optimizer)  # before `optimizer` must be a torch one
     optimizers = _as_optimizers(optimizer)
     _check_optimizers_hold(model, optimizers, layers, sites)
-    if init not in INIT_MODES:
-        raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
-    _check_fraction(max_fraction)
-    excluded = _as_names(exclude, "exclude")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
-
-    if not isinstance(check_output, bool):
-        raise ValueError(f"`check_output` must be a bool, got {check_output!r}")
+    excluded = _check_options(init, max_fraction, exclude, generator, check_output)
     if example_input is not None:
         for name, layer in layers.items():
             _check_layer(name, layer)
@@ -183,6 +176,33 @@ def revive_dead_units_(
             sites=known,
         )
     found = find_relu_sites(model) if sites is None else _as_sites(sites, model)
+    sites_by_name = _sites_of_report(found, layers, excluded)
+    _check_optimizers_hold(model, optimizers, layers, found)
+
+    # decide everything (no tensor of the model is touched before every plan is made)
+    planning = _plan_revival(layers, sites_by_name, excluded, max_fraction, generator)
+    planning.warn()
+    if planning.plans:
+        _apply_plans(planning.plans, init, generator, optimizers)
+    return planning.counts
+
+
+def _check_options(init: Any, max_fraction: Any, exclude: Any, generator: Any, check_output: Any) -> set[str]:
+    """Refuse bad keyword arguments of :func:`revive_dead_units_`; returns the excluded site names."""
+    if init not in INIT_MODES:
+        raise ValueError(f"`init` can be {', '.join(map(repr, INIT_MODES))}, got {init!r}")
+    _check_fraction(max_fraction)
+    excluded = _as_names(exclude, "exclude")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
+
+    if not isinstance(check_output, bool):
+        raise ValueError(f"`check_output` must be a bool, got {check_output!r}")
+    return excluded
+
+
+def _sites_of_report(found: list[Site], layers: dict[str, LayerReport], excluded: set[str]) -> dict[str, Site]:
+    """The model's sites by name, once every excluded name and every site of the report is known to be one of them."""
     sites_by_name = {site.name: site for site in found}
     unknown_excluded = sorted(excluded - sites_by_name.keys())
     if unknown_excluded:
@@ -191,28 +211,81 @@ def revive_dead_units_(
         )
     for name, layer in layers.items():
         _validate_layer(name, layer, sites_by_name)
-    _check_optimizers_hold(model, optimizers, layers, found)
+    return sites_by_name
 
-    # ---- decide everything (no tensor of the model is touched before this loop is done)
-    counts: dict[str, int] = {}
-    plans: list[_Plan] = []
-    no_producer: list[str] = []
-    no_consumer: list[str] = []
-    computed: list[str] = []
-    mixing_norm: list[str] = []
+
+@dataclass
+class _Planning:
+    """Every site's decision, made before any tensor is touched: the plans, the count of units revived per site, and
+    the sites each caveat names."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    plans: list[_Plan] = field(default_factory=list)
+    no_producer: list[str] = field(default_factory=list)
+    no_consumer: list[str] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    mixing_norm: list[str] = field(default_factory=list)
+
+    def warn(self) -> None:
+        """One :class:`RevivalWarning` per caveat, naming its sites (called from :func:`revive_dead_units_`)."""
+        if self.no_producer:
+            warnings.warn(
+                f"Sites {self.no_producer} have dead units but no known producer (Linear/ConvNd right before the "
+                "rectifier, possibly through a norm layer, inside an `nn.Sequential`, and applied only there: a layer "
+                "also registered or applied elsewhere is never linked): they cannot be revived and were skipped. Pass "
+                "`example_input=` to find the producers on a real forward.",
+                RevivalWarning,
+                stacklevel=3,
+            )
+        if self.computed:
+            warnings.warn(
+                f"Sites {self.computed} have a producer or norm layer whose weights are computed from other parameters"
+                " (a parametrization such as `weight_norm` or `spectral_norm`): their rows cannot be re-drawn in "
+                "place, so these sites were skipped.",
+                RevivalWarning,
+                stacklevel=3,
+            )
+        if self.no_consumer:
+            warnings.warn(
+                f"Sites {self.no_consumer} have no known consumer (Linear/ConvNd reading their output through pooling, "
+                "dropout or `nn.Flatten`) whose outgoing weights could be zeroed, or one that cannot be zeroed (its "
+                "weight is computed by a parametrization, or its width does not match): their dead units were revived "
+                "anyway, so the network's output changes.",
+                RevivalWarning,
+                stacklevel=3,
+            )
+        if self.mixing_norm:
+            warnings.warn(
+                f"Sites {self.mixing_norm} have a LayerNorm/GroupNorm that normalizes several units together: "
+                "re-drawing the revived units' incoming weights changes the statistics their neighbours are normalized "
+                "with, so the network's output changes slightly.",
+                RevivalWarning,
+                stacklevel=3,
+            )
+
+
+def _plan_revival(
+    layers: dict[str, LayerReport],
+    sites_by_name: dict[str, Site],
+    excluded: set[str],
+    max_fraction: float,
+    generator: torch.Generator | None,
+) -> _Planning:
+    """Which units of which site to revive, and through which consumers, or why a site is skipped."""
+    planning = _Planning()
     for name, layer in layers.items():
         if name in excluded:
             continue
-        counts[name] = 0
+        planning.counts[name] = 0
         site = sites_by_name[name]
         units = torch.nonzero(layer.dead.reshape(-1)).reshape(-1)
         if units.numel() == 0:
             continue
         if site.producer is None:
-            no_producer.append(name)
+            planning.no_producer.append(name)
             continue
         if not all(_stored(module, attribute) for module in (site.producer, site.norm) for attribute in _AFFINE):
-            computed.append(name)
+            planning.computed.append(name)
             continue
         assert site.num_units is not None
         cap = max(1, math.floor(max_fraction * site.num_units))
@@ -221,50 +294,16 @@ def revive_dead_units_(
             units = units[pick.cpu()].sort().values
         consumers = [c for c in site.consumers if _consumer_fits(site, c) and _stored(c.module, "weight")]
         if not consumers or len(consumers) < len(site.consumers):
-            no_consumer.append(name)
+            planning.no_consumer.append(name)
         if _norm_mixes_units(site):
-            mixing_norm.append(name)
-        plans.append(_Plan(site=site, units=units, consumers=consumers))
-        counts[name] = int(units.numel())
+            planning.mixing_norm.append(name)
+        planning.plans.append(_Plan(site=site, units=units, consumers=consumers))
+        planning.counts[name] = int(units.numel())
+    return planning
 
-    if no_producer:
-        warnings.warn(
-            f"Sites {no_producer} have dead units but no known producer (Linear/ConvNd right before the rectifier, "
-            "possibly through a norm layer, inside an `nn.Sequential`, and applied only there: a layer also "
-            "registered or applied elsewhere is never linked): they cannot be revived and were skipped. Pass "
-            "`example_input=` to find the producers on a real forward.",
-            RevivalWarning,
-            stacklevel=2,
-        )
-    if computed:
-        warnings.warn(
-            f"Sites {computed} have a producer or norm layer whose weights are computed from other parameters "
-            "(a parametrization such as `weight_norm` or `spectral_norm`): their rows cannot be re-drawn in place, "
-            "so these sites were skipped.",
-            RevivalWarning,
-            stacklevel=2,
-        )
-    if no_consumer:
-        warnings.warn(
-            f"Sites {no_consumer} have no known consumer (Linear/ConvNd reading their output through pooling, "
-            "dropout or `nn.Flatten`) whose outgoing weights could be zeroed, or one that cannot be zeroed (its "
-            "weight is computed by a parametrization, or its width does not match): their dead units were revived "
-            "anyway, so the network's output changes.",
-            RevivalWarning,
-            stacklevel=2,
-        )
-    if mixing_norm:
-        warnings.warn(
-            f"Sites {mixing_norm} have a LayerNorm/GroupNorm that normalizes several units together: re-drawing the "
-            "revived units' incoming weights changes the statistics their neighbours are normalized with, so the "
-            "network's output changes slightly.",
-            RevivalWarning,
-            stacklevel=2,
-        )
-    if not plans:
-        return counts
 
-    # ---- surgery
+def _apply_plans(plans: list[_Plan], init: str, generator: torch.Generator | None, optimizers: list[Optimizer]) -> None:
+    """The surgery: fresh incoming rows and norm entries, zeroed outgoing weights, reset optimizer state."""
     touched: dict[Tensor, Tensor] = {}  # parameter -> bool mask of touched entries
     with torch.no_grad():
         for plan in plans:
@@ -277,7 +316,6 @@ def revive_dead_units_(
                 _zero_consumer(plan.site, consumer, plan.units, touched)
         for opt in optimizers:
             reset_optimizer_state(opt, touched)
-    return counts
 
 
 def _as_layers(report: Any) -> dict[str, LayerReport]:
@@ -658,11 +696,10 @@ class DeadUnitReviver(Callback):
         self.input_fn = input_fn
         self.example_size = example_size
         self.check_output = check_output
-        self._batch: Any = None  # the latest training batch (a reference)
         # a copy of the example held on an epoch's last batch, saved with a checkpoint taken there: a fit resumed from
         # it revives that epoch on the same example as the uninterrupted fit (see `DeadUnitMonitor.on_train_start`)
         self._epoch_example: Any = None
-        self._watch: RootCallWatch | None = None  # the call the training step makes into the model
+        self._inputs = TrainingInputWatch()  # the latest training batch and the step's call into the model
         self._example_checked = False
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be a positive integer, got {every_n_epochs!r}")
@@ -755,7 +792,7 @@ class DeadUnitReviver(Callback):
     def detach(self) -> None:
         """Stop following the monitor and watching the training steps (idempotent). A monitor that holds this reviver
         as its ``reviver`` has it follow again in its next fit's ``setup`` (set ``monitor.reviver = None`` to stop)."""
-        self._stop_watch()
+        self._inputs.stop()
         self._monitor = None
 
     # ------------------------------------------------------------ lifecycle
@@ -763,9 +800,8 @@ class DeadUnitReviver(Callback):
         """Forget what an earlier fit left (its revivals, its drawn seed)."""
         self.history = []
         self._earlier = {}
-        self._batch = None
         self._epoch_example = None
-        self._stop_watch()
+        self._inputs.forget()
         self._example_checked = False
         self._warned.clear()
         self._resolved_seed = self.seed
@@ -842,21 +878,13 @@ class DeadUnitReviver(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.input_fn is None and (self._watch is None or self._watch.model is not pl_module):
-            # the call the training step makes into the model (its forward, or `self.net(x)`), with its arguments
-            self._stop_watch()
-            self._watch = RootCallWatch(pl_module).start()
-        if self._watch is not None:
-            self._watch.active = True
+        self._inputs.batch_start(pl_module, watch_calls=self.input_fn is None)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = batch  # a reference; the slice is taken when a revival needs it
-        if self._watch is not None:
-            self._watch.active = False  # validation and other calls between steps are not training inputs
-            self._watch.settle()
+        self._inputs.batch_end(batch)  # a reference; the slice is taken when a revival needs it
         # the epoch's revival acts on this example: a copy goes into a checkpoint taken before the epoch's end
         self._epoch_example = _copied(self._example_of(trainer)) if trainer.is_last_batch else None
         if not self._example_checked:
@@ -875,23 +903,18 @@ class DeadUnitReviver(Callback):
     def _example_of(self, trainer: pl.Trainer) -> Any:
         """The held example: the latest call the training step made into the model, else (with `input_fn`, or when
         no call was seen) the latest batch's input; cut to `example_size` samples, as the step got them."""
-        if self._watch is not None:
-            call = self._watch.example(self.example_size)
-            if call is not None:
-                return call
-        if self._batch is None:  # a fit resumed from a checkpoint taken on an epoch's last batch: the example it holds
+        call = self._inputs.call(self.example_size)
+        if call is not None:
+            return call
+        if self._inputs.batch is None:  # a fit resumed from a checkpoint taken on an epoch's last batch: its example
             example = self._epoch_example
             return None if example is None else _copied(example, trainer.lightning_module.device)
-        return example_from_batch(trainer.precision_plugin.convert_input(self._batch), self.input_fn, self.example_size)
-
-    def _stop_watch(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.stop()
+        batch = trainer.precision_plugin.convert_input(self._inputs.batch)
+        return example_from_batch(batch, self.input_fn, self.example_size)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_batch"] = state["_watch"] = None  # a batch and hooks on the model: not pickled
+        state["_inputs"] = TrainingInputWatch()  # a batch and hooks on the model: not pickled
         state["_epoch_example"] = None
         state["_monitor"] = None  # the link is re-made in `setup`/`attach`
         state["_sites"] = state["_sites_model"] = None  # they hold the model's modules

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_relu.structure import SiteStructure, call_model, observe, preserved_state
+from lightning_relu.structure import SiteStructure, Structure, call_model, observe, preserved_state
 from lightning_relu.structure.observation import _tensors
 
 __all__ = ["RevivalWarning", "reset_optimizer_state", "revive_observed_"]
@@ -108,10 +108,40 @@ def revive_observed_(
             f"The report has sites {unknown} that the model does not have; the model's sites are "
             f"{list(structure.known)}. Was the report measured on another model?"
         )
-    counts: dict[str, int] = {}
-    skipped: dict[str, str] = {}
-    plans: list[_Plan] = []
     alive = _alive_in_eval(model, example_input, sites) if check_output else {}
+    decisions = _decide(structure, dead, excluded, alive, max_fraction, generator)
+    if decisions.plans:
+        reference = _eval_output(model, example_input) if check_output else None
+        with torch.no_grad():
+            _operate_firing(model, example_input, decisions, generator, draw_rows, init, sites)
+        if reference is not None:
+            _keep_what_preserves(model, example_input, decisions.plans, reference, rtol, decisions.skipped)
+        _reset_touched(decisions, optimizers)
+    for name, reason in decisions.skipped.items():
+        warnings.warn(f"Site {name!r} was not revived (or only in part): {reason}.", RevivalWarning, stacklevel=3)
+    return decisions.counts
+
+
+@dataclass(eq=False)
+class _Decisions:
+    """What the surgery does, decided per site before any tensor is touched, and what it reports: the units revived
+    per site and, per site, why it was not revived (or only in part)."""
+
+    plans: list[_Plan] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _decide(
+    structure: Structure,
+    dead: Mapping[str, Tensor],
+    excluded: set[str],
+    alive: dict[str, Tensor],
+    max_fraction: float,
+    generator: torch.Generator | None,
+) -> _Decisions:
+    """A plan for every site with dead units that can be revived; the reason for every other one."""
+    decisions = _Decisions()
     for name, site in structure.sites.items():
         if name not in dead or name in excluded:
             continue
@@ -121,24 +151,26 @@ def revive_observed_(
                 f"The report of site {name!r} has {mask.numel()} units but the model's site {name!r} has "
                 f"{site.num_units}. Was the report measured on another model?"
             )
-        counts[name] = 0
+        decisions.counts[name] = 0
         units = torch.nonzero(mask.cpu()).reshape(-1)
         if units.numel() == 0:
             continue
         if site.producer is None:
-            skipped[name] = f"no producer: {site.producer_problem}"
+            decisions.skipped[name] = f"no producer: {site.producer_problem}"
             continue
         if site.reader_problems:
-            skipped[name] = "; ".join(site.reader_problems)
+            decisions.skipped[name] = "; ".join(site.reader_problems)
             continue
         if any(norm.mixes_units for norm in site.norms):
-            skipped[name] = "a LayerNorm/GroupNorm normalizes its units together: a fresh unit would change the others"
+            decisions.skipped[name] = (
+                "a LayerNorm/GroupNorm normalizes its units together: a fresh unit would change the others"
+            )
             continue
         if name in alive:
             firing = alive[name][units]
             if bool(firing.any()):
                 # dead in the report, alive on the example input: zeroing its outgoing weights would change the output
-                skipped[name] = (
+                decisions.skipped[name] = (
                     f"{int(firing.sum())} of its dead units are active on the example input in evaluation mode: "
                     "left as they are"
                 )
@@ -150,47 +182,57 @@ def revive_observed_(
             device = generator.device if generator is not None else torch.device("cpu")
             pick = torch.randperm(units.numel(), generator=generator, device=device)[:cap].cpu()
             units = units[pick].sort().values
-        plans.append(_Plan(site, units))
+        decisions.plans.append(_Plan(site, units))
     unreached = sorted(name for name in dead if name not in structure.sites and name not in excluded)
     for name in unreached:
-        counts[name] = 0
+        decisions.counts[name] = 0
         if bool(dead[name].any()):
-            skipped[name] = "the forward on the example input does not reach it"
+            decisions.skipped[name] = "the forward on the example input does not reach it"
 
-    if plans:
-        reference = _eval_output(model, example_input) if check_output else None
-        with torch.no_grad():
-            silent = _operate(model, example_input, plans, generator, draw_rows, init, sites)
-            if silent:
-                # units whose inputs are all dead cannot fire: undo, and revive the others alone
-                for plan in reversed(plans):
-                    plan.writes.undo()
-                    plan.writes = _Writes()
-                for plan in plans:
-                    if plan.site.name in silent:
-                        mask = silent[plan.site.name]
-                        skipped[plan.site.name] = (
-                            f"{int(mask.sum())} of its dead units get a constant input on the example input (every "
-                            "unit they read is dead and not revived): they cannot fire and were left dead"
-                        )
-                        plan.units = plan.units[~mask]
-                _operate(model, example_input, plans, generator, draw_rows, init, sites)
-        if reference is not None:
-            _keep_what_preserves(model, example_input, plans, reference, rtol, skipped)
-        touched: dict[Tensor, Tensor] = {}
+    return decisions
+
+
+def _operate_firing(
+    model: nn.Module,
+    example_input: Any,
+    decisions: _Decisions,
+    generator: torch.Generator | None,
+    draw_rows: Any,
+    init: str,
+    sites: Any,
+) -> None:
+    """Operate on every plan; when some units cannot fire, undo everything and operate on the others alone."""
+    plans, skipped = decisions.plans, decisions.skipped
+    silent = _operate(model, example_input, plans, generator, draw_rows, init, sites)
+    if silent:
+        # units whose inputs are all dead cannot fire: undo, and revive the others alone
+        for plan in reversed(plans):
+            plan.writes.undo()
+            plan.writes = _Writes()
         for plan in plans:
-            if plan.units.numel():
-                counts[plan.site.name] = int(plan.units.numel())
-                for tensor, index in plan.writes.entries:
-                    if isinstance(tensor, nn.Parameter):
-                        if tensor not in touched:
-                            touched[tensor] = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
-                        touched[tensor][index] = True
-        for optimizer in optimizers:
-            reset_optimizer_state(optimizer, touched)
-    for name, reason in skipped.items():
-        warnings.warn(f"Site {name!r} was not revived (or only in part): {reason}.", RevivalWarning, stacklevel=3)
-    return counts
+            if plan.site.name in silent:
+                mask = silent[plan.site.name]
+                skipped[plan.site.name] = (
+                    f"{int(mask.sum())} of its dead units get a constant input on the example input (every "
+                    "unit they read is dead and not revived): they cannot fire and were left dead"
+                )
+                plan.units = plan.units[~mask]
+        _operate(model, example_input, plans, generator, draw_rows, init, sites)
+
+
+def _reset_touched(decisions: _Decisions, optimizers: list[Optimizer]) -> None:
+    """Count the units each kept plan revived and reset the optimizer state of every parameter entry it wrote."""
+    touched: dict[Tensor, Tensor] = {}
+    for plan in decisions.plans:
+        if plan.units.numel():
+            decisions.counts[plan.site.name] = int(plan.units.numel())
+            for tensor, index in plan.writes.entries:
+                if isinstance(tensor, nn.Parameter):
+                    if tensor not in touched:
+                        touched[tensor] = torch.zeros(tensor.shape, dtype=torch.bool, device=tensor.device)
+                    touched[tensor][index] = True
+    for optimizer in optimizers:
+        reset_optimizer_state(optimizer, touched)
 
 
 # ------------------------------------------------------------------------------------------------ steps
