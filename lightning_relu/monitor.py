@@ -27,7 +27,7 @@ from lightning_relu.dashboards import (
 )
 from lightning_relu.report import EpochReport
 from lightning_relu.revive import DeadUnitReviver
-from lightning_relu.sites import could_be_functional, matches_site
+from lightning_relu.site import known_names, module_names
 from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.structure import AxisWatch
 from lightning_relu.theory import alive_probability_lower_bound
@@ -626,15 +626,18 @@ class DeadUnitMonitor(Callback):
             return
         sites = {site.name: site for site in tracker.all_sites}
         names = list(sites)
+        # the sites, their later call positions, and while the first forward is to come any functional call
+        known = known_names(
+            tracker.all_sites, module_names(tracker.model), tracker.model if tracker.discovering else None
+        )
         unknown: list[str] = []
         matched = 0
         widths: list[str] = []
         for epoch in _saved_reports(state_dict):
             for layer in epoch.get("layers", []) if isinstance(epoch, dict) else []:
                 name = str(layer.get("name", ""))
-                if not matches_site(_unsuffixed(name), names):
-                    if not (tracker.discovering and could_be_functional(name, tracker.model)):
-                        unknown.append(name)  # else a functional call the first forward will find
+                if name not in known:
+                    unknown.append(name)
                     continue
                 matched += 1
                 site = sites.get(name)
@@ -647,9 +650,8 @@ class DeadUnitMonitor(Callback):
             for name in window.get("sites") or {}:
                 place = places.get(name)
                 base = place[1] if isinstance(place, (list, tuple)) and len(place) == 3 else name
-                if not matches_site(str(base), names) and not matches_site(_unsuffixed(name), names):
-                    if not (tracker.discovering and could_be_functional(name, tracker.model)):
-                        unknown.append(name)
+                if str(base) not in known and name not in known:
+                    unknown.append(name)
                 else:
                     matched += 1
         if widths or (unknown and not matched):
@@ -921,9 +923,3 @@ def _interrupted_epoch(window: dict[str, Any] | None, progress: dict[str, Any] |
         return int(window.get("epoch", 0))
     return None
 
-
-def _unsuffixed(name: str) -> str:
-    """A site name without the suffixes that tell a call position created at run time from a discovered site."""
-    while name.endswith(("_fn", "_mod")):
-        name = name.rpartition("_")[0]
-    return name

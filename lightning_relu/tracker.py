@@ -14,22 +14,25 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._compat import is_compiled, is_forward_redirected
-from lightning_relu.sites import (
+from lightning_relu.observation import AxisWatch, record
+from lightning_relu.site import (
     FUNCTIONAL_RECTIFIERS,
+    MAX_POSITIONS,
     RECTIFIER_TYPES,
     Site,
-    _join,
-    find_relu_sites,
-    matches_site,
+    SiteKey,
+    known_names,
     may_call_rectifiers,
+    module_names,
+    module_sites,
     rectifier_owners,
+    site_name,
 )
 from lightning_relu.stats import ActivationStats, LayerReport, _check_eps
 
 __all__ = ["DeadUnitTracker", "NoReluSitesWarning"]
 
-# Call positions counted per rectifier module and forward pass.
-_MAX_POSITIONS = 64
+_MAX_POSITIONS = MAX_POSITIONS
 
 
 class NoReluSitesWarning(UserWarning):
@@ -117,23 +120,28 @@ class DeadUnitTracker:
         self.model = model
         if not isinstance(trace, bool):
             raise ValueError(f"`trace` must be a bool, got {trace!r}")
-        found = list(discovered) if discovered is not None else find_relu_sites(model)
+        found = list(discovered) if discovered is not None else module_sites(model)
         discovering = trace and may_call_rectifiers(model)
+        # every qualified module name: site names are derived from site keys and these (`site_name`)
+        self._module_names = module_names(model)
         # names of functional sites are known after the first forward only: checked then (`_Discovery.hand_over`)
         self._unconfirmed: dict[str, str] = {}
         # what to say when the first forward shows no site (the monitor words it for its users)
         self._no_sites_warning: tuple[str, type[Warning]] | None = None
         self._wanted: set[str] | None = None
         names = [site.name for site in found]
+        known = known_names(found, self._module_names) if sites is not None or unit_dims else set()
         if sites is not None:
-            unknown = [name for name in sites if not matches_site(name, names)]
+            unknown = [name for name in sites if name not in known]
             if unknown and not discovering:
                 raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
             self._unconfirmed.update(dict.fromkeys(unknown, "sites"))
             self._wanted = set(sites)
-        later = [name for name in unit_dims or () if not matches_site(name, names)] if discovering else []
+        later = [name for name in unit_dims or () if name not in known] if discovering else []
         self._unconfirmed.update(dict.fromkeys(later, "unit_dims"))
-        self._unit_dims = _resolve_unit_dims({k: v for k, v in (unit_dims or {}).items() if k not in later}, found)
+        self._unit_dims = _resolve_unit_dims(
+            {k: v for k, v in (unit_dims or {}).items() if k not in later}, found, self._module_names
+        )
         self._unit_dims.update({name: (unit_dims or {})[name] for name in later})
         if example_input is not None:
             for name, dim in observed_unit_dims(model, example_input, found).items():
@@ -145,7 +153,7 @@ class DeadUnitTracker:
             site.name: _new_stats(site, self.eps, track_margin, self._unit_dims.get(site.name)) for site in self.sites
         }
         self._axis_warned: set[str] = set()
-        # called with (site, output) for every counted rectifier output while set (`lightning_relu.structure`)
+        # called with (site, output) for every counted rectifier output while set (`lightning_relu.observation.record`)
         self._observer: Callable[[Site, Tensor], None] | None = None
         # the first forward's recording that gives open sites their producer's unit axis (`AxisWatch`)
         self._watch_axes = True
@@ -260,25 +268,30 @@ class DeadUnitTracker:
         """A functional call found on the first forward: call position ``k`` of ``parent``'s forward, the
         ``index``-th call of ``base`` (``"relu"``, ``"relu6"``) in it."""
         key = id(parent)
-        local = base if index == 0 else f"{base}_{index}"
-        name = _join(parent_name, local)
-        taken = {site.name for site in self.all_sites} | set(self.stats)
-        while name in taken:
-            name += "_fn"  # a module of the parent has the name
-        site = Site(name=name, module=None, call_index=k, kind="function", parent=parent, parent_name=parent_name)
+        site_key = SiteKey(parent_name, k, base, index)
+        site = Site(
+            name=site_name(site_key, self._module_names),
+            module=None,
+            call_index=k,
+            kind="function",
+            parent=parent,
+            parent_name=parent_name,
+            key=site_key,
+        )
         self.all_sites.append(site)
         positions = self._positions.setdefault(key, [])
         self._first_site.setdefault(key, site)
         while len(positions) < k:
             positions.append(None)
-        entry = (site, self._watch_new(site, self._unit_dims.get(name))) if self._is_wanted(name) else None
-        positions.append(entry)
+        wanted = self._is_wanted(site.name)
+        positions.append((site, self._watch_new(site, self._unit_dims.get(site.name))) if wanted else None)
 
     def _confirm_names(self) -> None:
         """Check the names given in ``sites``/``unit_dims`` that only the first forward could confirm."""
         names = [site.name for site in self.all_sites]
         unconfirmed, self._unconfirmed = self._unconfirmed, {}
-        unknown = [name for name in unconfirmed if not matches_site(name, names)]
+        known = known_names(self.all_sites, self._module_names) if unconfirmed else set()
+        unknown = [name for name in unconfirmed if name not in known]
         for argument in dict.fromkeys(unconfirmed[name] for name in unknown):
             missing = [name for name in unknown if unconfirmed[name] == argument]
             raise ValueError(
@@ -287,8 +300,6 @@ class DeadUnitTracker:
             )
 
     def _start_axis_watch(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        from lightning_relu.structure import AxisWatch
-
         if self._axis_watch is not None:
             self._axis_depth += 1  # the model's forward run inside itself (a recursive model)
         elif self._watch_axes and self.enabled:
@@ -451,7 +462,9 @@ class DeadUnitTracker:
 
     @staticmethod
     def _base_name(first: Site) -> str:
-        return first.name if first.kind == "module" else _join(first.parent_name or "", "relu")
+        """The name that the call positions of ``first``'s module (or parent's functional calls) share in a
+        checkpoint's places and in warnings: the module's name, or ``<parent>.relu``."""
+        return first.key.path if first.kind == "module" else _function_base(first.key.path)
 
     def _place(self, site: Site) -> tuple[str, str, int]:
         """Where a site sits, independent of its name: its kind, the base name of its module's (or parent's)
@@ -480,17 +493,12 @@ class DeadUnitTracker:
         return None
 
     def _restore_function_parent(self, base: str) -> None:
-        """Create the first functional position of the module named by ``base`` (``<parent>.relu``), for counts
-        restored before the first forward has found its calls."""
-        parent_name, _, local = base.rpartition(".")
-        if local != "relu":
-            return
-        try:
-            parent = self.model.get_submodule(parent_name)
-        except AttributeError:
-            return
-        if id(parent) not in self._positions:
-            self._new_function_site(parent, parent_name, "relu", 0, 0)
+        """Create the first functional position of the module whose functional positions have the base ``base``
+        (:meth:`_base_name`), for counts restored before the first forward has found its calls."""
+        for parent_name, parent in self.model.named_modules():
+            if _function_base(parent_name) == base and id(parent) not in self._positions:
+                self._new_function_site(parent, parent_name, "relu", 0, 0)
+                return
 
     def _watch_new(self, site: Site, unit_dim: int | None) -> ActivationStats:
         """Count a site created during a forward: its counts, on the device of the others, in :attr:`stats`."""
@@ -506,19 +514,17 @@ class DeadUnitTracker:
         positions = self._positions[key]
         first = self._first_site[key]
         base = self._base_name(first)
-        taken = {site.name for site in self.all_sites} | set(self.stats)
         while len(positions) <= k:
             index = len(positions)
-            name = f"{base}_{index}"
-            while name in taken:  # as discovery names a position whose name another site has
-                name += "_fn" if first.kind == "function" else "_mod"
+            site_key = first.key.at(index)
             site = Site(
-                name=name,
+                name=site_name(site_key, self._module_names),
                 module=first.module,
                 call_index=index,
                 kind=first.kind,
                 parent=first.parent,
                 parent_name=first.parent_name,
+                key=site_key,
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
                 unit_dim = self._unit_dims.get(site.name, self._unit_dims.get(first.name))
@@ -643,7 +649,7 @@ class _Discovery(TorchFunctionMode):
         super().__init__()
         self.tracker = tracker
         self.done = False
-        # per running forward: module, name, functional calls so far, calls per base, redirected
+        # per running forward: module, name, functional calls so far, calls per function, redirected
         self.stack: list[tuple[nn.Module, str, list[int], dict[str, int], bool]] = []
         self.roots: set[int] = set()
         self.callees: dict[int, dict[str, None]] = {}
@@ -893,9 +899,10 @@ def _tensors(output: Any, limit: int = 16) -> list[Tensor]:
 
 def observed_unit_dims(model: nn.Module, example_input: Any, found: Sequence[Site]) -> dict[str, int]:
     """The unit axis (1 or -1) that one observed forward gives to each site whose axis nothing else fixes."""
-    from lightning_relu.structure import observe
-
-    structure = observe(model, example_input)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the counting warns about is the monitor's to say
+        namer = DeadUnitTracker(model)
+    structure = record(model, example_input, namer)
     dims: dict[str, int] = {}
     for site in found:
         observed = structure.sites.get(site.name)
@@ -930,12 +937,16 @@ def check_unit_dims(unit_dims: Any) -> None:
         raise ValueError(f"`unit_dims` values must be 1 (channels) or -1 (last dimension), got {bad!r}")
 
 
-def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -> dict[str, int]:
-    """``unit_dims`` checked against the model's sites: every name is a site, and none contradicts its layer."""
+def _resolve_unit_dims(
+    unit_dims: Mapping[str, int] | None, found: list[Site], module_names: frozenset[str]
+) -> dict[str, int]:
+    """``unit_dims`` checked against the model's sites: every name is a site (or a later call position of one), and
+    none contradicts its layer."""
     if not unit_dims:
         return {}
     names = [site.name for site in found]
-    unknown = [name for name in unit_dims if not matches_site(name, names)]
+    known = known_names(found, module_names)
+    unknown = [name for name in unit_dims if name not in known]
     if unknown:
         raise ValueError(f"`unit_dims` has unknown site names {unknown}; the model's sites are {names}")
     sites = {site.name: site for site in found}
@@ -948,13 +959,17 @@ def _resolve_unit_dims(unit_dims: Mapping[str, int] | None, found: list[Site]) -
                 f"{site.producer_name or site.norm_name!r} puts its units on dimension {site.unit_dim}"
             )
     resolved = dict(unit_dims)
-    for site in found:  # a module's later call positions found by tracing take its entry, where nothing else says
-        base, _, index = site.name.rpartition("_")
-        first = sites.get(base)
-        later = index.isdigit() and first is not None and site.kind == "module" and first.module is site.module
-        if later and base in unit_dims and site.name not in resolved and site.unit_dim is None:
-            resolved[site.name] = unit_dims[base]
+    by_key = {site.key: site for site in found}
+    for site in found:  # a module's later call positions found by a forward take its entry, where nothing else says
+        first = by_key.get(site.key.at(0)) if site.kind == "module" and site.call_index > 0 else None
+        if first is not None and first.name in unit_dims and site.name not in resolved and site.unit_dim is None:
+            resolved[site.name] = unit_dims[first.name]
     return resolved
+
+
+def _function_base(parent_name: str) -> str:
+    """The base name of a parent's functional call positions in a checkpoint's places: ``<parent>.relu``."""
+    return f"{parent_name}.relu" if parent_name else "relu"
 
 
 def _compute(stats: ActivationStats) -> LayerReport:

@@ -719,10 +719,11 @@ def test_monitor_with_revival_discovers_sites_once_per_fit(tmp_path: Path, monke
     import lightning_relu.tracker as tracker_module
 
     calls: list[str] = []
-    for module in (revive_module, tracker_module):
-        original = module.find_relu_sites
+    # the reviver finds the sites with `find_relu_sites`, the tracker with `module_sites` (the module tree's sites)
+    for module, function in ((revive_module, "find_relu_sites"), (tracker_module, "module_sites")):
+        original = getattr(module, function)
         monkeypatch.setattr(
-            module, "find_relu_sites", lambda model, _f=original, **kw: calls.append("found") or _f(model, **kw)
+            module, function, lambda model, _f=original, **kw: calls.append("found") or _f(model, **kw)
         )
     monitor = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
     _trainer(tmp_path, [monitor], logger=False, max_epochs=2, limit_train_batches=2).fit(_DeadModule())

@@ -892,8 +892,9 @@ def test_module_and_functional_positions_never_share_a_name():
 
 
 def test_a_restored_position_is_created_for_its_own_kind():
-    """A checkpoint's counts of a functional position created at run time (`relu_1`) come back to a functional
-    position, not to a position of the parent's ReLU module of the same base name."""
+    """A checkpoint's counts of a functional position created at run time come back to a functional position, not to
+    a position of the parent's ReLU module of the same base name; the functional names carry `_fn` (the module
+    `relu` owns `relu`, and `relu_1` would be its second call position)."""
 
     class Parent(nn.Module):
         def __init__(self):
@@ -910,5 +911,5 @@ def test_a_restored_position_is_created_for_its_own_kind():
     stats = tracker._place_stats("function", "relu", 1, create=True)
     assert stats is not None and tracker._place(tracker.sites[-1]) == ("function", "relu", 1)
     assert [(s.name, s.kind) for s in tracker.sites] == [
-        ("relu", "module"), ("relu_fn", "function"), ("relu_1", "function")
+        ("relu", "module"), ("relu_fn", "function"), ("relu_1_fn", "function")
     ]  # fmt: skip
