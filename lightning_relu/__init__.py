@@ -33,9 +33,10 @@ _LAZY = {
     "DeadUnitReviver": "revive",
     "RevivalWarning": "revive",
     "revive_dead_units_": "revive",
-    "Consumer": "sites",
-    "Site": "sites",
-    "SiteTracingWarning": "sites",
+    "Consumer": "site",
+    "Site": "site",
+    "SiteKey": "site",
+    "SiteTracingWarning": "site",
     "find_relu_sites": "sites",
     "ActivationStats": "stats",
     "LayerReport": "stats",
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
     from lightning_relu.initializer import ReluInitializer
     from lightning_relu.monitor import CollapseError, CollapseWarning, DeadUnitMonitor, DyingWarning, EpochReport
     from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_units_
-    from lightning_relu.sites import Consumer, Site, SiteTracingWarning, find_relu_sites
+    from lightning_relu.site import Consumer, Site, SiteKey, SiteTracingWarning
+    from lightning_relu.sites import find_relu_sites
     from lightning_relu.stats import ActivationStats, LayerReport
     from lightning_relu.target_check import TargetScaleCheck, TargetScaleWarning
     from lightning_relu.tracker import DeadUnitTracker, NoReluSitesWarning
@@ -77,6 +79,7 @@ __all__ = [
     "SignFlipReport",
     "Site",
     "SiteCompaction",
+    "SiteKey",
     "SiteTracingWarning",
     "TargetScaleCheck",
     "TargetScaleWarning",

@@ -169,3 +169,77 @@ def test_data_dependent_control_flow_shows_the_branch_the_forward_takes():
 def test_invalid_trace_argument():
     with pytest.raises(ValueError, match="`trace` must be a bool, got 'yes'"):
         find_relu_sites(nn.ReLU(), trace="yes")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------------ site keys
+class _Clashing(nn.Module):
+    """Module names chosen to collide with display names: `relu` is a module and a functional call of the root,
+    `relu_1` and `relu_fn` are modules too, and `act` (applied three times) has a neighbour named `act_1`."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU()
+        self.relu_1 = nn.Identity()
+        self.relu_fn = nn.Identity()
+        self.act = nn.ReLU()
+        self.act_1 = nn.Linear(3, 3)
+
+    def forward(self, x):
+        x = self.relu_fn(self.relu_1(self.relu(x)))
+        x = self.act(self.act(self.act_1(x)) - 0.1)
+        x = self.act(x + 0.1)
+        return F.relu6(F.relu(x) - 0.2) + F.relu(x - 0.3)
+
+
+def test_display_names_of_distinct_keys_never_collide_nor_name_another_module():
+    from lightning_relu.site import SiteKey, module_names, site_name
+
+    model = _Clashing()
+    names = module_names(model)
+    keys = [SiteKey(path, k) for path in ("relu", "act") for k in range(8)]
+    keys += [SiteKey(path, k, f) for path in ("", "act", "relu") for f in ("relu", "relu6") for k in range(8)]
+    shown = [site_name(key, names) for key in keys]
+    assert len(set(shown)) == len(shown)  # one name per key
+    # only a module's own first call position carries a module's name
+    assert {name for key, name in zip(keys, shown, strict=True) if name in names} == {"relu", "act"}
+    assert [site_name(k, names) for k in keys if k.call == 0 and not k.function] == ["relu", "act"]
+    assert site_name(SiteKey("act", 1), names) == "act_1_mod"  # `act_1` is another module
+    assert site_name(SiteKey("", 0, "relu"), names) == "relu_fn_fn"  # `relu` and `relu_fn` are modules
+    assert site_name(SiteKey("act", 2, "relu6"), names) == "act.relu6_2"
+    assert site_name(SiteKey("act", 2, "relu6", 0), names) == "act.relu6"  # shown as its function's first call
+
+
+def test_sites_found_on_a_forward_carry_their_keys_and_the_names_derived_from_them():
+    from lightning_relu import DeadUnitTracker
+    from lightning_relu.site import SiteKey, module_names, site_name
+
+    model = _Clashing()
+    with DeadUnitTracker(model) as tracker:
+        model(torch.randn(4, 3))
+    keys = {site.name: site.key for site in tracker.sites}
+    assert keys == {
+        "relu": SiteKey("relu"),
+        "act": SiteKey("act"),
+        "act_1_mod": SiteKey("act", 1),
+        "act_2": SiteKey("act", 2),
+        "relu_fn_fn": SiteKey("", 0, "relu"),
+        "relu6": SiteKey("", 1, "relu6"),
+        "relu_1_fn": SiteKey("", 2, "relu"),
+    }
+    assert all(site.name == site_name(site.key, module_names(model)) for site in tracker.sites)
+    # the observed discovery gives the same keys and names
+    observed = find_relu_sites(model, example_input=torch.randn(4, 3))
+    assert {site.name: site.key for site in observed} == keys
+
+
+def test_names_of_positions_a_forward_creates_are_accepted_before_it_and_others_refused():
+    from lightning_relu import DeadUnitTracker
+
+    model = _Clashing()
+    tracker = DeadUnitTracker(model, sites=["act_2", "relu6", "relu_1_fn"])
+    with tracker:
+        model(torch.randn(4, 3))
+    assert sorted(tracker.stats) == ["act_2", "relu6", "relu_1_fn"]
+    # `act_1` is a Linear, not the second call of `act` (that is `act_1_mod`)
+    with pytest.raises(ValueError, match=r"unknown site names \['act_1'\]"), DeadUnitTracker(model, sites=["act_1"]):
+        model(torch.randn(4, 3))

@@ -67,6 +67,33 @@ def tracked(model: nn.Module, example: Any, seed: int = SEED) -> dict[str, Any]:
     return tracker.report()
 
 
+def site_keys(model: nn.Module, example: Any, seed: int = SEED) -> dict[str, tuple[str, str, int]]:
+    """The key of every site ``DeadUnitTracker(model)`` counts on one forward pass, by display name, as the oracle
+    writes a place: (kind, module path, call position)."""
+    from lightning_relu import DeadUnitTracker
+
+    tracker = DeadUnitTracker(model)
+    torch.manual_seed(seed)
+    with tracker, torch.no_grad():
+        call(model, example)
+    return {site.name: (site.key.kind, site.key.path, site.key.call) for site in tracker.sites}
+
+
+def compare_keys(places: list[Place], report: dict[str, Any], keys: dict[str, tuple[str, str, int]]) -> list[str]:
+    """The sites that saw data must be exactly the oracle's places, key for key (one numbering of call positions),
+    and each must report its place's counts."""
+    by_key = {place.key: place for place in places}
+    seen = {name: key for name, key in keys.items() if report[name].entries_per_unit > 0}
+    problems = [f"site {name!r} has key {key}, which is no place" for name, key in seen.items() if key not in by_key]
+    missing = set(by_key) - set(seen.values())
+    problems += [f"place {key} has no site" for key in sorted(missing)]
+    for name, key in seen.items():
+        place = by_key.get(key)
+        if place is not None and not torch.equal(report[name].active_count.to(torch.int64), place.active):
+            problems.append(f"site {name!r} ({key}) counts differ from its place's")
+    return problems
+
+
 def compare_counts(places: list[Place], report: dict[str, Any]) -> list[str]:
     """Match every oracle place with one reported site of exactly the same per-unit counts.
 

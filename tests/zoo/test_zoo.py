@@ -79,6 +79,8 @@ def test_counts_equal_dispatcher_ground_truth(entry: ZooModel, record_property: 
         assert bool(place.dead[list(kill.units)].all()), f"forcing {kill} left units alive"
     report = checks.tracked(model, example)
     problems = checks.compare_counts(places, report)
+    # and the sites are the places by key: the tracker numbers call positions as the site key says
+    problems += checks.compare_keys(places, report, checks.site_keys(model, example))
     dead = sum(int(place.dead.sum()) for place in places)
     record_property("detail", f"{len(places)} sites, {dead} dead units")
     assert not problems, f"{len(problems)} mismatch(es): " + "; ".join(problems[:6])
