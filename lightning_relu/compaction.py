@@ -39,7 +39,7 @@ import copy
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
 import lightning.pytorch as pl
@@ -57,6 +57,7 @@ from lightning_relu.structure.observation import (
     _CAST_OPS,
     _MOVE_OPS,
     _POOL_OPS,
+    TrainingInputWatch,
     _op_name,
     _tensors,
 )
@@ -170,6 +171,26 @@ def compact(
         >>> torch.allclose(small(x), before, rtol=1e-5, atol=1e-6)
         True
     """
+    masks, box = _check_compact_args(model, report, example_input, certify, rtol)
+    reference = copy.deepcopy(model).eval()
+    structure = observe(reference, example_input, keep_values=True)
+    if masks is not None:
+        _validate(masks, structure, model)
+    found = _candidates(reference, structure, masks, box)
+    planner = _Planner(reference, structure)
+    wanted = _wanted(structure, found)
+
+    # what the structure allows, then what keeps the output
+    plan = planner.plan(wanted, found.reasons)
+    result_model, accepted = _keep_output(reference, planner, plan, example_input, rtol, found.reasons)
+    result_model.train(model.training)
+    return Compaction(result_model, _site_compactions(structure, found, accepted))
+
+
+def _check_compact_args(
+    model: Any, report: Any, example_input: Any, certify: Any, rtol: Any
+) -> tuple[dict[str, Tensor] | None, tuple[Tensor, Tensor] | None]:
+    """Refuse bad arguments of :func:`compact`; returns the report's dead masks and the certified box (or None)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not (rtol > 0 and math.isfinite(rtol)):
@@ -181,11 +202,27 @@ def compact(
         )
     masks = _masks(report) if report is not None else None
     box = _box(certify, example_input) if certify is not None else None
+    return masks, box
 
-    reference = copy.deepcopy(model).eval()
-    structure = observe(reference, example_input, keep_values=True)
-    if masks is not None:
-        _validate(masks, structure, model)
+
+@dataclass(eq=False)
+class _Candidates:
+    """What :func:`compact` may remove, per site of the report (of the structure, when only certifying): the dead
+    units (and certified, with a box), the certification's notes, and the reasons collected for what stays."""
+
+    masks: dict[str, Tensor]
+    certifying: bool
+    certify_notes: dict[str, str]
+    reasons: dict[str, list[str]]
+
+
+def _candidates(
+    reference: nn.Module,
+    structure: Structure,
+    masks: dict[str, Tensor] | None,
+    box: tuple[Tensor, Tensor] | None,
+) -> _Candidates:
+    """Per site, the units the report calls dead, and with a box only those also certified dead on it."""
     certified: dict[str, Tensor] = {}
     certify_notes: dict[str, str] = {}
     if box is not None:
@@ -202,15 +239,18 @@ def compact(
         if box is not None:
             mask = mask & certified.get(name, torch.zeros(site.num_units, dtype=torch.bool))
         candidates[name] = mask
+    return _Candidates(candidates, box is not None, certify_notes, {name: [] for name in candidates})
 
-    planner = _Planner(reference, structure)
-    reasons: dict[str, list[str]] = {name: [] for name in candidates}
+
+def _wanted(structure: Structure, found: _Candidates) -> dict[str, Tensor]:
+    """The candidate units that the site itself lets go (before the layers are planned together)."""
+    reasons = found.reasons
     wanted: dict[str, Tensor] = {}
-    for name, mask in candidates.items():
+    for name, mask in found.masks.items():
         units = torch.nonzero(mask).reshape(-1)
         if units.numel() == 0:
-            if box is not None and name in certify_notes:
-                reasons[name].append(certify_notes[name])
+            if found.certifying and name in found.certify_notes:
+                reasons[name].append(found.certify_notes[name])
             continue
         site = structure.sites.get(name)
         if site is None:
@@ -233,15 +273,25 @@ def compact(
             units = units[1:]
         if units.numel():
             wanted[name] = units
+    return wanted
 
-    # what the structure allows, then what keeps the output
-    plan = planner.plan(wanted, reasons)
+
+def _keep_output(
+    reference: nn.Module,
+    planner: _Planner,
+    plan: dict[str, Tensor],
+    example_input: Any,
+    rtol: float,
+    reasons: dict[str, list[str]],
+) -> tuple[nn.Module, dict[str, Tensor]]:
+    """The model built from ``plan`` when it keeps the output; else, site by site in forward order, the sites whose
+    removal keeps it. Returns the model and the units it removed."""
     expected = _eval_output(reference, example_input)
     accepted = plan
     result_model, _ = _build_checked(reference, planner, accepted, example_input, expected, rtol)
     if result_model is None:
         accepted = {}
-        for name in [n for n in structure.sites if n in plan]:
+        for name in [n for n in planner.structure.sites if n in plan]:
             trial = planner.plan({**accepted, name: plan[name]}, {})
             trial_model, trial_failure = _build_checked(reference, planner, trial, example_input, expected, rtol)
             if trial_model is None:
@@ -252,20 +302,25 @@ def compact(
         if result_model is None:
             result_model = copy.deepcopy(reference)
         accepted = planner.plan(accepted, {})
-    result_model.train(model.training)
+    return result_model, accepted
 
+
+def _site_compactions(
+    structure: Structure, found: _Candidates, accepted: dict[str, Tensor]
+) -> dict[str, SiteCompaction]:
+    """A :class:`SiteCompaction` per candidate site: units, dead, removed, and why the others stay."""
     sites: dict[str, SiteCompaction] = {}
-    for name, mask in candidates.items():
+    for name, mask in found.masks.items():
         num_units = structure.sites[name].num_units if name in structure.sites else int(mask.numel())
         removed = int(accepted[name].numel()) if name in accepted else 0
         dead = int(mask.sum())
-        why = "; ".join(dict.fromkeys(reasons[name])) or None
-        if removed == dead and not (box is not None and name in certify_notes and removed == 0):
+        why = "; ".join(dict.fromkeys(found.reasons[name])) or None
+        if removed == dead and not (found.certifying and name in found.certify_notes and removed == 0):
             why = None
         elif why is None:
             why = "kept so that the units removed at other sites keep the output"
         sites[name] = SiteCompaction(name, num_units, dead, removed, why)
-    return Compaction(result_model, sites)
+    return sites
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -371,6 +426,54 @@ class _Cut:
     groups: dict[str, set[int]]
 
 
+class _Blocked:
+    """The units that cannot go, per site, with the first reason found for each site."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, tuple[Tensor, str]] = {}
+
+    def block(self, name: str, units: Tensor, why: str) -> None:
+        if units.numel() == 0:
+            return
+        previous = self.units.get(name)
+        merged = units if previous is None else torch.cat([previous[0], units]).unique()
+        self.units[name] = (merged, why if previous is None else previous[1])
+
+    def within(self, current: dict[str, Tensor]) -> dict[str, tuple[Tensor, str]]:
+        """The blocked units that ``current`` still removes, per site that has any."""
+        return {
+            name: (units[torch.isin(units, current[name])], why)
+            for name, (units, why) in self.units.items()
+            if bool(torch.isin(units, current[name]).any())
+        }
+
+
+@dataclass(eq=False)
+class _GroupedCuts:
+    """Per grouped convolution (by weight name), the channels removed on each side, with the sites they come from."""
+
+    rows: dict[str, tuple[int, int, set[int]]] = field(default_factory=dict)  # weight name -> (groups, out, rows)
+    columns: dict[str, set[int]] = field(default_factory=dict)
+    origin_rows: dict[str, str] = field(default_factory=dict)
+    origin_columns: dict[str, list[tuple[str, Tensor, Tensor]]] = field(default_factory=dict)
+
+    def record(self, name: str, site: SiteStructure, units: Tensor, names: dict[int, str]) -> None:
+        """The rows of the site's producer and the columns of its consumers that removing ``units`` takes."""
+        producer = site.producer
+        assert producer is not None
+        weight_name = names[id(producer.weight.parameter)]
+        if producer.groups > 1:
+            out = producer.weight.parameter.shape[0]
+            self.rows[weight_name] = (producer.groups, out, set(units.tolist()))
+            self.origin_rows[weight_name] = name
+        for consumer in site.consumers:
+            picked = torch.isin(consumer.units, units)
+            if consumer.groups > 1 and bool(picked.any()):
+                cname = names[id(consumer.weight.parameter)]
+                self.columns.setdefault(cname, set()).update(consumer.columns[picked].tolist())
+                self.origin_columns.setdefault(cname, []).append((name, consumer.columns, consumer.units))
+
+
 class _Planner:
     def __init__(self, reference: nn.Module, structure: Structure) -> None:
         self.reference = reference
@@ -399,46 +502,32 @@ class _Planner:
 
     def _blocked(self, current: dict[str, Tensor]) -> dict[str, tuple[Tensor, str]]:
         """Units that cannot go: a GroupNorm group or a convolution group would be split."""
-        blocked: dict[str, tuple[Tensor, str]] = {}
-
-        def block(name: str, units: Tensor, why: str) -> None:
-            if units.numel() == 0:
-                return
-            previous = blocked.get(name)
-            merged = units if previous is None else torch.cat([previous[0], units]).unique()
-            blocked[name] = (merged, why if previous is None else previous[1])
-
-        # per grouped conv: the channels removed on each side, with where they come from
-        rows: dict[str, tuple[int, int, set[int]]] = {}  # weight name -> (groups, out, rows)
-        columns: dict[str, set[int]] = {}
-        origin_rows: dict[str, str] = {}
-        origin_columns: dict[str, list[tuple[str, Tensor, Tensor]]] = {}
+        blocked = _Blocked()
+        cuts = _GroupedCuts()
         for name, units in current.items():
             site = self.structure.sites[name]
-            producer = site.producer
-            assert producer is not None
-            for norm in site.norms:
-                if norm.kind == "group" and norm.mixes_units:
-                    groups = self._group_norm_groups(norm)
-                    if groups is None:
-                        block(name, units, f"its GroupNorm `{norm.name}` cannot be cut")
-                        continue
-                    per = site.num_units // groups
-                    chosen = torch.zeros(site.num_units, dtype=torch.bool)
-                    chosen[units] = True
-                    whole = chosen.reshape(groups, per).all(1).repeat_interleave(per)
-                    block(name, units[~whole[units]], f"its GroupNorm `{norm.name}` would lose part of a group")
-            weight_name = self.names[id(producer.weight.parameter)]
-            if producer.groups > 1:
-                out = producer.weight.parameter.shape[0]
-                rows[weight_name] = (producer.groups, out, set(units.tolist()))
-                origin_rows[weight_name] = name
-            for consumer in site.consumers:
-                picked = torch.isin(consumer.units, units)
-                if consumer.groups > 1 and bool(picked.any()):
-                    cname = self.names[id(consumer.weight.parameter)]
-                    columns.setdefault(cname, set()).update(consumer.columns[picked].tolist())
-                    origin_columns.setdefault(cname, []).append((name, consumer.columns, consumer.units))
+            assert site.producer is not None
+            self._block_group_norms(name, site, units, blocked)
+            cuts.record(name, site, units, self.names)
+        self._block_split_groups(cuts, blocked)
+        return blocked.within(current)
+
+    def _block_group_norms(self, name: str, site: SiteStructure, units: Tensor, blocked: _Blocked) -> None:
+        """Block the units whose removal would leave part of a GroupNorm group (all of them, when it cannot be cut)."""
+        for norm in site.norms:
+            if norm.kind == "group" and norm.mixes_units:
+                groups = self._group_norm_groups(norm)
+                if groups is None:
+                    blocked.block(name, units, f"its GroupNorm `{norm.name}` cannot be cut")
+                    continue
+                per = site.num_units // groups
+                chosen = torch.zeros(site.num_units, dtype=torch.bool)
+                chosen[units] = True
+                whole = chosen.reshape(groups, per).all(1).repeat_interleave(per)
+                blocked.block(name, units[~whole[units]], f"its GroupNorm `{norm.name}` would lose part of a group")
+
+    def _block_split_groups(self, cuts: _GroupedCuts, blocked: _Blocked) -> None:
+        """Block the rows and columns of grouped convolutions that would leave part of a group."""
         grouped = {
             self.names[id(c.weight.parameter)]: c
             for s in self.structure.sites.values()
@@ -450,6 +539,7 @@ class _Planner:
             for s in self.structure.sites.values()
             if s.producer is not None and s.producer.groups > 1
         }
+        rows, columns = cuts.rows, cuts.columns
         for weight_name in set(rows) | set(columns):
             parameter = (
                 grouped[weight_name].weight.parameter
@@ -469,21 +559,16 @@ class _Planner:
             }
             why = f"the grouped convolution `{weight_name.rsplit('.', 1)[0]}` would lose part of a group"
             bad_rows = sorted(r for r in removed_rows if r // out_per not in whole_groups)
-            if bad_rows and weight_name in origin_rows:
-                block(origin_rows[weight_name], torch.tensor(bad_rows, dtype=torch.long), why)
+            if bad_rows and weight_name in cuts.origin_rows:
+                blocked.block(cuts.origin_rows[weight_name], torch.tensor(bad_rows, dtype=torch.long), why)
             bad_columns = torch.tensor(
                 sorted(c for c in removed_columns if c // in_per not in whole_groups), dtype=torch.long
             )
             if bad_columns.numel():
-                for site_name, site_columns, site_units in origin_columns.get(weight_name, []):
+                for site_name, site_columns, site_units in cuts.origin_columns.get(weight_name, []):
                     hit = torch.isin(site_columns, bad_columns)
                     if bool(hit.any()):
-                        block(site_name, site_units[hit].unique(), why)
-        return {
-            name: (units[torch.isin(units, current[name])], why)
-            for name, (units, why) in blocked.items()
-            if bool(torch.isin(units, current[name]).any())
-        }
+                        blocked.block(site_name, site_units[hit].unique(), why)
 
     def _group_norm_groups(self, norm: Any) -> int | None:
         try:
@@ -990,8 +1075,7 @@ class CompactOnFitEnd(Callback):
         self.certify = certify
         self.result: Compaction | None = None
         self.path: str | None = None
-        self._batch: Any = None
-        self._watch: Any = None
+        self._inputs = TrainingInputWatch()  # the latest training batch and the step's call into the model
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -1011,22 +1095,13 @@ class CompactOnFitEnd(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        from lightning_relu.structure import RootCallWatch
-
-        if self.input_fn is None and (self._watch is None or self._watch.model is not pl_module):
-            self._stop()
-            self._watch = RootCallWatch(pl_module).start()
-        if self._watch is not None:
-            self._watch.active = True
+        self._inputs.batch_start(pl_module, watch_calls=self.input_fn is None)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = batch
-        if self._watch is not None:
-            self._watch.active = False
-            self._watch.settle()
+        self._inputs.batch_end(batch)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -1034,10 +1109,10 @@ class CompactOnFitEnd(Callback):
 
         monitor = self._monitor(trainer)
         report = monitor.last_report if monitor is not None else None
-        example = self._watch.example(self.example_size) if self._watch is not None else None
-        if example is None and self._batch is not None:
-            example = example_from_batch(self._batch, self.input_fn, self.example_size)
-        self._stop()
+        example = self._inputs.call(self.example_size)
+        if example is None and self._inputs.batch is not None:
+            example = example_from_batch(self._inputs.batch, self.input_fn, self.example_size)
+        self._inputs.stop()
         if report is None or example is None:
             return  # no epoch ended: nothing measured
         with warnings.catch_warnings():
@@ -1059,13 +1134,8 @@ class CompactOnFitEnd(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop()
+        self._inputs.stop()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.stop()
+        self._inputs.stop()
