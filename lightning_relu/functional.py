@@ -11,19 +11,23 @@ Inf. Counts are exact: per-unit counts are float sums of 0/1 values taken in flo
 and in float64 above, then added to int64 states.
 
 How it is fast with ATen alone (measured on 2 CPU cores; see ``docs/performance.md``). Inside a training step every
-ATen call costs far more than in a loop on its own (tens of microseconds each on the reference machine: the step's
-weights and activations have just evicted the dispatcher's code and data from the caches), so the CPU path makes as
-few calls per output as it can: per chunk of samples, one comparison into a reused float32 mask buffer, one
-matrix-vector product that *adds* the mask's column sums to a float32 accumulator kept per position of a sample (or a
-sum and an add per unit, for large samples), and one sum per sample written straight into a buffer that keeps the
-per-sample sums of the last ``_ROWS_KEPT`` outputs. Nothing else runs per output: :class:`_Pending` holds these
-partial sums and folds them into the int64 counts only when the counts are read, when a float32 sum would reach 2**24,
-when the kept per-sample sums are full, or when the output's shape changes. Killed samples and non-finite batches come
+ATen call costs far more than in a loop on its own (tens of microseconds each on the reference machine, a view as
+well as a reduction: the step's weights and activations have just evicted the dispatcher's code and data from the
+caches), so the CPU path makes as few calls per output as it can, and no view it can make beforehand: per chunk of
+samples, one comparison with a 0-d zero of the output's dtype (a faster kernel than a comparison with a Python
+number) into a reused float32 mask buffer laid out like the output's samples; one reduction of the mask, either a
+matrix-vector product that *adds* its column sums to a float32 accumulator kept per position of a sample (Linear
+outputs and small samples) or a per-unit sum written into a row of its own in a buffer that keeps the per-unit sums of
+every chunk of the last ``_ROWS_KEPT`` outputs (larger samples); and one sum per sample written into a buffer that
+keeps the per-sample sums of the last ``_ROWS_KEPT`` outputs. Nothing else runs per output: :class:`_Pending` holds
+these partial sums and folds them into the int64 counts only when the counts are read, when a float32 sum would reach
+2**24, when the kept sums are full, or when the output's shape changes. Killed samples and non-finite batches come
 from the kept per-sample sums at that point (a sum is 0 exactly when the whole sample is 0, as the entries are never
-negative; NaN or Inf when an entry is). Every buffer is allocated once per output shape (a :class:`_Workspace`, and a
-:class:`_Pending` per metric), and every operation writes into it with ``out=`` or in place. On other devices, for
-tensor subclasses, layouts whose samples are not dense, and while ``torch.compile`` traces (where the compiler fuses
-them), the same quantities come from plain ATen operations added to the counts at once.
+negative; NaN or Inf when an entry is). Every buffer, and every view of one that a call writes into, is made once per
+output shape (a :class:`_Workspace`, and a :class:`_Pending` per metric), and every operation writes into it with
+``out=`` or in place. On other devices, for tensor subclasses, layouts whose samples are not dense, and while
+``torch.compile`` traces (where the compiler fuses them), the same quantities come from plain ATen operations added
+to the counts at once.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ _CHUNK_NUMEL_PER_THREAD = 2**17
 _MAX_SAMPLE_NUMEL = 2**20
 # outputs with one entry per unit in a sample (Linear outputs), and samples up to this many entries, keep one float32
 # partial count per entry of a sample (one matrix-vector product per chunk adds to it); other outputs keep one per
-# unit (a sum and an add per chunk), which measured faster on the benchmark's convolutions (it writes less)
+# unit and chunk (a sum per chunk written into a kept row), which measured faster on the benchmark's convolutions
 _MAX_POSITIONS_KEPT = 2**12
 # outputs whose per-sample sums are kept before killed samples and non-finite batches are counted from them
 _ROWS_KEPT = 64
@@ -81,20 +85,24 @@ def _row_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Workspace:
     """Views and buffers that count CPU outputs of one shape, strides, dtype and unit axis, built by
     :func:`_workspace` on the first such output and reused for every later one (on the thread that built it: the
-    mask buffer is the thread's)."""
+    mask buffer is the thread's).
+
+    Everything a call needs is made here once: inside a training step every ATen call costs tens of microseconds, a
+    view as well as a reduction, so the hot path makes no view it can make here (see the module's docstring).
+    """
 
     __slots__ = (
-        "batch_stride",
         "entries",
         "floating",
         "key",
         "masks",
+        "masks_t",
         "ones",
-        "part",
         "part_dims",
         "per_sample",
         "positions",
         "row_dtype",
+        "sample_dims",
         "sample_shape",
         "sample_strides",
         "samples",
@@ -103,6 +111,7 @@ class _Workspace:
         "thread",
         "unit_in_sample",
         "units",
+        "zero",
     )
 
     def __init__(self, output: Tensor, axis: int) -> None:
@@ -110,47 +119,48 @@ class _Workspace:
         self.thread = threading.get_ident()
         batch = output.shape[0]
         self.samples = batch
-        self.per_sample = output.numel() // batch
+        self.per_sample = per_sample = output.numel() // batch
         self.units = output.shape[axis]
-        self.entries = batch * (self.per_sample // self.units)  # entries per unit in one output
+        self.entries = batch * (per_sample // self.units)  # entries per unit in one output
         self.floating = output.is_floating_point()
         self.row_dtype = _row_dtype(output.dtype)
-        self.batch_stride = output.stride(0)
         # a sample's entries fill memory positions 0 .. per_sample - 1 (offset by the sample's start) in some order
-        self.sample_shape = tuple(output.shape[1:])
-        self.sample_strides = tuple(output.stride()[1:])
+        self.sample_shape = sample_shape = tuple(output.shape[1:])
+        self.sample_strides = sample_strides = tuple(output.stride()[1:])
+        self.sample_dims = tuple(range(1, output.ndim))
         self.unit_in_sample = axis - 1
         # per entry of a sample for small samples (one matrix-vector product per chunk), else per unit
-        self.positions = self.per_sample <= _MAX_POSITIONS_KEPT or self.per_sample == self.units
+        self.positions = per_sample <= _MAX_POSITIONS_KEPT or per_sample == self.units
         chunk_numel = _CHUNK_NUMEL_PER_THREAD * max(1, torch.get_num_threads())
-        self.step = max(1, min(batch, chunk_numel // self.per_sample))  # samples per chunk
-        self.sizes = [min(self.step, batch - start) for start in range(0, batch, self.step)]
-        # the mask of a chunk seen as samples, to sum it per unit (when the counts are kept per unit)
-        self.part_dims = (0, *(d + 1 for d in range(len(self.sample_shape)) if d != self.unit_in_sample))
+        # samples per chunk (a chunk's per-unit sums stay exact in float32: a sample holds at most 2**20 entries)
+        self.step = max(1, min(batch, chunk_numel // per_sample, (_FLOAT32_EXACT - 1) // per_sample))
+        self.sizes = tuple(min(self.step, batch - start) for start in range(0, batch, self.step))
+        # the dimensions a chunk's mask is summed over to count per unit (when the counts are kept per unit)
+        self.part_dims = (0, *(d + 1 for d in range(len(sample_shape)) if d != self.unit_in_sample))
         with torch.inference_mode(False):  # usable in and out of inference mode
-            mask = _scratch(self.step * self.per_sample)
-            self.masks = [mask[: n * self.per_sample].view(n, self.per_sample) for n in self.sizes]
+            # compared with a 0-d tensor of the output's dtype rather than a Python number: `gt` takes a faster kernel
+            # (measured: 34 against 62 us for 1 MiB of float32 on the reference machine)
+            self.zero = torch.zeros((), dtype=output.dtype)
+            mask = _scratch(self.step * per_sample)
+            # each chunk's mask with the output's sample layout (so the comparison walks both alike), its samples
+            # one after the other; and the same memory as a (positions, samples) matrix for the matrix-vector product
+            flats = [mask[: n * per_sample] for n in self.sizes]
+            self.masks = [
+                flat.as_strided((flat.numel() // per_sample, *sample_shape), (per_sample, *sample_strides))
+                for flat in flats
+            ]
+            self.masks_t = [flat.view(-1, per_sample).t() for flat in flats]
             ones = torch.ones(self.step, dtype=torch.float32)
             self.ones = [ones[:n] for n in self.sizes]
-            self.part = None if self.positions else torch.empty(self.units, dtype=torch.float32)
-
-    def rows(self, output: Tensor) -> Tensor:
-        """``output`` as a ``(samples, entries of a sample)`` matrix in memory order (a view)."""
-        return output.as_strided((self.samples, self.per_sample), (self.batch_stride, 1), output.storage_offset())
-
-    def as_samples(self, flat: Tensor) -> Tensor:
-        """Rows of ``flat`` (``(n, per_sample)``, contiguous) seen with the output's sample shape and strides."""
-        n = flat.shape[0]
-        return flat.as_strided((n, *self.sample_shape), (self.per_sample, *self.sample_strides))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         return None  # a copy of the metric builds its own buffers on its first output
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_no_workspace, ())  # nor do pickles carry them
+        return (_nothing, ())  # nor do pickles carry them
 
 
-def _no_workspace() -> None:
+def _nothing() -> None:
     return None
 
 
@@ -191,20 +201,46 @@ def _workspace(output: Tensor, axis: int, cached: _Workspace | None) -> _Workspa
     return _Workspace(output, axis)
 
 
+class _Targets:
+    """The ``out=`` targets of :meth:`_Pending.add`, per kept output and chunk: views of the pending buffers, made once
+    (a view made in the hot path costs as much as a small reduction). Left out of copies and pickles, which would
+    hold each view as a tensor of its own; :meth:`_Pending.add` makes them again."""
+
+    __slots__ = ("counts", "rows")
+
+    def __init__(self, pending: _Pending) -> None:
+        chunks = len(pending.sizes)
+        self.rows = [list(row.split(pending.step)) for row in pending.rows]
+        # per unit: the rows of one output's chunks (one kept output after another)
+        self.counts = [] if pending.positions else [list(kept) for kept in pending.counts.unflatten(0, (-1, chunks))]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_nothing, ())
+
+
 class _Pending:
     """Partial counts of CPU outputs not yet added to a metric's states (see the module's docstring).
 
-    ``counts`` holds float32 sums of 0/1 values, per entry of a sample (``positions``) or per unit; ``rows`` the
-    per-sample sums of the last ``filled`` outputs; ``samples`` and ``entries`` are host integers. :meth:`fold`
-    turns them into what the states add and empties them. Plain attributes only: copies and pickles of a metric carry
-    what it has not folded yet.
+    ``counts`` holds float32 sums of 0/1 values: per entry of a sample (``positions``, added to by every output), or
+    per unit for each chunk of the last ``counted`` outputs (one row per chunk); ``rows`` the per-sample sums of the
+    last ``filled`` outputs; ``samples`` and ``entries`` are host integers. :meth:`fold` turns them into what the
+    states add and empties them. Plain attributes only: copies and pickles of a metric carry what it has not folded
+    yet.
     """
 
     def __init__(self, ws: _Workspace) -> None:
-        with torch.inference_mode(False):
-            self.counts = torch.zeros(ws.per_sample if ws.positions else ws.units, dtype=torch.float32)
-            self.rows = torch.empty(_ROWS_KEPT, ws.samples, dtype=ws.row_dtype)
         self.positions = ws.positions
+        self.step, self.sizes = ws.step, ws.sizes
+        with torch.inference_mode(False):
+            if ws.positions:
+                self.counts = torch.zeros(ws.per_sample, dtype=torch.float32)
+            else:
+                self.counts = torch.empty(_ROWS_KEPT * len(ws.sizes), ws.units, dtype=torch.float32)
+            self.rows = torch.empty(_ROWS_KEPT, ws.samples, dtype=ws.row_dtype)
+        self.targets: _Targets | None = None
         self.sample_shape, self.sample_strides, self.unit_in_sample = (
             ws.sample_shape,
             ws.sample_strides,
@@ -212,8 +248,9 @@ class _Pending:
         )
         self.units = ws.units
         self.floating = ws.floating
-        self.load = 0  # the largest value a float32 count can hold now
-        self.step_load = ws.samples if ws.positions else ws.entries  # what one output adds to it at most
+        self.load = 0  # the largest value a float32 count per entry of a sample can hold now
+        self.step_load = ws.samples  # what one output adds to it at most
+        self.counted = 0  # outputs whose per-unit counts are in `counts` (per unit)
         self.filled = 0  # outputs whose per-sample sums are in `rows`
         self.samples = 0
         self.entries = 0
@@ -224,65 +261,83 @@ class _Pending:
             self.positions == ws.positions
             and self.rows.shape[1] == ws.samples
             and self.rows.dtype == ws.row_dtype
-            and (self.sample_shape, self.sample_strides, self.unit_in_sample)
-            == (ws.sample_shape, ws.sample_strides, ws.unit_in_sample)
+            and self.sizes == ws.sizes
+            and (self.units, self.sample_shape, self.sample_strides, self.unit_in_sample)
+            == (ws.units, ws.sample_shape, ws.sample_strides, ws.unit_in_sample)
         )
 
     @property
     def empty(self) -> bool:
-        return self.load == 0 and self.filled == 0 and self.samples == 0
+        return self.load == 0 and self.counted == 0 and self.filled == 0 and self.samples == 0
 
     def full(self) -> bool:
-        """Whether one more output could overflow what is kept (the float32 counts' exact range, or ``rows``)."""
-        return self.filled == _ROWS_KEPT or self.load + self.step_load >= _FLOAT32_EXACT
+        """Whether one more output could overflow what is kept (the float32 counts' exact range, or the kept rows)."""
+        if self.filled == _ROWS_KEPT:
+            return True
+        if self.positions:
+            return self.load + self.step_load >= _FLOAT32_EXACT
+        return self.counted == _ROWS_KEPT
 
     def add(self, output: Tensor, ws: _Workspace) -> None:
         """Add one output (prepared, matching ``ws``): per chunk of samples, a comparison into the mask buffer, the
-        mask's sums added to ``counts``, and the chunk's per-sample sums written into ``rows``."""
-        rows = self.rows[self.filled]
-        matrix = ws.rows(output)
-        counts = self.counts
-        if len(ws.sizes) == 1:
-            mask = ws.masks[0]
-            torch.gt(matrix, 0, out=mask)
-            if self.positions:
-                counts.addmv_(mask.t(), ws.ones[0])
+        mask's sums added to (per entry of a sample) or written into (per unit) ``counts``, and the chunk's per-sample
+        sums written into ``rows``."""
+        targets = self.targets
+        if targets is None:
+            targets = self.targets = _Targets(self)
+        rows = targets.rows[self.filled]
+        zero, dims = ws.zero, ws.sample_dims
+        if self.positions:
+            counts = self.counts
+            if len(ws.sizes) == 1:
+                torch.gt(output, zero, out=ws.masks[0])
+                counts.addmv_(ws.masks_t[0], ws.ones[0])
+                torch.sum(output, dims, out=rows[0])
             else:
-                counts.add_(torch.sum(ws.as_samples(mask), ws.part_dims, out=ws.part))
-            torch.sum(matrix, 1, dtype=rows.dtype, out=rows)
+                for chunk, mask, mask_t, ones, chunk_rows in zip(
+                    output.split(self.step), ws.masks, ws.masks_t, ws.ones, rows, strict=True
+                ):
+                    torch.gt(chunk, zero, out=mask)
+                    counts.addmv_(mask_t, ones)
+                    torch.sum(chunk, dims, out=chunk_rows)
+            self.load += self.step_load
         else:
-            step, part, part_dims = ws.step, ws.part, ws.part_dims
-            for chunk, mask, ones, chunk_rows in zip(
-                matrix.split(step), ws.masks, ws.ones, rows.split(step), strict=True
-            ):
-                torch.gt(chunk, 0, out=mask)
-                if self.positions:
-                    counts.addmv_(mask.t(), ones)
-                else:
-                    counts.add_(torch.sum(ws.as_samples(mask), part_dims, out=part))
-                torch.sum(chunk, 1, dtype=rows.dtype, out=chunk_rows)
+            part_dims, parts = ws.part_dims, targets.counts[self.counted]
+            if len(ws.sizes) == 1:
+                mask = ws.masks[0]
+                torch.gt(output, zero, out=mask)
+                torch.sum(mask, part_dims, out=parts[0])
+                torch.sum(output, dims, out=rows[0])
+            else:
+                for chunk, mask, part, chunk_rows in zip(output.split(self.step), ws.masks, parts, rows, strict=True):
+                    torch.gt(chunk, zero, out=mask)
+                    torch.sum(mask, part_dims, out=part)
+                    torch.sum(chunk, dims, out=chunk_rows)
+            self.counted += 1
         self.filled += 1
-        self.load += self.step_load
         self.samples += ws.samples
         self.entries += ws.entries
 
     def fold_counts(self) -> Tensor | None:
         """The active entries per unit added since they were last folded (int64), or None when there are none; the
-        float32 counts are zero again."""
-        if self.load == 0:
-            return None
+        float32 counts are free again."""
         counts = self.counts
         if self.positions:
+            if self.load == 0:
+                return None
             per_entry = counts.as_strided(self.sample_shape, self.sample_strides)
             dims = tuple(d for d in range(len(self.sample_shape)) if d != self.unit_in_sample)
             # in float64: a unit's count sums its positions' counts and may pass 2**24
             per_unit = per_entry.sum(dims, dtype=torch.float64) if dims else per_entry.to(torch.float64)
+            counts.zero_()
+            self.load = 0
         else:
-            per_unit = counts
-        active = per_unit.to(torch.int64)
-        counts.zero_()
-        self.load = 0
-        return active
+            if self.counted == 0:
+                return None
+            # one row per chunk of each output (each below 2**24), summed in float64
+            per_unit = counts[: self.counted * len(self.sizes)].sum(0, dtype=torch.float64)
+            self.counted = 0
+        return per_unit.to(torch.int64)
 
     def fold_rows(self) -> tuple[Tensor, Tensor] | None:
         """Killed samples and non-finite outputs (0-d int64) among the outputs whose per-sample sums are kept, or
@@ -336,8 +391,10 @@ def _count_plain(output: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _prepare(output: Tensor) -> Tensor:
-    """``output`` without autograd history, with one unit per sample for a 1-D output."""
-    output = output.detach()
+    """``output`` without autograd history (detached only where autograd would record: a ``detach`` inside a training
+    step costs as much as a small reduction), with one unit per sample for a 1-D output."""
+    if output.requires_grad and torch.is_grad_enabled():
+        output = output.detach()
     return output.unsqueeze(1) if output.ndim == 1 else output
 
 

@@ -230,3 +230,51 @@ def test_workspaces_are_left_out_of_copies_and_pickles():
         clone.update(torch.tensor([[0.0, 2.0]]))
         assert clone.compute().active_count.tolist() == [1, 1]
     assert stats.compute().active_count.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("kept", ["per entry", "per unit"])
+def test_copies_and_pickles_carry_held_back_counts_into_buffers_of_their_own(monkeypatch, kept):
+    """A copy or a pickle of a metric that holds counts back (per entry of a sample, or per unit and chunk) counts on
+    with its own buffers: its later outputs do not reach the original, nor the original's the copy."""
+    import copy
+    import pickle
+
+    monkeypatch.setattr(functional, "_MAX_POSITIONS_KEPT", 2**12 if kept == "per entry" else 0)
+    monkeypatch.setattr(functional, "_CHUNK_NUMEL_PER_THREAD", 16)  # several chunks per output
+    outputs = [sample_output((9, 3, 4, 5), torch.float32, seed, special=seed == 2) for seed in range(4)]
+    stats = ActivationStats(unit_dim=1)
+    for out in outputs[:2]:
+        stats.update(out)
+    clones = [copy.deepcopy(stats), pickle.loads(pickle.dumps(stats))]
+    assert all(clone._pending is not None and not clone._pending.empty for clone in clones)  # something held back
+    stats.update(outputs[2])
+    for clone in clones:
+        clone.update(outputs[3])
+
+    def summed(outs: list[torch.Tensor]) -> tuple[list[int], int, int]:
+        expected = [brute(out, 1) for out in outs]
+        active = [sum(col) for col in zip(*(e["active"] for e in expected), strict=True)]
+        return active, sum(e["killed"] for e in expected), sum(e["nonfinite"] for e in expected)
+
+    for metric, outs in ((stats, outputs[:3]), *((clone, [*outputs[:2], outputs[3]]) for clone in clones)):
+        report = metric.compute()
+        assert (report.active_count.tolist(), report.killed, report.nonfinite_batches) == summed(outs)
+
+
+@pytest.mark.parametrize("kept", ["per entry", "per unit"])
+def test_reading_the_per_sample_part_every_step_keeps_the_counts_exact(monkeypatch, kept):
+    """The monitor reads ``nonfinite`` after every batch, which folds the kept per-sample sums and not the per-unit
+    counts: those keep filling (and fold when full) without overwriting what they hold."""
+    monkeypatch.setattr(functional, "_MAX_POSITIONS_KEPT", 2**12 if kept == "per entry" else 0)
+    monkeypatch.setattr(functional, "_ROWS_KEPT", 3)
+    monkeypatch.setattr(functional, "_CHUNK_NUMEL_PER_THREAD", 32)
+    stats = ActivationStats(unit_dim=1)
+    outputs = [sample_output((6, 3, 2, 2), torch.float32, seed, special=seed == 4) for seed in range(8)]
+    nonfinite = 0
+    for out in outputs:
+        stats.update(out)
+        nonfinite += brute(out, 1)["nonfinite"]
+        assert int(stats.nonfinite) == nonfinite
+    expected = [brute(out, 1) for out in outputs]
+    assert stats.active.tolist() == [sum(col) for col in zip(*(e["active"] for e in expected), strict=True)]
+    assert int(stats.killed) == sum(e["killed"] for e in expected) and nonfinite == 1
