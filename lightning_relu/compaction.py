@@ -51,9 +51,7 @@ from typing_extensions import override
 
 from lightning_relu._compat import CONV_TYPES
 from lightning_relu.functional import counting
-from lightning_relu.sites import could_be_functional, matches_site
-from lightning_relu.structure import SiteStructure, Structure, observe
-from lightning_relu.structure.observation import (
+from lightning_relu.observation import (
     _CAST_OPS,
     _MOVE_OPS,
     _POOL_OPS,
@@ -61,6 +59,8 @@ from lightning_relu.structure.observation import (
     _op_name,
     _tensors,
 )
+from lightning_relu.site import known_names, module_names
+from lightning_relu.structure import SiteStructure, Structure, observe
 from lightning_relu.surgery import _eval_output, _same, _unit_values
 
 __all__ = [
@@ -345,12 +345,10 @@ def _masks(report: Any) -> dict[str, Tensor]:
 def _validate(masks: dict[str, Tensor], structure: Structure, model: nn.Module) -> None:
     # a functional call or later call position the observed forward did not reach (an auxiliary head that runs in
     # training only) is the model's all the same: its units stay, as for any site the forward does not reach
-    known = list(structure.known)
-    unknown = [
-        name
-        for name in masks
-        if name not in structure.known and not matches_site(name, known) and not could_be_functional(name, model)
-    ]
+    unknown = [name for name in masks if name not in structure.known]
+    if unknown:
+        known = known_names(list(structure.found), module_names(model), model)
+        unknown = [name for name in unknown if name not in known]
     if unknown:
         raise ValueError(
             f"The report has site {unknown[0]!r} that the model does not have (the model's sites are "

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_relu.observation import _tensors
 from lightning_relu.structure import SiteStructure, Structure, call_model, observe, preserved_state
-from lightning_relu.structure.observation import _tensors
 
 __all__ = ["RevivalWarning", "reset_optimizer_state", "revive_observed_"]
 
