@@ -1,18 +1,20 @@
-"""Refusing models whose weights the initializers and revival cannot write for good: FSDP2 shards and DeepSpeed.
+"""Which models the initializers and revival write into through an engine, and which they refuse: FSDP2, DeepSpeed.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) holds each parameter as a ``DTensor`` shard. The initializers and
-revival write rows, columns and single entries of parameters and read whole weights; on shards they would fail half
-way with raw ``DTensor`` errors, or write into the unsharded copies that FSDP2 frees after the forward.
+revival write rows, columns and single entries of parameters and read whole weights; on the shards themselves they
+would fail half way with raw ``DTensor`` errors, or write into the unsharded copies that FSDP2 frees after the
+forward. They act on the unsharded model instead and write the result back into the shards
+(:mod:`lightning_relu._engines`); what that cannot serve is refused there, before anything changes.
 
 DeepSpeed keeps weights of its own beside the model's: ZeRO stages 1 and 2 (and its bf16/fp16 optimizers) hold fp32
 master partitions in the optimizer and copy them over the model's parameters at every ``engine.step()``; ZeRO-3
 partitions the parameters themselves (``ds_id``, ``ds_tensor``: the module's ``weight`` is an empty placeholder
 outside a forward). A unit revived in the model would be reverted by the next step, and a report of revived units
-would be wrong.
+would be wrong. Until they write through the master weights, the initializers and revival refuse such a model, such
+an optimizer or such a trainer before changing anything.
 
-Until they write through the shards and the master weights, the initializers and revival refuse such a model, such
-an optimizer or such a trainer before changing anything. Neither ``torch.distributed.tensor`` nor ``deepspeed`` is
-imported here: a model cannot hold their objects unless its program imported them (``sys.modules``).
+Neither ``torch.distributed.tensor`` nor ``deepspeed`` is imported here: a model cannot hold their objects unless its
+program imported them (``sys.modules``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ from typing import Any
 
 from torch import nn
 
-_FSDP2_ADVICE = (
-    "Initialize the model before sharding it (in `configure_model`, before `fully_shard`), and train without "
-    "revival under FSDP2."
-)
+from lightning_relu._engines import WriteThrough, _shown, fsdp2_write_through, inside_write_through
+
 _DEEPSPEED_ADVICE = (
     "DeepSpeed keeps fp32 master weights and optimizer state of its own, and the next `engine.step()` would copy "
     "them back over the change. Nothing was changed. Initialize the model before `deepspeed.initialize` (under "
@@ -37,18 +37,6 @@ _DEEPSPEED_ADVICE = (
 # link from a model parameter to its fp32 master fragment (ZeRO stages 1 and 2, the bf16 optimizer)
 _ZERO3_MARK = "ds_id"
 _MASTER_MARK = "_hp_mapping"
-
-
-def sharded_parameters(model: nn.Module) -> list[str]:
-    """Names of ``model``'s parameters that are ``DTensor``s (none while ``torch.distributed.tensor`` is unused)."""
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if dtensor is None or not isinstance(model, nn.Module):  # not a module: the caller's own check says so
-        return []
-    return [name for name, param in model.named_parameters() if isinstance(param, dtensor)]
-
-
-def _shown(names: list[str]) -> str:
-    return ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _deepspeed_class(module: str, name: str) -> type | None:
@@ -120,16 +108,9 @@ def _strategy_reason(trainer: Any) -> str | None:
 def refuse_sharded(
     model: nn.Module, function: str, argument: str = "model", *, optimizer: Any = None, trainer: Any = None
 ) -> None:
-    """Raise ``ValueError`` naming ``function``, the argument and why, when ``model`` is sharded by FSDP2 or managed by
-    DeepSpeed (an engine, ZeRO-3 partitions, parameters linked to master weights), when ``optimizer`` (one or a
-    list) is a DeepSpeed optimizer, or when ``trainer`` runs Lightning's ``DeepSpeedStrategy``."""
-    sharded = sharded_parameters(model)
-    if sharded:
-        raise ValueError(
-            f"`{function}` cannot write into `{argument}`: its parameters {_shown(sharded)} ({len(sharded)} in all) "
-            f"are DTensor shards of FSDP2 (`fully_shard`), which it does not support yet. Nothing was changed. "
-            + _FSDP2_ADVICE
-        )
+    """Raise ``ValueError`` naming ``function``, the argument and why, when ``model`` is managed by DeepSpeed (an
+    engine, ZeRO-3 partitions, parameters linked to master weights), when ``optimizer`` (one or a list) is a DeepSpeed
+    optimizer, or when ``trainer`` runs Lightning's ``DeepSpeedStrategy``."""
     reason = _strategy_reason(trainer)
     if "deepspeed" not in sys.modules and reason is None:  # no DeepSpeed class or mark exists before its import
         return
@@ -145,3 +126,19 @@ def refuse_sharded(
                 f"`{kind.__module__}`), which steps fp32 master weights of its own rather than `{argument}`'s "
                 f"parameters. {_DEEPSPEED_ADVICE}"
             )
+
+
+def write_through(
+    model: nn.Module, function: str, argument: str = "model", *, optimizer: Any = None, trainer: Any = None
+) -> WriteThrough | None:
+    """How ``function`` writes into ``model``: ``None`` for a model it acts on directly (also inside a write-through
+    call), a :class:`~lightning_relu._engines.WriteThrough` whose ``run`` calls it on the unsharded model and writes
+    the result back (FSDP2), or ``ValueError`` naming the function, the argument and why, before anything changes,
+    for what it cannot write into (see :func:`refuse_sharded`)."""
+    if inside_write_through():
+        return None
+    engine = fsdp2_write_through(model, function, argument)
+    if engine is not None:
+        return engine
+    refuse_sharded(model, function, argument, optimizer=optimizer, trainer=trainer)
+    return None

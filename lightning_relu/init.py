@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_relu._compat import BATCH_NORM_TYPES, CONV_TYPES
-from lightning_relu._sharded import refuse_sharded
+from lightning_relu._sharded import write_through
 from lightning_relu.sites import Site, find_relu_sites, may_call_rectifiers
 from lightning_relu.structure import ObservationError, call_model
 
@@ -79,8 +79,10 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     """
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
-    if isinstance(module, nn.Module):
-        refuse_sharded(module, "rai_", "module")
+    engine = write_through(module, "rai_", "module") if isinstance(module, nn.Module) else None
+    if engine is not None:  # FSDP2: on the unsharded model, written back into the shards
+        engine.run(lambda model, _: rai_(model, generator, example_input=example_input))
+        return module
     if _is_affine_layer(module):
         _rai_layer_(module, generator)
         return module
@@ -332,6 +334,10 @@ def sign_flip_(
         >>> all(r.survival >= 0.5 for r in report.values())
         True
     """
+    engine = write_through(model, "sign_flip_") if isinstance(model, nn.Module) else None
+    if engine is not None:  # FSDP2: on the unsharded model, written back into the shards (rank 0's data decides)
+        flips = lambda inner, _: sign_flip_(inner, data, max_samples=max_samples, input_fn=input_fn)  # noqa: E731
+        return engine.run(flips, share_result=True)
     _check_sign_flip_args(model, data, max_samples, input_fn)
     sites = find_relu_sites(model)
     nothing = (
@@ -375,7 +381,6 @@ def _check_sign_flip_args(
     """Refuse what :func:`sign_flip_` cannot take, before anything is read or changed."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a `torch.nn.Module`, got {type(model).__name__}")
-    refuse_sharded(model, "sign_flip_")
     if max_samples is not None and (
         isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
     ):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
+from lightning_relu._sharded import write_through
 from lightning_relu.init import SignFlipReport, _batch_input, _flip_target, _generators_of, rai_, sign_flip_
 from lightning_relu.sites import find_relu_sites
 from lightning_relu.structure import ObservationError
@@ -144,6 +145,8 @@ class ReluInitializer(Callback):
             self.report, self.rai_layers, self.seed_used, self.metrics = {}, [], None, {}
         if stage != "fit" or self.applied:
             return
+        # what the initializers cannot write into (Lightning's DeepSpeedStrategy) is refused before the fit starts
+        write_through(pl_module, "ReluInitializer", "pl_module", trainer=trainer)
         sites = find_relu_sites(pl_module)
         if not sites:
             rank_zero_warn(
@@ -189,6 +192,15 @@ class ReluInitializer(Callback):
         self.seed_used = seed
         generator = torch.Generator(device="cpu").manual_seed(seed)
         example = self._example_input(trainer)
+        engine = write_through(pl_module, "ReluInitializer", "pl_module", trainer=trainer)
+        if engine is not None:  # FSDP2 (sharded in `configure_model`): the layers are found on the unsharded model
+            self.rai_layers = engine.run(lambda model, _: self._rai(model, generator, example), share_result=True)
+        else:
+            self.rai_layers = self._rai(pl_module, generator, example)
+
+    @staticmethod
+    def _rai(pl_module: nn.Module, generator: torch.Generator, example: Any) -> list[str]:
+        """RAI on the producers of ``pl_module``'s sites, found on ``example``; their names."""
         try:
             sites = find_relu_sites(pl_module, example_input=example)
         except ObservationError as error:
@@ -205,7 +217,7 @@ class ReluInitializer(Callback):
                 names.append(site.producer_name)
         if names:
             rai_(pl_module, generator=generator, example_input=example)
-        self.rai_layers = names
+        return names
 
     def _example_input(self, trainer: pl.Trainer) -> Any:
         """A few samples of the first training batch, to observe the model's structure on (None without a

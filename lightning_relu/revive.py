@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
-from lightning_relu._sharded import refuse_sharded
+from lightning_relu._sharded import write_through
 from lightning_relu.init import rai_rows
 from lightning_relu.sites import (
     NORM_TYPES,
@@ -152,8 +152,13 @@ def revive_dead_units_(
         >>> torch.equal(net(x), before)
         True
     """
+    engine = write_through(model, "revive_dead_units_", optimizer=optimizer)  # before `optimizer` must be a torch one
+    if engine is not None:  # FSDP2: on the unsharded model and optimizer state, then into the shards (rank 0 decides)
+        options: dict[str, Any] = dict(init=init, max_fraction=max_fraction, exclude=exclude, sites=sites)
+        options.update(example_input=example_input, check_output=check_output)
+        revive = lambda inner, opts: revive_dead_units_(inner, report, opts, generator, **options)  # noqa: E731
+        return engine.run(revive, optimizer, share_result=True)
     layers = _as_layers(report)
-    refuse_sharded(model, "revive_dead_units_", optimizer=optimizer)  # before `optimizer` must be a torch one
     optimizers = _as_optimizers(optimizer)
     _check_optimizers_hold(model, optimizers, layers, sites)
     excluded = _check_options(init, max_fraction, exclude, generator, check_output)
@@ -830,8 +835,9 @@ class DeadUnitReviver(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # under FSDP2 (sharded by `configure_model`, before this hook) revival would fail at the first epoch's end
-        refuse_sharded(pl_module, "DeadUnitReviver", "pl_module", trainer=trainer)  # DeepSpeedStrategy too
+        # what revival cannot write into (sharded by `configure_model`, before this hook): refused now, not at the first
+        # epoch's end; FSDP2 is written through
+        write_through(pl_module, "DeadUnitReviver", "pl_module", trainer=trainer)  # DeepSpeedStrategy too
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

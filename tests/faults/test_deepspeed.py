@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_relu import DeadUnitReviver, DeadUnitTracker, rai_, revive_dead_units_, sign_flip_
+from tests.faults.engines import error_of
 from tests.helpers import kill_units, mlp
 
 pytestmark = [
@@ -68,14 +69,6 @@ def _full_weights(engine: Any) -> list[torch.Tensor]:
     return [safe_get_full_fp32_param(param).detach().clone() for param in engine.module.parameters()]
 
 
-def _error(call: Any) -> str:
-    try:
-        call()
-    except Exception as error:  # what the user sees, checked by the tests
-        return f"{type(error).__name__}: {error}"
-    return "no error"
-
-
 def _stage(rank: int, stage: int) -> dict[str, Any]:
     import deepspeed
 
@@ -110,7 +103,7 @@ def _stage(rank: int, stage: int) -> dict[str, Any]:
         "revive_dead_units_(plain, optimizer)": lambda: revive_dead_units_(plain, report, ds_optimizer),
         "DeadUnitReviver(module)": lambda: DeadUnitReviver().on_fit_start(None, engine.module),  # type: ignore[arg-type]
     }
-    results["errors"] = {name: _error(call) for name, call in calls.items()}
+    results["errors"] = {name: error_of(call) for name, call in calls.items()}
     results["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, _snapshot(engine), strict=True))
     results["plain unchanged"] = all(
         torch.equal(a, b) for a, b in zip(plain.parameters(), _model().parameters(), strict=True)
@@ -134,7 +127,7 @@ def _stage0(rank: int) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
     )
-    error = _error(lambda: rai_(engine.module, generator=torch.Generator().manual_seed(0)))
+    error = error_of(lambda: rai_(engine.module, generator=torch.Generator().manual_seed(0)))
     loss = engine(_inputs(rank)).sum()
     engine.backward(loss)
     engine.step()
@@ -164,7 +157,7 @@ def _lightning_strategy(rank: int) -> dict[str, Any]:
     model = _model()
     before = [p.clone() for p in model.parameters()]
     trainer = types.SimpleNamespace(strategy=DeepSpeedStrategy(stage=2))
-    error = _error(lambda: DeadUnitReviver().on_fit_start(trainer, model))  # type: ignore[arg-type]
+    error = error_of(lambda: DeadUnitReviver().on_fit_start(trainer, model))  # type: ignore[arg-type]
     unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     return {"error": error, "unchanged": unchanged}
 

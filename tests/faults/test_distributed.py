@@ -3,8 +3,13 @@
 - exact resume under DDP, from the middle of an epoch and from its last batch: every rank gets the uninterrupted
   fit's reports, revivals and weights (issue 20, item 2). The processes run the three fits one after the other with
   Lightning's ``ddp`` strategy, launched externally as ``torchrun`` would;
-- FSDP2 (``fully_shard``): ``rai_``, ``sign_flip_`` and ``revive_dead_units_`` refuse a sharded model with a clear
-  error before changing anything, instead of raw ``DTensor`` errors half way through (issue 20, item 5).
+- FSDP2 (``fully_shard``, issue 20, item 5): ``rai_``, ``sign_flip_`` and ``revive_dead_units_`` on a sharded model,
+  each rank with data of its own, give every rank the weights, revival counts and optimizer state (Adam moments of
+  the revived rows and columns reset) of one process on rank 0's data, before the first forward and after training;
+  a call failing on one rank changes nothing and hangs no rank; what cannot be written through (mixed precision,
+  DTensors that FSDP2 does not manage) is refused before anything changes. A fit under Lightning's
+  ``ModelParallelStrategy`` (``configure_model`` calls ``fully_shard``) with ``ReluInitializer("rai+sign_flip")`` and
+  ``DeadUnitMonitor(revive=...)`` ends with the weights and revivals of the same fit on one process.
 """
 
 from __future__ import annotations
@@ -21,9 +26,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_relu import DeadUnitMonitor, DeadUnitReviver, DeadUnitTracker, rai_, revive_dead_units_, sign_flip_
-from tests.faults.models import Dump, Net, alike_batches, trainer
+from lightning_relu import (
+    DeadUnitMonitor,
+    DeadUnitReviver,
+    DeadUnitTracker,
+    ReluInitializer,
+    rai_,
+    revive_dead_units_,
+    sign_flip_,
+)
+from tests.faults.engines import error_of
+from tests.faults.models import Dump, Net, alike_batches, summary, trainer
 from tests.helpers import kill_units, mlp
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -62,52 +77,128 @@ def _fit(root: Path, name: str, ckpt_path: str | None = None, *extra: Callback, 
     fit.fit(Net(alike_batches(8), lr=0.0), ckpt_path=ckpt_path)
 
 
-def _fsdp2(rank: int) -> dict[str, Any]:
-    """Call the initializers and revival on a model sharded by FSDP2, before and after its first forward."""
+WIDTHS = [4, 8, 8, 1]
+LR = 0.01
+
+
+def _inputs(rank: int) -> torch.Tensor:
+    """Each rank's samples (they differ: rank 0's decide what the initializers and revival do)."""
+    return torch.randn(16, 4, generator=torch.Generator().manual_seed(rank))
+
+
+def _loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (model(x) - 1.0).pow(2).mean()
+
+
+def _shift_(model: torch.nn.Module) -> None:
+    """Push the pre-activations down, so that `sign_flip_` has something to flip."""
+    with torch.no_grad():
+        model[0].bias.sub_(1.0)
+        model[2].bias.sub_(1.0)
+
+
+def _kill_(model: torch.nn.Module, index: int = 0) -> None:
+    """Units 1 and 2 of the layer at `index` die (after training: their optimizer state is not zero)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        bias = model[index].bias
+        full = bias.full_tensor() if isinstance(bias, DTensor) else bias.detach().clone()
+        full[[1, 2]] = -1e4
+        bias.copy_(distribute_tensor(full, bias.device_mesh, bias.placements) if isinstance(bias, DTensor) else full)
+
+
+def _full(tensor: Any) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
+def _fsdp2_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {
+        "params": [_full(p) for p in model.parameters()],
+        "state": [{key: _full(v) for key, v in optimizer.state[p].items()} for p in model.parameters()],
+    }
+
+
+def _shard(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
-    plain = mlp([4, 8, 8, 1], seed=0)
-    kill_units(plain, 0, [1, 2])
-    with DeadUnitTracker(plain) as tracker:
-        plain(x)
-    report = tracker.report()
-    model = mlp([4, 8, 8, 1], seed=0)
-    kill_units(model, 0, [1, 2])
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    optimizer = torch.optim.Adam(model.parameters())
+            fully_shard(layer, **options)
+    return fully_shard(model, **options)
+
+
+def _fsdp2(rank: int) -> dict[str, Any]:
+    """The initializers and revival on a model sharded by FSDP2, each rank with data of its own; what the test compares
+    with one process on rank 0's data."""
+    x = _inputs(rank)
+    model = _shard(mlp(WIDTHS, seed=0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     results: dict[str, Any] = {}
-    for warm in (False, True):  # before the first forward (lazy init pending) and after it
-        if warm:
-            model(x)
-        before = [p.to_local().clone() for p in model.parameters()]
-        calls = {
-            "rai_": lambda: rai_(model, generator=torch.Generator().manual_seed(0)),
-            "sign_flip_": lambda: sign_flip_(model, x),
-            "revive_dead_units_": lambda: revive_dead_units_(model, report, optimizer, example_input=x),
-        }
-        for name, call in calls.items():
-            try:
-                call()
-                results[f"{name}, warm={warm}"] = "no error"
-            except Exception as error:  # what the user sees, checked by the test
-                results[f"{name}, warm={warm}"] = f"{type(error).__name__}: {error}"
-        after = [p.to_local() for p in model.parameters()]
-        results[f"unchanged, warm={warm}"] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    try:  # the reviver refuses at the start of a fit (Lightning shards in `configure_model`, before `on_fit_start`)
-        DeadUnitReviver().on_fit_start(None, model)  # type: ignore[arg-type]
-        results["reviver"] = "no error"
-    except Exception as error:
-        results["reviver"] = f"{type(error).__name__}: {error}"
-    try:  # training goes on: the refusals left the sharded model usable
-        model(x).sum().backward()
+    rai_(model, generator=torch.Generator().manual_seed(0))  # before the first forward (FSDP2's lazy init pending)
+    results["rai_"] = [_full(p) for p in model.parameters()]
+    _shift_(model)
+    flips = sign_flip_(model, x)
+    results["sign_flip_"] = ({name: r.flipped for name, r in flips.items()}, [_full(p) for p in model.parameters()])
+    for _ in range(2):
+        _loss(model, x).backward()
         optimizer.step()
-        results["trained"] = "trained"
-    except Exception as error:  # every rank fails alike (the same calls): no rank waits for the other
-        results["trained"] = f"{type(error).__name__}: {error}"
+        optimizer.zero_grad()
+    _kill_(model)
+    results["trained"] = _fsdp2_state(model, optimizer)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(x)
+    report = tracker.report()
+    results["counts"] = {name: r.active_count.tolist() for name, r in report.items()}
+    generator = torch.Generator().manual_seed(0)
+    results["revived"] = revive_dead_units_(model, report, optimizer, generator, example_input=x)
+    results["after revival"] = _fsdp2_state(model, optimizer)
+    _loss(model, x).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    results["stepped"] = _fsdp2_state(model, optimizer)
+
+    # a call failing on one rank only: no rank waits for the other, none changes anything
+    before = [p.to_local().clone() for p in model.parameters()]
+    init = "kaiming" if rank == 0 else "unknown"
+    results["one rank fails"] = error_of(
+        lambda: revive_dead_units_(model, report, optimizer, init=init, example_input=x)
+    )
+    results["unchanged after the failure"] = all(
+        torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters(), strict=True)
+    )
+    _loss(model, x).backward()  # training goes on
+    optimizer.step()
+
+    results["refused"] = _fsdp2_refusals(report, x)
+    return results
+
+
+def _fsdp2_refusals(report: Any, x: torch.Tensor) -> dict[str, Any]:
+    """What the write-through does not support is refused before anything changes: mixed precision that gathers in
+    another dtype than the shards', and DTensors that FSDP2 does not manage (tensor parallelism)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mixed = _shard(mlp(WIDTHS, seed=0), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    tensor_parallel = mlp(WIDTHS, seed=0)
+    mesh = init_device_mesh("cpu", (2,))
+    tensor_parallel[0].weight = torch.nn.Parameter(
+        distribute_tensor(tensor_parallel[0].weight.detach(), mesh, [Replicate()])
+    )
+    return {"mixed": _fsdp2_refused(mixed, report, x), "tensor parallel": _fsdp2_refused(tensor_parallel, report, x)}
+
+
+def _fsdp2_refused(model: torch.nn.Module, report: Any, x: torch.Tensor) -> dict[str, Any]:
+    before = [_full(p) for p in model.parameters()]
+    results = {
+        "rai_": error_of(lambda: rai_(model, generator=torch.Generator().manual_seed(0))),
+        "sign_flip_": error_of(lambda: sign_flip_(model, x)),
+        "revive_dead_units_": error_of(lambda: revive_dead_units_(model, report, example_input=x)),
+        "DeadUnitReviver": error_of(lambda: DeadUnitReviver().on_fit_start(None, model)),  # type: ignore[arg-type]
+    }
+    results["unchanged"] = all(torch.equal(a, _full(p)) for a, p in zip(before, model.parameters(), strict=True))
     return results
 
 
@@ -148,6 +239,55 @@ def _fsdp2_tracker(rank: int) -> dict[str, Any]:
     return results
 
 
+class _ShardedNet(Net):
+    """`Net` (dead units, SGD with momentum) sharded by FSDP2 in `configure_model` when the strategy has a device mesh
+    (`ModelParallelStrategy`); whole on one process (the reference)."""
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+class _KillAfterInit(Callback):
+    """Units 1 and 2 of the second layer die once the initializer ran (RAI redraws the dead units `Net` starts with)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _kill_(pl_module.net, 2)
+
+
+class _FullDump(Callback):
+    """Each rank's initializer decisions, revivals and full weights at the end of the fit."""
+
+    def __init__(self, path: str, monitor: DeadUnitMonitor, initializer: ReluInitializer) -> None:
+        self.path, self.monitor, self.initializer = path, monitor, initializer
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = {
+            "rai_layers": list(self.initializer.rai_layers),
+            "flipped": {name: r.flipped for name, r in self.initializer.report.items()},
+            "history": summary(self.monitor.history),
+            "revived": [dict(entry["revived"]) for entry in self.monitor.reviver.history],
+            "params": {key: _full(value) for key, value in pl_module.state_dict().items()},
+        }
+        torch.save(state, f"{self.path}_rank{trainer.global_rank}.pt")
+
+
+def _sharded_fit(root: Path, name: str, **strategy: Any) -> None:
+    """A fit with `ReluInitializer("rai+sign_flip")` and revival after each epoch; every rank reads the same batches."""
+    initializer = ReluInitializer("rai+sign_flip", seed=0)
+    monitor = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
+    callbacks = [initializer, _KillAfterInit(), monitor, _FullDump(str(root / name), monitor, initializer)]
+    fit = trainer(root, callbacks, limit_train_batches=4, max_epochs=2, use_distributed_sampler=False, **strategy)
+    fit.fit(_ShardedNet(alike_batches(8, seed=1), lr=0.1))
+
+
 def _rank(rank: int, port: int, root: str) -> None:
     # what torchrun sets: Lightning's `ddp` joins the processes instead of launching them
     os.environ.update(
@@ -169,6 +309,9 @@ def _rank(rank: int, port: int, root: str) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.save(_fsdp2(rank), path / f"fsdp2_rank{rank}.pt")
+    _sharded_fit(
+        path, "model_parallel", strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2
+    )
     torch.save(_fsdp2_tracker(rank), path / f"fsdp2_tracker_rank{rank}.pt")
 
 
@@ -223,16 +366,125 @@ def test_ddp_non_finite_on_one_rank_is_reported_on_every_rank_and_not_revived(ru
         assert run["revived"] == []
 
 
-def test_fsdp2_sharded_models_are_refused_before_anything_changes(runs: Path) -> None:
-    for results in _load(runs, "fsdp2"):
-        for warm in (False, True):
-            for name, argument in (("rai_", "module"), ("sign_flip_", "model"), ("revive_dead_units_", "model")):
-                message = results[f"{name}, warm={warm}"]
-                pattern = rf"ValueError: `{name}` cannot write into `{argument}`: its parameters '0\.weight'.*FSDP2"
-                assert re.match(pattern, message), message
-            assert results[f"unchanged, warm={warm}"]
-        assert re.match(r"ValueError: `DeadUnitReviver` cannot write into `pl_module`", results["reviver"])
-        assert results["trained"] == "trained"
+def _fsdp2_reference() -> dict[str, Any]:
+    """What `_fsdp2` does, on one process with rank 0's data; the training steps on both ranks' losses averaged (as
+    FSDP2 averages the gradients)."""
+    xs = [_inputs(0), _inputs(1)]
+    model = mlp(WIDTHS, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+
+    def step() -> None:
+        ((_loss(model, xs[0]) + _loss(model, xs[1])) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    results: dict[str, Any] = {}
+    rai_(model, generator=torch.Generator().manual_seed(0))
+    results["rai_"] = [_full(p) for p in model.parameters()]
+    _shift_(model)
+    flips = sign_flip_(model, xs[0])
+    results["sign_flip_"] = ({name: r.flipped for name, r in flips.items()}, [_full(p) for p in model.parameters()])
+    step()
+    step()
+    _kill_(model)
+    results["trained"] = _fsdp2_state(model, optimizer)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(xs[0])
+        model(xs[1])
+    report = tracker.report()
+    results["counts"] = {name: r.active_count.tolist() for name, r in report.items()}
+    generator = torch.Generator().manual_seed(0)
+    results["revived"] = revive_dead_units_(model, report, optimizer, generator, example_input=xs[0])
+    results["after revival"] = _fsdp2_state(model, optimizer)
+    step()
+    results["stepped"] = _fsdp2_state(model, optimizer)
+    return results
+
+
+def _assert_close_states(got: dict[str, Any], want: dict[str, Any]) -> None:
+    for a, b in zip(got["params"], want["params"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got["state"], want["state"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_initializers_and_revival_give_one_process_result_on_every_rank(runs: Path) -> None:
+    reference = _fsdp2_reference()
+    flips, _ = reference["sign_flip_"]
+    assert any(flips.values())  # the setup has something to flip
+    assert reference["revived"]["1"] == 2
+    # revival resets state that training made: the touched rows and columns had moments before
+    trained = reference["trained"]["state"]
+    assert all(bool(trained[i]["exp_avg"][[1, 2]].ne(0).all()) for i in (0, 1))  # first layer's rows and biases
+    assert bool(trained[2]["exp_avg"][:, [1, 2]].ne(0).all())  # the consumer's columns
+    revived = reference["after revival"]["state"]
+    assert all(bool(revived[i][key][[1, 2]].eq(0).all()) for i in (0, 1) for key in ("exp_avg", "exp_avg_sq"))
+    assert all(bool(revived[2][key][:, [1, 2]].eq(0).all()) for key in ("exp_avg", "exp_avg_sq"))
+    for run in _load(runs, "fsdp2"):
+        for got, want in zip(run["rai_"], reference["rai_"], strict=True):
+            assert torch.equal(got, want)  # before the first forward
+        assert run["sign_flip_"][0] == flips
+        for got, want in zip(run["sign_flip_"][1], reference["sign_flip_"][1], strict=True):
+            assert torch.equal(got, want)  # rank 1's data decided nothing
+        _assert_close_states(run["trained"], reference["trained"])
+        assert run["counts"] == reference["counts"]
+        assert run["revived"] == reference["revived"]
+        _assert_close_states(run["after revival"], reference["after revival"])
+        _assert_close_states(run["stepped"], reference["stepped"])  # the revived units stay revived
+
+
+def test_fsdp2_a_call_failing_on_one_rank_changes_nothing_and_hangs_no_rank(runs: Path) -> None:
+    rank0, rank1 = _load(runs, "fsdp2")
+    assert rank0["one rank fails"] == (
+        "RuntimeError: `revive_dead_units_` failed on another rank, so no rank changed `model` (FSDP2 shards)."
+    )
+    assert rank1["one rank fails"].startswith("ValueError: `init` can be 'default', 'kaiming', 'rai', got 'unknown'")
+    assert rank0["unchanged after the failure"] and rank1["unchanged after the failure"]
+
+
+def test_fsdp2_what_cannot_be_written_through_is_refused_before_anything_changes(runs: Path) -> None:
+    why = {
+        "mixed": r"FSDP2 all-gathers its parameters in torch\.bfloat16 \(a mixed precision policy, `param_dtype`\) "
+        r"while the shards are torch\.float32",
+        "tensor parallel": r"its parameters '0\.weight' \(1 in all\) are DTensors that no FSDP2 module",
+    }
+    for run in _load(runs, "fsdp2"):
+        for model, results in run["refused"].items():
+            for name, argument in (
+                ("rai_", "module"),
+                ("sign_flip_", "model"),
+                ("revive_dead_units_", "model"),
+                ("DeadUnitReviver", "pl_module"),
+            ):
+                pattern = rf"ValueError: `{name}` cannot write into `{argument}`: {why[model]}.*Nothing was changed"
+                assert re.match(pattern, results[name]), results[name]
+            assert results["unchanged"]
+
+
+def test_model_parallel_fit_initializes_and_revives_as_one_process(runs: Path, tmp_path: Path) -> None:
+    _sharded_fit(tmp_path, "one", devices=1)
+    reference = torch.load(tmp_path / "one_rank0.pt", weights_only=False)
+    assert reference["rai_layers"] == ["net.0", "net.2"]
+    assert reference["revived"][0]["net.3"] >= 2  # the units killed after the initializer, at least
+    # both ranks read the same batches: the counts over both are twice one process's
+    doubled = [
+        (
+            epoch,
+            step,
+            {name: ([2 * c for c in counts], 2 * samples, dead) for name, (counts, samples, dead) in s.items()},
+        )
+        for epoch, step, s in reference["history"]
+    ]
+    for run in _load(runs, "model_parallel"):
+        assert run["rai_layers"] == reference["rai_layers"]
+        assert run["flipped"] == reference["flipped"]
+        assert run["history"] == doubled
+        assert run["revived"] == reference["revived"]
+        assert run["params"].keys() == reference["params"].keys()
+        for key, value in reference["params"].items():
+            torch.testing.assert_close(run["params"][key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_a_tracker_built_before_the_first_forward_counts_exactly(runs: Path) -> None:

@@ -1,0 +1,355 @@
+"""Writing the initializers and revival through FSDP2 shards: the same result as one process, on every rank.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) holds each parameter as a ``DTensor`` shard, and its optimizer state
+as shards alike. :func:`rai_`, :func:`sign_flip_` and :func:`revive_dead_units_` read whole weights, write rows,
+columns and single entries, and run forwards whose output they check. Under FSDP2 they run as on one process:
+
+1. every FSDP module of the model is unsharded (FSDP2's own ``unshard``, an all-gather) and kept unsharded through
+   the forwards the function makes (``reshard_after_forward`` off for the call): the module holds plain full
+   tensors, which the function reads, writes and runs forwards with;
+2. the optimizer state of the sharded parameters is gathered (``DTensor.full_tensor()``) into stand-in optimizers
+   that hold the full parameters, so revival resets the state of the touched rows and columns as on one process;
+3. afterwards every full parameter and state tensor goes back into its shard, scattered from rank 0
+   (``distribute_tensor(..., src_data_rank=0)``), the buffers are broadcast from rank 0, and the modules are
+   resharded. Rank 0's arguments decide: ranks called with different data all end with what rank 0 computed, and
+   get rank 0's return value.
+
+Every rank must make the call (the gathers are collectives). A call that fails on any rank changes nothing on any
+rank: the shards keep their values and every rank raises. What cannot be written through this way is refused before
+anything changes: parameters that stay ``DTensor`` s once unsharded (tensor parallelism, strided shards), mixed
+precision that all-gathers in another dtype than the shards' (writing back would round the fp32 shards), and a torch
+whose FSDP2 lacks what this relies on. Neither ``torch.distributed.tensor`` nor FSDP is imported here: a model
+cannot hold their objects unless its program imported them (``sys.modules``).
+
+Memory: every rank holds the full parameters and the full optimizer state of the model for the call's duration.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["WriteThrough", "fsdp2_write_through"]
+
+R = TypeVar("R")
+
+_LOCAL = threading.local()  # how deep this thread is inside write-through calls
+
+
+def inside_write_through() -> bool:
+    """Whether this thread runs a function on an engine's unsharded model (the function then acts on it as it is)."""
+    return getattr(_LOCAL, "depth", 0) > 0
+
+
+@contextmanager
+def _inside() -> Iterator[None]:
+    _LOCAL.depth = getattr(_LOCAL, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _LOCAL.depth -= 1
+
+
+def _dtensor_class() -> Any:
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _fsdp_module_class() -> type | None:
+    return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+
+
+_MIXED = (
+    "FSDP2 all-gathers its parameters in {gathered} (a mixed precision policy, `param_dtype`) while the shards are "
+    "{stored}: writing the full tensors back would round the shards"
+)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+class WriteThrough:
+    """Runs a function of (model, optimizers) on a model whose weights an engine holds, and writes its changes
+    through (see the module's docstring)."""
+
+    def run(
+        self,
+        call: Callable[[nn.Module, list[Any]], R],
+        optimizer: Any = None,
+        *,
+        share_result: bool = False,
+    ) -> R:
+        raise NotImplementedError
+
+
+@dataclass(eq=False)
+class _Sharded:
+    """One sharded parameter: where FSDP2 registers it, the ``DTensor`` shard, and (unsharded) its full tensor."""
+
+    module: nn.Module
+    name: str
+    shard: Any  # a DTensor
+    full: Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Stand:
+    """A stand-in optimizer holding the full parameters and their gathered state, and what goes back where."""
+
+    optimizer: Optimizer
+    writes: list[tuple[Any, Tensor]] = field(default_factory=list)  # (DTensor state value, its full tensor)
+
+
+class _Fsdp2(WriteThrough):
+    def __init__(self, model: nn.Module, function: str, argument: str) -> None:
+        self.model = model
+        self.function = function
+        self.argument = argument
+        dtensor, fsdp_module = _dtensor_class(), _fsdp_module_class()
+        self.modules = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
+        self.params = [
+            _Sharded(module, name, param)
+            for module in model.modules()
+            for name, param in module._parameters.items()
+            if dtensor is not None and isinstance(param, dtensor)
+        ]
+        self._check()
+
+    # --------------------------------------------------------------------------------------------- refusals
+    def _refuse(self, why: str) -> ValueError:
+        return ValueError(
+            f"`{self.function}` cannot write into `{self.argument}`: {why}. Nothing was changed. Initialize the model "
+            "before sharding it (in `configure_model`, before `fully_shard`), and train without revival there."
+        )
+
+    def _check(self) -> None:
+        names = {id(param): name for name, param in self.model.named_parameters()}
+        managed = {id(param) for module in self.modules for param in module.parameters()}
+        outside = [names.get(id(p.shard), p.name) for p in self.params if id(p.shard) not in managed]
+        if outside:
+            raise self._refuse(
+                f"its parameters {_shown(outside)} ({len(outside)} in all) are DTensors that no FSDP2 module "
+                "(`fully_shard`) manages (tensor parallelism?), which it does not support"
+            )
+        from torch.distributed.tensor import Replicate, Shard
+
+        odd = [p for p in self.params if any(type(place) not in (Shard, Replicate) for place in p.shard.placements)]
+        if odd:
+            shown = _shown([names.get(id(p.shard), p.name) for p in odd])
+            raise self._refuse(
+                f"its parameters {shown} ({len(odd)} in all) are DTensors placed as {list(odd[0].shard.placements)} "
+                "(FSDP2 with tensor parallelism?), which it does not support"
+            )
+        for module in self.modules:
+            if _groups(module) is None:
+                raise self._refuse(
+                    f"this version of torch ({torch.__version__}) has an FSDP2 whose reshard-after-forward setting "
+                    "it cannot keep off for the call"
+                )
+            policy = getattr(module._get_fsdp_state(), "_mp_policy", None)  # type: ignore[operator]
+            gathered = getattr(policy, "param_dtype", None)
+            stored = {param.dtype for param in module.parameters()}
+            if gathered is not None and stored - {gathered}:
+                raise self._refuse(
+                    _MIXED.format(gathered=gathered, stored=", ".join(map(str, sorted(stored, key=str))))
+                )
+
+    # ------------------------------------------------------------------------------------------------- run
+    def run(
+        self,
+        call: Callable[[nn.Module, list[Any]], R],
+        optimizer: Any = None,
+        *,
+        share_result: bool = False,
+    ) -> R:
+        import torch.distributed as dist
+
+        optimizers = _listed(optimizer)
+        settings = [_reshard_setting(module) for module in self.modules]
+        outcome: list[Any] = [None]
+        stands: list[_Stand] = []
+        ok = False
+        try:
+            for module in self.modules:
+                module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+                module.unshard()  # type: ignore[operator]
+            for param in self.params:
+                full = param.module._parameters[param.name]
+                if full is None or isinstance(full, _dtensor_class() or ()) or full.shape != param.shard.shape:
+                    raise self._refuse(f"FSDP2 did not unshard {param.name!r} into a full tensor")
+                if full.dtype != param.shard.dtype:
+                    raise self._refuse(_MIXED.format(gathered=full.dtype, stored=param.shard.dtype))
+                param.full = full
+            stands = self._stand_ins(optimizers)
+            with _inside():
+                outcome[0] = call(self.model, [stand.optimizer for stand in stands] + optimizers[len(stands) :])
+            ok = True
+        finally:
+            # every rank writes back only when every rank succeeded (a collective each; none waits for the other)
+            failed = torch.tensor([0 if ok else 1])
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            try:
+                if ok and int(failed) == 0:
+                    self._write_back(stands)
+                    if share_result and dist.is_initialized():
+                        dist.broadcast_object_list(outcome, src=0)
+            finally:
+                for module, setting in zip(self.modules, settings, strict=True):
+                    module.reshard()  # type: ignore[operator]
+                    _restore_reshard_setting(module, setting)
+        if int(failed):
+            raise RuntimeError(
+                f"`{self.function}` failed on another rank, so no rank changed `{self.argument}` (FSDP2 shards)."
+            )
+        return outcome[0]  # type: ignore[no-any-return]
+
+    def _stand_ins(self, optimizers: list[Any]) -> list[_Stand]:
+        """Stand-ins for the leading torch optimizers: the full parameters, their state gathered (every rank the
+        same order: parameters as the groups list them, keys sorted)."""
+        import torch.distributed as dist
+
+        dtensor = _dtensor_class()
+        full_of = {id(p.shard): p.full for p in self.params}
+        stands: list[_Stand] = []
+        for optimizer in optimizers:
+            if not isinstance(optimizer, Optimizer):
+                break  # the function's own check says what is wrong with it
+            proxy = object.__new__(type(optimizer))
+            proxy.__dict__.update(optimizer.__dict__)
+            proxy.param_groups = [
+                {**group, "params": [full_of.get(id(p), p) for p in group["params"]]}
+                for group in optimizer.param_groups
+            ]
+            stand = _Stand(proxy)
+            state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+            signature = []
+            for group in optimizer.param_groups:
+                for index, param in enumerate(group["params"]):
+                    held = optimizer.state.get(param)
+                    if not held or id(param) not in full_of:
+                        continue
+                    signature.append((index, sorted(map(str, held))))
+                    gathered: dict[str, Any] = {}
+                    for key in sorted(held, key=str):
+                        value = held[key]
+                        if dtensor is not None and isinstance(value, dtensor):
+                            gathered[key] = value.full_tensor()
+                            stand.writes.append((value, gathered[key]))
+                        else:
+                            gathered[key] = value
+                    state[full_of[id(param)]] = gathered  # type: ignore[index]
+            for param, held in optimizer.state.items():
+                if id(param) not in full_of:
+                    state[param] = held
+            proxy.state = state
+            if dist.is_initialized():  # an optimizer with state on one rank only would hang the gathers above
+                everyone: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(everyone, signature)
+                if any(other != signature for other in everyone):
+                    raise self._refuse("the optimizer's state differs between the ranks (steps taken on some only)")
+            stands.append(stand)
+        return stands
+
+    def _write_back(self, stands: list[_Stand]) -> None:
+        import torch.distributed as dist
+        from torch.distributed.tensor import distribute_tensor
+
+        with torch.no_grad():
+            pairs = [(p.shard, p.full) for p in self.params] + [pair for s in stands for pair in s.writes]
+            for shard, full in pairs:
+                assert full is not None
+                scattered = distribute_tensor(full.detach(), shard.device_mesh, shard.placements, src_data_rank=0)
+                shard.to_local().copy_(scattered.to_local())
+            if dist.is_initialized():
+                for buffer in self.model.buffers():
+                    dist.broadcast(buffer, src=0)
+
+
+def _groups(module: nn.Module) -> list[Any] | None:
+    """FSDP2's parameter groups of ``module`` (``None`` where this torch's FSDP2 lacks what the call relies on)."""
+    try:
+        state = module._get_fsdp_state()  # type: ignore[operator]
+        groups = list(state._fsdp_param_groups)
+        for group in groups:
+            group.post_forward_mesh_info  # noqa: B018 - the attributes must exist
+            len(group._post_forward_indices)
+            len(_order(group))
+        state._auto_reshard_after_forward  # noqa: B018
+        state._is_root  # noqa: B018
+    except (AttributeError, AssertionError, TypeError):
+        return None
+    return groups
+
+
+@dataclass
+class _Setting:
+    """What the call changes in one FSDP module's state, to put back (FSDP2 has no public getter for it): the
+    reshard-after-forward setting, whether the state was root yet, and how long its post-forward records were (the
+    forwards of the call append to them; backward prefetching reads them, and ranks that made different forwards
+    would prefetch differently and wait on each other)."""
+
+    auto: Any
+    infos: list[Any]
+    was_root: Any
+    indices: list[int]
+    orders: list[int]
+
+
+def _reshard_setting(module: nn.Module) -> _Setting:
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    groups = _groups(module) or []
+    return _Setting(
+        auto=state._auto_reshard_after_forward,
+        infos=[g.post_forward_mesh_info for g in groups],
+        was_root=state._is_root,
+        indices=[len(g._post_forward_indices) for g in groups],
+        orders=[len(_order(g)) for g in groups],
+    )
+
+
+def _restore_reshard_setting(module: nn.Module, setting: _Setting) -> None:
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    state._auto_reshard_after_forward = setting.auto
+    groups = _groups(module) or []
+    for group, info, indices, order in zip(groups, setting.infos, setting.indices, setting.orders, strict=True):
+        # a root found by a forward during the call does not reshard after forward (FSDP2's lazy init says so)
+        became_root = setting.auto and setting.was_root is None and state._is_root
+        group.post_forward_mesh_info = None if became_root else info
+        del group._post_forward_indices[indices:]
+        del _order(group)[order:]
+
+
+def _order(group: Any) -> list[Any]:
+    """The post-forward order of ``group``'s root (empty, and not kept, before the root's first forward)."""
+    return getattr(group.comm_ctx, "post_forward_order", [])
+
+
+def _listed(optimizer: Any) -> list[Any]:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, Optimizer):
+        return [optimizer]
+    if isinstance(optimizer, Iterable) and not isinstance(optimizer, (str, bytes)):
+        return list(optimizer)
+    return [optimizer]
+
+
+def fsdp2_write_through(model: nn.Module, function: str, argument: str) -> WriteThrough | None:
+    """How ``function`` writes into ``model`` if FSDP2 shards it (``None`` otherwise, and inside a write-through
+    call); ``ValueError`` naming the function, the argument and the reason for a sharding it cannot write through."""
+    if inside_write_through() or not isinstance(model, nn.Module):
+        return None
+    dtensor = _dtensor_class()
+    if dtensor is None or not any(isinstance(param, dtensor) for param in model.parameters()):
+        return None
+    return _Fsdp2(model, function, argument)

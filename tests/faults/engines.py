@@ -1,0 +1,15 @@
+"""Helpers of the engine fault tests (FSDP2 in ``test_distributed.py``, DeepSpeed in ``test_deepspeed.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def error_of(call: Callable[[], Any]) -> str:
+    """What the user sees of ``call``: ``"no error"``, or the exception's type and message (checked by the tests)."""
+    try:
+        call()
+    except Exception as error:  # every rank records its own; none waits for the other
+        return f"{type(error).__name__}: {error}"
+    return "no error"
