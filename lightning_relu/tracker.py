@@ -129,20 +129,7 @@ class DeadUnitTracker:
         # what to say when the first forward shows no site (the monitor words it for its users)
         self._no_sites_warning: tuple[str, type[Warning]] | None = None
         self._wanted: set[str] | None = None
-        names = [site.name for site in found]
-        known = known_names(found, self._module_names) if sites is not None or unit_dims else set()
-        if sites is not None:
-            unknown = [name for name in sites if name not in known]
-            if unknown and not discovering:
-                raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
-            self._unconfirmed.update(dict.fromkeys(unknown, "sites"))
-            self._wanted = set(sites)
-        later = [name for name in unit_dims or () if name not in known] if discovering else []
-        self._unconfirmed.update(dict.fromkeys(later, "unit_dims"))
-        self._unit_dims = _resolve_unit_dims(
-            {k: v for k, v in (unit_dims or {}).items() if k not in later}, found, self._module_names
-        )
-        self._unit_dims.update({name: (unit_dims or {})[name] for name in later})
+        self._check_names(found, sites, unit_dims, discovering)
         if example_input is not None:
             for name, dim in observed_unit_dims(model, example_input, found).items():
                 self._unit_dims.setdefault(name, dim)
@@ -174,6 +161,34 @@ class DeadUnitTracker:
         self._modes: dict[int, _FunctionalCounter] = {}
         # functional calls are found on the first forward (`_Discovery`), when `trace` asks for them
         self._discovery: _Discovery | None = _Discovery(self) if discovering else None
+        self._place_found(found)
+
+    def _check_names(
+        self,
+        found: list[Site],
+        sites: Sequence[str] | None,
+        unit_dims: Mapping[str, int] | None,
+        discovering: bool,
+    ) -> None:
+        """Check the names of ``sites`` and ``unit_dims`` against the names the model's site keys can have (those a
+        forward must confirm wait for its end when it may find them) and resolve the unit axes."""
+        names = [site.name for site in found]
+        known = known_names(found, self._module_names) if sites is not None or unit_dims else set()
+        if sites is not None:
+            unknown = [name for name in sites if name not in known]
+            if unknown and not discovering:
+                raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
+            self._unconfirmed.update(dict.fromkeys(unknown, "sites"))
+            self._wanted = set(sites)
+        later = [name for name in unit_dims or () if name not in known] if discovering else []
+        self._unconfirmed.update(dict.fromkeys(later, "unit_dims"))
+        self._unit_dims = _resolve_unit_dims(
+            {k: v for k, v in (unit_dims or {}).items() if k not in later}, found, self._module_names
+        )
+        self._unit_dims.update({name: (unit_dims or {})[name] for name in later})
+
+    def _place_found(self, found: list[Site]) -> None:
+        """The call positions of the sites found before any forward, by module (or functional parent)."""
         for site in sorted(found, key=lambda s: s.call_index):
             key = id(site.module if site.kind == "module" else site.parent)
             self._first_site.setdefault(key, site)
