@@ -27,19 +27,18 @@ from typing_extensions import override
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu._sharded import write_through
 from lightning_relu.init import rai_rows
+from lightning_relu.observation import TrainingInputWatch
+from lightning_relu.site import known_names, module_names
 from lightning_relu.sites import (
     NORM_TYPES,
     Consumer,
     Site,
     SiteTracingWarning,
-    could_be_functional,
     find_relu_sites,
-    matches_site,
     may_call_rectifiers,
 )
 from lightning_relu.stats import LayerReport
 from lightning_relu.structure import ModuleCall, ObservationError, example_from_batch, observe
-from lightning_relu.structure.observation import TrainingInputWatch
 from lightning_relu.surgery import RevivalWarning, reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
@@ -933,13 +932,13 @@ class DeadUnitReviver(Callback):
             if self._sites is None or self._sites_model is not pl_module:
                 self._sites, self._sites_model = find_relu_sites(pl_module), pl_module
             names = [site.name for site in self._sites]
-        # later call positions (`<site>_<k>`) and functional calls show up on the first forward only
-        functional = may_call_rectifiers(pl_module)
-        unknown = [
-            name
-            for name in self.exclude
-            if not matches_site(name, names) and not (functional and could_be_functional(name, pl_module))
-        ]
+        # later call positions and functional calls show up on the first forward only: a name is checked against
+        # the names the model's site keys can have
+        unknown = [name for name in self.exclude if name not in names]
+        if unknown:
+            functional = pl_module if may_call_rectifiers(pl_module) else None
+            known = known_names(self._sites, module_names(pl_module), functional)
+            unknown = [name for name in unknown if name not in known]
         if unknown:
             raise ValueError(f"`exclude` has unknown site names {unknown}; the model's sites are {names}")
 

@@ -120,27 +120,3 @@ def _observed_ndim(structure: Any, name: str) -> int:
     """The number of dimensions of a site's output in an observation (2 where it is not known)."""
     return int(structure.ndims.get(name, 2))
 
-
-# TODO(keys): the two callers left (revive, compaction) move to `known_names`
-def matches_site(name: str, names: list[str]) -> bool:
-    """``name`` is a site, or a later call position ``<site>_<k>`` of one."""
-    if name in names:
-        return True
-    base, _, index = name.rpartition("_")
-    return index.isdigit() and int(index) > 0 and base in names
-
-
-def could_be_functional(name: str, model: nn.Module) -> bool:
-    """Whether ``name`` has the form of a functional site of ``model`` (``<module>.relu``, ``relu6_2``, with the
-    ``_fn`` suffixes a name collision adds): such a site is only known once a forward has found it."""
-    while name.endswith("_fn"):
-        name = name[: -len("_fn")]
-    parent, _, local = name.rpartition(".")
-    base, _, index = local.partition("_")
-    if base not in ("relu", "relu6") or (index and not index.isdigit()):
-        return False
-    try:
-        model.get_submodule(parent)
-    except AttributeError:
-        return False
-    return True
