@@ -1,4 +1,4 @@
-"""Writing the initializers and revival through FSDP2 shards: the same result as one process, on every rank.
+"""Writing the initializers and revival through FSDP2 shards and DeepSpeed's master weights, on every rank alike.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) holds each parameter as a ``DTensor`` shard, and its optimizer state
 as shards alike. :func:`rai_`, :func:`sign_flip_` and :func:`revive_dead_units_` read whole weights, write rows,
@@ -10,16 +10,21 @@ columns and single entries, and run forwards whose output they check. Under FSDP
 2. the optimizer state of the sharded parameters is gathered (``DTensor.full_tensor()``) into stand-in optimizers
    that hold the full parameters, so revival resets the state of the touched rows and columns as on one process;
 3. afterwards every full parameter and state tensor goes back into its shard, scattered from rank 0
-   (``distribute_tensor(..., src_data_rank=0)``), the buffers are broadcast from rank 0, and the modules are
-   resharded. Rank 0's arguments decide: ranks called with different data all end with what rank 0 computed, and
-   get rank 0's return value.
+   (``distribute_tensor(..., src_data_rank=0)``), the buffers are broadcast from rank 0, the modules are resharded,
+   and FSDP2's reshard setting and post-forward records are put back as they were.
 
-Every rank must make the call (the gathers are collectives). A call that fails on any rank changes nothing on any
-rank: the shards keep their values and every rank raises. What cannot be written through this way is refused before
-anything changes: parameters that stay ``DTensor`` s once unsharded (tensor parallelism, strided shards), mixed
-precision that all-gathers in another dtype than the shards' (writing back would round the fp32 shards), and a torch
-whose FSDP2 lacks what this relies on. Neither ``torch.distributed.tensor`` nor FSDP is imported here: a model
-cannot hold their objects unless its program imported them (``sys.modules``).
+DeepSpeed's ZeRO stages 1 and 2 (and its bf16 optimizer) keep the module's parameters whole, each linked to an fp32
+master fragment; the function acts on the module, and the changed entries go into the masters and the gathered
+optimizer state back into the optimizer's partitions through DeepSpeed's public accessors (see :class:`_DeepSpeed`).
+
+Rank 0's arguments decide: ranks called with different data all end with what rank 0 computed, and get rank 0's
+return value. Every rank must make the call (the gathers are collectives). A call that fails on any rank changes
+nothing on any rank: every rank keeps its weights and raises. What cannot be written through is refused before
+anything changes: parameters that stay ``DTensor`` s once unsharded (tensor parallelism, strided shards), FSDP2 mixed
+precision that all-gathers in another dtype than the shards' (writing back would round them), a torch whose FSDP2
+lacks what this relies on; ZeRO-3 and the rest of DeepSpeed are refused by :mod:`lightning_relu._sharded`. Neither
+``torch.distributed.tensor``, FSDP nor ``deepspeed`` is imported here before a model holding their objects is seen
+(``sys.modules``).
 
 Memory: every rank holds the full parameters and the full optimizer state of the model for the call's duration.
 """
@@ -38,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["WriteThrough", "fsdp2_write_through"]
+__all__ = ["WriteThrough", "deepspeed_write_through", "fsdp2_write_through"]
 
 R = TypeVar("R")
 
@@ -67,6 +72,10 @@ def _fsdp_module_class() -> type | None:
     return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
 
 
+# parameter attributes that DeepSpeed sets: ZeRO-3's partitioned parameters (checked on deepspeed 0.19.8), and the
+# link from a model parameter to its fp32 master fragment (ZeRO stages 1 and 2, the bf16 optimizer)
+_ZERO3_MARK = "ds_id"
+_MASTER_MARK = "_hp_mapping"
 _MIXED = (
     "FSDP2 all-gathers its parameters in {gathered} (a mixed precision policy, `param_dtype`) while the shards are "
     "{stored}: writing the full tensors back would round the shards"
@@ -79,7 +88,12 @@ def _shown(names: list[str]) -> str:
 
 class WriteThrough:
     """Runs a function of (model, optimizers) on a model whose weights an engine holds, and writes its changes
-    through (see the module's docstring)."""
+    through (see the module's docstring). Subclasses say how to enter (what model and optimizers the function gets),
+    commit (write back) and exit."""
+
+    function: str
+    argument: str
+    holder: str  # what holds the weights, for the messages
 
     def run(
         self,
@@ -88,6 +102,44 @@ class WriteThrough:
         *,
         share_result: bool = False,
     ) -> R:
+        """``call(model, optimizers)`` on what :meth:`_enter` gives, then written back on every rank when it succeeded
+        on every rank; with ``share_result``, every rank returns rank 0's result."""
+        import torch.distributed as dist
+
+        outcome: list[Any] = [None]
+        ok = False
+        try:
+            model, optimizers = self._enter(_listed(optimizer))
+            with _inside():
+                outcome[0] = call(model, optimizers)
+            ok = True
+        finally:
+            # every rank writes back only when every rank succeeded (a collective each; none waits for the other)
+            failed = torch.tensor([0 if ok else 1])
+            distributed = dist.is_available() and dist.is_initialized()
+            if distributed:
+                dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            try:
+                if ok and int(failed) == 0:
+                    with torch.no_grad():
+                        self._commit()
+                    if share_result and distributed:
+                        dist.broadcast_object_list(outcome, src=0)
+            finally:
+                self._exit()
+        if int(failed):
+            raise RuntimeError(
+                f"`{self.function}` failed on another rank, so no rank changed `{self.argument}` ({self.holder})."
+            )
+        return outcome[0]  # type: ignore[no-any-return]
+
+    def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _exit(self) -> None:
         raise NotImplementedError
 
 
@@ -110,10 +162,14 @@ class _Stand:
 
 
 class _Fsdp2(WriteThrough):
+    holder = "FSDP2 shards"
+
     def __init__(self, model: nn.Module, function: str, argument: str) -> None:
         self.model = model
         self.function = function
         self.argument = argument
+        self._settings: list[_Setting] = []
+        self._stands: list[_Stand] = []
         dtensor, fsdp_module = _dtensor_class(), _fsdp_module_class()
         self.modules = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
         self.params = [
@@ -164,54 +220,25 @@ class _Fsdp2(WriteThrough):
                 )
 
     # ------------------------------------------------------------------------------------------------- run
-    def run(
-        self,
-        call: Callable[[nn.Module, list[Any]], R],
-        optimizer: Any = None,
-        *,
-        share_result: bool = False,
-    ) -> R:
-        import torch.distributed as dist
+    def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
+        self._settings = [_reshard_setting(module) for module in self.modules]
+        for module in self.modules:
+            module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+            module.unshard()  # type: ignore[operator]
+        for param in self.params:
+            full = param.module._parameters[param.name]
+            if full is None or isinstance(full, _dtensor_class() or ()) or full.shape != param.shard.shape:
+                raise self._refuse(f"FSDP2 did not unshard {param.name!r} into a full tensor")
+            if full.dtype != param.shard.dtype:
+                raise self._refuse(_MIXED.format(gathered=full.dtype, stored=param.shard.dtype))
+            param.full = full
+        self._stands = self._stand_ins(optimizers)
+        return self.model, [stand.optimizer for stand in self._stands] + optimizers[len(self._stands) :]
 
-        optimizers = _listed(optimizer)
-        settings = [_reshard_setting(module) for module in self.modules]
-        outcome: list[Any] = [None]
-        stands: list[_Stand] = []
-        ok = False
-        try:
-            for module in self.modules:
-                module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
-                module.unshard()  # type: ignore[operator]
-            for param in self.params:
-                full = param.module._parameters[param.name]
-                if full is None or isinstance(full, _dtensor_class() or ()) or full.shape != param.shard.shape:
-                    raise self._refuse(f"FSDP2 did not unshard {param.name!r} into a full tensor")
-                if full.dtype != param.shard.dtype:
-                    raise self._refuse(_MIXED.format(gathered=full.dtype, stored=param.shard.dtype))
-                param.full = full
-            stands = self._stand_ins(optimizers)
-            with _inside():
-                outcome[0] = call(self.model, [stand.optimizer for stand in stands] + optimizers[len(stands) :])
-            ok = True
-        finally:
-            # every rank writes back only when every rank succeeded (a collective each; none waits for the other)
-            failed = torch.tensor([0 if ok else 1])
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-            try:
-                if ok and int(failed) == 0:
-                    self._write_back(stands)
-                    if share_result and dist.is_initialized():
-                        dist.broadcast_object_list(outcome, src=0)
-            finally:
-                for module, setting in zip(self.modules, settings, strict=True):
-                    module.reshard()  # type: ignore[operator]
-                    _restore_reshard_setting(module, setting)
-        if int(failed):
-            raise RuntimeError(
-                f"`{self.function}` failed on another rank, so no rank changed `{self.argument}` (FSDP2 shards)."
-            )
-        return outcome[0]  # type: ignore[no-any-return]
+    def _exit(self) -> None:
+        for module, setting in zip(self.modules, self._settings, strict=False):  # fewer: failed before any change
+            module.reshard()  # type: ignore[operator]
+            _restore_reshard_setting(module, setting)
 
     def _stand_ins(self, optimizers: list[Any]) -> list[_Stand]:
         """Stand-ins for the leading torch optimizers: the full parameters, their state gathered (every rank the
@@ -260,19 +287,111 @@ class _Fsdp2(WriteThrough):
             stands.append(stand)
         return stands
 
-    def _write_back(self, stands: list[_Stand]) -> None:
+    def _commit(self) -> None:
         import torch.distributed as dist
         from torch.distributed.tensor import distribute_tensor
 
-        with torch.no_grad():
-            pairs = [(p.shard, p.full) for p in self.params] + [pair for s in stands for pair in s.writes]
-            for shard, full in pairs:
-                assert full is not None
-                scattered = distribute_tensor(full.detach(), shard.device_mesh, shard.placements, src_data_rank=0)
-                shard.to_local().copy_(scattered.to_local())
-            if dist.is_initialized():
-                for buffer in self.model.buffers():
-                    dist.broadcast(buffer, src=0)
+        pairs = [(p.shard, p.full) for p in self.params] + [pair for s in self._stands for pair in s.writes]
+        for shard, full in pairs:
+            assert full is not None
+            scattered = distribute_tensor(full.detach(), shard.device_mesh, shard.placements, src_data_rank=0)
+            shard.to_local().copy_(scattered.to_local())
+        if dist.is_initialized():
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
+
+
+class _DeepSpeed(WriteThrough):
+    """ZeRO stages 1 and 2 (and DeepSpeed's bf16 optimizer): the module's parameters are whole, each linked to an fp32
+    master fragment in the optimizer of the rank that owns it, and ``engine.step()`` copies the masters over them.
+    The function acts on the module; afterwards every rank takes rank 0's parameters and buffers, each changed entry
+    goes into the fp32 masters (``safe_set_full_fp32_param``; unchanged entries keep their fp32 values, so a bf16 or
+    fp16 module rounds nothing), and the optimizer state of a DeepSpeed optimizer, gathered for the call
+    (``safe_get_full_optimizer_state``) into a stand-in torch optimizer over the module's parameters, goes back with
+    ``safe_set_full_optimizer_state``."""
+
+    holder = "DeepSpeed's fp32 master weights"
+
+    def __init__(self, module: nn.Module, function: str, argument: str) -> None:
+        self.module = module
+        self.function = function
+        self.argument = argument
+        self.params = [param for param in module.parameters() if hasattr(param, _MASTER_MARK)]
+        self._before: list[Tensor] = []
+        self._states: list[tuple[Tensor, str, Tensor]] = []  # (module parameter, state key, its full state)
+
+    def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
+        self._before = [param.detach().clone() for param in self.params]
+        self._states = []
+        return self.module, [self._stand_in(optimizer) for optimizer in optimizers]
+
+    def _stand_in(self, optimizer: Any) -> Any:
+        """A torch optimizer of the DeepSpeed optimizer's inner kind over the module's parameters, holding their full
+        fp32 state (every rank the same order: groups, parameters, keys sorted); other optimizers as they are."""
+        from deepspeed.utils import safe_get_full_optimizer_state  # type: ignore[import-untyped]
+
+        inner = getattr(optimizer, "optimizer", None)
+        lp_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
+        if isinstance(optimizer, Optimizer) or not isinstance(inner, Optimizer) or lp_groups is None:
+            return optimizer  # a torch optimizer, or one the function's own checks refuse
+        if len(lp_groups) != len(inner.param_groups):
+            raise self._refuse("its DeepSpeed optimizer's parameter groups do not match its inner optimizer's")
+        stand = object.__new__(type(inner))
+        stand.__dict__.update(inner.__dict__)
+        stand.param_groups = [
+            {**group, "params": list(params)} for group, params in zip(inner.param_groups, lp_groups, strict=True)
+        ]
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for group, params in zip(inner.param_groups, lp_groups, strict=True):
+            flat = group["params"][0]
+            held = inner.state.get(flat, {})
+            keys = sorted(k for k, v in held.items() if isinstance(v, Tensor) and v.shape == flat.shape)
+            for param in params:
+                for key in keys:
+                    full = safe_get_full_optimizer_state(param, key)  # a collective: every rank calls it
+                    state[param][key] = full
+                    self._states.append((param, key, full))
+        stand.state = state
+        return stand
+
+    def _refuse(self, why: str) -> ValueError:
+        return ValueError(f"`{self.function}` cannot write into `{self.argument}`: {why}. Nothing was changed.")
+
+    def _commit(self) -> None:
+        import torch.distributed as dist
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
+
+        distributed = dist.is_initialized()
+        if distributed:  # rank 0's result everywhere (the masters are set from each rank's copy)
+            for tensor in [*self.module.parameters(), *self.module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+        for param, before in zip(self.params, self._before, strict=True):
+            master = safe_get_full_fp32_param(param)  # a collective: every rank calls it
+            value = param.detach()
+            safe_set_full_fp32_param(param, torch.where(value != before, value.to(master.dtype), master))
+        for owner, key, full in self._states:
+            if distributed:
+                dist.broadcast(full, src=0)
+            safe_set_full_optimizer_state(owner, full, key)
+
+    def _exit(self) -> None:
+        self._before, self._states = [], []
+
+
+def deepspeed_write_through(module: nn.Module, function: str, argument: str) -> WriteThrough | None:
+    """How ``function`` writes into ``module`` (a DeepSpeed engine's module) if DeepSpeed's ZeRO stage 1 or 2 or its
+    bf16 optimizer links its parameters to fp32 masters (``None`` otherwise, and inside a write-through call: ZeRO-3
+    partitions and other DeepSpeed set-ups are for the caller to refuse)."""
+    if inside_write_through() or "deepspeed" not in sys.modules:
+        return None
+    params = list(module.parameters())
+    if any(hasattr(param, _ZERO3_MARK) for param in params) or not any(hasattr(p, _MASTER_MARK) for p in params):
+        return None
+    return _DeepSpeed(module, function, argument)
 
 
 def _groups(module: nn.Module) -> list[Any] | None:

@@ -9,9 +9,11 @@ forward. They act on the unsharded model instead and write the result back into 
 DeepSpeed keeps weights of its own beside the model's: ZeRO stages 1 and 2 (and its bf16/fp16 optimizers) hold fp32
 master partitions in the optimizer and copy them over the model's parameters at every ``engine.step()``; ZeRO-3
 partitions the parameters themselves (``ds_id``, ``ds_tensor``: the module's ``weight`` is an empty placeholder
-outside a forward). A unit revived in the model would be reverted by the next step, and a report of revived units
-would be wrong. Until they write through the master weights, the initializers and revival refuse such a model, such
-an optimizer or such a trainer before changing anything.
+outside a forward). A unit revived in the model alone would be reverted by the next step, and a report of revived
+units would be wrong. Where the parameters are linked to fp32 masters (ZeRO stages 1 and 2, the bf16 optimizer) the
+change is written through them (:mod:`lightning_relu._engines`); the rest (ZeRO-3, the fp16 optimizer of stage 0, a
+DeepSpeed optimizer given with a model it does not train, Lightning's ``DeepSpeedStrategy``, which only runs on GPUs
+and is not tested here) is refused before anything changes.
 
 Neither ``torch.distributed.tensor`` nor ``deepspeed`` is imported here: a model cannot hold their objects unless its
 program imported them (``sys.modules``).
@@ -21,22 +23,26 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
-from lightning_relu._engines import WriteThrough, _shown, fsdp2_write_through, inside_write_through
+from lightning_relu._engines import (
+    _MASTER_MARK,
+    _ZERO3_MARK,
+    WriteThrough,
+    _shown,
+    deepspeed_write_through,
+    fsdp2_write_through,
+    inside_write_through,
+)
 
 _DEEPSPEED_ADVICE = (
     "DeepSpeed keeps fp32 master weights and optimizer state of its own, and the next `engine.step()` would copy "
     "them back over the change. Nothing was changed. Initialize the model before `deepspeed.initialize` (under "
-    "Lightning: before `DeepSpeedStrategy` wraps it, e.g. in the module's `__init__`), and train without revival "
-    "under DeepSpeed."
+    "Lightning: before `DeepSpeedStrategy` wraps it, e.g. in the module's `__init__`); revival and the initializers "
+    "write through the standalone engine of ZeRO stage 1 or 2 (pass the engine or its module, and its optimizer)."
 )
-# parameter attributes that DeepSpeed sets: ZeRO-3's partitioned parameters (checked on deepspeed 0.19.8), and the
-# link from a model parameter to its fp32 master fragment (ZeRO stages 1 and 2, the bf16 optimizer)
-_ZERO3_MARK = "ds_id"
-_MASTER_MARK = "_hp_mapping"
 
 
 def _deepspeed_class(module: str, name: str) -> type | None:
@@ -138,6 +144,11 @@ def write_through(
     if inside_write_through():
         return None
     engine = fsdp2_write_through(model, function, argument)
+    if engine is None and isinstance(model, nn.Module) and _strategy_reason(trainer) is None:
+        deepspeed_engine = _deepspeed_class("deepspeed.runtime.engine", "DeepSpeedEngine")
+        is_engine = deepspeed_engine is not None and isinstance(model, deepspeed_engine)
+        module = cast(nn.Module, model.module) if is_engine else model
+        engine = deepspeed_write_through(module, function, argument)
     if engine is not None:
         return engine
     refuse_sharded(model, function, argument, optimizer=optimizer, trainer=trainer)

@@ -1,11 +1,14 @@
-"""DeepSpeed on 2 CPU processes (gloo, ``DS_ACCELERATOR=cpu``), ZeRO stages 1, 2 and 3 (issue 20, item 5).
+"""DeepSpeed on 2 CPU processes (gloo, ``DS_ACCELERATOR=cpu``), ZeRO stages 0 to 3 (issue 20, item 5).
 
 DeepSpeed keeps fp32 master weights of its own (stages 1 and 2: partitions in its optimizer; stage 3: the parameters
-themselves are partitioned), so a unit revived in the model would be reverted by the next ``engine.step()``. Counting
-works (the tracker observes activations); ``rai_``, ``sign_flip_``, ``revive_dead_units_`` and the reviver refuse
-the engine, its module, its optimizer and Lightning's ``DeepSpeedStrategy`` with a clear error before changing
-anything. The processes start once for the module (a start costs more than the work); each rank saves what it saw
-and the tests assert on it.
+themselves are partitioned), so a unit revived in the model alone would be reverted by the next ``engine.step()``.
+Counting works (the tracker observes activations). Under ZeRO stages 1 and 2, ``rai_``, ``sign_flip_`` and
+``revive_dead_units_`` write through the fp32 masters and the optimizer state (DeepSpeed's public accessors): each rank
+with data of its own, every rank ends with the module, masters and momentum of one process on rank 0's data, through
+the next steps; a call failing on one rank changes nothing. ZeRO-3, its optimizer, and Lightning's ``DeepSpeedStrategy``
+(``DeadUnitReviver``, ``ReluInitializer``) are refused with a clear error before anything changes. ZeRO stage 0 in fp32
+keeps no masters and needs nothing. The processes start once for the module (a start costs more than the work); each
+rank saves what it saw and the tests assert on it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_relu import DeadUnitReviver, DeadUnitTracker, rai_, revive_dead_units_, sign_flip_
-from tests.faults.engines import error_of
+from lightning_relu import DeadUnitReviver, DeadUnitTracker, ReluInitializer, rai_, revive_dead_units_, sign_flip_
+from tests.faults.engines import averaged_step, error_of
 from tests.helpers import kill_units, mlp
 
 pytestmark = [
@@ -36,6 +39,8 @@ pytestmark = [
 ]
 
 STAGES = (1, 2, 3)
+WRITTEN = (1, 2)  # the stages written through: the module's parameters are whole, linked to fp32 masters
+REFUSED = (3,)  # ZeRO-3 partitions the parameters themselves
 WIDTHS = [4, 8, 8, 1]
 DEAD = [1, 2]  # units of the first layer forced dead
 LR = 0.1
@@ -156,10 +161,142 @@ def _lightning_strategy(rank: int) -> dict[str, Any]:
 
     model = _model()
     before = [p.clone() for p in model.parameters()]
-    trainer = types.SimpleNamespace(strategy=DeepSpeedStrategy(stage=2))
+    trainer = types.SimpleNamespace(strategy=DeepSpeedStrategy(stage=2), global_step=0)
     error = error_of(lambda: DeadUnitReviver().on_fit_start(trainer, model))  # type: ignore[arg-type]
+    initializer = error_of(lambda: ReluInitializer().setup(trainer, model, "fit"))  # type: ignore[arg-type]
     unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    return {"error": error, "unchanged": unchanged}
+    return {"error": error, "initializer": initializer, "unchanged": unchanged}
+
+
+def _config(stage: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": 16,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,  # a torch optimizer: nothing is compiled
+        "gradient_clipping": 0.0,
+    }
+
+
+def _loss(model: Any, x: torch.Tensor) -> torch.Tensor:
+    return (model(x) - 1.0).pow(2).mean()
+
+
+def _write_(engine: Any, index: int, change: Any) -> None:
+    """Change the weights of layer `index` (`change(weight, bias)` in place) in the module and in the fp32 masters,
+    with DeepSpeed's public accessors; on a plain model, in the model."""
+    layer = (engine.module if hasattr(engine, "module") else engine)[index]
+    with torch.no_grad():
+        change(layer.weight, layer.bias)
+        if hasattr(engine, "module"):
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for param in (layer.weight, layer.bias):
+                safe_set_full_fp32_param(param, param.detach().clone())
+
+
+def _shift(weight: torch.Tensor, bias: torch.Tensor) -> None:
+    bias.sub_(1.0)  # pre-activations pushed down: `sign_flip_` has something to flip
+
+
+def _kill(weight: torch.Tensor, bias: torch.Tensor) -> None:
+    bias[DEAD] = -1e4  # after training: the units' optimizer state is not zero
+
+
+def _written_state(engine: Any) -> dict[str, Any]:
+    """The module's parameters, the fp32 masters and the momentum DeepSpeed holds, in full (collectives)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    return {
+        "module": [p.detach().clone() for p in engine.module.parameters()],
+        "masters": _full_weights(engine),
+        "momentum": [safe_get_full_optimizer_state(p, "momentum_buffer").clone() for p in engine.module.parameters()],
+    }
+
+
+def _plain_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    params = [p.detach().clone() for p in model.parameters()]
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    return {"module": params, "masters": params, "momentum": momentum}
+
+
+def _written(rank: int, stage: int) -> dict[str, Any]:
+    """`rai_`, `sign_flip_` and `revive_dead_units_` on the engine, each rank with data of its own, with steps between;
+    what the test compares with one process on rank 0's data."""
+    import deepspeed
+
+    x = _inputs(rank)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config(stage))
+    results: dict[str, Any] = {"optimizer": f"{type(ds_optimizer).__module__}.{type(ds_optimizer).__name__}"}
+    with DeadUnitTracker(engine.module) as tracker, torch.no_grad():
+        engine.module(x)
+    results["counts"] = {name: (r.active_count.tolist(), int(r.samples)) for name, r in tracker.report().items()}
+
+    rai_(engine, generator=torch.Generator().manual_seed(0))
+    results["rai_"] = {"module": [p.detach().clone() for p in model.parameters()], "masters": _full_weights(engine)}
+    _write_(engine, 0, _shift)
+    _write_(engine, 2, _shift)
+    flips = sign_flip_(engine.module, x)
+    results["flipped"] = {name: r.flipped for name, r in flips.items()}
+    results["sign_flip_"] = {
+        "module": [p.detach().clone() for p in model.parameters()],
+        "masters": _full_weights(engine),
+    }
+    engine.backward(_loss(engine, x))
+    engine.step()
+    _write_(engine, 0, _kill)
+    with DeadUnitTracker(engine.module) as tracker, torch.no_grad():
+        engine.module(x)
+    report = tracker.report()
+    results["trained"] = _written_state(engine)
+    generator = torch.Generator().manual_seed(0)
+    results["revived"] = revive_dead_units_(engine, report, ds_optimizer, generator, example_input=x)
+    results["after revival"] = _written_state(engine)
+    engine.backward(_loss(engine, x))
+    engine.step()
+    results["stepped"] = _written_state(engine)
+
+    # a call failing on one rank only: no rank waits for the other, none changes anything
+    before = _snapshot(engine)
+    init = "kaiming" if rank == 0 else "unknown"
+    call = lambda: revive_dead_units_(engine.module, report, ds_optimizer, init=init, example_input=x)  # noqa: E731
+    results["one rank fails"] = error_of(call)
+    results["unchanged after the failure"] = all(
+        torch.equal(a, b) for a, b in zip(before, _snapshot(engine), strict=True)
+    )
+    plain = _model()
+    results["plain with the engine's optimizer"] = error_of(lambda: revive_dead_units_(plain, report, ds_optimizer))
+    return results
+
+
+def _written_reference() -> dict[str, Any]:
+    """What `_written` does, on one process with rank 0's data; the steps on both ranks' losses averaged (as
+    DeepSpeed averages the gradients)."""
+    xs = [_inputs(0), _inputs(1)]
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    step = averaged_step(model, optimizer, _loss, xs)
+
+    results: dict[str, Any] = {}
+    rai_(model, generator=torch.Generator().manual_seed(0))
+    results["rai_"] = [p.detach().clone() for p in model.parameters()]
+    _write_(model, 0, _shift)
+    _write_(model, 2, _shift)
+    results["flipped"] = {name: r.flipped for name, r in sign_flip_(model, xs[0]).items()}
+    results["sign_flip_"] = [p.detach().clone() for p in model.parameters()]
+    step()
+    _write_(model, 0, _kill)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(xs[0])
+        model(xs[1])
+    results["trained"] = _plain_state(model, optimizer)
+    generator = torch.Generator().manual_seed(0)
+    results["revived"] = revive_dead_units_(model, tracker.report(), optimizer, generator, example_input=xs[0])
+    results["after revival"] = _plain_state(model, optimizer)
+    step()
+    results["stepped"] = _plain_state(model, optimizer)
+    return results
 
 
 def _rank(rank: int, port: int, root: str) -> None:
@@ -177,7 +314,8 @@ def _rank(rank: int, port: int, root: str) -> None:
     # first use); marked incompatible, DeepSpeed uses gloo, as on platforms that lack it. This process only.
     deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {stage: _stage(rank, stage) for stage in STAGES}
+    results: dict[Any, Any] = {stage: _written(rank, stage) for stage in WRITTEN}
+    results.update({stage: _stage(rank, stage) for stage in REFUSED})
     results[0] = _stage0(rank)
     results["lightning"] = _lightning_strategy(rank)
     torch.save(results, Path(root) / f"deepspeed_rank{rank}.pt")
@@ -210,7 +348,7 @@ def test_counts_on_the_engines_module_are_exact_under_zero_1_2_3(runs: list[dict
             assert run[stage]["counts"] == expected, stage
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", REFUSED)
 def test_revival_and_initializers_refuse_the_engine_its_module_and_its_optimizer(
     runs: list[dict[str, Any]], stage: int
 ) -> None:
@@ -254,7 +392,7 @@ def test_revival_and_initializers_refuse_the_engine_its_module_and_its_optimizer
         assert results["unchanged"] and results["plain unchanged"]
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", REFUSED)
 def test_the_step_after_the_refusals_is_the_step_of_an_untouched_model(runs: list[dict[str, Any]], stage: int) -> None:
     expected = _expected_step()
     for run in runs:
@@ -262,14 +400,15 @@ def test_the_step_after_the_refusals_is_the_step_of_an_untouched_model(runs: lis
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_the_reviver_refuses_lightnings_deepspeed_strategy_at_fit_start(runs: list[dict[str, Any]]) -> None:
+def test_the_reviver_and_the_initializer_refuse_lightnings_deepspeed_strategy(runs: list[dict[str, Any]]) -> None:
     for run in runs:
-        message = run["lightning"]["error"]
-        assert re.match(
-            r"ValueError: `DeadUnitReviver` cannot write into `pl_module`: the trainer's strategy is "
-            r"`DeepSpeedStrategy`, which wraps the model in a DeepSpeed engine\. .*Nothing was changed",
-            message,
-        ), message
+        for key, name in (("error", "DeadUnitReviver"), ("initializer", "ReluInitializer")):
+            message = run["lightning"][key]
+            assert re.match(
+                rf"ValueError: `{name}` cannot write into `pl_module`: the trainer's strategy is "
+                r"`DeepSpeedStrategy`, which wraps the model in a DeepSpeed engine\. .*Nothing was changed",
+                message,
+            ), message
         assert run["lightning"]["unchanged"]
 
 
@@ -282,3 +421,55 @@ def test_zero_stage_0_in_fp32_is_not_refused_and_keeps_what_rai_wrote_through_th
         assert run[0]["error"] == "no error"
         for got, want in zip(run[0]["stepped"], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", WRITTEN)
+def test_zero_1_2_initializers_and_revival_write_through_the_fp32_masters_as_one_process(
+    runs: list[dict[str, Any]], stage: int
+) -> None:
+    reference = _written_reference()
+    assert any(reference["flipped"].values())  # the setup has something to flip
+    assert reference["revived"]["1"] >= len(DEAD)  # the units killed, and any that training killed
+    # revival resets the momentum that training made: the revived rows (weights, biases) and the consumer's columns
+    trained, revived = reference["trained"]["momentum"], reference["after revival"]["momentum"]
+    assert all(bool(trained[i][DEAD].ne(0).all()) and bool(revived[i][DEAD].eq(0).all()) for i in (0, 1))
+    assert bool(trained[2][:, DEAD].ne(0).all()) and bool(revived[2][:, DEAD].eq(0).all())
+    assert bool(reference["stepped"]["masters"][1][DEAD].gt(-100).all())  # the step keeps the revived biases
+    for run in runs:
+        results = run[stage]
+        assert results["optimizer"] == "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+        for name in ("module", "masters"):
+            assert all(torch.equal(a, b) for a, b in zip(results["rai_"][name], reference["rai_"], strict=True))
+            assert all(
+                torch.equal(a, b) for a, b in zip(results["sign_flip_"][name], reference["sign_flip_"], strict=True)
+            )  # rank 1's data decided nothing
+        assert results["flipped"] == reference["flipped"]
+        assert results["revived"] == reference["revived"]
+        for point in ("trained", "after revival", "stepped"):
+            for name in ("module", "masters", "momentum"):
+                _assert_close(results[point][name], reference[point][name])
+
+
+@pytest.mark.parametrize("stage", WRITTEN)
+def test_zero_1_2_a_call_failing_on_one_rank_changes_nothing_and_hangs_no_rank(
+    runs: list[dict[str, Any]], stage: int
+) -> None:
+    rank0, rank1 = runs[0][stage], runs[1][stage]
+    assert rank0["one rank fails"] == (
+        "RuntimeError: `revive_dead_units_` failed on another rank, so no rank changed `model` (DeepSpeed's fp32 "
+        "master weights)."
+    )
+    assert rank1["one rank fails"].startswith("ValueError: `init` can be 'default', 'kaiming', 'rai', got 'unknown'")
+    assert rank0["unchanged after the failure"] and rank1["unchanged after the failure"]
+    for run in runs:  # the engine's optimizer with a model it does not train: refused
+        message = run[stage]["plain with the engine's optimizer"]
+        assert re.match(
+            r"ValueError: `revive_dead_units_` cannot use `optimizer`: it is a DeepSpeed optimizer "
+            r"\(`DeepSpeedZeroOptimizer` of `deepspeed\.runtime\.zero\.stage_1_and_2`\).*Nothing was changed",
+            message,
+        ), message

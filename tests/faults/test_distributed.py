@@ -37,7 +37,7 @@ from lightning_relu import (
     revive_dead_units_,
     sign_flip_,
 )
-from tests.faults.engines import error_of
+from tests.faults.engines import averaged_step, error_of
 from tests.faults.models import Dump, Net, alike_batches, summary, trainer
 from tests.helpers import kill_units, mlp
 
@@ -372,11 +372,7 @@ def _fsdp2_reference() -> dict[str, Any]:
     xs = [_inputs(0), _inputs(1)]
     model = mlp(WIDTHS, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-
-    def step() -> None:
-        ((_loss(model, xs[0]) + _loss(model, xs[1])) / 2).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    step = averaged_step(model, optimizer, _loss, xs)
 
     results: dict[str, Any] = {}
     rai_(model, generator=torch.Generator().manual_seed(0))
