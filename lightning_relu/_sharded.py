@@ -111,12 +111,39 @@ def _strategy_reason(trainer: Any) -> str | None:
     return None
 
 
+_FSDP1_ADVICE = (
+    "Nothing was changed. Initialize the model before wrapping it; FSDP2 (`fully_shard`, Lightning's "
+    "`ModelParallelStrategy`) is written through."
+)
+
+
+def _fsdp1_reason(model: Any, trainer: Any) -> str | None:
+    """Why ``model`` is held by FSDP1 (``FullyShardedDataParallel``: flat parameters, views of them outside a forward),
+    which neither the shards nor the flattened optimizer state are written through for (FSDP1 needs an accelerator:
+    not tested here)."""
+    strategy = getattr(trainer, "strategy", None)
+    for module in ("lightning.pytorch.strategies.fsdp", "pytorch_lightning.strategies.fsdp"):
+        fsdp_strategy = getattr(sys.modules.get(module), "FSDPStrategy", None)
+        if fsdp_strategy is not None and isinstance(strategy, fsdp_strategy):
+            return f"the trainer's strategy is `{type(strategy).__name__}`, which wraps the model in FSDP1"
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    if fsdp1 is not None and isinstance(model, nn.Module):
+        wrapped = [name or "the model" for name, module in model.named_modules() if isinstance(module, fsdp1)]
+        if wrapped:
+            return f"{_shown(wrapped)} ({len(wrapped)} in all) are wrapped by FSDP1 (`FullyShardedDataParallel`)"
+    return None
+
+
 def refuse_sharded(
     model: nn.Module, function: str, argument: str = "model", *, optimizer: Any = None, trainer: Any = None
 ) -> None:
     """Raise ``ValueError`` naming ``function``, the argument and why, when ``model`` is managed by DeepSpeed (an
     engine, ZeRO-3 partitions, parameters linked to master weights), when ``optimizer`` (one or a list) is a DeepSpeed
-    optimizer, or when ``trainer`` runs Lightning's ``DeepSpeedStrategy``."""
+    optimizer, or when ``trainer`` runs Lightning's ``DeepSpeedStrategy``; the same for FSDP1 (Lightning's
+    ``FSDPStrategy``, ``FullyShardedDataParallel`` modules)."""
+    fsdp1 = _fsdp1_reason(model, trainer)
+    if fsdp1 is not None:
+        raise ValueError(f"`{function}` cannot write into `{argument}`: {fsdp1}. {_FSDP1_ADVICE}")
     reason = _strategy_reason(trainer)
     if "deepspeed" not in sys.modules and reason is None:  # no DeepSpeed class or mark exists before its import
         return
