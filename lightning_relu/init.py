@@ -60,6 +60,10 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     goes into the parameter the weight is computed from); without it, only ``nn.Sequential`` order links them, and
     layers feeding a rectifier function (``F.relu``) or a ReLU inside a custom ``forward`` are not found.
 
+    Under FSDP2 (``fully_shard``) and DeepSpeed ZeRO stages 1 and 2 the change is written through the shards or the
+    fp32 master weights, as one process would make it on rank 0's arguments; every rank must call it. What cannot
+    be written through (ZeRO-3, FSDP1, FSDP2 mixed precision) raises ``ValueError`` before anything changes.
+
     Args:
         module: an ``nn.Linear``, an ``nn.Conv1d``/``Conv2d``/``Conv3d``, or a model containing rectifier sites.
         generator: the ``torch.Generator`` every draw comes from (the global one when ``None``). The draws are made
@@ -313,6 +317,10 @@ def sign_flip_(
     the global random number generator and of the DataLoader's own generator, if it has one (iterating a shuffling
     DataLoader draws from them), are restored afterwards, so the loader shuffles as it would have. The model is
     flipped in place under ``torch.no_grad()``.
+
+    Under FSDP2 (``fully_shard``) and DeepSpeed ZeRO stages 1 and 2 the change is written through the shards or the
+    fp32 master weights, as one process would make it on rank 0's arguments; every rank must call it. What cannot
+    be written through (ZeRO-3, FSDP1, FSDP2 mixed precision) raises ``ValueError`` before anything changes.
 
     Args:
         model: the network; its rectifier sites come from :func:`find_relu_sites`.

@@ -7,6 +7,8 @@ item 5): its flat parameters and flattened optimizer state are not written throu
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +26,14 @@ def _model() -> nn.Sequential:
     return model
 
 
+def _refused(params: list[torch.Tensor], call: Callable[[], Any], message: str) -> None:
+    """``call`` raises ``ValueError`` matching ``message``, and ``params`` are unchanged."""
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=message):
+        call()
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
 def test_lightnings_fsdp_strategy_is_refused_by_the_reviver_and_the_initializer() -> None:
     model = _model()
     trainer = types.SimpleNamespace(strategy=FSDPStrategy(), global_step=0)
@@ -31,14 +41,11 @@ def test_lightnings_fsdp_strategy_is_refused_by_the_reviver_and_the_initializer(
         ("DeadUnitReviver", lambda: DeadUnitReviver().on_fit_start(trainer, model)),  # type: ignore[arg-type]
         ("ReluInitializer", lambda: ReluInitializer().setup(trainer, model, "fit")),  # type: ignore[arg-type]
     ):
-        before = [p.detach().clone() for p in model.parameters()]
-        with pytest.raises(
-            ValueError,
-            match=rf"^`{name}` cannot write into `pl_module`: the trainer's strategy is `FSDPStrategy`, which wraps "
-            r"the model in FSDP1\. Nothing was changed\.",
-        ):
-            call()
-        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        message = (
+            rf"^`{name}` cannot write into `pl_module`: the trainer's strategy is `FSDPStrategy`, which wraps the "
+            r"model in FSDP1\. Nothing was changed\."
+        )
+        _refused(list(model.parameters()), call, message)
 
 
 def test_a_model_wrapped_by_fsdp1_is_refused_by_the_initializers_and_revival() -> None:
@@ -57,11 +64,8 @@ def test_a_model_wrapped_by_fsdp1_is_refused_by_the_initializers_and_revival() -
         ("sign_flip_", "model", lambda: sign_flip_(model, x)),
         ("revive_dead_units_", "model", lambda: revive_dead_units_(model, report, example_input=x)),
     ):
-        before = [p.detach().clone() for p in inner.parameters()]
-        with pytest.raises(
-            ValueError,
-            match=rf"^`{name}` cannot write into `{argument}`: 'body' \(1 in all\) are wrapped by FSDP1 "
-            r"\(`FullyShardedDataParallel`\)\. Nothing was changed\.",
-        ):
-            call()
-        assert all(torch.equal(a, b) for a, b in zip(before, inner.parameters(), strict=True))
+        message = (
+            rf"^`{name}` cannot write into `{argument}`: 'body' \(1 in all\) are wrapped by FSDP1 "
+            r"\(`FullyShardedDataParallel`\)\. Nothing was changed\."
+        )
+        _refused(list(inner.parameters()), call, message)
