@@ -172,6 +172,10 @@ class _Fsdp2(WriteThrough):
         self._stands: list[_Stand] = []
         dtensor, fsdp_module = _dtensor_class(), _fsdp_module_class()
         self.modules = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
+        for module in self.modules:
+            # a root left unsharded by a forward without backward (FSDP2 does not reshard a root after its forward)
+            # registers its full tensors: the shards are what the call writes into (the values are the same)
+            module.reshard()  # type: ignore[operator]
         self.params = [
             _Sharded(module, name, param)
             for module in model.modules()
@@ -194,7 +198,8 @@ class _Fsdp2(WriteThrough):
         if outside:
             raise self._refuse(
                 f"its parameters {_shown(outside)} ({len(outside)} in all) are DTensors that no FSDP2 module "
-                "(`fully_shard`) manages (tensor parallelism?), which it does not support"
+                f"(`fully_shard`) within `{self.argument}` manages (tensor parallelism, or a module around it "
+                "sharded: pass that one), which it does not support"
             )
         from torch.distributed.tensor import Replicate, Shard
 
@@ -468,7 +473,8 @@ def fsdp2_write_through(model: nn.Module, function: str, argument: str) -> Write
     call); ``ValueError`` naming the function, the argument and the reason for a sharding it cannot write through."""
     if inside_write_through() or not isinstance(model, nn.Module):
         return None
-    dtensor = _dtensor_class()
-    if dtensor is None or not any(isinstance(param, dtensor) for param in model.parameters()):
+    dtensor, fsdp_module = _dtensor_class(), _fsdp_module_class()
+    sharded = fsdp_module is not None and any(isinstance(module, fsdp_module) for module in model.modules())
+    if not sharded and (dtensor is None or not any(isinstance(param, dtensor) for param in model.parameters())):
         return None
     return _Fsdp2(model, function, argument)

@@ -39,7 +39,7 @@ from lightning_relu import (
 )
 from tests.faults.engines import averaged_step, error_of
 from tests.faults.models import Dump, Net, alike_batches, summary, trainer
-from tests.helpers import kill_units, mlp
+from tests.helpers import conv_bn_net, kill_units, mlp
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -171,7 +171,36 @@ def _fsdp2(rank: int) -> dict[str, Any]:
     optimizer.step()
 
     results["refused"] = _fsdp2_refusals(report, x)
+    results["conv"] = _fsdp2_conv(_shard_whole(conv_bn_net(seed=0)))
     return results
+
+
+def _shard_whole(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model)
+
+
+def _fsdp2_conv(model: torch.nn.Module) -> dict[str, Any]:
+    """Revival of a conv/batch-norm net after one SGD step with momentum: norm entries, batch-norm running statistics
+    (buffers, which FSDP2 does not shard) and consumer channels reset. Every rank reads the same images (the running
+    statistics each rank updates from its own batch would differ otherwise)."""
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _loss(model, x).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    _kill_(model, 1)  # the first batch norm's bias
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        model(x)
+    before = [_full(b) for b in model.buffers()]
+    revived = revive_dead_units_(model, tracker.report(), optimizer, torch.Generator().manual_seed(0), example_input=x)
+    return {
+        "revived": revived,
+        **_fsdp2_state(model, optimizer),
+        "buffers": [_full(b) for b in model.buffers()],
+        "buffers before": before,
+    }
 
 
 def _fsdp2_refusals(report: Any, x: torch.Tensor) -> dict[str, Any]:
@@ -418,6 +447,11 @@ def test_fsdp2_initializers_and_revival_give_one_process_result_on_every_rank(ru
     revived = reference["after revival"]["state"]
     assert all(bool(revived[i][key][[1, 2]].eq(0).all()) for i in (0, 1) for key in ("exp_avg", "exp_avg_sq"))
     assert all(bool(revived[2][key][:, [1, 2]].eq(0).all()) for key in ("exp_avg", "exp_avg_sq"))
+    conv = _fsdp2_conv(conv_bn_net(seed=0))
+    assert conv["revived"]["2"] >= 2  # the killed channels
+    # revival sets the running statistics of the revived channels (to the held batch's), and only theirs
+    changed = conv["buffers"][0].ne(conv["buffers before"][0])
+    assert changed.tolist() == [unit in (1, 2) for unit in range(6)]
     for run in _load(runs, "fsdp2"):
         for got, want in zip(run["rai_"], reference["rai_"], strict=True):
             assert torch.equal(got, want)  # before the first forward
@@ -429,6 +463,10 @@ def test_fsdp2_initializers_and_revival_give_one_process_result_on_every_rank(ru
         assert run["revived"] == reference["revived"]
         _assert_close_states(run["after revival"], reference["after revival"])
         _assert_close_states(run["stepped"], reference["stepped"])  # the revived units stay revived
+        assert run["conv"]["revived"] == conv["revived"]
+        _assert_close_states(run["conv"], conv)
+        for got, want in zip(run["conv"]["buffers"], conv["buffers"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_a_call_failing_on_one_rank_changes_nothing_and_hangs_no_rank(runs: Path) -> None:
@@ -444,7 +482,8 @@ def test_fsdp2_what_cannot_be_written_through_is_refused_before_anything_changes
     why = {
         "mixed": r"FSDP2 all-gathers its parameters in torch\.bfloat16 \(a mixed precision policy, `param_dtype`\) "
         r"while the shards are torch\.float32",
-        "tensor parallel": r"its parameters '0\.weight' \(1 in all\) are DTensors that no FSDP2 module",
+        "tensor parallel": r"its parameters '0\.weight' \(1 in all\) are DTensors that no FSDP2 module "
+        r"\(`fully_shard`\) within `\w+` manages \(tensor parallelism",
     }
     for run in _load(runs, "fsdp2"):
         for model, results in run["refused"].items():
