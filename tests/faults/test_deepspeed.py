@@ -270,6 +270,29 @@ def _written(rank: int, stage: int) -> dict[str, Any]:
     return results
 
 
+def _bf16(rank: int) -> dict[str, Any]:
+    """ZeRO stage 2 in bf16: the module's parameters are bf16 copies of fp32 masters. `rai_` after a step writes the
+    producers' new values into the masters and leaves the other layers' fp32 masters as they were (not rounded)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = _model()
+    config = {**_config(2), "bf16": {"enabled": True}}
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
+    )
+    engine.backward(_loss(engine, _inputs(rank).bfloat16()).float())
+    engine.step()
+    before = _full_weights(engine)
+    rai_(engine, generator=torch.Generator().manual_seed(0))
+    return {
+        "dtype": str(next(engine.module.parameters()).dtype),
+        "before": before,
+        "after": [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()],
+        "module": [p.detach().float() for p in engine.module.parameters()],
+    }
+
+
 def _written_reference() -> dict[str, Any]:
     """What `_written` does, on one process with rank 0's data; the steps on both ranks' losses averaged (as
     DeepSpeed averages the gradients)."""
@@ -317,6 +340,7 @@ def _rank(rank: int, port: int, root: str) -> None:
     results: dict[Any, Any] = {stage: _written(rank, stage) for stage in WRITTEN}
     results.update({stage: _stage(rank, stage) for stage in REFUSED})
     results[0] = _stage0(rank)
+    results["bf16"] = _bf16(rank)
     results["lightning"] = _lightning_strategy(rank)
     torch.save(results, Path(root) / f"deepspeed_rank{rank}.pt")
     dist.destroy_process_group()
@@ -473,3 +497,15 @@ def test_zero_1_2_a_call_failing_on_one_rank_changes_nothing_and_hangs_no_rank(
             r"\(`DeepSpeedZeroOptimizer` of `deepspeed\.runtime\.zero\.stage_1_and_2`\).*Nothing was changed",
             message,
         ), message
+
+
+def test_zero_2_bf16_writes_the_changed_entries_and_keeps_the_other_fp32_masters(runs: list[dict[str, Any]]) -> None:
+    for run in runs:
+        results = run["bf16"]
+        assert results["dtype"] == "torch.bfloat16"
+        before, after, module = results["before"], results["after"], results["module"]
+        for index in (0, 1, 2, 3):  # the producers RAI drew: the masters hold the module's new (bf16) values
+            assert not torch.equal(after[index], before[index]) and torch.equal(after[index], module[index])
+        for index in (4, 5):  # the output layer: its fp32 masters, which bf16 cannot hold, are kept bit for bit
+            assert not torch.equal(before[index], before[index].bfloat16().float())
+            assert torch.equal(after[index], before[index])
