@@ -115,8 +115,8 @@ class WriteThrough:
             ok = True
         finally:
             # every rank writes back only when every rank succeeded (a collective each; none waits for the other)
-            failed = torch.tensor([0 if ok else 1])
             distributed = dist.is_available() and dist.is_initialized()
+            failed = torch.tensor([0 if ok else 1], device=_flag_device(distributed))
             if distributed:
                 dist.all_reduce(failed, op=dist.ReduceOp.MAX)
             try:
@@ -141,6 +141,15 @@ class WriteThrough:
 
     def _exit(self) -> None:
         raise NotImplementedError
+
+
+def _flag_device(distributed: bool) -> torch.device:
+    """Where a tensor for the default process group must be (NCCL reduces CUDA tensors only)."""
+    import torch.distributed as dist
+
+    if distributed and "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass(eq=False)
@@ -262,33 +271,34 @@ class _Fsdp2(WriteThrough):
                 {**group, "params": [full_of.get(id(p), p) for p in group["params"]]}
                 for group in optimizer.param_groups
             ]
-            stand = _Stand(proxy)
-            state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-            signature = []
-            for group in optimizer.param_groups:
-                for index, param in enumerate(group["params"]):
-                    held = optimizer.state.get(param)
-                    if not held or id(param) not in full_of:
-                        continue
-                    signature.append((index, sorted(map(str, held))))
-                    gathered: dict[str, Any] = {}
-                    for key in sorted(held, key=str):
-                        value = held[key]
-                        if dtensor is not None and isinstance(value, dtensor):
-                            gathered[key] = value.full_tensor()
-                            stand.writes.append((value, gathered[key]))
-                        else:
-                            gathered[key] = value
-                    state[full_of[id(param)]] = gathered  # type: ignore[index]
-            for param, held in optimizer.state.items():
-                if id(param) not in full_of:
-                    state[param] = held
-            proxy.state = state
-            if dist.is_initialized():  # an optimizer with state on one rank only would hang the gathers above
+            listed = [param for group in optimizer.param_groups for param in group["params"]]
+            held_by = [
+                (index, param, optimizer.state[param])
+                for index, param in enumerate(listed)
+                if id(param) in full_of and optimizer.state.get(param)
+            ]
+            if dist.is_initialized():  # state on some ranks only would leave the others waiting in the gathers
+                signature = [(index, sorted(map(str, held))) for index, _, held in held_by]
                 everyone: list[Any] = [None] * dist.get_world_size()
                 dist.all_gather_object(everyone, signature)
                 if any(other != signature for other in everyone):
                     raise self._refuse("the optimizer's state differs between the ranks (steps taken on some only)")
+            stand = _Stand(proxy)
+            state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+            for _, param, held in held_by:
+                gathered: dict[str, Any] = {}
+                for key in sorted(held, key=str):
+                    value = held[key]
+                    if dtensor is not None and isinstance(value, dtensor):
+                        gathered[key] = value.full_tensor()  # a collective: every rank, the same order
+                        stand.writes.append((value, gathered[key]))
+                    else:
+                        gathered[key] = value
+                state[full_of[id(param)]] = gathered  # type: ignore[index]
+            for param, held in optimizer.state.items():
+                if id(param) not in full_of:
+                    state[param] = held
+            proxy.state = state
             stands.append(stand)
         return stands
 
