@@ -1,7 +1,7 @@
 """Benchmark suite: what monitoring costs, measured against the same training step without it.
 
     python benchmarks/run.py [--quick] [--json benchmarks/results.json] [--no-budgets] [--processes 5]
-                             [--system-malloc] [--only tracker,lightning,...]
+                             [--system-malloc] [--only tracker,lightning,...] [--chunk-numel-per-thread N]
 
 Each step-overhead figure is a ratio of medians from a process in which the two variants run in interleaved
 blocks (many rounds of "a block of steps with, a block without"), so that machine drift cancels; it is
@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import WORKLOADS, batch
 
+import lightning_relu.functional as functional
 from lightning_relu import ActivationStats, DeadUnitMonitor, DeadUnitTracker, revive_dead_units_
 from lightning_relu.init import sign_flip_
 
@@ -67,6 +68,10 @@ STEP_BUDGET = 1.02
 SIGN_FLIP_BUDGET = 1.5
 # glibc keeps freed memory instead of returning it to the kernel (32 MiB is the largest mmap threshold it accepts)
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+# --chunk-numel-per-thread reaches the spawned measuring processes through the environment (they import this module)
+CHUNK_ENV = "LIGHTNING_RELU_BENCH_CHUNK_NUMEL_PER_THREAD"
+if os.environ.get(CHUNK_ENV):
+    functional._CHUNK_NUMEL_PER_THREAD = int(os.environ[CHUNK_ENV])
 
 
 def page_faults() -> int:
@@ -99,6 +104,7 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "counting": "ATen operations (lightning_relu.functional)",
+        "chunk_numel_per_thread": functional._CHUNK_NUMEL_PER_THREAD,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
@@ -533,6 +539,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=str(Path(__file__).resolve().parent / "results.json"))
     parser.add_argument("--no-budgets", action="store_true", help="report only, never fail")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--chunk-numel-per-thread",
+        type=int,
+        default=None,
+        help="entries per thread in a chunk of the CPU counting path (default: the library's, "
+        f"{functional._CHUNK_NUMEL_PER_THREAD}); to compare chunk sizes on the reference machine",
+    )
     parser.add_argument("--skip-lightning", action="store_true", help="skip the Trainer.fit measurements")
     parser.add_argument("--skip-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument(
@@ -565,6 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.flush()
                 os.execv(sys.executable, [sys.executable, *sys.argv])
             allocator += " in spawned processes; system in this one"
+    if args.chunk_numel_per_thread:
+        if args.chunk_numel_per_thread < 1:
+            parser.error(f"--chunk-numel-per-thread must be positive, got {args.chunk_numel_per_thread}")
+        os.environ[CHUNK_ENV] = str(args.chunk_numel_per_thread)
+        functional._CHUNK_NUMEL_PER_THREAD = args.chunk_numel_per_thread
     if args.threads:
         torch.set_num_threads(args.threads)
     processes = 1 if args.quick else max(1, args.processes)
