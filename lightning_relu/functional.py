@@ -10,24 +10,23 @@ Definitions (the same everywhere): an entry is *active* when it is ``> 0`` (NaN 
 Inf. Counts are exact: per-unit counts are float sums of 0/1 values taken in float32 only while they stay below 2**24
 and in float64 above, then added to int64 states.
 
-How it is fast with ATen alone (measured on 2 CPU cores; see ``docs/performance.md``). Inside a training step every
-ATen call costs far more than in a loop on its own (tens of microseconds each on the reference machine, a view as
-well as a reduction: the step's weights and activations have just evicted the dispatcher's code and data from the
-caches), so the CPU path makes as few calls per output as it can, and no view it can make beforehand: per chunk of
-samples, one comparison with a 0-d zero of the output's dtype (a faster kernel than a comparison with a Python
-number) into a reused float32 mask buffer laid out like the output's samples; one reduction of the mask, either a
-matrix-vector product that *adds* its column sums to a float32 accumulator kept per position of a sample (Linear
-outputs and small samples) or a per-unit sum written into a row of its own in a buffer that keeps the per-unit sums of
-every chunk of the last ``_ROWS_KEPT`` outputs (larger samples); and one sum per sample written into a buffer that
-keeps the per-sample sums of the last ``_ROWS_KEPT`` outputs. Nothing else runs per output: :class:`_Pending` holds
-these partial sums and folds them into the int64 counts only when the counts are read, when a float32 sum would reach
-2**24, when the kept sums are full, or when the output's shape changes. Killed samples and non-finite batches come
-from the kept per-sample sums at that point (a sum is 0 exactly when the whole sample is 0, as the entries are never
-negative; NaN or Inf when an entry is). Every buffer, and every view of one that a call writes into, is made once per
-output shape (a :class:`_Workspace`, and a :class:`_Pending` per metric), and every operation writes into it with
-``out=`` or in place. On other devices, for tensor subclasses, layouts whose samples are not dense, and while
-``torch.compile`` traces (where the compiler fuses them), the same quantities come from plain ATen operations added
-to the counts at once.
+How it is fast with ATen alone (measured on 2 CPU cores; see ``docs/performance.md``). Inside a training step every ATen
+call costs far more than in a loop on its own (tens of microseconds each on the reference machine, a view as well as a
+reduction: the step's weights and activations have just evicted the dispatcher's code and data from the caches), so the
+CPU path makes as few calls per output as it can, and no view it can make beforehand: per chunk of samples, one
+comparison with a 0-d zero of the output's dtype (a faster kernel than a comparison with a Python number) into a reused
+float32 mask buffer laid out like the output's samples; one reduction of the mask, either a matrix-vector product that
+*adds* its column sums to a float32 accumulator kept per position of a sample (Linear outputs and small samples) or a
+per-unit sum written into a row of its own in a buffer that keeps the per-unit sums of every chunk of the last outputs
+(larger samples); and one sum per sample written into a buffer that keeps the per-sample sums of the last outputs
+(``_ROWS_KEPT`` of them, fewer for outputs of many chunks). Nothing else runs per output: :class:`_Pending` holds these
+partial sums and folds them into the int64 counts only when the counts are read, when a float32 sum would reach 2**24,
+when the kept sums are full, or when the output's shape changes. Killed samples and non-finite batches come from the
+kept per-sample sums at that point (a sum is 0 exactly when the whole sample is 0, as the entries are never negative;
+NaN or Inf when an entry is). Every buffer, and every view of one that a call writes into, is made once per output shape
+(a :class:`_Workspace`, and a :class:`_Pending` per metric), and every operation writes into it with ``out=`` or in
+place. On other devices, for tensor subclasses, layouts whose samples are not dense, and while ``torch.compile`` traces
+(where the compiler fuses them), the same quantities come from plain ATen operations added to the counts at once.
 """
 
 from __future__ import annotations
@@ -56,6 +55,9 @@ _MAX_SAMPLE_NUMEL = 2**20
 _MAX_POSITIONS_KEPT = 2**12
 # outputs whose per-sample sums are kept before killed samples and non-finite batches are counted from them
 _ROWS_KEPT = 64
+# ... fewer where an output has many chunks: each kept output has a view per chunk (about 600 bytes each) into the kept
+# per-sample sums, and another into the kept per-unit sums; this bounds their number per metric
+_MAX_CHUNK_TARGETS = 2**8
 _THREAD = threading.local()
 
 
@@ -234,12 +236,13 @@ class _Pending:
     def __init__(self, ws: _Workspace) -> None:
         self.positions = ws.positions
         self.step, self.sizes = ws.step, ws.sizes
+        self.kept = max(1, min(_ROWS_KEPT, _MAX_CHUNK_TARGETS // len(ws.sizes)))  # outputs kept before a fold
         with torch.inference_mode(False):
             if ws.positions:
                 self.counts = torch.zeros(ws.per_sample, dtype=torch.float32)
             else:
-                self.counts = torch.empty(_ROWS_KEPT * len(ws.sizes), ws.units, dtype=torch.float32)
-            self.rows = torch.empty(_ROWS_KEPT, ws.samples, dtype=ws.row_dtype)
+                self.counts = torch.empty(self.kept * len(ws.sizes), ws.units, dtype=torch.float32)
+            self.rows = torch.empty(self.kept, ws.samples, dtype=ws.row_dtype)
         self.targets: _Targets | None = None
         self.sample_shape, self.sample_strides, self.unit_in_sample = (
             ws.sample_shape,
@@ -272,11 +275,11 @@ class _Pending:
 
     def full(self) -> bool:
         """Whether one more output could overflow what is kept (the float32 counts' exact range, or the kept rows)."""
-        if self.filled == _ROWS_KEPT:
+        if self.filled == self.kept:
             return True
         if self.positions:
             return self.load + self.step_load >= _FLOAT32_EXACT
-        return self.counted == _ROWS_KEPT
+        return self.counted == self.kept
 
     def add(self, output: Tensor, ws: _Workspace) -> None:
         """Add one output (prepared, matching ``ws``): per chunk of samples, a comparison into the mask buffer, the

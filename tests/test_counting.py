@@ -278,3 +278,25 @@ def test_reading_the_per_sample_part_every_step_keeps_the_counts_exact(monkeypat
     expected = [brute(out, 1) for out in outputs]
     assert stats.active.tolist() == [sum(col) for col in zip(*(e["active"] for e in expected), strict=True)]
     assert int(stats.killed) == sum(e["killed"] for e in expected) and nonfinite == 1
+
+
+def test_outputs_of_many_chunks_keep_fewer_outputs_back_and_stay_exact(monkeypatch):
+    """Each kept output holds a view per chunk into the pending buffers: an output of many chunks keeps fewer outputs
+    back (so the views stay few) and folds more often, with the same counts."""
+    monkeypatch.setattr(functional, "_CHUNK_NUMEL_PER_THREAD", 1)  # one sample per chunk: 40 chunks per output
+    stats = ActivationStats(unit_dim=1)
+    outputs = [sample_output((40, 3, 2, 2), torch.float32, seed, special=seed == 3) for seed in range(9)]
+    for out in outputs:
+        stats.update(out)
+    pending = stats._pending
+    assert pending is not None and len(pending.sizes) == 40
+    assert pending.kept == functional._MAX_CHUNK_TARGETS // 40 < functional._ROWS_KEPT
+    assert 0 < pending.filled < 9  # it has folded on the way
+    targets = pending.targets
+    views = sum(len(row) for row in targets.rows) + sum(len(part) for part in targets.counts)
+    assert views <= 2 * functional._MAX_CHUNK_TARGETS
+    expected = [brute(out, 1) for out in outputs]
+    report = stats.compute()
+    assert report.active_count.tolist() == [sum(col) for col in zip(*(e["active"] for e in expected), strict=True)]
+    assert report.killed == sum(e["killed"] for e in expected)
+    assert report.nonfinite_batches == sum(e["nonfinite"] for e in expected) == 1
