@@ -337,6 +337,8 @@ def _rank(rank: int, port: int, root: str) -> None:
     # first use); marked incompatible, DeepSpeed uses gloo, as on platforms that lack it. This process only.
     deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
     deepspeed.init_distributed(dist_backend="gloo")
+    # the written stages first: a ZeRO-3 engine (its default `memory_efficient_linear`) replaces
+    # `torch.nn.functional.linear` in the whole process, and revival's observed forward then finds no Linear producer
     results: dict[Any, Any] = {stage: _written(rank, stage) for stage in WRITTEN}
     results.update({stage: _stage(rank, stage) for stage in REFUSED})
     results[0] = _stage0(rank)
