@@ -43,9 +43,10 @@ __all__ = ["activation_stats", "counting"]
 
 # float32 sums of 0/1 values are exact below 2**24 terms
 _FLOAT32_EXACT = 2**24
-# CPU outputs are counted in chunks of samples of about this many entries per thread of ATen's pool: small enough that
-# a chunk and its float32 mask stay in the cores' caches between the operations that read them, large enough that
-# the number of ATen calls per output stays small (measured inside training steps of the benchmark's workloads)
+# CPU outputs are counted in chunks of samples of about this many entries per thread of ATen's pool, and of at least
+# twice as many with one thread: small enough that a chunk and its float32 mask stay in the caches between the
+# operations that read them, large enough that the number of ATen calls per output stays small (measured inside
+# training steps of the benchmark's workloads; with one thread, 2**18 entries per chunk beat 2**17 on both)
 _CHUNK_NUMEL_PER_THREAD = 2**17
 # a sample larger than this is counted with plain operations rather than grow the kept mask buffer (4 MiB of float32)
 _MAX_SAMPLE_NUMEL = 2**20
@@ -133,7 +134,7 @@ class _Workspace:
         self.unit_in_sample = axis - 1
         # per entry of a sample for small samples (one matrix-vector product per chunk), else per unit
         self.positions = per_sample <= _MAX_POSITIONS_KEPT or per_sample == self.units
-        chunk_numel = _CHUNK_NUMEL_PER_THREAD * max(1, torch.get_num_threads())
+        chunk_numel = _CHUNK_NUMEL_PER_THREAD * max(2, torch.get_num_threads())
         # samples per chunk (a chunk's per-unit sums stay exact in float32: a sample holds at most 2**20 entries)
         self.step = max(1, min(batch, chunk_numel // per_sample, (_FLOAT32_EXACT - 1) // per_sample))
         self.sizes = tuple(min(self.step, batch - start) for start in range(0, batch, self.step))

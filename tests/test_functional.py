@@ -126,17 +126,20 @@ def test_integer_and_bool_outputs(path):
     check(ints.bool(), 1, 1)
 
 
-def test_threads_agree():
+def test_threads_agree(monkeypatch):
+    monkeypatch.setattr(functional, "_CHUNK_NUMEL_PER_THREAD", 2**13)  # chunks of 16 and of 32 samples of `out`
     out = relu_output((128, 64, 4, 4), torch.float32, seed=3, special=True)
     wide = relu_output((64, 2048), torch.float32, seed=4)
     threads = torch.get_num_threads()
-    results = []
+    results, chunks = [], []
     try:
-        for n in (1, max(2, threads)):
+        for n in (1, 4):
             torch.set_num_threads(n)  # the chunk size follows the number of threads
             results.append([_activation_stats_update(x, 1)[:3] for x in (out, wide)])
+            chunks.append(len(_activation_stats_update(out, 1)[-1].sizes))
     finally:
         torch.set_num_threads(threads)
+    assert chunks == [8, 4]
     for serial, parallel in zip(*results, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
 
