@@ -105,6 +105,7 @@ class _Workspace:
         "per_sample",
         "positions",
         "row_dtype",
+        "row_ones",
         "sample_dims",
         "sample_shape",
         "sample_strides",
@@ -155,6 +156,10 @@ class _Workspace:
             self.masks_t = [flat.view(-1, per_sample).t() for flat in flats]
             ones = torch.ones(self.step, dtype=torch.float32)
             self.ones = [ones[:n] for n in self.sizes]
+            # the per-sample sums of a float32 or float64 (samples, units) output as a matrix-vector product: measured
+            # faster than a sum inside the MLP's training steps
+            two_d = output.ndim == 2 and output.dtype in (torch.float32, torch.float64)
+            self.row_ones = torch.ones(per_sample, dtype=output.dtype) if two_d else None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         return None  # a copy of the metric builds its own buffers on its first output
@@ -292,18 +297,24 @@ class _Pending:
         rows = targets.rows[self.filled]
         zero, dims = ws.zero, ws.sample_dims
         if self.positions:
-            counts = self.counts
+            counts, row_ones = self.counts, ws.row_ones
             if len(ws.sizes) == 1:
                 torch.gt(output, zero, out=ws.masks[0])
                 counts.addmv_(ws.masks_t[0], ws.ones[0])
-                torch.sum(output, dims, out=rows[0])
+                if row_ones is None:
+                    torch.sum(output, dims, out=rows[0])
+                else:
+                    torch.mv(output, row_ones, out=rows[0])
             else:
                 for chunk, mask, mask_t, ones, chunk_rows in zip(
                     output.split(self.step), ws.masks, ws.masks_t, ws.ones, rows, strict=True
                 ):
                     torch.gt(chunk, zero, out=mask)
                     counts.addmv_(mask_t, ones)
-                    torch.sum(chunk, dims, out=chunk_rows)
+                    if row_ones is None:
+                        torch.sum(chunk, dims, out=chunk_rows)
+                    else:
+                        torch.mv(chunk, row_ones, out=chunk_rows)
             self.load += self.step_load
         else:
             part_dims, parts = ws.part_dims, targets.counts[self.counted]
