@@ -16,13 +16,16 @@ columns and single entries, and run forwards whose output they check. Under FSDP
 DeepSpeed's ZeRO stages 1 and 2 (and its bf16 optimizer) keep the module's parameters whole, each linked to an fp32
 master fragment; the function acts on the module, and the changed entries go into the masters and the gathered
 optimizer state back into the optimizer's partitions through DeepSpeed's public accessors (see :class:`_DeepSpeed`).
+ZeRO-3 partitions the parameters themselves: they are gathered for the call, DeepSpeed's module hooks set aside, and
+the masters and state go back partition by partition (see :class:`_Zero3`).
 
 Rank 0's arguments decide: ranks called with different data all end with what rank 0 computed, and get rank 0's
 return value. Every rank must make the call (the gathers are collectives). A call that fails on any rank changes
 nothing on any rank: every rank keeps its weights and raises. What cannot be written through is refused before
 anything changes: parameters that stay ``DTensor`` s once unsharded (tensor parallelism, strided shards), FSDP2 mixed
 precision that all-gathers in another dtype than the shards' (writing back would round them), a torch whose FSDP2
-lacks what this relies on; ZeRO-3 and the rest of DeepSpeed are refused by :mod:`lightning_relu._sharded`. Neither
+lacks what this relies on, ZeRO-3 while DeepSpeed's ``memory_efficient_linear`` has replaced
+``torch.nn.functional.linear`` (the rest of DeepSpeed's refusals are in :mod:`lightning_relu._sharded`). Neither
 ``torch.distributed.tensor``, FSDP nor ``deepspeed`` is imported here before a model holding their objects is seen
 (``sys.modules``).
 
@@ -107,7 +110,9 @@ class WriteThrough:
         import torch.distributed as dist
 
         outcome: list[Any] = [None]
-        ok = False
+        ok = committed = False
+        # buffers are the module's own (no engine shards them): what the call changes in them goes back on failure
+        buffers = [(buffer, buffer.detach().clone()) for buffer in self._root().buffers()]
         try:
             model, optimizers = self._enter(_listed(optimizer))
             with _inside():
@@ -121,17 +126,26 @@ class WriteThrough:
                 dist.all_reduce(failed, op=dist.ReduceOp.MAX)
             try:
                 if ok and int(failed) == 0:
+                    committed = True
                     with torch.no_grad():
                         self._commit()
                     if share_result and distributed:
                         dist.broadcast_object_list(outcome, src=0)
             finally:
-                self._exit()
+                if not committed:
+                    with torch.no_grad():
+                        for buffer, saved in buffers:
+                            buffer.copy_(saved)
+                self._exit(committed)
         if int(failed):
             raise RuntimeError(
                 f"`{self.function}` failed on another rank, so no rank changed `{self.argument}` ({self.holder})."
             )
         return outcome[0]  # type: ignore[no-any-return]
+
+    def _root(self) -> nn.Module:
+        """The module the function gets (its buffers are saved for a failure)."""
+        raise NotImplementedError
 
     def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
         raise NotImplementedError
@@ -139,7 +153,8 @@ class WriteThrough:
     def _commit(self) -> None:
         raise NotImplementedError
 
-    def _exit(self) -> None:
+    def _exit(self, committed: bool) -> None:
+        """Always called, after :meth:`_commit` or instead of it (then nothing the call did may remain)."""
         raise NotImplementedError
 
 
@@ -249,7 +264,11 @@ class _Fsdp2(WriteThrough):
         self._stands = self._stand_ins(optimizers)
         return self.model, [stand.optimizer for stand in self._stands] + optimizers[len(self._stands) :]
 
-    def _exit(self) -> None:
+    def _root(self) -> nn.Module:
+        return self.model
+
+    def _exit(self, committed: bool) -> None:
+        # the full tensors are freed: without a commit the shards keep their values
         for module, setting in zip(self.modules, self._settings, strict=False):  # fewer: failed before any change
             module.reshard()  # type: ignore[operator]
             _restore_reshard_setting(module, setting)
@@ -326,12 +345,13 @@ class _DeepSpeed(WriteThrough):
     ``safe_set_full_optimizer_state``."""
 
     holder = "DeepSpeed's fp32 master weights"
+    mark = _MASTER_MARK  # the attribute DeepSpeed gives the parameters it holds this way
 
     def __init__(self, module: nn.Module, function: str, argument: str) -> None:
         self.module = module
         self.function = function
         self.argument = argument
-        self.params = [param for param in module.parameters() if hasattr(param, _MASTER_MARK)]
+        self.params = [param for param in module.parameters() if hasattr(param, self.mark)]
         self._before: list[Tensor] = []
         self._states: list[tuple[Tensor, str, Tensor]] = []  # (module parameter, state key, its full state)
 
@@ -343,7 +363,6 @@ class _DeepSpeed(WriteThrough):
     def _stand_in(self, optimizer: Any) -> Any:
         """A torch optimizer of the DeepSpeed optimizer's inner kind over the module's parameters, holding their full
         fp32 state (every rank the same order: groups, parameters, keys sorted); other optimizers as they are."""
-        from deepspeed.utils import safe_get_full_optimizer_state  # type: ignore[import-untyped]
 
         inner = getattr(optimizer, "optimizer", None)
         lp_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
@@ -351,16 +370,24 @@ class _DeepSpeed(WriteThrough):
             return optimizer  # a torch optimizer, or one the function's own checks refuse
         if len(lp_groups) != len(inner.param_groups):
             raise self._refuse("its DeepSpeed optimizer's parameter groups do not match its inner optimizer's")
-        stand = object.__new__(type(inner))
-        stand.__dict__.update(inner.__dict__)
-        stand.param_groups = [
-            {**group, "params": list(params)} for group, params in zip(inner.param_groups, lp_groups, strict=True)
-        ]
-        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        groups = []
         for group, params in zip(inner.param_groups, lp_groups, strict=True):
             flat = group["params"][0]
             held = inner.state.get(flat, {})
             keys = sorted(k for k, v in held.items() if isinstance(v, Tensor) and v.shape == flat.shape)
+            groups.append((group, list(params), keys))
+        return self._gathered_stand_in(inner, groups)
+
+    def _gathered_stand_in(self, inner: Optimizer, groups: list[tuple[dict[str, Any], list[Any], list[str]]]) -> Any:
+        """A torch optimizer of ``inner``'s kind over the module's parameters (per group: ``inner``'s options, the
+        parameters, the state keys), holding their full fp32 state, gathered in the same order on every rank."""
+        from deepspeed.utils import safe_get_full_optimizer_state  # type: ignore[import-untyped, unused-ignore]
+
+        stand = object.__new__(type(inner))
+        stand.__dict__.update(inner.__dict__)
+        stand.param_groups = [{**options, "params": params} for options, params, _ in groups]
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for _, params, keys in groups:
             for param in params:
                 for key in keys:
                     full = safe_get_full_optimizer_state(param, key)  # a collective: every rank calls it
@@ -374,7 +401,7 @@ class _DeepSpeed(WriteThrough):
 
     def _commit(self) -> None:
         import torch.distributed as dist
-        from deepspeed.utils import (
+        from deepspeed.utils import (  # type: ignore[import-untyped, unused-ignore]
             safe_get_full_fp32_param,
             safe_set_full_fp32_param,
             safe_set_full_optimizer_state,
@@ -393,8 +420,135 @@ class _DeepSpeed(WriteThrough):
                 dist.broadcast(full, src=0)
             safe_set_full_optimizer_state(owner, full, key)
 
-    def _exit(self) -> None:
+    def _root(self) -> nn.Module:
+        return self.module
+
+    def _exit(self, committed: bool) -> None:
+        if not committed:  # the module's parameters as they were (the masters were not touched)
+            with torch.no_grad():
+                for param, before in zip(self.params, self._before, strict=False):
+                    param.copy_(before)
         self._before, self._states = [], []
+
+
+class _Zero3(_DeepSpeed):
+    """ZeRO stage 3: the parameters themselves are partitioned (``ds_tensor``) beside fp32 master partitions. For the
+    call the parameters are gathered (``deepspeed.zero.GatheredParameters(modifier_rank=0)``: on exit rank 0's values
+    are partitioned again) and DeepSpeed's forward hooks on the module are set aside (they would release the
+    gathered parameters after each forward the function makes); the fp32 masters and the optimizer state go back
+    partition by partition (``safe_set_local_fp32_param``, ``safe_set_local_optimizer_state``: the full setters of
+    DeepSpeed 0.19.8 fail on a padded partition)."""
+
+    holder = "DeepSpeed ZeRO-3 partitions"
+    mark = _ZERO3_MARK
+
+    def __init__(self, module: nn.Module, function: str, argument: str) -> None:
+        super().__init__(module, function, argument)
+        self._gathered: Any = None
+        self._hooks: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
+        self._committed = False
+
+    def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
+        import deepspeed  # type: ignore[import-untyped, unused-ignore]
+
+        stands = [self._stand_in(optimizer) for optimizer in optimizers]  # gathers: before the parameters'
+        self._committed = False
+        self._gathered = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
+        self._gathered.__enter__()
+        self._before = [param.detach().clone() for param in self.params]
+        self._hooks = _set_aside_deepspeed_hooks(self.module)
+        return self.module, stands
+
+    def _stand_in(self, optimizer: Any) -> Any:
+
+        inner = getattr(optimizer, "optimizer", None)
+        flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+        if isinstance(optimizer, Optimizer) or not isinstance(inner, Optimizer) or flats is None:
+            return optimizer  # a torch optimizer, or one the function's own checks refuse
+        keys = sorted(
+            {
+                k
+                for flat in flats
+                for k, v in inner.state.get(flat, {}).items()
+                if isinstance(v, Tensor) and v.shape == flat.shape
+            }
+        )
+        trainable = [param for param in self.params if param.requires_grad]
+        return self._gathered_stand_in(inner, [(inner.param_groups[0], trainable, keys)])
+
+    def _commit(self) -> None:
+        import torch.distributed as dist
+        from deepspeed.utils import (  # type: ignore[import-untyped, unused-ignore]
+            safe_get_full_fp32_param,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        values = [param.detach().clone() for param in self.params]
+        _restore_hooks(self._hooks)
+        self._hooks = []
+        self._gathered.__exit__(None, None, None)  # rank 0's values into every rank's partition
+        self._committed = True
+        distributed = dist.is_initialized()
+        for param, value, before in zip(self.params, values, self._before, strict=True):
+            if distributed:
+                dist.broadcast(value, src=0)
+            if not param.requires_grad:
+                continue
+            master = safe_get_full_fp32_param(param)  # a collective: every rank calls it
+            merged = torch.where(value != before, value.to(master.dtype), master)
+            safe_set_local_fp32_param(param, _local_partition(param, merged))
+        for owner, key, full in self._states:
+            if distributed:
+                dist.broadcast(full, src=0)
+            safe_set_local_optimizer_state(owner, _local_partition(owner, full), key)
+
+    def _exit(self, committed: bool) -> None:
+        _restore_hooks(self._hooks)
+        self._hooks = []
+        if self._gathered is not None and not self._committed:
+            with torch.no_grad():  # nothing may change: rank 0's parameters as they were go back into the partitions
+                for param, before in zip(self.params, self._before, strict=False):
+                    param.data.copy_(before)
+            self._gathered.__exit__(None, None, None)
+        self._gathered, self._before, self._states = None, [], []
+
+
+def _local_partition(param: Any, full: Tensor) -> Tensor:
+    """This rank's partition of ``full`` for a ZeRO-3 parameter: its slice of the flat tensor, padded with zeros to the
+    partition's size (the last rank's may reach past the end)."""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel()
+    rank = dist.get_rank(group=getattr(param, "ds_process_group", None)) if dist.is_initialized() else 0
+    flat = full.detach().reshape(-1)
+    local = flat[rank * size : (rank + 1) * size]
+    return torch.cat([local, local.new_zeros(size - local.numel())]) if local.numel() < size else local
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _set_aside_deepspeed_hooks(module: nn.Module) -> list[tuple[dict[Any, Any], dict[Any, Any]]]:
+    """Take DeepSpeed's hooks off ``module`` and its children; what :func:`_restore_hooks` puts back, in order."""
+    saved = []
+    for child in module.modules():
+        for attribute in _HOOK_DICTS:
+            hooks = getattr(child, attribute, None)
+            if not isinstance(hooks, dict):
+                continue
+            ours = [key for key, hook in hooks.items() if getattr(hook, "__module__", "").startswith("deepspeed")]
+            if ours:
+                saved.append((hooks, dict(hooks)))
+                for key in ours:
+                    del hooks[key]
+    return saved
+
+
+def _restore_hooks(saved: list[tuple[dict[Any, Any], dict[Any, Any]]]) -> None:
+    for hooks, everything in saved:
+        hooks.clear()
+        hooks.update(everything)
 
 
 def deepspeed_write_through(module: nn.Module, function: str, argument: str) -> WriteThrough | None:
@@ -404,9 +558,21 @@ def deepspeed_write_through(module: nn.Module, function: str, argument: str) -> 
     if inside_write_through() or "deepspeed" not in sys.modules:
         return None
     params = list(module.parameters())
-    if any(hasattr(param, _ZERO3_MARK) for param in params) or not any(hasattr(p, _MASTER_MARK) for p in params):
+    if any(hasattr(param, _ZERO3_MARK) for param in params):
+        return _Zero3(module, function, argument) if _zero3_supported(module) else None
+    if not any(hasattr(p, _MASTER_MARK) for p in params):
         return None
     return _DeepSpeed(module, function, argument)
+
+
+def _zero3_supported(module: nn.Module) -> bool:
+    """Whether ZeRO-3 can be written through here: every parameter partitioned, and `torch.nn.functional.linear` not
+    replaced by DeepSpeed's (`memory_efficient_linear`, on by default), which hides the Linear producers from the
+    observed forward."""
+    linear = torch.nn.functional.linear
+    return all(hasattr(p, _ZERO3_MARK) for p in module.parameters()) and not getattr(
+        linear, "__module__", ""
+    ).startswith("deepspeed")
 
 
 def _groups(module: nn.Module) -> list[Any] | None:

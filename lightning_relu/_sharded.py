@@ -10,8 +10,9 @@ DeepSpeed keeps weights of its own beside the model's: ZeRO stages 1 and 2 (and 
 master partitions in the optimizer and copy them over the model's parameters at every ``engine.step()``; ZeRO-3
 partitions the parameters themselves (``ds_id``, ``ds_tensor``: the module's ``weight`` is an empty placeholder
 outside a forward). A unit revived in the model alone would be reverted by the next step, and a report of revived
-units would be wrong. Where the parameters are linked to fp32 masters (ZeRO stages 1 and 2, the bf16 optimizer) the
-change is written through them (:mod:`lightning_relu._engines`); the rest (ZeRO-3, the fp16 optimizer of stage 0, a
+units would be wrong. Where the parameters are linked to fp32 masters (ZeRO stages 1 and 2, the bf16 optimizer) or
+partitioned by ZeRO-3, the change is written through them (:mod:`lightning_relu._engines`); the rest (ZeRO-3 while
+DeepSpeed's `memory_efficient_linear` has replaced ``torch.nn.functional.linear``, the fp16 optimizer of stage 0, a
 DeepSpeed optimizer given with a model it does not train, Lightning's ``DeepSpeedStrategy``, which only runs on GPUs
 and is not tested here) is refused before anything changes.
 
@@ -25,6 +26,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from lightning_relu._engines import (
@@ -41,13 +43,26 @@ _DEEPSPEED_ADVICE = (
     "DeepSpeed keeps fp32 master weights and optimizer state of its own, and the next `engine.step()` would copy "
     "them back over the change. Nothing was changed. Initialize the model before `deepspeed.initialize` (under "
     "Lightning: before `DeepSpeedStrategy` wraps it, e.g. in the module's `__init__`); revival and the initializers "
-    "write through the standalone engine of ZeRO stage 1 or 2 (pass the engine or its module, and its optimizer)."
+    "write through the standalone engine of ZeRO stages 1 to 3 (pass the engine or its module, and its optimizer)."
 )
 
 
 def _deepspeed_class(module: str, name: str) -> type | None:
     """A DeepSpeed class, only where the program imported it (``None`` otherwise: nothing can be an instance)."""
     return getattr(sys.modules.get(module), name, None)
+
+
+def _linear_note() -> str:
+    """Why ZeRO-3 is not written through here: DeepSpeed's `memory_efficient_linear` (on by default) replaced
+    ``torch.nn.functional.linear`` for the whole process, which hides the Linear producers from an observed forward."""
+    if not getattr(torch.nn.functional.linear, "__module__", "").startswith("deepspeed"):
+        return ""
+    return (
+        ", and DeepSpeed replaced `torch.nn.functional.linear` for the whole process (ZeRO-3's "
+        "`memory_efficient_linear`, on by default), which hides the Linear layers from the forward that revival and "
+        'the initializers observe; with `"memory_efficient_linear": false` in the ZeRO config, ZeRO-3 is written '
+        "through"
+    )
 
 
 def _engine_reason(model: nn.Module) -> str | None:
@@ -62,7 +77,7 @@ def _engine_reason(model: nn.Module) -> str | None:
     if not (stage or mixed or _is_deepspeed_optimizer(optimizer)):
         return None
     how = f"ZeRO stage {stage}" + (f", {mixed[0]}" if mixed else "")
-    return f"it is a DeepSpeed engine (`{type(model).__name__}`, {how})"
+    return f"it is a DeepSpeed engine (`{type(model).__name__}`, {how})" + (_linear_note() if stage == 3 else "")
 
 
 def _call(obj: Any, method: str, default: Any) -> Any:
@@ -85,6 +100,7 @@ def _parameters_reason(model: nn.Module) -> str | None:
         return (
             f"its parameters {_shown(partitioned)} ({len(partitioned)} in all) are partitioned by DeepSpeed ZeRO "
             "stage 3 (outside a forward each holds an empty placeholder; the weights are `ds_tensor` partitions)"
+            + _linear_note()
         )
     linked = [name for name, param in model.named_parameters() if hasattr(param, _MASTER_MARK)]
     if linked:

@@ -60,9 +60,10 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     goes into the parameter the weight is computed from); without it, only ``nn.Sequential`` order links them, and
     layers feeding a rectifier function (``F.relu``) or a ReLU inside a custom ``forward`` are not found.
 
-    Under FSDP2 (``fully_shard``) and DeepSpeed ZeRO stages 1 and 2 the change is written through the shards or the
+    Under FSDP2 (``fully_shard``) and DeepSpeed (ZeRO stages 1 to 3) the change is written through the shards or the
     fp32 master weights, as one process would make it on rank 0's arguments; every rank must call it. What cannot
-    be written through (ZeRO-3, FSDP1, FSDP2 mixed precision) raises ``ValueError`` before anything changes.
+    be written through (FSDP1, FSDP2 mixed precision, ZeRO-3 with ``memory_efficient_linear``) raises
+    ``ValueError`` before anything changes.
 
     Args:
         module: an ``nn.Linear``, an ``nn.Conv1d``/``Conv2d``/``Conv3d``, or a model containing rectifier sites.
@@ -81,12 +82,12 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
         >>> model = nn.Sequential(nn.Linear(1, 10), nn.ReLU(), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 1))
         >>> _ = rai_(model)  # the two hidden layers; the output layer keeps its initialization
     """
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
     engine = write_through(module, "rai_", "module") if isinstance(module, nn.Module) else None
-    if engine is not None:  # FSDP2: on the unsharded model, written back into the shards
+    if engine is not None:  # FSDP2, DeepSpeed: on the whole model (arguments checked there), written through
         engine.run(lambda model, _: rai_(model, generator, example_input=example_input))
         return module
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
     if _is_affine_layer(module):
         _rai_layer_(module, generator)
         return module
@@ -318,9 +319,10 @@ def sign_flip_(
     DataLoader draws from them), are restored afterwards, so the loader shuffles as it would have. The model is
     flipped in place under ``torch.no_grad()``.
 
-    Under FSDP2 (``fully_shard``) and DeepSpeed ZeRO stages 1 and 2 the change is written through the shards or the
+    Under FSDP2 (``fully_shard``) and DeepSpeed (ZeRO stages 1 to 3) the change is written through the shards or the
     fp32 master weights, as one process would make it on rank 0's arguments; every rank must call it. What cannot
-    be written through (ZeRO-3, FSDP1, FSDP2 mixed precision) raises ``ValueError`` before anything changes.
+    be written through (FSDP1, FSDP2 mixed precision, ZeRO-3 with ``memory_efficient_linear``) raises
+    ``ValueError`` before anything changes.
 
     Args:
         model: the network; its rectifier sites come from :func:`find_relu_sites`.

@@ -116,10 +116,10 @@ def revive_dead_units_(
         W_{j,:} \sim \mathcal{D}_\text{init}, \quad \gamma_j = 1,\ \beta_j = 0, \quad
         W^\text{next}_{:,j} = 0, \quad s_{j} = 0 \text{ for every optimizer state } s
 
-    Under FSDP2 (``fully_shard``) and DeepSpeed ZeRO stages 1 and 2 the change is written through the shards or the
+    Under FSDP2 (``fully_shard``) and DeepSpeed (ZeRO stages 1 to 3) the change is written through the shards or the
     fp32 master weights, and the optimizer state with it, as one process would make it on rank 0's arguments; every
-    rank must call it. What cannot be written through (ZeRO-3, FSDP1, FSDP2 mixed precision) raises ``ValueError``
-    before anything changes.
+    rank must call it. What cannot be written through (FSDP1, FSDP2 mixed precision, ZeRO-3 with
+    ``memory_efficient_linear``) raises ``ValueError`` before anything changes.
 
     Args:
         model: the network the report was measured on.

@@ -2,13 +2,14 @@
 
 DeepSpeed keeps fp32 master weights of its own (stages 1 and 2: partitions in its optimizer; stage 3: the parameters
 themselves are partitioned), so a unit revived in the model alone would be reverted by the next ``engine.step()``.
-Counting works (the tracker observes activations). Under ZeRO stages 1 and 2, ``rai_``, ``sign_flip_`` and
-``revive_dead_units_`` write through the fp32 masters and the optimizer state (DeepSpeed's public accessors): each rank
-with data of its own, every rank ends with the module, masters and momentum of one process on rank 0's data, through
-the next steps; a call failing on one rank changes nothing. ZeRO-3, its optimizer, and Lightning's ``DeepSpeedStrategy``
-(``DeadUnitReviver``, ``ReluInitializer``) are refused with a clear error before anything changes. ZeRO stage 0 in fp32
-keeps no masters and needs nothing. The processes start once for the module (a start costs more than the work); each
-rank saves what it saw and the tests assert on it.
+Counting works (the tracker observes activations). Under ZeRO stages 1, 2 and 3 (ZeRO-3 with
+``"memory_efficient_linear": false``), ``rai_``, ``sign_flip_`` and ``revive_dead_units_`` write through the
+partitions, the fp32 masters and the optimizer state: each rank with data of its own, every rank ends with the module,
+masters and momentum of one process on rank 0's data, through the next steps; a call failing on one rank changes
+nothing. ZeRO-3 with its default ``memory_efficient_linear`` (it replaces ``torch.nn.functional.linear`` for the
+whole process), and Lightning's ``DeepSpeedStrategy`` (``DeadUnitReviver``, ``ReluInitializer``) are refused with a
+clear error before anything changes. ZeRO stage 0 in fp32 keeps no masters and needs nothing. The processes start once
+for the module (a start costs more than the work); each rank saves what it saw and the tests assert on it.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ pytestmark = [
 ]
 
 STAGES = (1, 2, 3)
-WRITTEN = (1, 2)  # the stages written through: the module's parameters are whole, linked to fp32 masters
-REFUSED = (3,)  # ZeRO-3 partitions the parameters themselves
+WRITTEN = (1, 2, 3)  # the stages written through (ZeRO-3 with `memory_efficient_linear` off)
+REFUSED = (3,)  # ZeRO-3 with its default `memory_efficient_linear`, which replaces `torch.nn.functional.linear`
 WIDTHS = [4, 8, 8, 1]
 DEAD = [1, 2]  # units of the first layer forced dead
 LR = 0.1
@@ -169,9 +170,12 @@ def _lightning_strategy(rank: int) -> dict[str, Any]:
 
 
 def _config(stage: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:  # its default replaces `torch.nn.functional.linear` for the whole process
+        zero["memory_efficient_linear"] = False
     return {
         "train_micro_batch_size_per_gpu": 16,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # a torch optimizer: nothing is compiled
         "gradient_clipping": 0.0,
     }
@@ -181,17 +185,37 @@ def _loss(model: Any, x: torch.Tensor) -> torch.Tensor:
     return (model(x) - 1.0).pow(2).mean()
 
 
+def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Any:
+    """ZeRO-3's partitioned parameters whole for a block (rank `modifier_rank`'s changes kept); otherwise nothing."""
+    import contextlib
+
+    import deepspeed
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _module_weights(engine: Any) -> list[torch.Tensor]:
+    """The module's parameters (ZeRO-3: gathered, a collective)."""
+    params = list(engine.module.parameters())
+    with _gathered(params):
+        return [p.detach().clone() for p in params]
+
+
 def _write_(engine: Any, index: int, change: Any) -> None:
     """Change the weights of layer `index` (`change(weight, bias)` in place) in the module and in the fp32 masters,
     with DeepSpeed's public accessors; on a plain model, in the model."""
     layer = (engine.module if hasattr(engine, "module") else engine)[index]
-    with torch.no_grad():
+    params = [layer.weight, layer.bias]
+    with torch.no_grad(), _gathered(params, modifier_rank=0):
         change(layer.weight, layer.bias)
-        if hasattr(engine, "module"):
-            from deepspeed.utils import safe_set_full_fp32_param
+        values = [p.detach().clone() for p in params]
+    if hasattr(engine, "module"):
+        from deepspeed.utils import safe_set_full_fp32_param
 
-            for param in (layer.weight, layer.bias):
-                safe_set_full_fp32_param(param, param.detach().clone())
+        for param, value in zip(params, values, strict=True):
+            safe_set_full_fp32_param(param, value)
 
 
 def _shift(weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -207,7 +231,7 @@ def _written_state(engine: Any) -> dict[str, Any]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     return {
-        "module": [p.detach().clone() for p in engine.module.parameters()],
+        "module": _module_weights(engine),
         "masters": _full_weights(engine),
         "momentum": [safe_get_full_optimizer_state(p, "momentum_buffer").clone() for p in engine.module.parameters()],
     }
@@ -234,15 +258,12 @@ def _written(rank: int, stage: int) -> dict[str, Any]:
     results["counts"] = {name: (r.active_count.tolist(), int(r.samples)) for name, r in tracker.report().items()}
 
     rai_(engine, generator=torch.Generator().manual_seed(0))
-    results["rai_"] = {"module": [p.detach().clone() for p in model.parameters()], "masters": _full_weights(engine)}
+    results["rai_"] = {"module": _module_weights(engine), "masters": _full_weights(engine)}
     _write_(engine, 0, _shift)
     _write_(engine, 2, _shift)
     flips = sign_flip_(engine.module, x)
     results["flipped"] = {name: r.flipped for name, r in flips.items()}
-    results["sign_flip_"] = {
-        "module": [p.detach().clone() for p in model.parameters()],
-        "masters": _full_weights(engine),
-    }
+    results["sign_flip_"] = {"module": _module_weights(engine), "masters": _full_weights(engine)}
     engine.backward(_loss(engine, x))
     engine.step()
     _write_(engine, 0, _kill)
@@ -257,11 +278,11 @@ def _written(rank: int, stage: int) -> dict[str, Any]:
     engine.step()
     results["stepped"] = _written_state(engine)
 
-    # a call failing on one rank only: no rank waits for the other, none changes anything
+    # a call failing on one rank only, after rank 0 redrew every producer: no rank waits for the other, none keeps
+    # anything
     before = _snapshot(engine)
-    init = "kaiming" if rank == 0 else "unknown"
-    call = lambda: revive_dead_units_(engine.module, report, ds_optimizer, init=init, example_input=x)  # noqa: E731
-    results["one rank fails"] = error_of(call)
+    generator: Any = torch.Generator().manual_seed(1) if rank == 0 else "a seed"
+    results["one rank fails"] = error_of(lambda: rai_(engine.module, generator=generator))
     results["unchanged after the failure"] = all(
         torch.equal(a, b) for a, b in zip(before, _snapshot(engine), strict=True)
     )
@@ -340,7 +361,7 @@ def _rank(rank: int, port: int, root: str) -> None:
     # the written stages first: a ZeRO-3 engine (its default `memory_efficient_linear`) replaces
     # `torch.nn.functional.linear` in the whole process, and revival's observed forward then finds no Linear producer
     results: dict[Any, Any] = {stage: _written(rank, stage) for stage in WRITTEN}
-    results.update({stage: _stage(rank, stage) for stage in REFUSED})
+    results.update({("refused", stage): _stage(rank, stage) for stage in REFUSED})
     results[0] = _stage0(rank)
     results["bf16"] = _bf16(rank)
     results["lightning"] = _lightning_strategy(rank)
@@ -375,22 +396,24 @@ def test_counts_on_the_engines_module_are_exact_under_zero_1_2_3(runs: list[dict
 
 
 @pytest.mark.parametrize("stage", REFUSED)
-def test_revival_and_initializers_refuse_the_engine_its_module_and_its_optimizer(
+def test_zero_3_with_memory_efficient_linear_is_refused_engine_module_and_optimizer(
     runs: list[dict[str, Any]], stage: int
 ) -> None:
     optimizer = {1: "stage_1_and_2.DeepSpeedZeroOptimizer", 2: "stage_1_and_2.DeepSpeedZeroOptimizer"}.get(
         stage, "stage3.DeepSpeedZeroOptimizer_Stage3"
     )
-    module_why = "partitioned by DeepSpeed ZeRO stage 3" if stage == 3 else "copies of fp32 master weights"
+    linear = r", and DeepSpeed replaced `torch\.nn\.functional\.linear` for the whole process \(ZeRO-3's "
+    linear += r"`memory_efficient_linear`, on by default\).*`\"memory_efficient_linear\": false`"
+    module_why = "partitioned by DeepSpeed ZeRO stage 3.*" + linear
     for run in runs:
-        results = run[stage]
+        results = run[("refused", stage)]
         assert results["optimizer"] == f"deepspeed.runtime.zero.{optimizer}"
         errors = results["errors"]
         for call, argument in (("rai_", "module"), ("sign_flip_", "model"), ("revive_dead_units_", "model")):
             engine = errors[f"{call}(engine)"]
             assert re.match(
                 rf"ValueError: `{call}` cannot write into `{argument}`: it is a DeepSpeed engine "
-                rf"\(`DeepSpeedEngine`, ZeRO stage {stage}\)\. .*next `engine\.step\(\)` would copy them back.*"
+                rf"\(`DeepSpeedEngine`, ZeRO stage {stage}\){linear}.*next `engine\.step\(\)` would copy them back.*"
                 "Nothing was changed",
                 engine,
             ), engine
@@ -419,10 +442,12 @@ def test_revival_and_initializers_refuse_the_engine_its_module_and_its_optimizer
 
 
 @pytest.mark.parametrize("stage", REFUSED)
-def test_the_step_after_the_refusals_is_the_step_of_an_untouched_model(runs: list[dict[str, Any]], stage: int) -> None:
+def test_zero_3_the_step_after_the_refusals_is_the_step_of_an_untouched_model(
+    runs: list[dict[str, Any]], stage: int
+) -> None:
     expected = _expected_step()
     for run in runs:
-        for got, want in zip(run[stage]["stepped"], expected, strict=True):
+        for got, want in zip(run[("refused", stage)]["stepped"], expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -455,7 +480,7 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("stage", WRITTEN)
-def test_zero_1_2_initializers_and_revival_write_through_the_fp32_masters_as_one_process(
+def test_zero_1_2_3_initializers_and_revival_write_through_the_fp32_masters_as_one_process(
     runs: list[dict[str, Any]], stage: int
 ) -> None:
     reference = _written_reference()
@@ -468,7 +493,9 @@ def test_zero_1_2_initializers_and_revival_write_through_the_fp32_masters_as_one
     assert bool(reference["stepped"]["masters"][1][DEAD].gt(-100).all())  # the step keeps the revived biases
     for run in runs:
         results = run[stage]
-        assert results["optimizer"] == "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+        assert results["optimizer"] == {3: "deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3"}.get(
+            stage, "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer"
+        )
         for name in ("module", "masters"):
             assert all(torch.equal(a, b) for a, b in zip(results["rai_"][name], reference["rai_"], strict=True))
             assert all(
@@ -482,21 +509,23 @@ def test_zero_1_2_initializers_and_revival_write_through_the_fp32_masters_as_one
 
 
 @pytest.mark.parametrize("stage", WRITTEN)
-def test_zero_1_2_a_call_failing_on_one_rank_changes_nothing_and_hangs_no_rank(
+def test_zero_1_2_3_a_call_failing_on_one_rank_changes_nothing_and_hangs_no_rank(
     runs: list[dict[str, Any]], stage: int
 ) -> None:
+    holder = "DeepSpeed ZeRO-3 partitions" if stage == 3 else "DeepSpeed's fp32 master weights"
+    kind = r"`DeepSpeedZeroOptimizer_Stage3` of `deepspeed\.runtime\.zero\.stage3`"
+    if stage != 3:
+        kind = r"`DeepSpeedZeroOptimizer` of `deepspeed\.runtime\.zero\.stage_1_and_2`"
     rank0, rank1 = runs[0][stage], runs[1][stage]
-    assert rank0["one rank fails"] == (
-        "RuntimeError: `revive_dead_units_` failed on another rank, so no rank changed `model` (DeepSpeed's fp32 "
-        "master weights)."
-    )
-    assert rank1["one rank fails"].startswith("ValueError: `init` can be 'default', 'kaiming', 'rai', got 'unknown'")
+    expected = f"RuntimeError: `rai_` failed on another rank, so no rank changed `module` ({holder})."
+    assert rank0["one rank fails"] == expected
+    assert rank1["one rank fails"] == "ValueError: `generator` must be a `torch.Generator` or None, got 'a seed'"
     assert rank0["unchanged after the failure"] and rank1["unchanged after the failure"]
     for run in runs:  # the engine's optimizer with a model it does not train: refused
         message = run[stage]["plain with the engine's optimizer"]
         assert re.match(
-            r"ValueError: `revive_dead_units_` cannot use `optimizer`: it is a DeepSpeed optimizer "
-            r"\(`DeepSpeedZeroOptimizer` of `deepspeed\.runtime\.zero\.stage_1_and_2`\).*Nothing was changed",
+            rf"ValueError: `revive_dead_units_` cannot use `optimizer`: it is a DeepSpeed optimizer \({kind}\)"
+            r".*Nothing was changed",
             message,
         ), message
 

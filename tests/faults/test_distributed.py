@@ -158,12 +158,11 @@ def _fsdp2(rank: int) -> dict[str, Any]:
     optimizer.zero_grad()
     results["stepped"] = _fsdp2_state(model, optimizer)
 
-    # a call failing on one rank only: no rank waits for the other, none changes anything
+    # a call failing on one rank only, after rank 0 redrew every producer: no rank waits for the other, none keeps
+    # anything
     before = [p.to_local().clone() for p in model.parameters()]
-    init = "kaiming" if rank == 0 else "unknown"
-    results["one rank fails"] = error_of(
-        lambda: revive_dead_units_(model, report, optimizer, init=init, example_input=x)
-    )
+    generator: Any = torch.Generator().manual_seed(1) if rank == 0 else "a seed"
+    results["one rank fails"] = error_of(lambda: rai_(model, generator=generator))
     results["unchanged after the failure"] = all(
         torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters(), strict=True)
     )
@@ -193,14 +192,22 @@ def _fsdp2_conv(model: torch.nn.Module) -> dict[str, Any]:
     _kill_(model, 1)  # the first batch norm's bias
     with DeadUnitTracker(model) as tracker, torch.no_grad():
         model(x)
+    report = tracker.report()
     before = [_full(b) for b in model.buffers()]
-    revived = revive_dead_units_(model, tracker.report(), optimizer, torch.Generator().manual_seed(0), example_input=x)
-    return {
+    if dist.is_initialized():  # rank 0 revives (and sets running statistics), rank 1 fails: nothing may remain
+        init: Any = "default" if dist.get_rank() == 0 else "unknown"
+        failure = error_of(lambda: revive_dead_units_(model, report, optimizer, init=init, example_input=x))
+        kept = all(torch.equal(a, _full(b)) for a, b in zip(before, model.buffers(), strict=True))
+    revived = revive_dead_units_(model, report, optimizer, torch.Generator().manual_seed(0), example_input=x)
+    results = {
         "revived": revived,
         **_fsdp2_state(model, optimizer),
         "buffers": [_full(b) for b in model.buffers()],
         "buffers before": before,
     }
+    if dist.is_initialized():
+        results.update(failure=failure, kept=kept)
+    return results
 
 
 def _fsdp2_refusals(report: Any, x: torch.Tensor) -> dict[str, Any]:
@@ -464,6 +471,7 @@ def test_fsdp2_initializers_and_revival_give_one_process_result_on_every_rank(ru
         _assert_close_states(run["after revival"], reference["after revival"])
         _assert_close_states(run["stepped"], reference["stepped"])  # the revived units stay revived
         assert run["conv"]["revived"] == conv["revived"]
+        assert run["conv"]["kept"]  # rank 0's running statistics of the failed revival did not stay
         _assert_close_states(run["conv"], conv)
         for got, want in zip(run["conv"]["buffers"], conv["buffers"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -471,10 +479,12 @@ def test_fsdp2_initializers_and_revival_give_one_process_result_on_every_rank(ru
 
 def test_fsdp2_a_call_failing_on_one_rank_changes_nothing_and_hangs_no_rank(runs: Path) -> None:
     rank0, rank1 = _load(runs, "fsdp2")
+    assert rank0["conv"]["failure"].startswith("RuntimeError: `revive_dead_units_` failed on another rank")
+    assert rank1["conv"]["failure"].startswith("ValueError: `init` can be 'default', 'kaiming', 'rai', got 'unknown'")
     assert rank0["one rank fails"] == (
-        "RuntimeError: `revive_dead_units_` failed on another rank, so no rank changed `model` (FSDP2 shards)."
+        "RuntimeError: `rai_` failed on another rank, so no rank changed `module` (FSDP2 shards)."
     )
-    assert rank1["one rank fails"].startswith("ValueError: `init` can be 'default', 'kaiming', 'rai', got 'unknown'")
+    assert rank1["one rank fails"] == "ValueError: `generator` must be a `torch.Generator` or None, got 'a seed'"
     assert rank0["unchanged after the failure"] and rank1["unchanged after the failure"]
 
 
