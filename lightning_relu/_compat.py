@@ -1,4 +1,4 @@
-"""Every reliance of the package on something torch or Lightning do not document, in one place.
+"""Every reliance of the package on something torch, Lightning or DeepSpeed do not document, in one place.
 
 Each function here stands in for a public API that does not exist yet; its docstring says why the package needs it
 and what public API would replace it. ``tests/test_compat.py`` checks each against the installed versions (run it in
@@ -8,13 +8,37 @@ The rest of the package uses public APIs only.
 Also here, because they replace the private base classes ``torch.nn.modules.conv._ConvNd`` and
 ``torch.nn.modules.batchnorm._BatchNorm``: the public classes that stand for them (a test checks that every
 convolution and batch norm of ``torch.nn`` is one of them).
+
+The write-through of the initializers and revival (:mod:`lightning_relu._engines`) needs three more: what FSDP2
+keeps of a module's forward (:func:`fsdp2_forward_state` and its companions, :func:`fsdp2_param_dtype`), which
+parameters DeepSpeed links to fp32 masters (:func:`deepspeed_master_linked`), and setting a module's hooks aside for
+a while (:func:`set_aside_hooks`). None of them imports FSDP or DeepSpeed: they read the objects they are given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 from torch import nn
 
-__all__ = ["BATCH_NORM_TYPES", "CONV_TYPES", "is_compiled", "is_forward_redirected"]
+__all__ = [
+    "BATCH_NORM_TYPES",
+    "CONV_TYPES",
+    "Fsdp2ForwardState",
+    "SetAsideHooks",
+    "deepspeed_master_linked",
+    "fsdp2_forward_state",
+    "fsdp2_param_dtype",
+    "fsdp2_supported",
+    "is_compiled",
+    "is_forward_redirected",
+    "restore_fsdp2_forward_state",
+    "restore_hooks",
+    "set_aside_hooks",
+]
 
 #: The convolutions of ``torch.nn`` (their lazy forms are subclasses), in place of the private ``_ConvNd``.
 CONV_TYPES = (
@@ -77,3 +101,175 @@ def is_compiled(module: nn.Module) -> bool:
     if module.__dict__.get("_compiled_call_impl") is not None:  # `module.compile()`
         return True
     return hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
+
+
+# ------------------------------------------------------------------------------------------------------------ FSDP2
+# ``fully_shard`` keeps a module's settings and records in an ``FSDPState`` (``module._get_fsdp_state()``) that holds
+# one ``FSDPParamGroup`` per group of parameters (``state._fsdp_param_groups``); both classes live in the private
+# ``torch.distributed.fsdp._fully_shard``. ``FSDPModule`` offers ``unshard``, ``reshard`` and
+# ``set_reshard_after_forward`` in public, but no getter of what the latter sets, and nothing that undoes what a
+# forward records.
+
+
+def _fsdp2_groups(module: nn.Module) -> list[Any] | None:
+    """The ``FSDPParamGroup`` s of FSDP2 module ``module`` (``None`` where this torch's FSDP2 lacks what
+    :func:`fsdp2_forward_state` and :func:`restore_fsdp2_forward_state` read and write)."""
+    try:
+        state = module._get_fsdp_state()  # type: ignore[operator]
+        groups = list(state._fsdp_param_groups)
+        for group in groups:
+            group.post_forward_mesh_info  # noqa: B018 - the attributes must exist
+            len(group._post_forward_indices)
+            len(_post_forward_order(group))
+        state._auto_reshard_after_forward  # noqa: B018
+        state._is_root  # noqa: B018
+    except (AttributeError, AssertionError, TypeError):
+        return None
+    return groups
+
+
+def _post_forward_order(group: Any) -> list[Any]:
+    """The post-forward order of ``group``'s root (empty, and not kept, before the root's first forward)."""
+    return getattr(group.comm_ctx, "post_forward_order", [])
+
+
+def fsdp2_supported(module: nn.Module) -> bool:
+    """Whether this torch's FSDP2 holds, for FSDP2 module ``module`` (one ``fully_shard`` was applied to), what
+    :func:`fsdp2_forward_state` saves and :func:`restore_fsdp2_forward_state` puts back.
+
+    Why: the write-through refuses a model before changing anything where it could not put FSDP2's state back.
+
+    Replaced by: the public API that replaces those two. ``tests/test_compat.py`` shards a model and checks it.
+    """
+    return _fsdp2_groups(module) is not None
+
+
+@dataclass
+class Fsdp2ForwardState:
+    """What a call with ``set_reshard_after_forward(False)`` and forwards of its own changes in one FSDP2 module's
+    state: the reshard-after-forward setting (``auto``: the state's, ``infos``: each group's post-forward mesh),
+    whether the state was root yet (``None`` before the first forward's lazy init), and how long each group's
+    post-forward records were (``indices``, ``orders``: the forwards append to them; backward prefetching reads them,
+    and ranks that made different forwards would prefetch differently and wait on each other)."""
+
+    auto: Any
+    infos: list[Any]
+    was_root: Any
+    indices: list[int]
+    orders: list[int]
+
+
+def fsdp2_forward_state(module: nn.Module) -> Fsdp2ForwardState:
+    """What :func:`restore_fsdp2_forward_state` puts back into FSDP2 module ``module`` (see
+    :class:`Fsdp2ForwardState`; :func:`fsdp2_supported` says whether it can be read).
+
+    Why: the initializers and revival keep the FSDP2 modules unsharded through the forwards they make
+    (``set_reshard_after_forward(False)``, public) and afterwards leave FSDP2 as they found it.
+
+    Replaced by: a public getter of the reshard-after-forward setting (``FSDPModule`` has only the setter) and a
+    public way to make forwards FSDP2 does not record (none in torch 2.x). ``tests/test_compat.py`` runs forwards on
+    a sharded model with the setting off and checks that the state read before is the one put back.
+    """
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    groups = _fsdp2_groups(module) or []
+    return Fsdp2ForwardState(
+        auto=state._auto_reshard_after_forward,
+        infos=[group.post_forward_mesh_info for group in groups],
+        was_root=state._is_root,
+        indices=[len(group._post_forward_indices) for group in groups],
+        orders=[len(_post_forward_order(group)) for group in groups],
+    )
+
+
+def restore_fsdp2_forward_state(module: nn.Module, saved: Fsdp2ForwardState) -> None:
+    """Put ``saved`` (:func:`fsdp2_forward_state`) back into FSDP2 module ``module``: its reshard-after-forward
+    setting, and its post-forward records as long as they were (what forwards since appended is dropped). A root
+    found by a forward since (FSDP2's lazy init) keeps FSDP2's rule: the root does not reshard after forward.
+
+    Why and replaced by: see :func:`fsdp2_forward_state`.
+    """
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    state._auto_reshard_after_forward = saved.auto
+    groups = _fsdp2_groups(module) or []
+    for group, info, indices, order in zip(groups, saved.infos, saved.indices, saved.orders, strict=True):
+        became_root = saved.auto and saved.was_root is None and state._is_root
+        group.post_forward_mesh_info = None if became_root else info
+        del group._post_forward_indices[indices:]
+        del _post_forward_order(group)[order:]
+
+
+def fsdp2_param_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype FSDP2 module ``module`` all-gathers its parameters in: the ``param_dtype`` of the
+    ``MixedPrecisionPolicy`` given to ``fully_shard`` (``None``: the shards' own).
+
+    Why: the write-through writes the unsharded parameters back into the shards; gathered in another dtype, that
+    would round the shards, and it is refused.
+
+    Replaced by: a public getter of the policy on ``FSDPModule`` (none in torch 2.x). ``tests/test_compat.py`` shards
+    with and without a policy and checks what it reads.
+    """
+    policy = getattr(module._get_fsdp_state(), "_mp_policy", None)  # type: ignore[operator]
+    dtype = getattr(policy, "param_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+# -------------------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_master_linked(param: Any) -> bool:
+    """Whether DeepSpeed links ``param`` to an fp32 master fragment in its optimizer (ZeRO stages 1 and 2, the bf16
+    optimizer), which ``engine.step()`` copies over the parameter: DeepSpeed's mark ``param._hp_mapping`` (set, to
+    ``None`` where another rank holds the fragment, on every parameter of such an optimizer).
+
+    Why: a change to such a parameter must also go into its master (``deepspeed.utils.safe_set_full_fp32_param``,
+    public); the package writes through, or refuses, the parameters this says are linked.
+
+    Replaced by: a public query in ``deepspeed.utils`` (none in DeepSpeed 0.19; its public ``safe_*`` accessors make
+    this same test of the mark). ``tests/test_compat.py`` checks it on a ZeRO-1 engine (skipped without DeepSpeed).
+    """
+    return hasattr(param, "_hp_mapping")
+
+
+# ------------------------------------------------------------------------------------------------------------ hooks
+
+#: The dictionaries of an ``nn.Module`` that hold its own forward and backward hooks, keyed by handle id in the order
+#: they run. Their ``*_with_kwargs`` and ``*_always_called`` companions, keyed by the same ids, are left as they are:
+#: torch reads them only for an id still in one of these.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+#: What :func:`set_aside_hooks` took away: each hook dictionary touched, with everything it held before.
+SetAsideHooks = list[tuple[dict[Any, Any], dict[Any, Any]]]
+
+
+def set_aside_hooks(module: nn.Module, chosen: Callable[[Any], bool]) -> SetAsideHooks:
+    """Take the forward and backward hooks for which ``chosen(hook)`` is true off ``module`` and its submodules;
+    :func:`restore_hooks` puts them back where and in the order they were.
+
+    Why: ZeRO-3 gathers a module's parameters in hooks of DeepSpeed's and frees them in others after each forward.
+    The write-through gathers them once for the whole call (``deepspeed.zero.GatheredParameters``, public) and runs
+    forwards of its own in between, which DeepSpeed's hooks must not see. Their handles are DeepSpeed's, and
+    registering them again would change their order among the other hooks.
+
+    Replaced by: a public way to list a module's hooks with their handles, or to disable some for a while (none in
+    torch 2.x). ``tests/test_compat.py`` checks it on hooks of every kind, and on ZeRO-3's (skipped without
+    DeepSpeed).
+    """
+    saved: SetAsideHooks = []
+    for child in module.modules():
+        for attribute in _HOOK_DICTS:
+            hooks = getattr(child, attribute, None)
+            if not isinstance(hooks, dict):
+                continue
+            taken = [key for key, hook in hooks.items() if chosen(hook)]
+            if taken:
+                saved.append((hooks, dict(hooks)))
+                for key in taken:
+                    del hooks[key]
+    return saved
+
+
+def restore_hooks(saved: SetAsideHooks) -> None:
+    """Put back what :func:`set_aside_hooks` took away, in the order it was (hooks registered since are dropped)."""
+    for hooks, everything in saved:
+        hooks.clear()
+        hooks.update(everything)

@@ -30,6 +30,10 @@ lacks what this relies on, ZeRO-3 while DeepSpeed's ``memory_efficient_linear`` 
 (``sys.modules``).
 
 Memory: every rank holds the full parameters and the full optimizer state of the model for the call's duration.
+
+What this relies on of FSDP2, DeepSpeed and ``nn.Module`` beyond their public APIs (FSDP2's reshard setting and
+post-forward records, its mixed precision policy, DeepSpeed's link to the fp32 masters, the module's hook dictionaries)
+is in :mod:`lightning_relu._compat`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from lightning_relu._compat import (
+    Fsdp2ForwardState,
+    SetAsideHooks,
+    deepspeed_master_linked,
+    fsdp2_forward_state,
+    fsdp2_param_dtype,
+    fsdp2_supported,
+    restore_fsdp2_forward_state,
+    restore_hooks,
+    set_aside_hooks,
+)
 
 __all__ = ["WriteThrough", "deepspeed_write_through", "fsdp2_write_through"]
 
@@ -75,10 +91,9 @@ def _fsdp_module_class() -> type | None:
     return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
 
 
-# parameter attributes that DeepSpeed sets: ZeRO-3's partitioned parameters (checked on deepspeed 0.19.8), and the
-# link from a model parameter to its fp32 master fragment (ZeRO stages 1 and 2, the bf16 optimizer)
+# the attribute DeepSpeed gives ZeRO-3's partitioned parameters (checked on deepspeed 0.19.8; its public `safe_*`
+# accessors test it); the link to an fp32 master fragment (ZeRO stages 1 and 2, bf16) is `deepspeed_master_linked`
 _ZERO3_MARK = "ds_id"
-_MASTER_MARK = "_hp_mapping"
 _MIXED = (
     "FSDP2 all-gathers its parameters in {gathered} (a mixed precision policy, `param_dtype`) while the shards are "
     "{stored}: writing the full tensors back would round the shards"
@@ -192,7 +207,7 @@ class _Fsdp2(WriteThrough):
         self.model = model
         self.function = function
         self.argument = argument
-        self._settings: list[_Setting] = []
+        self._settings: list[Fsdp2ForwardState] = []
         self._stands: list[_Stand] = []
         dtensor, fsdp_module = _dtensor_class(), _fsdp_module_class()
         self.modules = [m for m in model.modules() if fsdp_module is not None and isinstance(m, fsdp_module)]
@@ -203,7 +218,7 @@ class _Fsdp2(WriteThrough):
         self.params = [
             _Sharded(module, name, param)
             for module in model.modules()
-            for name, param in module._parameters.items()
+            for name, param in module.named_parameters(recurse=False, remove_duplicate=False)
             if dtensor is not None and isinstance(param, dtensor)
         ]
         self._check()
@@ -235,13 +250,12 @@ class _Fsdp2(WriteThrough):
                 "(FSDP2 with tensor parallelism?), which it does not support"
             )
         for module in self.modules:
-            if _groups(module) is None:
+            if not fsdp2_supported(module):
                 raise self._refuse(
                     f"this version of torch ({torch.__version__}) has an FSDP2 whose reshard-after-forward setting "
                     "it cannot keep off for the call"
                 )
-            policy = getattr(module._get_fsdp_state(), "_mp_policy", None)  # type: ignore[operator]
-            gathered = getattr(policy, "param_dtype", None)
+            gathered = fsdp2_param_dtype(module)
             stored = {param.dtype for param in module.parameters()}
             if gathered is not None and stored - {gathered}:
                 raise self._refuse(
@@ -250,12 +264,12 @@ class _Fsdp2(WriteThrough):
 
     # ------------------------------------------------------------------------------------------------- run
     def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
-        self._settings = [_reshard_setting(module) for module in self.modules]
+        self._settings = [fsdp2_forward_state(module) for module in self.modules]
         for module in self.modules:
             module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
             module.unshard()  # type: ignore[operator]
         for param in self.params:
-            full = param.module._parameters[param.name]
+            full = dict(param.module.named_parameters(recurse=False, remove_duplicate=False)).get(param.name)
             if full is None or isinstance(full, _dtensor_class() or ()) or full.shape != param.shard.shape:
                 raise self._refuse(f"FSDP2 did not unshard {param.name!r} into a full tensor")
             if full.dtype != param.shard.dtype:
@@ -271,7 +285,7 @@ class _Fsdp2(WriteThrough):
         # the full tensors are freed: without a commit the shards keep their values
         for module, setting in zip(self.modules, self._settings, strict=False):  # fewer: failed before any change
             module.reshard()  # type: ignore[operator]
-            _restore_reshard_setting(module, setting)
+            restore_fsdp2_forward_state(module, setting)
 
     def _stand_ins(self, optimizers: list[Any]) -> list[_Stand]:
         """Stand-ins for the leading torch optimizers: the full parameters, their state gathered (every rank the
@@ -345,15 +359,19 @@ class _DeepSpeed(WriteThrough):
     ``safe_set_full_optimizer_state``."""
 
     holder = "DeepSpeed's fp32 master weights"
-    mark = _MASTER_MARK  # the attribute DeepSpeed gives the parameters it holds this way
 
     def __init__(self, module: nn.Module, function: str, argument: str) -> None:
         self.module = module
         self.function = function
         self.argument = argument
-        self.params = [param for param in module.parameters() if hasattr(param, self.mark)]
+        self.params = [param for param in module.parameters() if self._held(param)]
         self._before: list[Tensor] = []
         self._states: list[tuple[Tensor, str, Tensor]] = []  # (module parameter, state key, its full state)
+
+    @staticmethod
+    def _held(param: Tensor) -> bool:
+        """Whether DeepSpeed holds ``param`` the way this write-through writes into."""
+        return deepspeed_master_linked(param)
 
     def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
         self._before = [param.detach().clone() for param in self.params]
@@ -440,12 +458,15 @@ class _Zero3(_DeepSpeed):
     DeepSpeed 0.19.8 fail on a padded partition)."""
 
     holder = "DeepSpeed ZeRO-3 partitions"
-    mark = _ZERO3_MARK
+
+    @staticmethod
+    def _held(param: Tensor) -> bool:
+        return hasattr(param, _ZERO3_MARK)
 
     def __init__(self, module: nn.Module, function: str, argument: str) -> None:
         super().__init__(module, function, argument)
         self._gathered: Any = None
-        self._hooks: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
+        self._hooks: SetAsideHooks = []
         self._committed = False
 
     def _enter(self, optimizers: list[Any]) -> tuple[nn.Module, list[Any]]:
@@ -456,7 +477,7 @@ class _Zero3(_DeepSpeed):
         self._gathered = deepspeed.zero.GatheredParameters(self.params, modifier_rank=0)
         self._gathered.__enter__()
         self._before = [param.detach().clone() for param in self.params]
-        self._hooks = _set_aside_deepspeed_hooks(self.module)
+        self._hooks = set_aside_hooks(self.module, _is_deepspeeds)
         return self.module, stands
 
     def _stand_in(self, optimizer: Any) -> Any:
@@ -485,7 +506,7 @@ class _Zero3(_DeepSpeed):
         )
 
         values = [param.detach().clone() for param in self.params]
-        _restore_hooks(self._hooks)
+        restore_hooks(self._hooks)
         self._hooks = []
         self._gathered.__exit__(None, None, None)  # rank 0's values into every rank's partition
         self._committed = True
@@ -504,7 +525,7 @@ class _Zero3(_DeepSpeed):
             safe_set_local_optimizer_state(owner, _local_partition(owner, full), key)
 
     def _exit(self, committed: bool) -> None:
-        _restore_hooks(self._hooks)
+        restore_hooks(self._hooks)
         self._hooks = []
         if self._gathered is not None and not self._committed:
             with torch.no_grad():  # nothing may change: rank 0's parameters as they were go back into the partitions
@@ -526,29 +547,9 @@ def _local_partition(param: Any, full: Tensor) -> Tensor:
     return torch.cat([local, local.new_zeros(size - local.numel())]) if local.numel() < size else local
 
 
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
-def _set_aside_deepspeed_hooks(module: nn.Module) -> list[tuple[dict[Any, Any], dict[Any, Any]]]:
-    """Take DeepSpeed's hooks off ``module`` and its children; what :func:`_restore_hooks` puts back, in order."""
-    saved = []
-    for child in module.modules():
-        for attribute in _HOOK_DICTS:
-            hooks = getattr(child, attribute, None)
-            if not isinstance(hooks, dict):
-                continue
-            ours = [key for key, hook in hooks.items() if getattr(hook, "__module__", "").startswith("deepspeed")]
-            if ours:
-                saved.append((hooks, dict(hooks)))
-                for key in ours:
-                    del hooks[key]
-    return saved
-
-
-def _restore_hooks(saved: list[tuple[dict[Any, Any], dict[Any, Any]]]) -> None:
-    for hooks, everything in saved:
-        hooks.clear()
-        hooks.update(everything)
+def _is_deepspeeds(hook: Any) -> bool:
+    """Whether a module hook is DeepSpeed's (ZeRO-3 gathers and releases the parameters in its forward hooks)."""
+    return getattr(hook, "__module__", "").startswith("deepspeed")
 
 
 def deepspeed_write_through(module: nn.Module, function: str, argument: str) -> WriteThrough | None:
@@ -560,7 +561,7 @@ def deepspeed_write_through(module: nn.Module, function: str, argument: str) -> 
     params = list(module.parameters())
     if any(hasattr(param, _ZERO3_MARK) for param in params):
         return _Zero3(module, function, argument) if _zero3_supported(module) else None
-    if not any(hasattr(p, _MASTER_MARK) for p in params):
+    if not any(deepspeed_master_linked(p) for p in params):
         return None
     return _DeepSpeed(module, function, argument)
 
@@ -573,65 +574,6 @@ def _zero3_supported(module: nn.Module) -> bool:
     return all(hasattr(p, _ZERO3_MARK) for p in module.parameters()) and not getattr(
         linear, "__module__", ""
     ).startswith("deepspeed")
-
-
-def _groups(module: nn.Module) -> list[Any] | None:
-    """FSDP2's parameter groups of ``module`` (``None`` where this torch's FSDP2 lacks what the call relies on)."""
-    try:
-        state = module._get_fsdp_state()  # type: ignore[operator]
-        groups = list(state._fsdp_param_groups)
-        for group in groups:
-            group.post_forward_mesh_info  # noqa: B018 - the attributes must exist
-            len(group._post_forward_indices)
-            len(_order(group))
-        state._auto_reshard_after_forward  # noqa: B018
-        state._is_root  # noqa: B018
-    except (AttributeError, AssertionError, TypeError):
-        return None
-    return groups
-
-
-@dataclass
-class _Setting:
-    """What the call changes in one FSDP module's state, to put back (FSDP2 has no public getter for it): the
-    reshard-after-forward setting, whether the state was root yet, and how long its post-forward records were (the
-    forwards of the call append to them; backward prefetching reads them, and ranks that made different forwards
-    would prefetch differently and wait on each other)."""
-
-    auto: Any
-    infos: list[Any]
-    was_root: Any
-    indices: list[int]
-    orders: list[int]
-
-
-def _reshard_setting(module: nn.Module) -> _Setting:
-    state = module._get_fsdp_state()  # type: ignore[operator]
-    groups = _groups(module) or []
-    return _Setting(
-        auto=state._auto_reshard_after_forward,
-        infos=[g.post_forward_mesh_info for g in groups],
-        was_root=state._is_root,
-        indices=[len(g._post_forward_indices) for g in groups],
-        orders=[len(_order(g)) for g in groups],
-    )
-
-
-def _restore_reshard_setting(module: nn.Module, setting: _Setting) -> None:
-    state = module._get_fsdp_state()  # type: ignore[operator]
-    state._auto_reshard_after_forward = setting.auto
-    groups = _groups(module) or []
-    for group, info, indices, order in zip(groups, setting.infos, setting.indices, setting.orders, strict=True):
-        # a root found by a forward during the call does not reshard after forward (FSDP2's lazy init says so)
-        became_root = setting.auto and setting.was_root is None and state._is_root
-        group.post_forward_mesh_info = None if became_root else info
-        del group._post_forward_indices[indices:]
-        del _order(group)[order:]
-
-
-def _order(group: Any) -> list[Any]:
-    """The post-forward order of ``group``'s root (empty, and not kept, before the root's first forward)."""
-    return getattr(group.comm_ctx, "post_forward_order", [])
 
 
 def _listed(optimizer: Any) -> list[Any]:

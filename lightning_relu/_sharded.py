@@ -29,8 +29,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lightning_relu._compat import deepspeed_master_linked
 from lightning_relu._engines import (
-    _MASTER_MARK,
     _ZERO3_MARK,
     WriteThrough,
     _shown,
@@ -102,7 +102,7 @@ def _parameters_reason(model: nn.Module) -> str | None:
             "stage 3 (outside a forward each holds an empty placeholder; the weights are `ds_tensor` partitions)"
             + _linear_note()
         )
-    linked = [name for name, param in model.named_parameters() if hasattr(param, _MASTER_MARK)]
+    linked = [name for name, param in model.named_parameters() if deepspeed_master_linked(param)]
     if linked:
         return (
             f"its parameters {_shown(linked)} ({len(linked)} in all) are copies of fp32 master weights that a "

@@ -4,15 +4,36 @@ they are what ``_compat`` depends on."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_relu._compat import BATCH_NORM_TYPES, CONV_TYPES, is_compiled, is_forward_redirected
+from lightning_relu._compat import (
+    BATCH_NORM_TYPES,
+    CONV_TYPES,
+    deepspeed_master_linked,
+    fsdp2_forward_state,
+    fsdp2_param_dtype,
+    fsdp2_supported,
+    is_compiled,
+    is_forward_redirected,
+    restore_fsdp2_forward_state,
+    restore_hooks,
+    set_aside_hooks,
+)
 from lightning_relu.stats import ActivationStats
+from tests.helpers import mlp
 
 
 class _Step(L.LightningModule):
@@ -144,3 +165,209 @@ def test_the_metrics_public_state_is_every_state_it_adds() -> None:
     assert state["active"].tolist() == [2, 0] and int(state["samples"]) == 3 and int(state["killed"]) == 1
     assert state["pre_sum_bits"].view(torch.float64).tolist() == [0.0, -3.0]
     assert sorted(ActivationStats().metric_state) == sorted(keys[:5])
+
+
+# ------------------------------------------------------------------------------------------------------------ FSDP2
+
+
+@pytest.fixture
+def one_process_group() -> Iterator[None]:
+    """A process group of this process alone (gloo), for ``fully_shard``; destroyed afterwards."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded(seed: int = 0) -> nn.Sequential:
+    """An MLP whose first Linear is an FSDP2 module of its own, and whose root holds the other Linears' parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp([4, 8, 8, 2], seed=seed)
+    fully_shard(model[0])
+    return fully_shard(model)  # type: ignore[no-any-return]
+
+
+def _records(module: nn.Module) -> list[tuple[int, int]]:
+    """FSDP2's post-forward records of ``module``'s parameter groups (read here without the code under test)."""
+    groups = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+    return [(len(g._post_forward_indices), len(getattr(g.comm_ctx, "post_forward_order", []))) for g in groups]
+
+
+def _resharded(model: nn.Module) -> list[bool]:
+    """Which of ``model``'s registered parameters are shards (``DTensor`` s) rather than full tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return [isinstance(p, DTensor) for m in model.modules() for _, p in m.named_parameters(recurse=False)]
+
+
+def test_the_fsdp2_forward_state_reads_the_public_setting_and_what_it_puts_back_behaves_as_untouched(
+    one_process_group: None,
+) -> None:
+    """The state read before a call that turns resharding off and makes forwards of its own is put back: the setting
+    and the records as they were, and the model then reshards, records and trains as a twin that never saw the call
+    (a root found by the call's forward follows FSDP2's rule: no resharding after its forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model, twin = _sharded(), _sharded()
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    assert len(modules) == 2 and all(fsdp2_supported(m) for m in modules)
+    assert not fsdp2_supported(nn.Linear(2, 2))
+    saved = [fsdp2_forward_state(m) for m in modules]
+    assert [(s.auto, s.was_root) for s in saved] == [(True, None), (True, None)]  # before the first forward
+    assert all(info is not None for s in saved for info in s.infos)
+    records = [_records(m) for m in modules]
+
+    # the call: resharding off (public), forwards of its own
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)  # type: ignore[operator]
+        module.unshard()  # type: ignore[operator]
+    off = [fsdp2_forward_state(m) for m in modules]
+    assert [s.auto for s in off] == [False, False] and all(info is None for s in off for info in s.infos)
+    model(x).sum()
+    model(x).sum()
+    assert not any(_resharded(model))  # the setting held through the forwards
+    assert [_records(m) for m in modules] != records  # the forwards were recorded
+    for module, state in zip(modules, saved, strict=True):
+        module.reshard()  # type: ignore[operator]
+        restore_fsdp2_forward_state(module, state)
+
+    assert [_records(m) for m in modules] == records
+    after = [fsdp2_forward_state(m) for m in modules]
+    assert [(s.auto, s.was_root) for s in after] == [(True, True), (True, False)]
+    assert after[0].infos == [None] and after[1].infos == saved[1].infos
+    twin(x)
+    model(x)
+    assert _resharded(model) == _resharded(twin) == [True, True, False, False, False, False]
+    twin(x).sum().backward()
+    model(x).sum().backward()
+    grads = [p.grad.full_tensor() for p in model.parameters()]  # type: ignore[union-attr]
+    want = [p.grad.full_tensor() for p in twin.parameters()]  # type: ignore[union-attr]
+    assert all(torch.equal(a, b) for a, b in zip(grads, want, strict=True))
+
+
+def test_the_fsdp2_param_dtype_is_the_dtype_fsdp2_gathers_in(one_process_group: None) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for policy, want in [(None, None), (MixedPrecisionPolicy(param_dtype=torch.bfloat16), torch.bfloat16)]:
+        layer = nn.Linear(4, 4)
+        fully_shard(layer, **({} if policy is None else {"mp_policy": policy}))
+        assert fsdp2_param_dtype(layer) == want
+        layer.unshard()  # type: ignore[operator]
+        layer(torch.ones(1, 4))  # the unsharded parameters are registered by the forward's pre-hook
+        assert layer.weight.dtype == (want or torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------ hooks
+
+
+def _hooked(calls: list[str]) -> tuple[nn.Sequential, list[Any]]:
+    """A model with hooks of every kind on its layers, each recording its name in ``calls``; half of them chosen."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU(), nn.Linear(2, 1)))
+    chosen: list[Any] = []
+
+    def hook(name: str, pick: bool) -> Callable[..., None]:
+        def record(*args: Any, **kwargs: Any) -> None:
+            calls.append(name)
+
+        if pick:
+            chosen.append(record)
+        return record
+
+    for i, layer in enumerate([model[0], model[1], model[1][1]]):
+        layer.register_forward_pre_hook(hook(f"pre{i}a", i != 1))
+        layer.register_forward_pre_hook(hook(f"pre{i}b", False), with_kwargs=True)
+        layer.register_forward_hook(hook(f"fwd{i}a", False), always_call=True)
+        layer.register_forward_hook(hook(f"fwd{i}b", True), with_kwargs=True)
+        layer.register_full_backward_pre_hook(hook(f"bpre{i}", i == 0))
+        layer.register_full_backward_hook(hook(f"bwd{i}", i == 2))
+    return model, chosen
+
+
+def test_hooks_set_aside_do_not_run_and_come_back_in_their_order() -> None:
+    calls: list[str] = []
+    model, chosen = _hooked(calls)
+    x = torch.ones(3, 2, requires_grad=True)
+    model(x).sum().backward()
+    everything = list(calls)
+    assert len(everything) == 18  # every hook ran once
+
+    saved = set_aside_hooks(model, lambda hook: any(hook is c for c in chosen))
+    calls.clear()
+    model(x).sum().backward()
+    picked = {"pre0a", "pre2a", "fwd0b", "fwd1b", "fwd2b", "bpre0", "bwd2"}
+    assert calls == [name for name in everything if name not in picked]
+
+    restore_hooks(saved)
+    calls.clear()
+    model(x).sum().backward()
+    assert calls == everything
+
+
+def test_setting_aside_nothing_changes_nothing() -> None:
+    calls: list[str] = []
+    model, _ = _hooked(calls)
+    assert set_aside_hooks(model, lambda hook: False) == []
+
+
+# -------------------------------------------------------------------------------------------------------- DeepSpeed
+
+#: The hook dictionaries of an ``nn.Module`` (read here without the code under test)
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _deepspeed_process(rank: int, port: int, path: str) -> None:
+    """One DeepSpeed process on the CPU: what the DeepSpeed stand-ins see of a ZeRO-1 and a ZeRO-3 engine."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", DS_ACCELERATOR="cpu"
+    )
+    import deepspeed
+    import deepspeed.ops
+
+    # no shared-memory all-reduce op to compile (see tests/faults/test_deepspeed.py)
+    deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
+    deepspeed.init_distributed(dist_backend="gloo")
+    from lightning_relu._engines import _is_deepspeeds
+
+    results: dict[str, Any] = {}
+    for stage in (1, 3):
+        model = mlp([4, 8, 1], seed=0)
+        zero = {"stage": stage, "memory_efficient_linear": False}
+        config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero, "zero_allow_untested_optimizer": True}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        module = engine.module
+        results[f"linked {stage}"] = [deepspeed_master_linked(p) for p in module.parameters()]
+        hooks = [(m, name, dict(getattr(m, name))) for m in module.modules() for name in HOOK_DICTS]
+        saved = set_aside_hooks(module, _is_deepspeeds)
+        left = [hook for m, name, _ in hooks for hook in getattr(m, name).values()]
+        results[f"taken {stage}"] = sum(len(before) for _, _, before in hooks) - len(left)
+        results[f"deepspeed's left {stage}"] = sum(_is_deepspeeds(hook) for hook in left)
+        restore_hooks(saved)
+        results[f"restored {stage}"] = all(
+            list(getattr(m, name).items()) == list(before.items()) for m, name, before in hooks
+        )
+    results["plain linked"] = deepspeed_master_linked(nn.Parameter(torch.ones(1)))
+    torch.save(results, Path(path) / "deepspeed.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_deepspeeds_master_link_and_zero3_hooks_are_seen(tmp_path: Path) -> None:
+    """On a ZeRO-1 engine every parameter is linked to a master and a plain one is not; ZeRO-3's hooks on the module
+    are DeepSpeed's, all set aside and put back as they were (in a process of its own: DeepSpeed patches torch)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_deepspeed_process, args=(port, str(tmp_path)), nprocs=1)
+    results = torch.load(tmp_path / "deepspeed.pt", weights_only=False)
+    assert results["linked 1"] == [True] * 4 and results["linked 3"] == [False] * 4 and not results["plain linked"]
+    assert results["taken 3"] > 0 and results["deepspeed's left 3"] == 0 and results["restored 3"]
+    assert results["deepspeed's left 1"] == 0 and results["restored 1"]
