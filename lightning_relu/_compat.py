@@ -9,10 +9,12 @@ Also here, because they replace the private base classes ``torch.nn.modules.conv
 ``torch.nn.modules.batchnorm._BatchNorm``: the public classes that stand for them (a test checks that every
 convolution and batch norm of ``torch.nn`` is one of them).
 
-The write-through of the initializers and revival (:mod:`lightning_relu._engines`) needs three more: what FSDP2
-keeps of a module's forward (:func:`fsdp2_forward_state` and its companions, :func:`fsdp2_param_dtype`), which
-parameters DeepSpeed links to fp32 masters (:func:`deepspeed_master_linked`), and setting a module's hooks aside for
-a while (:func:`set_aside_hooks`). None of them imports FSDP or DeepSpeed: they read the objects they are given.
+The write-through of the initializers and revival (:mod:`lightning_relu._engines`) needs more: what FSDP2 keeps of a
+module's forward (:func:`fsdp2_forward_state` and its companions, :func:`fsdp2_param_dtype`), how DeepSpeed holds a
+model's parameters (linked to fp32 masters, or partitioned by ZeRO-3) and its optimizer's groups (the ``deepspeed_*``
+functions), and setting a module's hooks aside for a while (:func:`set_aside_hooks`). None of them imports FSDP or
+DeepSpeed: they read the objects they are given. DeepSpeed's documented accessors (``deepspeed.utils.safe_*``,
+``deepspeed.zero.GatheredParameters``) are used where they are needed, not here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ __all__ = [
     "Fsdp2ForwardState",
     "SetAsideHooks",
     "deepspeed_master_linked",
+    "deepspeed_module_groups",
+    "deepspeed_zero3_flat_masters",
+    "deepspeed_zero3_partition",
+    "deepspeed_zero3_partitioned",
     "fsdp2_forward_state",
     "fsdp2_param_dtype",
     "fsdp2_supported",
@@ -228,6 +234,61 @@ def deepspeed_master_linked(param: Any) -> bool:
     this same test of the mark). ``tests/test_compat.py`` checks it on a ZeRO-1 engine (skipped without DeepSpeed).
     """
     return hasattr(param, "_hp_mapping")
+
+
+def deepspeed_module_groups(optimizer: Any) -> list[list[torch.Tensor]] | None:
+    """The model parameters of each parameter group of a DeepSpeed optimizer that links them to fp32 masters, in the
+    order of its inner torch optimizer's groups (``optimizer.optimizer``): ZeRO stages 1 and 2 keep them as
+    ``bit16_groups``, the bf16 optimizer as ``bf16_groups``. ``None`` for any other optimizer.
+
+    Why: the write-through gathers the optimizer state of these parameters (``safe_get_full_optimizer_state``,
+    public) into a torch optimizer over them, group by group, with the inner optimizer's options.
+
+    Replaced by: a public list of the parameters a DeepSpeed optimizer holds, by group (none in DeepSpeed 0.19).
+    ``tests/test_compat.py`` checks it on a ZeRO-1 engine (the bf16 optimizer is not built on the CPU).
+    """
+    groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
+    return None if groups is None else [list(group) for group in groups]
+
+
+def deepspeed_zero3_partitioned(param: Any) -> bool:
+    """Whether ZeRO-3 partitions ``param`` (outside a forward it is an empty placeholder): DeepSpeed's mark
+    ``param.ds_id``.
+
+    Why: such a parameter is gathered for the call and written back partition by partition.
+
+    Replaced by: a public query in ``deepspeed.zero`` (none in DeepSpeed 0.19; its public ``safe_*`` accessors make
+    this same test of the mark). ``tests/test_compat.py`` checks it on a ZeRO-3 engine.
+    """
+    return hasattr(param, "ds_id")
+
+
+def deepspeed_zero3_partition(param: Any) -> tuple[torch.Tensor, Any]:
+    """This rank's partition of ZeRO-3 parameter ``param`` (``param.ds_tensor``: its slice of the flattened
+    parameter, the last rank's padded) and the process group it is partitioned over (``param.ds_process_group``;
+    ``None``: the default group).
+
+    Why: the fp32 masters and the optimizer state go back partition by partition (``safe_set_local_fp32_param``,
+    public, takes this rank's slice; DeepSpeed 0.19's full setters fail on a padded partition), cut from the full
+    tensors where this says.
+
+    Replaced by: a public getter of a parameter's partition bounds (none in DeepSpeed 0.19). ``tests/test_compat.py``
+    checks the partition against the public ``safe_get_local_fp32_param``.
+    """
+    return param.ds_tensor, getattr(param, "ds_process_group", None)
+
+
+def deepspeed_zero3_flat_masters(optimizer: Any) -> list[torch.Tensor] | None:
+    """The flat fp32 master partitions of a ZeRO-3 optimizer, one per group (``fp32_partitioned_groups_flat``), which
+    its inner torch optimizer (``optimizer.optimizer``) holds the state of; ``None`` for any other optimizer.
+
+    Why: the state keys of the write-through's stand-in optimizer are the inner optimizer's keys for them.
+
+    Replaced by: a public list of a ZeRO-3 optimizer's master partitions (none in DeepSpeed 0.19).
+    ``tests/test_compat.py`` checks it on a ZeRO-3 engine.
+    """
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    return None if flats is None else list(flats)
 
 
 # ------------------------------------------------------------------------------------------------------------ hooks

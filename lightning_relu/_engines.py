@@ -32,8 +32,8 @@ lacks what this relies on, ZeRO-3 while DeepSpeed's ``memory_efficient_linear`` 
 Memory: every rank holds the full parameters and the full optimizer state of the model for the call's duration.
 
 What this relies on of FSDP2, DeepSpeed and ``nn.Module`` beyond their public APIs (FSDP2's reshard setting and
-post-forward records, its mixed precision policy, DeepSpeed's link to the fp32 masters, the module's hook dictionaries)
-is in :mod:`lightning_relu._compat`.
+post-forward records, its mixed precision policy, how DeepSpeed marks, partitions and groups the parameters, the
+module's hook dictionaries) is in :mod:`lightning_relu._compat`.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ from lightning_relu._compat import (
     Fsdp2ForwardState,
     SetAsideHooks,
     deepspeed_master_linked,
+    deepspeed_module_groups,
+    deepspeed_zero3_flat_masters,
+    deepspeed_zero3_partition,
+    deepspeed_zero3_partitioned,
     fsdp2_forward_state,
     fsdp2_param_dtype,
     fsdp2_supported,
@@ -91,9 +95,6 @@ def _fsdp_module_class() -> type | None:
     return getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
 
 
-# the attribute DeepSpeed gives ZeRO-3's partitioned parameters (checked on deepspeed 0.19.8; its public `safe_*`
-# accessors test it); the link to an fp32 master fragment (ZeRO stages 1 and 2, bf16) is `deepspeed_master_linked`
-_ZERO3_MARK = "ds_id"
 _MIXED = (
     "FSDP2 all-gathers its parameters in {gathered} (a mixed precision policy, `param_dtype`) while the shards are "
     "{stored}: writing the full tensors back would round the shards"
@@ -383,7 +384,7 @@ class _DeepSpeed(WriteThrough):
         fp32 state (every rank the same order: groups, parameters, keys sorted); other optimizers as they are."""
 
         inner = getattr(optimizer, "optimizer", None)
-        lp_groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
+        lp_groups = deepspeed_module_groups(optimizer)
         if isinstance(optimizer, Optimizer) or not isinstance(inner, Optimizer) or lp_groups is None:
             return optimizer  # a torch optimizer, or one the function's own checks refuse
         if len(lp_groups) != len(inner.param_groups):
@@ -393,7 +394,7 @@ class _DeepSpeed(WriteThrough):
             flat = group["params"][0]
             held = inner.state.get(flat, {})
             keys = sorted(k for k, v in held.items() if isinstance(v, Tensor) and v.shape == flat.shape)
-            groups.append((group, list(params), keys))
+            groups.append((group, params, keys))
         return self._gathered_stand_in(inner, groups)
 
     def _gathered_stand_in(self, inner: Optimizer, groups: list[tuple[dict[str, Any], list[Any], list[str]]]) -> Any:
@@ -461,7 +462,7 @@ class _Zero3(_DeepSpeed):
 
     @staticmethod
     def _held(param: Tensor) -> bool:
-        return hasattr(param, _ZERO3_MARK)
+        return deepspeed_zero3_partitioned(param)
 
     def __init__(self, module: nn.Module, function: str, argument: str) -> None:
         super().__init__(module, function, argument)
@@ -483,7 +484,7 @@ class _Zero3(_DeepSpeed):
     def _stand_in(self, optimizer: Any) -> Any:
 
         inner = getattr(optimizer, "optimizer", None)
-        flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+        flats = deepspeed_zero3_flat_masters(optimizer)
         if isinstance(optimizer, Optimizer) or not isinstance(inner, Optimizer) or flats is None:
             return optimizer  # a torch optimizer, or one the function's own checks refuse
         keys = sorted(
@@ -540,8 +541,9 @@ def _local_partition(param: Any, full: Tensor) -> Tensor:
     partition's size (the last rank's may reach past the end)."""
     import torch.distributed as dist
 
-    size = param.ds_tensor.numel()
-    rank = dist.get_rank(group=getattr(param, "ds_process_group", None)) if dist.is_initialized() else 0
+    partition, group = deepspeed_zero3_partition(param)
+    size = partition.numel()
+    rank = dist.get_rank(group=group) if dist.is_initialized() else 0
     flat = full.detach().reshape(-1)
     local = flat[rank * size : (rank + 1) * size]
     return torch.cat([local, local.new_zeros(size - local.numel())]) if local.numel() < size else local
@@ -559,7 +561,7 @@ def deepspeed_write_through(module: nn.Module, function: str, argument: str) -> 
     if inside_write_through() or "deepspeed" not in sys.modules:
         return None
     params = list(module.parameters())
-    if any(hasattr(param, _ZERO3_MARK) for param in params):
+    if any(deepspeed_zero3_partitioned(param) for param in params):
         return _Zero3(module, function, argument) if _zero3_supported(module) else None
     if not any(deepspeed_master_linked(p) for p in params):
         return None
@@ -571,7 +573,7 @@ def _zero3_supported(module: nn.Module) -> bool:
     replaced by DeepSpeed's (`memory_efficient_linear`, on by default), which hides the Linear producers from the
     observed forward."""
     linear = torch.nn.functional.linear
-    return all(hasattr(p, _ZERO3_MARK) for p in module.parameters()) and not getattr(
+    return all(deepspeed_zero3_partitioned(p) for p in module.parameters()) and not getattr(
         linear, "__module__", ""
     ).startswith("deepspeed")
 

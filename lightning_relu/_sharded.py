@@ -29,9 +29,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lightning_relu._compat import deepspeed_master_linked
+from lightning_relu._compat import deepspeed_master_linked, deepspeed_zero3_partitioned
 from lightning_relu._engines import (
-    _ZERO3_MARK,
     WriteThrough,
     _shown,
     deepspeed_write_through,
@@ -95,7 +94,7 @@ def _is_deepspeed_optimizer(optimizer: Any) -> bool:
 
 def _parameters_reason(model: nn.Module) -> str | None:
     """Why ``model``'s parameters belong to a DeepSpeed engine (partitioned by ZeRO-3, or linked to fp32 masters)."""
-    partitioned = [name for name, param in model.named_parameters() if hasattr(param, _ZERO3_MARK)]
+    partitioned = [name for name, param in model.named_parameters() if deepspeed_zero3_partitioned(param)]
     if partitioned:
         return (
             f"its parameters {_shown(partitioned)} ({len(partitioned)} in all) are partitioned by DeepSpeed ZeRO "

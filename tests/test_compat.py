@@ -23,6 +23,10 @@ from lightning_relu._compat import (
     BATCH_NORM_TYPES,
     CONV_TYPES,
     deepspeed_master_linked,
+    deepspeed_module_groups,
+    deepspeed_zero3_flat_masters,
+    deepspeed_zero3_partition,
+    deepspeed_zero3_partitioned,
     fsdp2_forward_state,
     fsdp2_param_dtype,
     fsdp2_supported,
@@ -323,7 +327,8 @@ HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_b
 
 
 def _deepspeed_process(rank: int, port: int, path: str) -> None:
-    """One DeepSpeed process on the CPU: what the DeepSpeed stand-ins see of a ZeRO-1 and a ZeRO-3 engine."""
+    """One DeepSpeed process on the CPU: what the DeepSpeed stand-ins see of a ZeRO-1 and a ZeRO-3 engine, against
+    what DeepSpeed's public accessors and the inner torch optimizer say."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", DS_ACCELERATOR="cpu"
     )
@@ -333,6 +338,8 @@ def _deepspeed_process(rank: int, port: int, path: str) -> None:
     # no shared-memory all-reduce op to compile (see tests/faults/test_deepspeed.py)
     deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
     deepspeed.init_distributed(dist_backend="gloo")
+    from deepspeed.utils import safe_get_local_fp32_param
+
     from lightning_relu._engines import _is_deepspeeds
 
     results: dict[str, Any] = {}
@@ -340,10 +347,27 @@ def _deepspeed_process(rank: int, port: int, path: str) -> None:
         model = mlp([4, 8, 1], seed=0)
         zero = {"stage": stage, "memory_efficient_linear": False}
         config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero, "zero_allow_untested_optimizer": True}
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        module = engine.module
-        results[f"linked {stage}"] = [deepspeed_master_linked(p) for p in module.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        engine, wrapper, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        engine.backward(engine(torch.ones(2, 4)).sum())
+        engine.step()  # the inner optimizer now holds momentum for what it steps
+        module, inner = engine.module, wrapper.optimizer
+        params = list(module.parameters())
+        results[f"linked {stage}"] = [deepspeed_master_linked(p) for p in params]
+        results[f"partitioned {stage}"] = [deepspeed_zero3_partitioned(p) for p in params]
+        groups = deepspeed_module_groups(wrapper)
+        index = {id(p): i for i, p in enumerate(params)}
+        results[f"groups {stage}"] = None if groups is None else [[index.get(id(p)) for p in g] for g in groups]
+        results[f"inner groups {stage}"] = len(inner.param_groups)
+        flats = deepspeed_zero3_flat_masters(wrapper)
+        held = None if flats is None else [any(flat is key for key in inner.state) for flat in flats]
+        results[f"flats held {stage}"] = held
+        if stage == 3:
+            partitions = [deepspeed_zero3_partition(p) for p in params]
+            results["partitions"] = [
+                (part.numel() == safe_get_local_fp32_param(p).numel(), dist.get_world_size(group))
+                for p, (part, group) in zip(params, partitions, strict=True)
+            ]
         hooks = [(m, name, dict(getattr(m, name))) for m in module.modules() for name in HOOK_DICTS]
         saved = set_aside_hooks(module, _is_deepspeeds)
         left = [hook for m, name, _ in hooks for hook in getattr(m, name).values()]
@@ -360,14 +384,20 @@ def _deepspeed_process(rank: int, port: int, path: str) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_deepspeeds_master_link_and_zero3_hooks_are_seen(tmp_path: Path) -> None:
-    """On a ZeRO-1 engine every parameter is linked to a master and a plain one is not; ZeRO-3's hooks on the module
-    are DeepSpeed's, all set aside and put back as they were (in a process of its own: DeepSpeed patches torch)."""
+def test_deepspeeds_marks_groups_partitions_and_hooks_are_seen(tmp_path: Path) -> None:
+    """On a ZeRO-1 engine every parameter is linked to a master (a plain one is not) and the optimizer's group holds
+    them all; on a ZeRO-3 engine every parameter is partitioned, its partition is the one DeepSpeed's public accessor
+    gives, the inner optimizer steps the flat masters, and DeepSpeed's hooks on the module are all set aside and put
+    back as they were (in a process of its own: DeepSpeed patches torch)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_deepspeed_process, args=(port, str(tmp_path)), nprocs=1)
     results = torch.load(tmp_path / "deepspeed.pt", weights_only=False)
     assert results["linked 1"] == [True] * 4 and results["linked 3"] == [False] * 4 and not results["plain linked"]
+    assert results["partitioned 1"] == [False] * 4 and results["partitioned 3"] == [True] * 4
+    assert results["groups 1"] == [[0, 1, 2, 3]] and results["inner groups 1"] == 1 and results["groups 3"] is None
+    assert results["flats held 1"] is None and results["flats held 3"] == [True]
+    assert results["partitions"] == [(True, 1)] * 4
     assert results["taken 3"] > 0 and results["deepspeed's left 3"] == 0 and results["restored 3"]
     assert results["deepspeed's left 1"] == 0 and results["restored 1"]
