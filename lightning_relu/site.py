@@ -204,6 +204,8 @@ class Site:
         parent_name: qualified name of ``parent``.
         callees: for a functional site, the qualified names of the modules that ``parent``'s forward called in the
             forward that found it (calls made inside them are theirs, not the parent's).
+        key: the site's identity (:class:`SiteKey`); ``name`` is derived from it (:func:`site_name`). When not
+            given, it is made from ``name`` (a module site) or ``parent_name`` (a functional one) and ``call_index``.
     """
 
     name: str
@@ -224,7 +226,7 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.key is None:
-            path = self.parent_name or "" if self.kind == "function" else self.name
+            path = (self.parent_name or "") if self.kind == "function" else self.name
             function = "relu" if self.kind == "function" else ""
             self.key = SiteKey(path, self.call_index, function)
 
