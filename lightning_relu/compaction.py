@@ -59,7 +59,7 @@ from lightning_relu.observation import (
     _op_name,
     _tensors,
 )
-from lightning_relu.site import known_names, module_names
+from lightning_relu.site import module_names, unknown_names
 from lightning_relu.structure import SiteStructure, Structure, observe
 from lightning_relu.surgery import _eval_output, _same, _unit_values
 
@@ -345,10 +345,8 @@ def _masks(report: Any) -> dict[str, Tensor]:
 def _validate(masks: dict[str, Tensor], structure: Structure, model: nn.Module) -> None:
     # a functional call or later call position the observed forward did not reach (an auxiliary head that runs in
     # training only) is the model's all the same: its units stay, as for any site the forward does not reach
-    unknown = [name for name in masks if name not in structure.known]
-    if unknown:
-        known = known_names(list(structure.found), module_names(model), model)
-        unknown = [name for name in unknown if name not in known]
+    given = [name for name in masks if name not in structure.known]
+    unknown = unknown_names(given, list(structure.found), module_names(model), model)
     if unknown:
         raise ValueError(
             f"The report has site {unknown[0]!r} that the model does not have (the model's sites are "

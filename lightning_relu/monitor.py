@@ -27,7 +27,7 @@ from lightning_relu.dashboards import (
 )
 from lightning_relu.report import EpochReport
 from lightning_relu.revive import DeadUnitReviver
-from lightning_relu.site import known_names, module_names
+from lightning_relu.site import module_names, unknown_names
 from lightning_relu.stats import LayerReport, _check_eps
 from lightning_relu.structure import AxisWatch
 from lightning_relu.theory import alive_probability_lower_bound
@@ -626,34 +626,38 @@ class DeadUnitMonitor(Callback):
             return
         sites = {site.name: site for site in tracker.all_sites}
         names = list(sites)
-        # the sites, their later call positions, and while the first forward is to come any functional call
-        known = known_names(
-            tracker.all_sites, module_names(tracker.model), tracker.model if tracker.discovering else None
-        )
+        layers = [
+            layer
+            for epoch in _saved_reports(state_dict)
+            for layer in (epoch.get("layers", []) if isinstance(epoch, dict) else [])
+        ]
+        window = state_dict.get("window")
+        places = (window.get("places") or {}) if isinstance(window, dict) else {}
+        window_sites = list(window.get("sites") or {}) if isinstance(window, dict) else []
+        bases = {name: _place_base(places.get(name), name) for name in window_sites}
+        # names no site can bear: not a site, a later call position of one, nor, while the first forward is to come,
+        # a functional call
+        given = [str(layer.get("name", "")) for layer in layers] + window_sites + [str(b) for b in bases.values()]
+        functional = tracker.model if tracker.discovering else None
+        strange = set(unknown_names(given, tracker.all_sites, module_names(tracker.model), functional))
         unknown: list[str] = []
         matched = 0
         widths: list[str] = []
-        for epoch in _saved_reports(state_dict):
-            for layer in epoch.get("layers", []) if isinstance(epoch, dict) else []:
-                name = str(layer.get("name", ""))
-                if name not in known:
-                    unknown.append(name)
-                    continue
+        for layer in layers:
+            name = str(layer.get("name", ""))
+            if name in strange:
+                unknown.append(name)
+                continue
+            matched += 1
+            site = sites.get(name)
+            width = len(layer.get("active_count", []))
+            if site is not None and site.num_units is not None and width != site.num_units:
+                widths.append(f"{name!r} has {width} units in the checkpoint, {site.num_units} in the model")
+        for name in window_sites:
+            if str(bases[name]) in strange and name in strange:
+                unknown.append(name)
+            else:
                 matched += 1
-                site = sites.get(name)
-                width = len(layer.get("active_count", []))
-                if site is not None and site.num_units is not None and width != site.num_units:
-                    widths.append(f"{name!r} has {width} units in the checkpoint, {site.num_units} in the model")
-        window = state_dict.get("window")
-        if isinstance(window, dict):
-            places = window.get("places") or {}
-            for name in window.get("sites") or {}:
-                place = places.get(name)
-                base = place[1] if isinstance(place, (list, tuple)) and len(place) == 3 else name
-                if str(base) not in known and name not in known:
-                    unknown.append(name)
-                else:
-                    matched += 1
         if widths or (unknown and not matched):
             unknown = sorted(set(unknown))
             problem = f"reports of sites {unknown} that the model does not have" if unknown else "; ".join(widths)
@@ -913,6 +917,11 @@ def _saved_reports(state_dict: dict[str, Any]) -> list[dict[str, Any]]:
         return [last]
     history = state_dict.get("history")
     return [report for report in history if isinstance(report, dict)] if isinstance(history, list) else []
+
+
+def _place_base(place: Any, name: str) -> Any:
+    """The module (or functional parent) base of a checkpoint's place ``(kind, base, call)``; ``name`` without one."""
+    return place[1] if isinstance(place, (list, tuple)) and len(place) == 3 else name
 
 
 def _interrupted_epoch(window: dict[str, Any] | None, progress: dict[str, Any] | None) -> int | None:

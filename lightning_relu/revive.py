@@ -28,7 +28,7 @@ from lightning_relu._lifecycle import starts_afresh
 from lightning_relu._sharded import write_through
 from lightning_relu.init import rai_rows
 from lightning_relu.observation import TrainingInputWatch
-from lightning_relu.site import known_names, module_names
+from lightning_relu.site import module_names, unknown_names
 from lightning_relu.sites import (
     NORM_TYPES,
     Consumer,
@@ -939,11 +939,8 @@ class DeadUnitReviver(Callback):
             names = [site.name for site in self._sites]
         # later call positions and functional calls show up on the first forward only: a name is checked against
         # the names the model's site keys can have
-        unknown = [name for name in self.exclude if name not in names]
-        if unknown:
-            functional = pl_module if may_call_rectifiers(pl_module) else None
-            known = known_names(self._sites, module_names(pl_module), functional)
-            unknown = [name for name in unknown if name not in known]
+        functional = pl_module if may_call_rectifiers(pl_module) else None
+        unknown = unknown_names(self.exclude, self._sites, module_names(pl_module), functional)
         if unknown:
             raise ValueError(f"`exclude` has unknown site names {unknown}; the model's sites are {names}")
 

@@ -9,7 +9,7 @@ puts the two kinds of discovery together.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "module_sites",
     "rectifier_owners",
     "site_name",
+    "unknown_names",
 ]
 class SiteTracingWarning(UserWarning):
     """Kept for compatibility: the ``torch.fx`` trace that raised it is gone (sites are found on a real forward)."""
@@ -444,6 +445,19 @@ def known_names(sites: list[Site], names: frozenset[str], model: nn.Module | Non
     forward has created the sites."""
     known = {site.name for site in sites} | later_positions(sites, names)
     return known | functional_names(model, names) if model is not None else known
+
+
+def unknown_names(
+    given: Iterable[str], sites: list[Site], names: frozenset[str], model: nn.Module | None = None
+) -> list[str]:
+    """The names among ``given``, in order, that none of the names :func:`known_names` gives for ``sites`` (and
+    ``model``) is. The sets of later positions and functional names are built only when a name is not a site's."""
+    own = {site.name for site in sites}
+    missing = [name for name in given if name not in own]
+    if missing:
+        known = known_names(sites, names, model)
+        missing = [name for name in missing if name not in known]
+    return missing
 
 
 def functional_names(model: nn.Module, names: frozenset[str] | None = None) -> set[str]:

@@ -21,12 +21,12 @@ from lightning_relu.site import (
     RECTIFIER_TYPES,
     Site,
     SiteKey,
-    known_names,
     may_call_rectifiers,
     module_names,
     module_sites,
     rectifier_owners,
     site_name,
+    unknown_names,
 )
 from lightning_relu.stats import ActivationStats, LayerReport, _check_eps
 
@@ -173,14 +173,13 @@ class DeadUnitTracker:
         """Check the names of ``sites`` and ``unit_dims`` against the names the model's site keys can have (those a
         forward must confirm wait for its end when it may find them) and resolve the unit axes."""
         names = [site.name for site in found]
-        known = known_names(found, self._module_names) if sites is not None or unit_dims else set()
         if sites is not None:
-            unknown = [name for name in sites if name not in known]
+            unknown = unknown_names(sites, found, self._module_names)
             if unknown and not discovering:
                 raise ValueError(f"`sites` has unknown site names {unknown}; the model's sites are {names}")
             self._unconfirmed.update(dict.fromkeys(unknown, "sites"))
             self._wanted = set(sites)
-        later = [name for name in unit_dims or () if name not in known] if discovering else []
+        later = unknown_names(unit_dims or (), found, self._module_names) if discovering else []
         self._unconfirmed.update(dict.fromkeys(later, "unit_dims"))
         self._unit_dims = _resolve_unit_dims(
             {k: v for k, v in (unit_dims or {}).items() if k not in later}, found, self._module_names
@@ -305,8 +304,7 @@ class DeadUnitTracker:
         """Check the names given in ``sites``/``unit_dims`` that only the first forward could confirm."""
         names = [site.name for site in self.all_sites]
         unconfirmed, self._unconfirmed = self._unconfirmed, {}
-        known = known_names(self.all_sites, self._module_names) if unconfirmed else set()
-        unknown = [name for name in unconfirmed if name not in known]
+        unknown = unknown_names(unconfirmed, self.all_sites, self._module_names)
         for argument in dict.fromkeys(unconfirmed[name] for name in unknown):
             missing = [name for name in unknown if unconfirmed[name] == argument]
             raise ValueError(
@@ -960,8 +958,7 @@ def _resolve_unit_dims(
     if not unit_dims:
         return {}
     names = [site.name for site in found]
-    known = known_names(found, module_names)
-    unknown = [name for name in unit_dims if name not in known]
+    unknown = unknown_names(unit_dims, found, module_names)
     if unknown:
         raise ValueError(f"`unit_dims` has unknown site names {unknown}; the model's sites are {names}")
     sites = {site.name: site for site in found}
