@@ -1,4 +1,5 @@
-"""Faults on 2 CPU processes (gloo), started once for the whole module (a start costs more than the work):
+"""Faults on 2 CPU processes (gloo), started once per part for the whole module (a start costs more than the work;
+each part's process groups go down with its processes):
 
 - exact resume under DDP, from the middle of an epoch and from its last batch: every rank gets the uninterrupted
   fit's reports, revivals and weights (issue 20, item 2). The processes run the three fits one after the other with
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -324,12 +326,7 @@ def _sharded_fit(root: Path, name: str, **strategy: Any) -> None:
     fit.fit(_ShardedNet(alike_batches(8, seed=1), lr=0.1))
 
 
-def _rank(rank: int, port: int, root: str) -> None:
-    # what torchrun sets: Lightning's `ddp` joins the processes instead of launching them
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
-    )
-    path = Path(root)
+def _ddp(rank: int, path: Path) -> None:
     _fit(path, "whole")  # checkpoints at steps 2 (the middle of epoch 0), 4 (its last batch), 6, 8
     _fit(path, "mid", str(path / "ckpt" / "step=2.ckpt"))
     _fit(path, "last", str(path / "ckpt" / "step=4.ckpt"))
@@ -342,22 +339,43 @@ def _rank(rank: int, port: int, root: str) -> None:
     dist.barrier()
     _fit(path, "partial", str(path / "no-counts.ckpt"), max_epochs=1)
     _fit(path, "diverged", None, _DivergeOnRankOne(), max_epochs=1)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=2)
+
+
+def _fsdp2_calls(rank: int, path: Path) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.save(_fsdp2(rank), path / f"fsdp2_rank{rank}.pt")
+    torch.save(_fsdp2_tracker(rank), path / f"fsdp2_tracker_rank{rank}.pt")
+
+
+def _model_parallel(rank: int, path: Path) -> None:
     _sharded_fit(
         path, "model_parallel", strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2
     )
-    torch.save(_fsdp2_tracker(rank), path / f"fsdp2_tracker_rank{rank}.pt")
+
+
+def _rank(rank: int, port: int, root: str, part: str) -> None:
+    # what torchrun sets: Lightning's strategies join the processes instead of launching them
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0", LOCAL_RANK=str(rank)
+    )
+    {"ddp": _ddp, "fsdp2": _fsdp2_calls, "model_parallel": _model_parallel}[part](rank, Path(root))
+    # what holds gloo work (DDP's reducer, the trainers) is freed and every group (the default one, the device meshes'
+    # subgroups) goes down while the interpreter is whole: gloo work left to interpreter exit aborts the process now
+    # and then ("terminate called without an active exception")
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three parts run in processes of their own: a part's process groups and device meshes do not outlive it."""
     root = tmp_path_factory.mktemp("distributed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(root)), nprocs=2)
+    for part in ("ddp", "fsdp2", "model_parallel"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_rank, args=(port, str(root), part), nprocs=2)
     return root
 
 
