@@ -335,10 +335,10 @@ class _Module(L.LightningModule):
 class _Blocks(Callback):
     """Times every training step of one fit, switching the monitor's hooks off and on in alternating blocks.
 
-    Registered before the monitor, so a step's time includes the monitor's ``on_train_batch_start``; its
-    ``on_train_batch_end`` runs after the timer stops. Each round runs a block of steps without the hooks and one
-    with them (in alternating order); the first step of a block is not timed. With the hooks removed the monitor's
-    callbacks still run.
+    Registered before the monitor, with its :class:`_BlockEnd` after it, so a step's time includes the monitor's
+    ``on_train_batch_start`` and ``on_train_batch_end`` (where it notes non-finite counts every step). Each round runs
+    a block of steps without the hooks and one with them (in alternating order); the first step of a block is not
+    timed. With the hooks removed the monitor's callbacks still run.
     """
 
     def __init__(self, monitor: DeadUnitMonitor, block: int) -> None:
@@ -371,10 +371,20 @@ class _Blocks(Callback):
         blocks = zip(self.faults[variant][1:], self.times[variant][1:], strict=True)
         return statistics.median(count / len(times) for count, times in blocks)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def stop(self) -> None:
         if self._timed:
             self.times[self._variant][-1].append(time.perf_counter() - self._t0)
             self.faults[self._variant][-1] += page_faults() - self._f0
+
+
+class _BlockEnd(Callback):
+    """Stops :class:`_Blocks`' timer of a step; registered after the monitor, so the time includes its batch end."""
+
+    def __init__(self, blocks: _Blocks) -> None:
+        self.blocks = blocks
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.blocks.stop()
 
 
 def bench_lightning(name: str, rounds: int, block: int) -> dict[str, Any]:
@@ -387,7 +397,7 @@ def bench_lightning(name: str, rounds: int, block: int) -> dict[str, Any]:
     data = DataLoader(_Repeat(x, y, warmup + 2 * rounds * (block + 1)), batch_size=None)
     trainer = L.Trainer(
         max_epochs=1,
-        callbacks=[blocks, monitor],
+        callbacks=[blocks, monitor, _BlockEnd(blocks)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
