@@ -59,6 +59,9 @@ _ROWS_KEPT = 64
 # ... fewer where an output has many chunks: each kept output has a view per chunk (about 600 bytes each) into the kept
 # per-sample sums, and another into the kept per-unit sums; this bounds their number per metric
 _MAX_CHUNK_TARGETS = 2**8
+# the tag of a kept output whose batch is not known (see `_Pending.add`), and the "no tag" of a first non-finite tag
+NO_TAG = -1
+_NONE_FLAGGED = 2**62
 _THREAD = threading.local()
 
 
@@ -250,6 +253,7 @@ class _Pending:
             else:
                 self.counts = torch.empty(self.kept * len(ws.sizes), ws.units, dtype=torch.float32)
             self.rows = torch.empty(self.kept, ws.samples, dtype=ws.row_dtype)
+        self.tags = [NO_TAG] * self.kept  # the batch of each output whose per-sample sums are kept (a host integer)
         self.targets: _Targets | None = None
         self.sample_shape, self.sample_strides, self.unit_in_sample = (
             ws.sample_shape,
@@ -288,10 +292,11 @@ class _Pending:
             return self.load + self.step_load >= _FLOAT32_EXACT
         return self.counted == self.kept
 
-    def add(self, output: Tensor, ws: _Workspace) -> None:
+    def add(self, output: Tensor, ws: _Workspace, tag: int = NO_TAG) -> None:
         """Add one output (prepared, matching ``ws``): per chunk of samples, a comparison into the mask buffer, the
         mask's sums added to (per entry of a sample) or written into (per unit) ``counts``, and the chunk's per-sample
-        sums written into ``rows``."""
+        sums written into ``rows``. ``tag`` names the output's batch (a training step): :meth:`fold_rows` tells the
+        first tag among the non-finite outputs."""
         targets = self.targets
         if targets is None:
             targets = self.targets = _Targets(self)
@@ -330,6 +335,7 @@ class _Pending:
                     torch.sum(mask, part_dims, out=part)
                     torch.sum(chunk, dims, out=chunk_rows)
             self.counted += 1
+        self.tags[self.filled] = tag
         self.filled += 1
         self.samples += ws.samples
         self.entries += ws.entries
@@ -355,20 +361,28 @@ class _Pending:
             self.counted = 0
         return per_unit.to(torch.int64)
 
-    def fold_rows(self) -> tuple[Tensor, Tensor] | None:
-        """Killed samples and non-finite outputs (0-d int64) among the outputs whose per-sample sums are kept, or
-        None when none are; ``rows`` is free again."""
-        if self.filled == 0:
+    def fold_rows(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """Killed samples and non-finite outputs (0-d int64) among the outputs whose per-sample sums are kept, and the
+        smallest tag (:meth:`add`) of a non-finite one (0-d int64, ``2**62`` when none is; None when no output was
+        tagged), or None when none are kept; ``rows`` is free again."""
+        filled = self.filled
+        if filled == 0:
             return None
-        rows = self.rows[: self.filled]
+        rows = self.rows[:filled]
         killed = rows.eq(0).sum()
+        first = None
         if self.floating:  # NaN and Inf reach the largest sum, which is then not <= the largest finite value
             largest = torch.finfo(rows.dtype).max
-            nonfinite = rows.amax(1).le(largest).logical_not().sum()
+            flags = rows.amax(1).le(largest).logical_not()
+            nonfinite = flags.sum()
+            tags = self.tags[:filled]
+            if max(tags) != NO_TAG:
+                known = torch.tensor([_NONE_FLAGGED if tag == NO_TAG else tag for tag in tags], dtype=torch.int64)
+                first = torch.where(flags, known, _NONE_FLAGGED).amin()
         else:
             nonfinite = torch.zeros((), dtype=torch.int64)
         self.filled = 0
-        return killed, nonfinite
+        return killed, nonfinite, first
 
     def fold_totals(self) -> tuple[int, int]:
         """Samples and entries per unit added since they were last folded (host integers), zero again."""
@@ -381,7 +395,7 @@ class _Pending:
         again (every part must hold something)."""
         active, rows = self.fold_counts(), self.fold_rows()
         assert active is not None and rows is not None
-        return active, *rows, *self.fold_totals()
+        return active, *rows[:2], *self.fold_totals()
 
 
 def _count_plain(output: Tensor, axis: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -392,6 +392,7 @@ class DeadUnitMonitor(Callback):
                 # sites whose unit axis no known layer fixes take their producer's, seen in this step's forward
                 self._axis_watch = AxisWatch(pl_module, self.tracker, batch).start()
             self.tracker.new_pass()
+            self.tracker.tag_batch(trainer.global_step)
             self.tracker.resume()
 
     @override
@@ -418,9 +419,12 @@ class DeadUnitMonitor(Callback):
 
     def _note_nonfinite(self) -> None:
         """Keep the first step at which a site's counts saw NaN/Inf, on the device (a few 0-d operations per step,
-        no host sync)."""
+        no host sync). Counts taken with plain operations (GPU, ``torch.compile``) hold every batch's non-finite
+        outputs at once; the CPU path keeps its per-sample sums back and tags each output with its step
+        (``tracker.tag_batch``), so its first non-finite step comes from the tags when it folds
+        (:meth:`_merge_tagged_nonfinite`), not from a fold after every batch."""
         assert self.tracker is not None
-        flags = [stats.nonfinite for stats in self.tracker.stats.values()]
+        flags = self.tracker.nonfinite_counted()
         if not flags:
             return
         try:
@@ -431,6 +435,15 @@ class DeadUnitMonitor(Callback):
         if first is None or first.device != total.device:
             first = torch.full((), _NO_STEP, dtype=torch.int64, device=total.device)
         self._nonfinite_first = torch.minimum(first, torch.where(total > 0, self._step, _NO_STEP))
+
+    def _merge_tagged_nonfinite(self) -> None:
+        """Take the first non-finite step that the CPU path's tags tell (folding what it keeps back) into
+        ``_nonfinite_first``."""
+        tag = self.tracker.first_nonfinite_tag() if self.tracker is not None else None
+        if tag is None:
+            return
+        first = self._nonfinite_first
+        self._nonfinite_first = tag if first is None else torch.minimum(first, tag.to(first.device))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -447,6 +460,7 @@ class DeadUnitMonitor(Callback):
         self._merge_window(final=True)
         self._agree_on_sizes(trainer)
         layers = tracker._reports()  # every rank takes part: the counts are summed across processes
+        self._merge_tagged_nonfinite()
         tracker.reset()
         partial = self._partial
         if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(partial is not None, all=False):
@@ -519,6 +533,7 @@ class DeadUnitMonitor(Callback):
 
     def _progress(self) -> dict[str, Any]:
         """Where the epoch in progress stands: enough for a resumed fit to tell whether its report is whole."""
+        self._merge_tagged_nonfinite()
         step = self._nonfinite_first
         first = int(step) if step is not None and int(step) != _NO_STEP else None
         return {
@@ -541,6 +556,7 @@ class DeadUnitMonitor(Callback):
         if not isinstance(state, dict):
             return
         state["window"] = self._summed_window(trainer)
+        self._merge_tagged_nonfinite()
         step = self._nonfinite_first
         if step is None:
             step = torch.full((), _NO_STEP, dtype=torch.int64, device=self._tracker_device())

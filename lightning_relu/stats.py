@@ -10,6 +10,7 @@ from torchmetrics import Metric
 
 import lightning_relu.functional as functional
 from lightning_relu.functional import (
+    NO_TAG,
     _activation_stats_compute,
     _count_plain,
     _margin_update,
@@ -117,6 +118,11 @@ class ActivationStats(Metric):
         self.name = name
         self._workspace: _Workspace | None = None  # buffers of the last output's shape (CPU; see `functional`)
         self._pending: _Pending | None = None  # partial counts not yet in the states (CPU; see `functional`)
+        # the batch (a training step) that the outputs counted now belong to, set by whoever drives the counting (the
+        # monitor, through the tracker), and the smallest one among the non-finite outputs the CPU path has folded:
+        # the CPU path tells a non-finite batch only when it folds, not after every batch
+        self._batch_tag = NO_TAG
+        self._first_nonfinite: Tensor | None = None
         width = num_units or 0
         self.add_state("active", default=torch.zeros(width, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("entries", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
@@ -183,11 +189,11 @@ class ActivationStats(Metric):
         assert pending is not None
         if pending.full():
             self._fold()
-        pending.add(output, ws)
+        pending.add(output, ws, self._batch_tag)
 
     def _fold(self, part: str | None = None) -> None:
         """Add the partial counts of the CPU path to the states: all of them, or one ``part`` (a read of ``nonfinite``
-        at every step, as the monitor makes, folds only the per-sample sums)."""
+        folds only the per-sample sums), keeping the smallest batch tag of a non-finite output."""
         pending = self.__dict__.get("_pending")
         if pending is None or pending.empty:
             return
@@ -200,6 +206,9 @@ class ActivationStats(Metric):
             if rows is not None:
                 self._killed.add_(rows[0])
                 self._nonfinite.add_(rows[1])
+                first, earlier = rows[2], self._first_nonfinite
+                if first is not None:
+                    self._first_nonfinite = first if earlier is None else torch.minimum(earlier, first)
         if part in (None, "totals"):
             samples, entries = pending.fold_totals()
             if samples:
@@ -209,6 +218,19 @@ class ActivationStats(Metric):
     def flush(self) -> None:
         """Add what the CPU path holds back to the states (reading or setting a state does it too)."""
         self._fold()
+
+    def first_nonfinite_tag(self) -> Tensor | None:
+        """The smallest batch tag (``_batch_tag`` when the output was counted) among the non-finite outputs that the
+        CPU path counted since :meth:`clear_first_nonfinite` (0-d int64, ``2**62`` when none was; None when no
+        tagged output was folded). Outputs counted with plain operations add to ``nonfinite`` at once instead: the
+        monitor reads it after every batch."""
+        self._fold("rows")
+        return self._first_nonfinite
+
+    def clear_first_nonfinite(self) -> None:
+        """Forget the non-finite tags folded so far (a new epoch); folds what is kept first."""
+        self._fold("rows")
+        self._first_nonfinite = None
 
     def _shaped(self, output: Tensor, num_units: int) -> Tensor:
         """The per-unit state sized from the first output (or converted from the float64 counts of an older

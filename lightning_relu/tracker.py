@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._compat import is_compiled, is_forward_redirected
+from lightning_relu.functional import NO_TAG
 from lightning_relu.observation import AxisWatch, record
 from lightning_relu.site import (
     FUNCTIONAL_RECTIFIERS,
@@ -150,6 +151,7 @@ class DeadUnitTracker:
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
         self._transformed_warned = False
+        self._batch_tag = NO_TAG  # what `tag_batch` set last, for sites found later
         # the model's output has begun its backward pass since the model's last forward (`_backward_began`)
         self._backward = False
         # Call positions: a rectifier module applied at several places of one forward is one site per place,
@@ -519,6 +521,7 @@ class DeadUnitTracker:
             stats = _new_stats(site, self.eps, self.track_margin, unit_dim)
         if self.stats:
             stats.to(next(iter(self.stats.values())).device)
+        stats._batch_tag = self._batch_tag
         self.sites.append(site)
         self.stats[site.name] = stats
         return stats
@@ -641,6 +644,27 @@ class DeadUnitTracker:
         """Zero every count."""
         for stats in self.stats.values():
             stats.reset()
+            stats.clear_first_nonfinite()
+
+    def tag_batch(self, tag: int) -> None:
+        """Tag the outputs counted from now on with ``tag`` (the monitor's global step), so that the first non-finite
+        batch can be told when the CPU path folds its counts (:meth:`first_nonfinite_tag`)."""
+        self._batch_tag = tag
+        for stats in self.stats.values():
+            stats._batch_tag = tag
+
+    def nonfinite_counted(self) -> list[Tensor]:
+        """Each site's count of non-finite outputs as its state holds it now, without folding what the CPU path keeps
+        back (which :meth:`first_nonfinite_tag` accounts for): a per-batch read that costs no ATen call."""
+        return [stats._nonfinite for stats in self.stats.values()]
+
+    def first_nonfinite_tag(self) -> Tensor | None:
+        """The smallest tag (:meth:`tag_batch`) of a non-finite output counted on the CPU path since the last
+        :meth:`reset` (0-d int64, ``2**62`` when none was), or None when no tagged output was folded."""
+        tags = [tag for stats in self.stats.values() if (tag := stats.first_nonfinite_tag()) is not None]
+        if not tags:
+            return None
+        return torch.stack(tags).amin() if len(tags) > 1 else tags[0]
 
     def to(self, device: torch.device | str) -> DeadUnitTracker:
         """Move the counts to ``device`` (they also follow the activations automatically)."""

@@ -102,3 +102,35 @@ def test_layer_report_from_counts_with_non_finite_batches() -> None:
     assert math.isnan(broken.dead_fraction) and "nonfinite=True" in repr(broken)
     restored = LayerReport.from_state_dict(broken.state_dict())
     assert restored.nonfinite and restored.num_dead == 0
+
+
+@pytest.mark.parametrize("poisoned", [[5], [67], [5, 67], [66, 67], []])
+def test_the_first_non_finite_batch_is_told_by_its_tag_across_folds(poisoned: list[int]) -> None:
+    """The CPU path keeps each output's per-sample sums back (64 outputs of these shapes) and folds them later; the
+    tag of each output (the monitor's step) tells the first non-finite batch exactly, before and after a fold."""
+    model = mlp([4, 8, 8, 1], seed=0)
+    steps = 70  # one fold after 64 outputs, the rest at the read
+    x = torch.rand(steps, 4, 4, generator=torch.Generator().manual_seed(0))
+    for step in poisoned:
+        x[step, 1, 0] = float("nan")
+    expected_flags = {}  # brute force: per site, the steps whose output holds NaN or Inf
+    with torch.no_grad():
+        for step in range(steps):
+            a = torch.relu(model[0](x[step]))
+            b = torch.relu(model[2](a))
+            for name, out in (("1", a), ("3", b)):
+                if not bool(torch.isfinite(out).all()):
+                    expected_flags.setdefault(name, []).append(step)
+    with DeadUnitTracker(model) as tracker, torch.no_grad():
+        for step in range(steps):
+            tracker.tag_batch(step)
+            model(x[step])
+    report = tracker.report()
+    for name in ("1", "3"):
+        assert report[name].nonfinite_batches == len(expected_flags.get(name, []))
+    tag = tracker.first_nonfinite_tag()
+    firsts = [flags[0] for flags in expected_flags.values()]
+    assert tag is not None  # every output was tagged
+    assert int(tag) == (min(firsts) if firsts else 2**62)
+    tracker.reset()
+    assert tracker.first_nonfinite_tag() is None  # a new epoch starts without tags
