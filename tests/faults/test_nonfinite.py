@@ -134,3 +134,40 @@ def test_the_first_non_finite_batch_is_told_by_its_tag_across_folds(poisoned: li
     assert int(tag) == (min(firsts) if firsts else 2**62)
     tracker.reset()
     assert tracker.first_nonfinite_tag() is None  # a new epoch starts without tags
+
+
+class _PoisonBatches(Callback):
+    """The fault: one sample of the batches at the given global steps holds NaN (a corrupt record); the gradients'
+    NaN are zeroed before each optimizer step, so the weights stay finite and only those batches are non-finite."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step in self.steps:
+            batch[0][1, 0] = float("nan")
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        for parameter in pl_module.parameters():
+            if parameter.grad is not None:
+                parameter.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("steps", [[67], [5, 67]])
+def test_a_monitor_names_the_first_of_a_few_non_finite_batches_exactly(tmp_path: Path, steps: list[int]) -> None:
+    """70 batches in one epoch: the CPU path folds the per-sample sums of the first 64 during the epoch and the rest
+    at its end; the monitor tags each batch with its step and reports the first non-finite one."""
+    monitor = DeadUnitMonitor()
+    fit = trainer(tmp_path, [_PoisonBatches(steps), monitor], max_epochs=1, limit_train_batches=70)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit.fit(Net(random_batches(70), lr=0.05))
+    (report,) = monitor.history
+    assert report.nonfinite_sites == ["net.1", "net.3"]  # NaN in a sample reaches every unit of both sites
+    assert report.first_nonfinite_step == steps[0]
+    for layer in report.layers.values():
+        assert layer.nonfinite_batches == len(steps)
