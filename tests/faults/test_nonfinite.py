@@ -171,3 +171,25 @@ def test_a_monitor_names_the_first_of_a_few_non_finite_batches_exactly(tmp_path:
     assert report.first_nonfinite_step == steps[0]
     for layer in report.layers.values():
         assert layer.nonfinite_batches == len(steps)
+
+
+def test_a_checkpoint_after_a_non_finite_batch_resumes_with_its_step(tmp_path: Path) -> None:
+    """The checkpoint is saved mid-epoch while the CPU path still keeps the non-finite batch's per-sample sums back:
+    the saved progress names its step (the tags are read at save), and the resumed fit reports it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    whole, resumed = DeadUnitMonitor(), DeadUnitMonitor()
+    settings: dict[str, Any] = dict(max_epochs=1, limit_train_batches=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [_PoisonBatches([2]), whole, ckpt], enable_checkpointing=True, **settings).fit(
+            Net(random_batches(8), lr=0.05)
+        )
+        trainer(tmp_path, [_PoisonBatches([2]), resumed], **settings).fit(
+            Net(random_batches(8), lr=0.05), ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt")
+        )
+    for monitor in (whole, resumed):
+        (report,) = monitor.history
+        assert report.first_nonfinite_step == 2
+        assert report.layers["net.1"].nonfinite_batches == 1
