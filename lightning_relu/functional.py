@@ -59,9 +59,9 @@ _ROWS_KEPT = 64
 # ... fewer where an output has many chunks: each kept output has a view per chunk (about 600 bytes each) into the kept
 # per-sample sums, and another into the kept per-unit sums; this bounds their number per metric
 _MAX_CHUNK_TARGETS = 2**8
-# the tag of a kept output whose batch is not known (see `_Pending.add`), and the "no tag" of a first non-finite tag
-NO_TAG = -1
-_NONE_FLAGGED = 2**62
+# "no step": the tag of a kept output whose batch (training step) is not known (see `_Pending.add`), and the first
+# non-finite tag, or step, while there is none
+NO_STEP = 2**62
 _THREAD = threading.local()
 
 
@@ -253,7 +253,7 @@ class _Pending:
             else:
                 self.counts = torch.empty(self.kept * len(ws.sizes), ws.units, dtype=torch.float32)
             self.rows = torch.empty(self.kept, ws.samples, dtype=ws.row_dtype)
-        self.tags = [NO_TAG] * self.kept  # the batch of each output whose per-sample sums are kept (a host integer)
+        self.tags = [NO_STEP] * self.kept  # the batch of each output whose per-sample sums are kept (a host integer)
         self.targets: _Targets | None = None
         self.sample_shape, self.sample_strides, self.unit_in_sample = (
             ws.sample_shape,
@@ -292,7 +292,7 @@ class _Pending:
             return self.load + self.step_load >= _FLOAT32_EXACT
         return self.counted == self.kept
 
-    def add(self, output: Tensor, ws: _Workspace, tag: int = NO_TAG) -> None:
+    def add(self, output: Tensor, ws: _Workspace, tag: int = NO_STEP) -> None:
         """Add one output (prepared, matching ``ws``): per chunk of samples, a comparison into the mask buffer, the
         mask's sums added to (per entry of a sample) or written into (per unit) ``counts``, and the chunk's per-sample
         sums written into ``rows``. ``tag`` names the output's batch (a training step): :meth:`fold_rows` tells the
@@ -376,9 +376,8 @@ class _Pending:
             flags = rows.amax(1).le(largest).logical_not()
             nonfinite = flags.sum()
             tags = self.tags[:filled]
-            if max(tags) != NO_TAG:
-                known = torch.tensor([_NONE_FLAGGED if tag == NO_TAG else tag for tag in tags], dtype=torch.int64)
-                first = torch.where(flags, known, _NONE_FLAGGED).amin()
+            if min(tags) != NO_STEP:
+                first = torch.where(flags, torch.tensor(tags, dtype=torch.int64), NO_STEP).amin()
         else:
             nonfinite = torch.zeros((), dtype=torch.int64)
         self.filled = 0

@@ -25,6 +25,7 @@ from lightning_relu.dashboards import (
     print_summary,
     summary_markdown,
 )
+from lightning_relu.functional import NO_STEP
 from lightning_relu.report import EpochReport
 from lightning_relu.revive import DeadUnitReviver
 from lightning_relu.site import module_names, unknown_names
@@ -48,8 +49,6 @@ class DyingWarning(RuntimeWarning):
 
 # "still low": at most this share of the site's units is dead
 _LOW_DEAD = 0.1
-# the first non-finite step while none was seen
-_NO_STEP = 2**62
 
 
 class CollapseError(RuntimeError):
@@ -197,7 +196,7 @@ class DeadUnitMonitor(Callback):
         self._epoch = 0
         # the epoch in progress: training batches counted, whether its last batch has run, why its counts are only
         # part of it (None: they are whole), the global step of the batch running and the first step at which a
-        # site produced NaN/Inf (a device tensor, `_NO_STEP` while none did: no host sync per step)
+        # site produced NaN/Inf (a device tensor, `NO_STEP` while none did: no host sync per step)
         self._batches = 0
         self._epoch_done = False
         self._partial: str | None = None
@@ -433,8 +432,8 @@ class DeadUnitMonitor(Callback):
             total = torch.stack([flag.to(flags[0].device) for flag in flags]).sum()
         first = self._nonfinite_first
         if first is None or first.device != total.device:
-            first = torch.full((), _NO_STEP, dtype=torch.int64, device=total.device)
-        self._nonfinite_first = torch.minimum(first, torch.where(total > 0, self._step, _NO_STEP))
+            first = torch.full((), NO_STEP, dtype=torch.int64, device=total.device)
+        self._nonfinite_first = torch.minimum(first, torch.where(total > 0, self._step, NO_STEP))
 
     def _merge_tagged_nonfinite(self) -> None:
         """Take the first non-finite step that the CPU path's tags tell (folding what it keeps back) into
@@ -469,10 +468,10 @@ class DeadUnitMonitor(Callback):
         if any(layer.nonfinite for layer in layers.values()):  # the same on every rank: the counts are summed
             step = self._nonfinite_first
             if step is None:
-                step = torch.full((), _NO_STEP, dtype=torch.int64, device=self._tracker_device())
+                step = torch.full((), NO_STEP, dtype=torch.int64, device=self._tracker_device())
             if trainer.world_size > 1:
                 step = trainer.strategy.reduce(step.to(trainer.strategy.root_device), reduce_op="min")
-            first = int(step) if int(step) != _NO_STEP else None
+            first = int(step) if int(step) != NO_STEP else None
         report = EpochReport(
             epoch=self._epoch,
             global_step=trainer.global_step,
@@ -535,7 +534,7 @@ class DeadUnitMonitor(Callback):
         """Where the epoch in progress stands: enough for a resumed fit to tell whether its report is whole."""
         self._merge_tagged_nonfinite()
         step = self._nonfinite_first
-        first = int(step) if step is not None and int(step) != _NO_STEP else None
+        first = int(step) if step is not None and int(step) != NO_STEP else None
         return {
             "epoch": self._epoch,
             "batches": self._batches,
@@ -559,9 +558,9 @@ class DeadUnitMonitor(Callback):
         self._merge_tagged_nonfinite()
         step = self._nonfinite_first
         if step is None:
-            step = torch.full((), _NO_STEP, dtype=torch.int64, device=self._tracker_device())
+            step = torch.full((), NO_STEP, dtype=torch.int64, device=self._tracker_device())
         first = int(trainer.strategy.reduce(step.to(trainer.strategy.root_device), reduce_op="min"))
-        state["progress"]["nonfinite_step"] = first if first != _NO_STEP else None
+        state["progress"]["nonfinite_step"] = first if first != NO_STEP else None
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from torchmetrics import Metric
 
 import lightning_relu.functional as functional
 from lightning_relu.functional import (
-    NO_TAG,
+    NO_STEP,
     _activation_stats_compute,
     _count_plain,
     _margin_update,
@@ -121,7 +121,7 @@ class ActivationStats(Metric):
         # the batch (a training step) that the outputs counted now belong to, set by whoever drives the counting (the
         # monitor, through the tracker), and the smallest one among the non-finite outputs the CPU path has folded:
         # the CPU path tells a non-finite batch only when it folds, not after every batch
-        self._batch_tag = NO_TAG
+        self._batch_tag = NO_STEP
         self._first_nonfinite: Tensor | None = None
         width = num_units or 0
         self.add_state("active", default=torch.zeros(width, dtype=torch.int64), dist_reduce_fx="sum")

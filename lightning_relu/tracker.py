@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._compat import is_compiled, is_forward_redirected
-from lightning_relu.functional import NO_TAG
+from lightning_relu.functional import NO_STEP
 from lightning_relu.observation import AxisWatch, record
 from lightning_relu.site import (
     FUNCTIONAL_RECTIFIERS,
@@ -151,7 +151,7 @@ class DeadUnitTracker:
         self._handles: list[RemovableHandle] = []
         self._width_warned: set[str] = set()
         self._transformed_warned = False
-        self._batch_tag = NO_TAG  # what `tag_batch` set last, for sites found later
+        self._batch_tag = NO_STEP  # what `tag_batch` set last, for sites found later
         # the model's output has begun its backward pass since the model's last forward (`_backward_began`)
         self._backward = False
         # Call positions: a rectifier module applied at several places of one forward is one site per place,
