@@ -26,7 +26,8 @@ Counting uses ATen operations only (``lightning_relu.functional``; nothing is co
 are printed and kept in the JSON.
 
 With each tracker row comes the floor it sits on: bare forward hooks on the same sites that compute only the
-counting operations (the median process's figure).
+counting operations (the median process's figure); and the time per step spent inside the tracker's hooks, inside
+those bare counting hooks, and inside bare hooks that only read each output once (the floor of any exact count).
 
 Reported without a budget: the optional death margin (`track_margin=True`), one `revive_dead_units_` on
 the CNN relative to one training step, and the tracker's overhead on a `torch.compile`d model: the tracker's
@@ -159,16 +160,36 @@ def interleaved(
     return result
 
 
-def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(attach, detach) of bare forward hooks on the tracker's module sites that do the counting the tracker's hooks
-    do and nothing else: the floor the tracker's own bookkeeping (and torchmetrics' ``update`` wrapper) sits on. Each
-    hook adds its output to a metric of its own with the metric's counting body (``ActivationStats._add``)."""
+def _read_once(output: torch.Tensor) -> None:
+    """What every exact count has to do at least: read each entry of the output once (one sum per sample)."""
+    output.detach().sum(tuple(range(1, output.ndim)))
+
+
+def _bare_hooks(
+    tracker: DeadUnitTracker, body: str, spent: list[float] | None = None
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(attach, detach) of bare forward hooks on the tracker's module sites that do one thing and nothing else:
+    ``"counting"``, the counting the tracker's hooks do (each hook adds its output to a metric of its own with the
+    metric's counting body, ``ActivationStats._add``: the floor the tracker's own bookkeeping and torchmetrics'
+    ``update`` wrapper sit on), or ``"read"``, one read of each output (:func:`_read_once`: the floor of any exact
+    count of it). With ``spent``, each call's time is added to ``spent[0]``."""
     handles: list[Any] = []
     sites = [site for site in tracker.sites if site.module is not None]
     metrics = {id(site.module): ActivationStats(unit_dim=tracker.stats[site.name].unit_dim) for site in sites}
 
+    def work(module: nn.Module, output: torch.Tensor) -> None:
+        if body == "counting":
+            metrics[id(module)]._add(output)
+        else:
+            _read_once(output)
+
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        metrics[id(module)]._add(output)
+        if spent is None:
+            work(module, output)
+            return
+        t0 = time.perf_counter()
+        work(module, output)
+        spent[0] += time.perf_counter() - t0
 
     def attach() -> None:
         modules = {id(site.module): site.module for site in tracker.sites if site.module is not None}
@@ -180,6 +201,31 @@ def _counting_only(tracker: DeadUnitTracker) -> tuple[Callable[[], None], Callab
         handles.clear()
 
     return attach, detach
+
+
+def _median_spent(
+    spent: list[float], attach: Callable[[], Any], detach: Callable[[], None], step: Callable[[], None], steps: int
+) -> float:
+    """Median over ``steps`` training steps of what timed hooks add to ``spent[0]`` per step, with the hooks
+    attached by ``attach`` (and removed by ``detach`` at the end, whatever happens)."""
+    per_step = []
+    try:
+        attach()
+        step()  # untimed, as the first step of every block
+        for _ in range(steps):
+            spent[0] = 0.0
+            step()
+            per_step.append(spent[0])
+    finally:
+        detach()
+    return statistics.median(per_step)
+
+
+def time_in_bare_hooks(tracker: DeadUnitTracker, body: str, step: Callable[[], None], steps: int) -> float:
+    """Median seconds per step spent inside bare hooks (:func:`_bare_hooks`) over ``steps`` training steps."""
+    spent = [0.0]
+    attach, detach = _bare_hooks(tracker, body, spent)
+    return _median_spent(spent, attach, detach, step, steps)
 
 
 def time_in_hooks(tracker: DeadUnitTracker, step: Callable[[], None], steps: int) -> float:
@@ -207,19 +253,13 @@ def time_in_hooks(tracker: DeadUnitTracker, step: Callable[[], None], steps: int
     for method in methods:
         setattr(tracker, method, timed(getattr(tracker, method)))
     tracker._make_reset = lambda keys: timed(make_reset(keys))  # type: ignore[method-assign]
-    per_step = []
-    try:
-        tracker.attach()
-        step()  # untimed, as the first step of every block
-        for _ in range(steps):
-            spent[0] = 0.0
-            step()
-            per_step.append(spent[0])
-    finally:
+
+    def detach() -> None:
         tracker.detach()
         for method in (*methods, "_make_reset"):
             delattr(tracker, method)  # the class's methods again
-    return statistics.median(per_step)
+
+    return _median_spent(spent, tracker.attach, detach, step, steps)
 
 
 def _tracked_vs_plain(
@@ -270,7 +310,7 @@ def _tracked_vs_plain(
         step = training_step(run, opt)
         variants = {"plain": (nothing, step, nothing), "tracked": (tracker.attach, step, tracker.detach)}
     if floor:
-        attach_bare, detach_bare = _counting_only(tracker)
+        attach_bare, detach_bare = _bare_hooks(tracker, "counting")
         variants["counting_only"] = (attach_bare, step, detach_bare)
     medians = interleaved(variants, rounds, block)
     result = {
@@ -284,6 +324,9 @@ def _tracked_vs_plain(
         in_hooks = time_in_hooks(tracker, step, 4 * block)
         result["hooks_ms"] = in_hooks * 1e3
         result["hooks_share"] = in_hooks / medians["plain"]  # the share of a plain step spent in the hooks
+        # the same inside bare hooks that only count, and inside bare hooks that only read each output once
+        result["counting_hooks_ms"] = time_in_bare_hooks(tracker, "counting", step, 4 * block) * 1e3
+        result["read_once_ms"] = time_in_bare_hooks(tracker, "read", step, 4 * block) * 1e3
     return result, model, run, tracker, x
 
 
@@ -623,6 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shares = f" ({1 + min(spread):.3f}-{1 + max(spread):.3f})" if spread else ""
             share = f"{1 + r['hooks_share']:.3f}x{shares}"
             rows.append((label, f"{r['step_ms']:.2f} ms", share, f"{r['hooks_ms']:.3f} ms in hooks", "-"))
+            for key, what in (("counting_hooks_ms", "the counting alone"), ("read_once_ms", "one read of each output")):
+                label = f"  time inside bare hooks doing {what}, {name}"
+                share = f"{1 + r[key] / r['step_ms']:.3f}x"
+                rows.append((label, f"{r['step_ms']:.2f} ms", share, f"{r[key]:.3f} ms in hooks", "-"))
     if "margin" in only:
         for name in WORKLOADS:
             r = in_fresh_processes(bench_margin, (name, rounds, block), processes)
