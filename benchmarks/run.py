@@ -173,6 +173,8 @@ def _bare_hooks(
     metric's counting body, ``ActivationStats._add``: the floor the tracker's own bookkeeping and torchmetrics'
     ``update`` wrapper sit on), or ``"read"``, one read of each output (:func:`_read_once`: the floor of any exact
     count of it). With ``spent``, each call's time is added to ``spent[0]``."""
+    if body not in ("counting", "read"):
+        raise ValueError(f"`body` must be 'counting' or 'read', got {body!r}")
     handles: list[Any] = []
     sites = [site for site in tracker.sites if site.module is not None]
     metrics = {id(site.module): ActivationStats(unit_dim=tracker.stats[site.name].unit_dim) for site in sites}
