@@ -41,6 +41,7 @@ __all__ = [
     "fsdp2_supported",
     "is_compiled",
     "is_forward_redirected",
+    "on_backward_end",
     "restore_fsdp2_forward_state",
     "restore_hooks",
     "set_aside_hooks",
@@ -107,6 +108,23 @@ def is_compiled(module: nn.Module) -> bool:
     if module.__dict__.get("_compiled_call_impl") is not None:  # `module.compile()`
         return True
     return hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
+
+
+def on_backward_end(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the backward pass that is running now (a call of autograd's engine) is over; called from
+    a gradient hook, which runs inside that pass.
+
+    Why: the tracker must not count again the forwards that activation checkpointing recomputes inside a backward
+    pass, and must count every forward after it, such as a second forward of a submodule in the same training step
+    (a GAN's discriminator after the generator's backward, the boundary term of a physics-informed loss after
+    ``torch.autograd.grad``). A gradient hook on the model's output says when a backward reaches it; only the engine
+    says when that backward is over. This queues the callback with the engine, as DDP and FSDP do for their
+    end-of-backward work (``Variable._execution_engine.queue_callback``, a private attribute of ``torch.autograd``).
+
+    Replaced by: a public end-of-backward hook in ``torch.autograd`` (none in torch 2.x). ``tests/test_compat.py``
+    runs a backward and ``torch.autograd.grad`` and checks the callback runs once, at the end of each.
+    """
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 # ------------------------------------------------------------------------------------------------------------ FSDP2

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_relu._compat import is_compiled, is_forward_redirected
+from lightning_relu._compat import is_compiled, is_forward_redirected, on_backward_end
 from lightning_relu.functional import NO_STEP
 from lightning_relu.observation import AxisWatch, record
 from lightning_relu.site import (
@@ -152,7 +152,7 @@ class DeadUnitTracker:
         self._width_warned: set[str] = set()
         self._transformed_warned = False
         self._batch_tag = NO_STEP  # what `tag_batch` set last, for sites found later
-        # the model's output has begun its backward pass since the model's last forward (`_backward_began`)
+        # a backward pass that reached the model's output is running now (`_backward_began`, `_backward_ended`)
         self._backward = False
         # Call positions: a rectifier module applied at several places of one forward is one site per place,
         # and so is each functional call of a parent's forward. Position k of key m is the k-th call since the
@@ -249,7 +249,7 @@ class DeadUnitTracker:
             reset = _Hook(self._make_reset(keys))
             self._handles.append(owner.register_forward_pre_hook(reset))
         # forwards that run inside the backward pass of the model's output (activation checkpointing's recomputations)
-        # are not counted again: the model's output says when its backward begins, its next forward that it is over
+        # are not counted again: the model's output says when its backward begins, autograd's engine when it ends
         self._handles.append(self.model.register_forward_pre_hook(_Hook(self._forward_began)))
         self._handles.append(self.model.register_forward_hook(_Hook(self._watch_backward)))
         if self._watch_axes:
@@ -403,12 +403,18 @@ class DeadUnitTracker:
                 tensor.register_hook(self._backward_began)
 
     def _backward_began(self, grad: Tensor) -> None:
-        self._backward = True
+        if not self._backward:
+            self._backward = True
+            on_backward_end(self._backward_ended)
+
+    def _backward_ended(self) -> None:
+        self._backward = False
 
     def _recomputing(self) -> bool:
         """Whether a forward now runs inside the backward pass of the model's output, as activation checkpointing
-        recomputes one (with autograd on, in both of its modes). A forward without autograd is never one, and says
-        that the backward is over."""
+        recomputes one (with autograd on, in both of its modes): from the first gradient that reaches the output to
+        the end of that backward (a forward after it, in the same training step, is counted). A forward without
+        autograd is never one, and says that the backward is over."""
         if self._backward and not torch.is_grad_enabled():
             self._backward = False
         return self._backward

@@ -32,6 +32,7 @@ from lightning_relu._compat import (
     fsdp2_supported,
     is_compiled,
     is_forward_redirected,
+    on_backward_end,
     restore_fsdp2_forward_state,
     restore_hooks,
     set_aside_hooks,
@@ -127,6 +128,31 @@ def test_every_way_of_compiling_a_module_is_seen_and_nothing_is_compiled() -> No
 def _public_subclasses(base: type) -> set[type]:
     """The classes of the public ``torch.nn`` namespace that subclass ``base``."""
     return {cls for cls in vars(nn).values() if isinstance(cls, type) and issubclass(cls, base)}
+
+
+@pytest.mark.parametrize("gradient", ["backward", "autograd.grad"])
+def test_a_callback_queued_in_a_backward_runs_once_when_that_backward_is_over(gradient: str) -> None:
+    events: list[str] = []
+    x = torch.randn(3, requires_grad=True)
+    hidden = x * 2
+    out = (hidden * 3).sum()
+
+    def began(grad: torch.Tensor) -> None:
+        events.append("hook")
+        on_backward_end(lambda: events.append("end"))
+
+    def later(grad: torch.Tensor) -> None:
+        events.append("later")  # a gradient computed after the hook's, in the same backward
+
+    out.register_hook(began)
+    hidden.register_hook(later)
+    if gradient == "backward":
+        out.backward()
+    else:
+        torch.autograd.grad(out, x)
+    assert events == ["hook", "later", "end"]
+    (x * 4).sum().backward()  # a later backward runs nothing queued by the first
+    assert events == ["hook", "later", "end"]
 
 
 def test_the_public_conv_types_are_every_convolution_of_torch_nn() -> None:

@@ -473,6 +473,40 @@ def test_activation_checkpointing_counts_each_forward_once(use_reentrant):
     assert_report(tracker.report(), {k: expected_counts(v, -1) for k, v in outs.items()})
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("gradient", ["backward", "autograd.grad"])
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_a_forward_after_the_backward_of_the_output_is_counted(use_reentrant, gradient):
+    """A second forward in the same step, after a backward reached the model's output (a GAN's discriminator after the
+    generator's backward, a physics-informed loss after ``torch.autograd.grad``), is counted; the recomputation of
+    activation checkpointing inside that backward is not."""
+    if use_reentrant and gradient == "autograd.grad":
+        pytest.skip("torch refuses torch.autograd.grad through reentrant checkpointing")
+    torch.manual_seed(0)
+    model = _Checkpointed(use_reentrant)
+    with torch.no_grad():
+        model.body[0].bias[1] = -1e4
+    x, later = torch.randn(6, 3, requires_grad=True), torch.randn(4, 3) + 50.0
+    with torch.no_grad():  # the later batch makes unit 1 fire
+        model.body[0].weight[1] = torch.tensor([1e3, 1e3, 1e3])
+    with DeadUnitTracker(model) as tracker:
+        out = model(x)
+        if gradient == "backward":
+            out.sum().backward()
+        else:
+            torch.autograd.grad(out.sum(), x)
+        model.body(later).sum().backward()  # a submodule's forward with autograd on, after that backward
+    outs: dict[str, list[Tensor]] = {"body.1": [], "body.3": []}
+    with torch.no_grad():
+        for batch in (x, later):
+            a = clamp(lin(batch, model.body[0]))
+            outs["body.1"].append(a)
+            outs["body.3"].append(clamp(lin(a, model.body[2])))
+    expected = {k: expected_counts(v, -1) for k, v in outs.items()}
+    assert expected["body.1"]["samples"] == 10
+    assert_report(tracker.report(), expected)
+
+
 def test_one_dimensional_activation_with_varying_batch_size_does_not_crash():
     class Head(nn.Module):
         def __init__(self) -> None:
