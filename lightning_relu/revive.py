@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -902,7 +903,8 @@ class DeadUnitReviver(Callback):
             self._example_checked = True
             try:
                 sites = self._sites if self._sites_model is pl_module else None
-                observe(pl_module, self._example_of(trainer), sites=sites)
+                with self._monitor_paused():  # whichever of the two runs its batch end first
+                    observe(pl_module, self._example_of(trainer), sites=sites)
             except ObservationError as error:
                 raise MisconfigurationException(
                     f"`DeadUnitReviver` observes the model on a slice of the training batch to find each site's "
@@ -921,6 +923,19 @@ class DeadUnitReviver(Callback):
             return None if example is None else _copied(example, trainer.lightning_module.device)
         batch = trainer.precision_plugin.convert_input(self._inputs.batch)
         return example_from_batch(batch, self.input_fn, self.example_size)
+
+    @contextmanager
+    def _monitor_paused(self) -> Iterator[None]:
+        """The monitor's tracker paused while the reviver runs forwards of its own: they are not training data."""
+        tracker: Any = getattr(self._monitor, "tracker", None)
+        paused = tracker is not None and tracker.enabled
+        if paused:
+            tracker.pause()
+        try:
+            yield
+        finally:
+            if paused:
+                tracker.resume()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -980,29 +995,21 @@ class DeadUnitReviver(Callback):
         # every rank operates on rank zero's held batch, so every rank makes the same surgery
         example = self._example_of(trainer)
         example = trainer.strategy.broadcast(example, src=0) if trainer.world_size > 1 else example
-        tracker: Any = getattr(self._monitor, "tracker", None)
-        paused = tracker is not None and tracker.enabled
-        if paused:
-            tracker.pause()  # the observation forwards are not training data
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", RevivalWarning)
-                warnings.simplefilter("ignore", SiteTracingWarning)
-                counts = revive_dead_units_(
-                    pl_module,
-                    layers,
-                    trainer.optimizers,
-                    init=self.init,
-                    max_fraction=self.max_fraction,
-                    exclude=self.exclude,
-                    generator=generator,
-                    sites=self._sites if self._sites_model is pl_module else None,
-                    example_input=example,
-                    check_output=self.check_output,
-                )
-        finally:
-            if paused:
-                tracker.resume()
+        with self._monitor_paused(), warnings.catch_warnings(record=True) as caught:  # its forwards are not data
+            warnings.simplefilter("always", RevivalWarning)
+            warnings.simplefilter("ignore", SiteTracingWarning)
+            counts = revive_dead_units_(
+                pl_module,
+                layers,
+                trainer.optimizers,
+                init=self.init,
+                max_fraction=self.max_fraction,
+                exclude=self.exclude,
+                generator=generator,
+                sites=self._sites if self._sites_model is pl_module else None,
+                example_input=example,
+                check_output=self.check_output,
+            )
         for warning in caught:
             message = str(warning.message)
             if not issubclass(warning.category, RevivalWarning):

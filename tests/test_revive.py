@@ -28,7 +28,7 @@ from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_u
 from lightning_relu.sites import find_relu_sites
 from lightning_relu.stats import LayerReport
 from lightning_relu.tracker import DeadUnitTracker
-from tests.helpers import retry_spawn_abort
+from tests.helpers import MLP, Replayed, assert_monitor_matches, positive_data, quiet_trainer, retry_spawn_abort
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -624,6 +624,20 @@ def test_attach_to_a_monitor_without_being_a_callback(tmp_path: Path) -> None:
     assert [e["revived"] for e in reviver.history] == [{"net.1": 3}]
     reviver.detach()
     reviver.detach()  # idempotent
+
+
+@pytest.mark.parametrize("reviver_first", [True, False], ids=["reviver-first", "monitor-first"])
+def test_the_revivers_own_forwards_are_not_counted_whatever_the_callback_order(
+    tmp_path: Path, reviver_first: bool
+) -> None:
+    # the reviver observes the model on the first batch's example: with the reviver first in the list, that forward
+    # ran while the monitor was still counting the batch
+    monitor, reviver = DeadUnitMonitor(print_summary=False), DeadUnitReviver(seed=0)
+    module = Replayed(MLP(), MLP.replay, positive_data(20))
+    callbacks: list[Callback] = [reviver, monitor] if reviver_first else [monitor, reviver]
+    quiet_trainer(tmp_path, callbacks, max_epochs=2, limit_val_batches=0).fit(module)
+    assert [h.layers["net.1"].samples for h in monitor.history] == [20, 20]
+    assert_monitor_matches(monitor, module)
 
 
 def test_reviver_needs_a_monitor(tmp_path: Path) -> None:
