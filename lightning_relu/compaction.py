@@ -45,6 +45,7 @@ from typing import Any, NamedTuple, cast
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from typing_extensions import override
@@ -55,9 +56,11 @@ from lightning_relu.observation import (
     _CAST_OPS,
     _MOVE_OPS,
     _POOL_OPS,
+    ModuleCall,
     TrainingInputWatch,
     _op_name,
     _tensors,
+    split_by_call,
 )
 from lightning_relu.site import module_names, unknown_names
 from lightning_relu.structure import SiteStructure, Structure, observe
@@ -176,7 +179,7 @@ def compact(
     structure = observe(reference, example_input, keep_values=True)
     if masks is not None:
         _validate(masks, structure, model)
-    found = _candidates(reference, structure, masks, box)
+    found = _candidates(reference, structure, masks, box, _called(example_input))
     planner = _Planner(reference, structure)
     wanted = _wanted(structure, found)
 
@@ -221,12 +224,14 @@ def _candidates(
     structure: Structure,
     masks: dict[str, Tensor] | None,
     box: tuple[Tensor, Tensor] | None,
+    module: str = "",
 ) -> _Candidates:
-    """Per site, the units the report calls dead, and with a box only those also certified dead on it."""
+    """Per site, the units the report calls dead, and with a box (over the input of ``module``, the one the example
+    calls) only those also certified dead on it."""
     certified: dict[str, Tensor] = {}
     certify_notes: dict[str, str] = {}
     if box is not None:
-        certified, certify_notes = certified_dead(reference, box, structure)
+        certified, certify_notes = certified_dead(reference, box, structure, module)
     candidates: dict[str, Tensor] = {}
     names = list(masks) if masks is not None else list(structure.sites)
     for name in names:
@@ -361,9 +366,16 @@ def _validate(masks: dict[str, Tensor], structure: Structure, model: nn.Module) 
             )
 
 
+def _called(example_input: Any) -> str:
+    """The module path an example calls ("" for the model)."""
+    return example_input.module if isinstance(example_input, ModuleCall) else ""
+
+
 def _box(certify: Any, example_input: Any) -> tuple[Tensor, Tensor]:
     if not isinstance(certify, (tuple, list)) or len(certify) != 2:
         raise ValueError(f"`certify` must be a pair `(low, high)`, got {certify!r}")
+    if isinstance(example_input, ModuleCall) and len(example_input.args) == 1 and not example_input.kwargs:
+        example_input = example_input.args[0]  # a call with one input, as a training step makes (`self.net(x)`)
     if not isinstance(example_input, Tensor) or not example_input.is_floating_point():
         raise ValueError(
             "`certify` needs a floating-point tensor `example_input` (the box is over the model's one input), got "
@@ -859,10 +871,11 @@ class _Intervals(TorchFunctionMode):
 
 
 def certified_dead(
-    model: nn.Module, box: tuple[Tensor, Tensor], structure: Structure
+    model: nn.Module, box: tuple[Tensor, Tensor], structure: Structure, module: str = ""
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Per site reached, the units whose pre-activation interval bounds over ``box`` are ``<= 0`` (the model in
-    evaluation mode, on its centre); and per site that no bound reaches, why.
+    evaluation mode, on its centre; with ``module``, the box is over the input of that submodule, which is called);
+    and per site that no bound reaches, why.
 
     ``model`` is run once on the box's centre under a thread-local mode (nothing is patched, no state is kept:
     buffers and the random number generators are restored).
@@ -905,7 +918,7 @@ def certified_dead(
         with preserved_state(model), torch.no_grad():
             tracker.attach()
             with mode:
-                model(centre)
+                model.get_submodule(module)(centre)
     finally:
         tracker._observer = None
         tracker.detach()
@@ -1027,14 +1040,21 @@ def _compact_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------------ end of fit
+def _call_name(example: Any) -> str:
+    """How a warning names an example: the module a :class:`ModuleCall` calls, else the model."""
+    return f"`{example.module}`" if isinstance(example, ModuleCall) and example.module else "the model"
+
+
 class CompactOnFitEnd(Callback):
     """At the end of a fit, compact the LightningModule with the last report of the ``DeadUnitMonitor`` among the
     Trainer's callbacks, keep the result in :attr:`result` and (with ``dirpath``) save it as a checkpoint that
     :func:`resize_like_` loads.
 
     The example input is the last call the training step made into the model (its forward, or ``self.net(x)``),
-    cut to ``example_size`` samples; with ``input_fn``, ``input_fn(batch)`` of the last training batch. The trained
-    model itself is not changed.
+    cut to ``example_size`` samples; with ``input_fn``, ``input_fn(batch)`` of the last training batch. A step that
+    calls several children (``self.decoder(self.encoder(x))``) is compacted one child after the other, each on its
+    call; with ``certify`` only the sites under the step's first call are (the box bounds its input alone). The
+    trained model itself is not changed.
 
     Args:
         dirpath: directory to write ``filename`` into (``None``: nothing is written).
@@ -1105,15 +1125,32 @@ class CompactOnFitEnd(Callback):
 
         monitor = self._monitor(trainer)
         report = monitor.last_report if monitor is not None else None
-        example = self._inputs.call(self.example_size)
-        if example is None and self._inputs.batch is not None:
-            example = example_from_batch(self._inputs.batch, self.input_fn, self.example_size)
+        examples: list[Any] = self._inputs.calls(self.example_size)
+        if not examples and self._inputs.batch is not None:
+            examples = [example_from_batch(self._inputs.batch, self.input_fn, self.example_size)]
         self._inputs.stop()
-        if report is None or example is None:
+        if report is None or not examples:
             return  # no epoch ended: nothing measured
+        # one compaction per outermost call of the training step (`self.decoder(self.encoder(x))`), each on the sites
+        # under the module it calls, one after the other on the model the last one made
+        parts = split_by_call(report, examples)
+        later = [example for example, _ in parts if example is not examples[0]]
+        if self.certify is not None and later:
+            # the box bounds what the step passes to its first call; what the later calls get is not bounded by it
+            rank_zero_warn(
+                f"`CompactOnFitEnd(certify=...)` certifies over a box of the input of the training step's first call "
+                f"({_call_name(examples[0])}); the sites under its later calls "
+                f"({', '.join(_call_name(example) for example in later)}) are not compacted."
+            )
+            parts = [(example, part) for example, part in parts if example is examples[0]]
+        model: nn.Module = pl_module
+        sites: dict[str, SiteCompaction] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.result = compact(pl_module, report, example, certify=self.certify)
+            for example, part in parts:
+                model, found = compact(model, part, example, certify=self.certify)
+                sites.update(found)
+        self.result = Compaction(model, sites)
         if self.dirpath is not None and trainer.is_global_zero:
             import os
 

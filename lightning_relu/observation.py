@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "example_from_batch",
     "preserved_state",
     "record",
+    "split_by_call",
 ]
 
 _AFFINE_OPS = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3}
@@ -414,40 +415,51 @@ def example_from_batch(batch: Any, input_fn: Callable[[Any], Any] | None = None,
 
 
 class RootCallWatch:
-    """Watch the training steps for the outermost call into ``model`` (the model's forward, or that of one of its
-    direct children, as ``self.net(x)`` in a ``training_step``) and keep a reference to its latest arguments.
+    """Watch the training steps for the outermost calls into ``model`` (the model's forward, or those of its direct
+    children, as ``self.net(x)`` or ``self.decoder(self.encoder(x))`` in a ``training_step``) and keep a reference
+    to the latest arguments of each, for the latest step that made one.
 
     Lightning's and Fabric's forward redirection (``training_step`` run through the model's call) is not a
-    forward and is skipped. :meth:`example` cuts the latest arguments to their first samples.
+    forward and is skipped. :meth:`examples` cuts the latest arguments to their first samples.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.root: str | None = None
-        self.args: tuple[Any, ...] = ()
-        self.kwargs: dict[str, Any] = {}
+        #: the outermost calls of the latest step that made one: module path ("" for the model) -> (args, kwargs),
+        #: in the order of their first call
+        self.calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self._depth = 0
         self._handles: list[Any] = []
-        #: calls are recorded only while true (a training step, not validation)
-        self.active = True
+        self._fresh = True  # the next outermost call starts a new step's calls
+        self._active = True
+
+    @property
+    def active(self) -> bool:
+        """Calls are recorded only while true (a training step, not validation)."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        if value and not self._active:
+            self._fresh = True  # a new step: its calls replace the last step's
+        self._active = value
+
+    @property
+    def root(self) -> str | None:
+        """The module path of the first outermost call of the latest step ("" for the model), or None before one."""
+        return next(iter(self.calls), None)
 
     def start(self) -> RootCallWatch:
-        """Watch the model and its children until the root is known, then the root alone (idempotent)."""
+        """Watch the model and its direct children (idempotent)."""
         if self._handles:
             return self
-        names = [("", self.model)] if self.root is None else [(self.root, self.model.get_submodule(self.root))]
-        if self.root is None:
-            names += list(self.model.named_children())
-        for name, module in names:
+        for name, module in [("", self.model), *self.model.named_children()]:
             self._handles.append(module.register_forward_pre_hook(self._enter(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._leave, always_call=True))
         return self
 
     def settle(self) -> None:
-        """After the first step: keep watching the root only."""
-        if self.root is not None and len(self._handles) > 2:
-            self.stop()
-            self.start()
+        """Kept for callers of earlier versions: the watch keeps watching the model and its children."""
 
     def stop(self) -> None:
         handles, self._handles = self._handles, []
@@ -458,8 +470,10 @@ class RootCallWatch:
     def _enter(self, name: str) -> Callable[..., None]:
         def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             redirected = is_forward_redirected(module)
-            if self.active and self._depth == 0 and not redirected and (self.root is None or self.root == name):
-                self.root, self.args, self.kwargs = name, args, kwargs
+            if self._active and self._depth == 0 and not redirected:
+                if self._fresh:
+                    self.calls, self._fresh = {}, False
+                self.calls[name] = (args, kwargs)
             if not redirected:
                 self._depth += 1
 
@@ -469,13 +483,42 @@ class RootCallWatch:
         if self._depth > 0 and not is_forward_redirected(module):
             self._depth -= 1
 
+    def examples(self, size: int | None) -> list[ModuleCall]:
+        """The latest step's outermost calls, every batch-major tensor cut to its first ``size`` samples: the model's
+        own call alone when the step made one (it reaches every site), else one per child called, in the order of
+        their first call (empty before any)."""
+        names = [""] if "" in self.calls else list(self.calls)
+        return [self._example(name, size) for name in names]
+
     def example(self, size: int | None) -> ModuleCall | None:
-        """The latest root call, every batch-major tensor cut to its first ``size`` samples (None before one)."""
-        if self.root is None:
-            return None
-        first = next(_tensors((self.args, self.kwargs)), None)
+        """The first of :meth:`examples` (None before a call)."""
+        examples = self.examples(size)
+        return examples[0] if examples else None
+
+    def _example(self, name: str, size: int | None) -> ModuleCall:
+        args, kwargs = self.calls[name]
+        first = next(_tensors((args, kwargs)), None)
         batch = first.shape[0] if first is not None and first.ndim else None
-        return ModuleCall(self.root, _cut(self.args, size, batch), _cut(self.kwargs, size, batch))
+        return ModuleCall(name, _cut(args, size, batch), _cut(kwargs, size, batch))
+
+
+def split_by_call(reports: Mapping[str, Any], examples: Sequence[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """``reports`` (per site name) split among ``examples``: each site goes with the first example that calls a
+    module holding it (a :class:`ModuleCall` of a child holds the sites named under its path; any other example,
+    or the model's own call, holds them all), the sites that none holds with the first example (which says that
+    its forward does not reach them). Examples that hold no site are left out; no examples, no parts."""
+    parts: list[dict[str, Any]] = [{} for _ in examples]
+    for name, report in reports.items():
+        index = next((i for i, example in enumerate(examples) if _holds(example, name)), 0)
+        if parts:
+            parts[index][name] = report
+    return [(example, part) for example, part in zip(examples, parts, strict=True) if part]
+
+
+def _holds(example: Any, site: str) -> bool:
+    if not isinstance(example, ModuleCall) or not example.module:
+        return True
+    return site == example.module or site.startswith(example.module + ".")
 
 
 class TrainingInputWatch:
@@ -510,8 +553,14 @@ class TrainingInputWatch:
             self.watch.settle()
 
     def call(self, size: int | None) -> ModuleCall | None:
-        """The latest call a step made into the model, cut to ``size`` samples (None before one, or unwatched)."""
+        """The first outermost call of the latest step that made one, cut to ``size`` samples (None before one, or
+        unwatched)."""
         return self.watch.example(size) if self.watch is not None else None
+
+    def calls(self, size: int | None) -> list[ModuleCall]:
+        """The outermost calls of the latest step that made one (:meth:`RootCallWatch.examples`), cut to ``size``
+        samples (empty before one, or unwatched)."""
+        return self.watch.examples(size) if self.watch is not None else []
 
     def stop(self) -> None:
         """Remove the watch's hooks (idempotent); the batch is kept."""

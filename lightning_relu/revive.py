@@ -39,7 +39,7 @@ from lightning_relu.sites import (
     may_call_rectifiers,
 )
 from lightning_relu.stats import LayerReport
-from lightning_relu.structure import ModuleCall, ObservationError, example_from_batch, observe
+from lightning_relu.structure import ModuleCall, ObservationError, example_from_batch, observe, split_by_call
 from lightning_relu.surgery import RevivalWarning, reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
@@ -474,10 +474,14 @@ def _entry(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _example_state(example: Any) -> dict[str, Any] | None:
-    """A held example as primitives and tensors (a checkpoint loads with ``weights_only=True``)."""
-    if example is None:
+def _examples_state(examples: list[Any] | None) -> dict[str, Any] | None:
+    """Held examples as primitives and tensors (a checkpoint loads with ``weights_only=True``)."""
+    if examples is None:
         return None
+    return {"examples": [_example_state(example) for example in examples]}
+
+
+def _example_state(example: Any) -> dict[str, Any]:
     if isinstance(example, ModuleCall):
         return {"module": example.module, "args": _listed(example.args), "kwargs": _listed(example.kwargs)}
     return {"input": _listed(example), "tuple": isinstance(example, tuple)}
@@ -491,9 +495,16 @@ def _listed(value: Any) -> Any:
     return value
 
 
-def _example_from_state(state: Any) -> Any:
+def _examples_from_state(state: Any) -> list[Any] | None:
+    """The held examples of :func:`_examples_state`, or of an older checkpoint's single example."""
     if not isinstance(state, dict):
         return None
+    if isinstance(state.get("examples"), list):
+        return [_example_from_state(item) for item in state["examples"] if isinstance(item, dict)]
+    return [_example_from_state(state)]
+
+
+def _example_from_state(state: dict[str, Any]) -> Any:
     if "module" in state:
         return ModuleCall(str(state["module"]), tuple(state.get("args", ())), dict(state.get("kwargs", {})))
     example = state.get("input")
@@ -675,6 +686,12 @@ class DeadUnitReviver(Callback):
             :func:`revive_dead_units_`).
         seed: seed of the draws (the generator of epoch ``e`` is seeded with ``seed + e``); ``None`` takes rank
             zero's ``torch.initial_seed()`` (set by ``seed_everything``).
+        input_fn: takes the model's input out of a training batch. By default the structure is observed on the
+            calls the latest training step made into the model: its ``forward``, or each child it called
+            (``self.net(x)``; ``self.decoder(self.encoder(x))``, each site on the call of the child that holds it).
+        example_size: samples of the held example.
+        check_output: keep only the revivals that leave the network's output on the example unchanged (in
+            evaluation mode), and revive only units dead in evaluation mode too.
 
     Example::
 
@@ -862,7 +879,7 @@ class DeadUnitReviver(Callback):
             "last": None if last is None else _entry(last),
             "totals": self.revived_per_site,
             "seed": self._resolved_seed,
-            "example": _example_state(self._epoch_example),
+            "example": _examples_state(self._epoch_example),
         }
 
     @override
@@ -883,7 +900,7 @@ class DeadUnitReviver(Callback):
         self._earlier = {name: count - latest.get(name, 0) for name, count in totals.items()}
         if self.seed is None and state_dict.get("seed") is not None:
             self._resolved_seed = int(state_dict["seed"])
-        self._epoch_example = _example_from_state(state_dict.get("example"))
+        self._epoch_example = _examples_from_state(state_dict.get("example"))
 
     @override
     def on_train_batch_start(
@@ -896,15 +913,16 @@ class DeadUnitReviver(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._inputs.batch_end(batch)  # a reference; the slice is taken when a revival needs it
-        # the epoch's revival acts on this example: a copy goes into a checkpoint taken before the epoch's end
-        self._epoch_example = _copied(self._example_of(trainer)) if trainer.is_last_batch else None
+        # the epoch's revival acts on these examples: a copy goes into a checkpoint taken before the epoch's end
+        self._epoch_example = [_copied(e) for e in self._examples_of(trainer)] if trainer.is_last_batch else None
         if not self._example_checked:
             # the first batch tells whether the model can be observed on it: fail now, not after an epoch
             self._example_checked = True
             try:
                 sites = self._sites if self._sites_model is pl_module else None
                 with self._monitor_paused():  # whichever of the two runs its batch end first
-                    observe(pl_module, self._example_of(trainer), sites=sites)
+                    for example in self._examples_of(trainer):
+                        observe(pl_module, example, sites=sites)
             except ObservationError as error:
                 raise MisconfigurationException(
                     f"`DeadUnitReviver` observes the model on a slice of the training batch to find each site's "
@@ -912,17 +930,18 @@ class DeadUnitReviver(Callback):
                     "out of a batch (a tensor, a tuple of positional arguments or a dict of keyword arguments)."
                 ) from error
 
-    def _example_of(self, trainer: pl.Trainer) -> Any:
-        """The held example: the latest call the training step made into the model, else (with `input_fn`, or when
-        no call was seen) the latest batch's input; cut to `example_size` samples, as the step got them."""
-        call = self._inputs.call(self.example_size)
-        if call is not None:
-            return call
-        if self._inputs.batch is None:  # a fit resumed from a checkpoint taken on an epoch's last batch: its example
-            example = self._epoch_example
-            return None if example is None else _copied(example, trainer.lightning_module.device)
+    def _examples_of(self, trainer: pl.Trainer) -> list[Any]:
+        """The held examples: the outermost calls the latest training step made into the model (its forward, or
+        each child it called, as ``self.decoder(self.encoder(x))``), else (with `input_fn`, or when no call was
+        seen) the latest batch's input; cut to `example_size` samples, as the step got them."""
+        calls: list[Any] = self._inputs.calls(self.example_size)
+        if calls:
+            return calls
+        if self._inputs.batch is None:  # a fit resumed from a checkpoint taken on an epoch's last batch: its examples
+            held = self._epoch_example or []
+            return [_copied(example, trainer.lightning_module.device) for example in held]
         batch = trainer.precision_plugin.convert_input(self._inputs.batch)
-        return example_from_batch(batch, self.input_fn, self.example_size)
+        return [example_from_batch(batch, self.input_fn, self.example_size)]
 
     @contextmanager
     def _monitor_paused(self) -> Iterator[None]:
@@ -993,23 +1012,27 @@ class DeadUnitReviver(Callback):
         generator = self._generator(trainer, report.epoch)
         layers = dict(report.layers)
         # every rank operates on rank zero's held batch, so every rank makes the same surgery
-        example = self._example_of(trainer)
-        example = trainer.strategy.broadcast(example, src=0) if trainer.world_size > 1 else example
+        examples = self._examples_of(trainer)
+        examples = trainer.strategy.broadcast(examples, src=0) if trainer.world_size > 1 else examples
+        counts: dict[str, int] = {}
         with self._monitor_paused(), warnings.catch_warnings(record=True) as caught:  # its forwards are not data
             warnings.simplefilter("always", RevivalWarning)
             warnings.simplefilter("ignore", SiteTracingWarning)
-            counts = revive_dead_units_(
-                pl_module,
-                layers,
-                trainer.optimizers,
-                init=self.init,
-                max_fraction=self.max_fraction,
-                exclude=self.exclude,
-                generator=generator,
-                sites=self._sites if self._sites_model is pl_module else None,
-                example_input=example,
-                check_output=self.check_output,
-            )
+            for example, part in split_by_call(layers, examples):
+                counts.update(
+                    revive_dead_units_(
+                        pl_module,
+                        part,
+                        trainer.optimizers,
+                        init=self.init,
+                        max_fraction=self.max_fraction,
+                        exclude=self.exclude,
+                        generator=generator,
+                        sites=self._sites if self._sites_model is pl_module else None,
+                        example_input=example,
+                        check_output=self.check_output,
+                    )
+                )
         for warning in caught:
             message = str(warning.message)
             if not issubclass(warning.category, RevivalWarning):

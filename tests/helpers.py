@@ -398,3 +398,33 @@ def assert_monitor_matches(monitor: DeadUnitMonitor, module: Replayed, unit_axis
     assert [h.epoch for h in monitor.history] == sorted(module.recorded)
     for epoch_report in monitor.history:
         assert_report(epoch_report.layers, module.expected(epoch_report.epoch, unit_axis))
+
+
+class AutoEncoder(L.LightningModule):
+    """The layout of Lightning's own first example: ``training_step`` calls ``self.decoder(self.encoder(x))``, never
+    the module's forward (which is the encoder alone). Units ``dead`` of ``encoder.1`` and of ``decoder.1`` read a
+    bias of -1e4 (dead on any input near 0)."""
+
+    def __init__(self, dead: tuple[int, ...] = (1, 4), lr: float = 0.01) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        self.decoder = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 6))
+        with torch.no_grad():
+            for layer in (self.encoder[0], self.decoder[0]):
+                layer.bias[list(dead)] = -1e4
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return F.mse_loss(self.decoder(self.encoder(x)), x)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(x), batch_size=8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,31 @@ def test_compact_reads_the_last_report_of_a_new_and_of_an_old_checkpoint(tmp_pat
     torch.save(checkpoint, old)
     compacted, _ = _compact_checkpoint(str(old), str(tmp_path / "old_small.ckpt"), None, None, 0)
     assert {name: site.removed for name, site in compacted.sites.items()} == removed
+
+
+def test_the_held_examples_round_trip_and_an_older_single_example_loads() -> None:
+    from lightning_relu.revive import _examples_from_state, _examples_state
+    from lightning_relu.structure import ModuleCall
+
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    held = [ModuleCall("encoder", (x,), {}), ModuleCall("decoder", (h,), {"scale": 2.0})]
+    state = torch.load(_saved(_examples_state(held)), weights_only=True)
+    loaded = _examples_from_state(state)
+    assert [(e.module, e.kwargs) for e in loaded] == [("encoder", {}), ("decoder", {"scale": 2.0})]
+    assert torch.equal(loaded[0].args[0], x) and torch.equal(loaded[1].args[0], h)
+    batch = (x, h)  # the batch's input, when no call was seen: a tuple of positional arguments stays a tuple
+    (again,) = _examples_from_state(torch.load(_saved(_examples_state([batch])), weights_only=True))
+    assert isinstance(again, tuple) and torch.equal(again[1], h)
+    # what a checkpoint of the previous version held: one example
+    (old_call,) = _examples_from_state({"module": "net", "args": [x], "kwargs": {}})
+    assert old_call.module == "net" and torch.equal(old_call.args[0], x)
+    (old_input,) = _examples_from_state({"input": x, "tuple": False})
+    assert torch.equal(old_input, x)
+    assert _examples_state(None) is None and _examples_from_state(None) is None
+
+
+def _saved(value: Any) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -535,13 +536,31 @@ def test_cli_refuses_a_checkpoint_without_a_monitor(tmp_path, capsys) -> None:
     assert "holds no `DeadUnitMonitor` report" in capsys.readouterr().err
 
 
+def _one_epoch(tmp_path, callback) -> Any:
+    """A quiet one-epoch CPU Trainer with a monitor and ``callback``."""
+    import lightning.pytorch as pl
+
+    from lightning_relu import DeadUnitMonitor
+
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        accelerator="cpu",
+        callbacks=[DeadUnitMonitor(print_summary=False), callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+    )
+
+
 def test_compact_on_fit_end_callback(tmp_path) -> None:
     import pickle
 
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from lightning_relu import CompactOnFitEnd, DeadUnitMonitor
+    from lightning_relu import CompactOnFitEnd
     from lightning_relu._demo import DemoRegressor, DemoTask
     from lightning_relu.compaction import resize_like_
 
@@ -553,16 +572,7 @@ def test_compact_on_fit_end_callback(tmp_path) -> None:
     model = DemoRegressor(task.depth, task.width, task.in_features, task.lr, task.momentum)
     _kill((model.net[2].bias, [1, 6]))
     callback = CompactOnFitEnd(dirpath=str(tmp_path / "small"))
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        accelerator="cpu",
-        callbacks=[DeadUnitMonitor(print_summary=False), callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
+    trainer = _one_epoch(tmp_path, callback)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(task.data(0), batch_size=64))
@@ -574,6 +584,34 @@ def test_compact_on_fit_end_callback(tmp_path) -> None:
     fresh.load_state_dict(saved["state_dict"])
     assert _close(_eval(fresh, x), _eval(model, x))
     assert fresh.net[2].out_features <= 6
+
+
+@pytest.mark.parametrize("certify", [None, (-10.0, 10.0)], ids=["measured", "certified"])
+def test_compact_on_fit_end_compacts_each_child_the_step_calls(tmp_path, certify) -> None:
+
+    from lightning_relu import CompactOnFitEnd
+    from tests.helpers import AutoEncoder
+
+    module = AutoEncoder(lr=0.0)  # weights fixed: the units killed by hand stay dead
+    x = module.train_dataloader().dataset.tensors[0]
+    callback = CompactOnFitEnd(certify=certify)
+    trainer = _one_epoch(tmp_path, callback)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module)
+    assert callback.result is not None
+    removed = {name: site.removed for name, site in callback.result.sites.items()}
+    small = callback.result.model
+    with torch.no_grad():
+        before = module.decoder(module.encoder(x))
+        after = small.decoder(small.encoder(x))
+    assert _close(after, before)
+    if certify is None:  # the two calls of the step: `self.encoder(x)`, then `self.decoder(...)`
+        assert removed["encoder.1"] >= 2 and removed["decoder.1"] >= 2
+        assert small.encoder[0].out_features <= 6 and small.decoder[0].out_features <= 6
+    else:  # a box of the step's input says nothing of the decoder's: its sites stay, and a warning says so
+        assert removed["encoder.1"] >= 2 and "decoder.1" not in removed
+        assert any("`decoder`" in str(w.message) and "certif" in str(w.message) for w in caught)
 
 
 def test_compact_on_fit_end_needs_a_monitor(tmp_path) -> None:

@@ -11,6 +11,7 @@ import importlib.util
 import math
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,15 @@ from lightning_relu.revive import DeadUnitReviver, RevivalWarning, revive_dead_u
 from lightning_relu.sites import find_relu_sites
 from lightning_relu.stats import LayerReport
 from lightning_relu.tracker import DeadUnitTracker
-from tests.helpers import MLP, Replayed, assert_monitor_matches, positive_data, quiet_trainer, retry_spawn_abort
+from tests.helpers import (
+    MLP,
+    AutoEncoder,
+    Replayed,
+    assert_monitor_matches,
+    positive_data,
+    quiet_trainer,
+    retry_spawn_abort,
+)
 
 # ------------------------------------------------------------------------------------------------ helpers
 
@@ -638,6 +647,25 @@ def test_the_revivers_own_forwards_are_not_counted_whatever_the_callback_order(
     quiet_trainer(tmp_path, callbacks, max_epochs=2, limit_val_batches=0).fit(module)
     assert [h.layers["net.1"].samples for h in monitor.history] == [20, 20]
     assert_monitor_matches(monitor, module)
+
+
+def test_a_step_that_calls_two_children_has_both_revived(tmp_path: Path) -> None:
+    # `self.decoder(self.encoder(x))`: each child's sites are observed on that child's call in the step
+    module = AutoEncoder()
+    x = module.train_dataloader().dataset.tensors[0]
+    monitor = DeadUnitMonitor(print_summary=False, revive=DeadUnitReviver(seed=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(tmp_path, [monitor], max_epochs=1, limit_val_batches=0).fit(module)
+    assert not [w for w in caught if issubclass(w.category, RevivalWarning)], [str(w.message) for w in caught]
+    assert monitor.reviver is not None and monitor.last_report is not None
+    dead = {name: layer.num_dead for name, layer in monitor.last_report.items()}
+    assert dead["encoder.1"] >= 2 and dead["decoder.1"] >= 2  # the units killed by hand, at least
+    assert monitor.reviver.last_revived == dead
+    with torch.no_grad():  # the revived units fire on the training data, by hand
+        hidden = torch.relu(module.encoder[0](x))
+        assert bool((hidden[:, [1, 4]] > 0).any(0).all())
+        assert bool((torch.relu(module.decoder[0](module.encoder(x)))[:, [1, 4]] > 0).any(0).all())
 
 
 def test_reviver_needs_a_monitor(tmp_path: Path) -> None:

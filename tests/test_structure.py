@@ -389,3 +389,58 @@ def test_a_transpose_by_attribute_keeps_the_unit_map() -> None:
     assert site.producer is not None and site.producer.name == "fc"
     # the transpose puts the 3 units on the rows the Linear `mix` reads as its batch: no column carries one unit
     assert site.consumers == [] and any("several units" in p for p in site.reader_problems)
+
+
+def test_the_watch_keeps_each_outermost_call_of_the_latest_training_step() -> None:
+    from lightning_relu.structure import ModuleCall, RootCallWatch
+
+    class Steps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+            self.decoder = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.decoder(self.encoder(x))
+
+    model = Steps()
+    x1, x2, x3 = (torch.randn(5, 4) for _ in range(3))
+    watch = RootCallWatch(model).start()
+    hidden = model.encoder(x1)  # a step calling two children, as `self.decoder(self.encoder(x))`
+    model.decoder(hidden)
+    examples = watch.examples(2)
+    assert [e.module for e in examples] == ["encoder", "decoder"] and watch.root == "encoder"
+    assert torch.equal(examples[0].args[0], x1[:2]) and torch.equal(examples[1].args[0], hidden[:2].detach())
+    watch.active = False  # between steps (validation): not recorded
+    model.decoder(torch.randn(5, 3))
+    watch.active = True
+    model(x2)  # a step through the model's forward: it reaches every site, the children inside it are not outermost
+    assert [(e.module, torch.equal(e.args[0], x2)) for e in watch.examples(None)] == [("", True)]
+    watch.active = False
+    watch.active = True
+    model.encoder(x3)
+    model(x3)  # the model's own call, whatever else the step calls
+    assert [e.module for e in watch.examples(None)] == [""]
+    assert isinstance(watch.example(None), ModuleCall)
+    watch.stop()
+    model(x1)
+    assert [e.module for e in watch.examples(None)] == [""] and torch.equal(watch.examples(None)[0].args[0], x3)
+
+
+def test_reports_are_split_among_the_calls_that_hold_their_sites() -> None:
+    from lightning_relu.structure import ModuleCall, split_by_call
+
+    reports = {"encoder.1": "e", "decoder.1": "d", "decoder.relu": "f", "head.1": "h", "decoderx.1": "x"}
+    enc, dec = ModuleCall("encoder", (1,)), ModuleCall("decoder", (2,))
+    parts = split_by_call(reports, [enc, dec])
+    # each site with the call of the child that holds it; those of no call with the first (which will say so)
+    assert parts == [
+        (enc, {"encoder.1": "e", "head.1": "h", "decoderx.1": "x"}),
+        (dec, {"decoder.1": "d", "decoder.relu": "f"}),
+    ]
+    root = ModuleCall("", (1,))
+    assert split_by_call(reports, [root, enc]) == [(root, reports)]  # the model's own call holds every site
+    whole = torch.ones(2)
+    assert split_by_call(reports, [whole]) == [(whole, reports)]
+    assert split_by_call(reports, []) == []
+    assert split_by_call({"decoder.1": "d"}, [enc, dec]) == [(dec, {"decoder.1": "d"})]

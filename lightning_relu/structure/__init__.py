@@ -28,6 +28,7 @@ from lightning_relu.observation import (
     example_from_batch,
     preserved_state,
     record,
+    split_by_call,
 )
 from lightning_relu.tracker import DeadUnitTracker
 
@@ -47,6 +48,7 @@ __all__ = [
     "example_from_batch",
     "observe",
     "preserved_state",
+    "split_by_call",
 ]
 
 
