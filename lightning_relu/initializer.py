@@ -145,21 +145,10 @@ class ReluInitializer(Callback):
             self.report, self.rai_layers, self.seed_used, self.metrics = {}, [], None, {}
         if stage != "fit" or self.applied:
             return
-        # what the initializers cannot write into (Lightning's DeepSpeedStrategy) is refused before the fit starts
+        # what the initializers cannot write into (Lightning's DeepSpeedStrategy) is refused before the fit starts;
+        # whether they find anything to act on is known only on the first batch's forward (functional calls,
+        # rectifiers outside an `nn.Sequential`): `on_train_start` says so when they do not
         write_through(pl_module, "ReluInitializer", "pl_module", trainer=trainer)
-        sites = find_relu_sites(pl_module)
-        if not sites:
-            rank_zero_warn(
-                f"`ReluInitializer` found no rectifier site (`nn.ReLU`/`nn.ReLU6` module) in"
-                f" {type(pl_module).__name__}: it will do nothing.",
-                category=RuntimeWarning,
-            )
-        elif self.uses_rai and all(site.producer is None for site in sites):
-            rank_zero_warn(
-                f"`ReluInitializer({self.method!r})`: no rectifier site of {type(pl_module).__name__} has a known"
-                " producer (a Linear/ConvNd before it in an `nn.Sequential`): RAI will initialize nothing.",
-                category=RuntimeWarning,
-            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,8 +166,21 @@ class ReluInitializer(Callback):
             return
         if self.uses_rai:
             self._apply_rai(trainer, pl_module)
+            if not self.rai_layers:
+                rank_zero_warn(
+                    f"`ReluInitializer({self.method!r})` initialized no layer with RAI: no rectifier site of "
+                    f"{type(pl_module).__name__} has a Linear/ConvNd computing its input on the forward of the first "
+                    "training batch.",
+                    category=RuntimeWarning,
+                )
         if self.uses_sign_flip:
             self._apply_sign_flip(trainer, pl_module)
+            if not self.report:
+                rank_zero_warn(
+                    f"`ReluInitializer({self.method!r})` flipped no sign: it found no rectifier site it can flip in "
+                    f"{type(pl_module).__name__} on the training data.",
+                    category=RuntimeWarning,
+                )
         self.applied = True
         self._applied_to = weakref.ref(pl_module)
         self._log(trainer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -323,9 +324,33 @@ def test_dict_batches_without_input_fn_fail_clearly(tmp_path: Path) -> None:
         _trainer(tmp_path, [ReluInitializer("sign_flip")]).fit(_DictNet())
 
 
-def test_warns_without_sites(tmp_path: Path) -> None:
-    with pytest.warns(RuntimeWarning, match="no rectifier site"):
-        _trainer(tmp_path, [ReluInitializer("rai")]).fit(BoringModel())
+@pytest.mark.parametrize("method", ["rai", "sign_flip"])
+def test_warns_without_sites(tmp_path: Path, method: str) -> None:
+    with pytest.warns(RuntimeWarning, match=f"`ReluInitializer\\('{method}'\\)` .* no rectifier site"):
+        _trainer(tmp_path, [ReluInitializer(method)]).fit(BoringModel())
+
+
+class _FunctionalNet(_Net):
+    """A functional rectifier between two layers that no `nn.Sequential` holds: found on a forward only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l2(F.relu(self.l1(x))).squeeze(-1)
+
+
+def test_rai_on_rectifiers_only_a_forward_shows_warns_nothing(tmp_path: Path) -> None:
+    net = _FunctionalNet()
+    before = net.l1.weight.detach().clone()
+    init, snapshot = ReluInitializer("rai", seed=0), _Snapshot()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [init, snapshot]).fit(net)
+    assert not [str(w.message) for w in caught if "ReluInitializer" in str(w.message)]
+    assert init.rai_layers == ["l1"]
+    assert not torch.equal(before, snapshot.states[0]["l1.weight"])  # initialized before the first step
 
 
 @pytest.mark.parametrize(
