@@ -41,6 +41,7 @@ __all__ = [
     "fsdp2_supported",
     "is_compiled",
     "is_forward_redirected",
+    "lightning_batches_that_stepped",
     "on_backward_end",
     "restore_fsdp2_forward_state",
     "restore_hooks",
@@ -108,6 +109,26 @@ def is_compiled(module: nn.Module) -> bool:
     if module.__dict__.get("_compiled_call_impl") is not None:  # `module.compile()`
         return True
     return hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
+
+
+def lightning_batches_that_stepped(trainer: Any) -> int | None:
+    """The training batches of the fit so far after which the optimizers stepped (every batch under manual
+    optimization; with gradient accumulation, those that ended an accumulation), as Lightning counts them; None
+    when the trainer does not say.
+
+    Why: Lightning logs a training epoch's epoch-level metrics (``self.log(..., on_epoch=True)``) at this count minus
+    one, not at ``global_step - 1``: the two differ under manual optimization (``global_step`` counts every
+    optimizer's steps: two per batch with two optimizers, none in a batch that does not step). The monitor logs
+    its report at the same step, so that a CSV row or a TensorBoard point lines up with the epoch's losses.
+    Lightning's own ``LearningRateMonitor`` and ``DeviceStatsMonitor`` read the same attribute
+    (``trainer.fit_loop.epoch_loop._batches_that_stepped``, private).
+
+    Replaced by: a public step of epoch-level logging on the Trainer (none in Lightning 2.x).
+    ``tests/test_compat.py`` fits under manual optimization with two optimizers and compares with the step of a
+    metric logged with ``on_epoch=True``.
+    """
+    count = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None)
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def on_backward_end(callback: Callable[[], None]) -> None:

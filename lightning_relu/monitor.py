@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_relu._compat import lightning_batches_that_stepped
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.dashboards import (
     HEATMAP_TAG,
@@ -472,6 +473,7 @@ class DeadUnitMonitor(Callback):
             if trainer.world_size > 1:
                 step = trainer.strategy.reduce(step.to(trainer.strategy.root_device), reduce_op="min")
             first = int(step) if int(step) != NO_STEP else None
+        stepped = lightning_batches_that_stepped(trainer)
         report = EpochReport(
             epoch=self._epoch,
             global_step=trainer.global_step,
@@ -479,6 +481,7 @@ class DeadUnitMonitor(Callback):
             partial=partial is not None,
             partial_reason=partial or "",
             first_nonfinite_step=first,
+            log_step=None if stepped is None else max(stepped - 1, 0),
         )
         self._start_epoch()
         self.history.append(report)
@@ -898,9 +901,9 @@ _ADVICE_BOUND = 0.99
 
 
 def _log_step(report: EpochReport) -> int:
-    """The step Lightning logs an epoch's epoch-level metrics at: its last batch's, ``global_step - 1`` (with one
-    optimizer stepping on every batch, as in automatic optimization)."""
-    return max(report.global_step - 1, 0)
+    """The step Lightning logs an epoch's epoch-level metrics at (:attr:`EpochReport.log_step`), else its last
+    batch's as automatic optimization with one optimizer counts it, ``global_step - 1``."""
+    return report.log_step if report.log_step is not None else max(report.global_step - 1, 0)
 
 
 def _probability_text(bound: float, widths: list[int]) -> str:

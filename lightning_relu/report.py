@@ -237,6 +237,8 @@ class EpochReport:
         partial_reason: why, when ``partial``.
         first_nonfinite_step: the global step of the first training batch in which a site produced NaN or Inf
             (``None`` when none did, or when not known).
+        log_step: the step at which the monitor logged the report, Lightning's step of the epoch's epoch-level
+            metrics (``None`` when not known, as in a report restored from a checkpoint: ``global_step - 1`` then).
     """
 
     epoch: int
@@ -245,6 +247,7 @@ class EpochReport:
     partial: bool = False
     partial_reason: str = ""
     first_nonfinite_step: int | None = None
+    log_step: int | None = None
 
     @property
     def total_units(self) -> int:

@@ -32,6 +32,7 @@ from lightning_relu._compat import (
     fsdp2_supported,
     is_compiled,
     is_forward_redirected,
+    lightning_batches_that_stepped,
     on_backward_end,
     restore_fsdp2_forward_state,
     restore_hooks,
@@ -153,6 +154,55 @@ def test_a_callback_queued_in_a_backward_runs_once_when_that_backward_is_over(gr
     assert events == ["hook", "later", "end"]
     (x * 4).sum().backward()  # a later backward runs nothing queued by the first
     assert events == ["hook", "later", "end"]
+
+
+class _Stepping(L.LightningModule):
+    """One Linear; with ``manual``, manual optimization that steps on every other batch only."""
+
+    def __init__(self, manual: bool) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+        self.automatic_optimization = not manual
+        self.counts: list[int | None] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.automatic_optimization:
+            return loss
+        self.manual_backward(loss)
+        if batch_idx % 2:
+            self.optimizers().step()  # type: ignore[union-attr]
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        self.counts.append(lightning_batches_that_stepped(self.trainer))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(10, 2)), batch_size=2)
+
+
+@pytest.mark.parametrize(("manual", "accumulate", "per_epoch"), [(True, 1, 5), (False, 2, 3), (False, 1, 5)])
+def test_lightnings_count_of_batches_that_stepped(
+    tmp_path: Path, manual: bool, accumulate: int, per_epoch: int
+) -> None:
+    # 5 batches an epoch: under manual optimization every batch counts (whether it stepped or not); accumulating 2,
+    # batches 2, 4 and the epoch's last step
+    module = _Stepping(manual)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)
+    assert module.counts == [per_epoch, 2 * per_epoch]
+    assert lightning_batches_that_stepped(object()) is None
 
 
 def test_the_public_conv_types_are_every_convolution_of_torch_nn() -> None:

@@ -133,6 +133,48 @@ def test_tensorboard_event_file_has_scalars_and_histograms(tmp_path):
     assert steps == [r.global_step - 1 for r in monitor.history]  # the epoch's last step, as Lightning logs epochs
 
 
+class _TwoOptimizers(SeqModule):
+    """Manual optimization with two optimizers (a GAN's shape): ``global_step`` counts two steps per batch, and
+    only every other batch steps; Lightning logs epoch-level metrics by the batches that stepped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = self(batch[0]).pow(2).mean()
+        self.manual_backward(loss)
+        if batch_idx % 2 == 1:
+            for optimizer in self.optimizers():
+                optimizer.step()
+                optimizer.zero_grad()
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        first, second = list(self.net.parameters())[:2], list(self.net.parameters())[2:]
+        return torch.optim.SGD(first, lr=0.0), torch.optim.SGD(second, lr=0.0)
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual-two-optimizers"])
+def test_the_report_is_logged_at_the_step_of_lightnings_epoch_metrics(tmp_path, manual):
+    base = _mlp_module()
+    module = _TwoOptimizers(base.net, base.train_x) if manual else SeqModule(base.net, base.train_x)
+    if not manual:
+        module.training_step = lambda batch, batch_idx: _logged(module, module(batch[0]).pow(2).mean())
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    _trainer(tmp_path, [DeadUnitMonitor(print_summary=False)], logger=logger, limit_val_batches=0).fit(module)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [int(r["step"]) for r in rows if r.get("train_loss")]
+    reports = [int(r["step"]) for r in rows if r.get("dead_units/total")]
+    assert len(losses) == 2 and reports == losses
+
+
+def _logged(module, loss):
+    module.log("train_loss", loss, on_step=False, on_epoch=True)
+    return loss
+
+
 def test_every_logger_gets_the_scalars(tmp_path):
     module = _mlp_module()
     csv_logger = CSVLogger(tmp_path, name="csv")
