@@ -7,8 +7,12 @@ itself: :func:`_activation_stats_update` reduces one output to what the metric's
 
 Definitions (the same everywhere): an entry is *active* when it is ``> 0`` (NaN is not, ``+Inf`` is); a sample is
 *killed* when its whole output is 0 (a sample holding NaN is not); a batch is *non-finite* when an entry is NaN or
-Inf. Counts are exact: per-unit counts are float sums of 0/1 values taken in float32 only while they stay below 2**24
-and in float64 above, then added to int64 states.
+Inf. Both are read from each sample's sum of its entries, so a sample whose finite entries add up past the largest
+value of the sum's dtype (about 3.4e38 in float32) makes its batch non-finite too: entries that large overflow the
+layers that read them anyway. Rectifier outputs are never negative; an output with negative entries (``update`` takes
+any tensor) can have a sample taken for killed whose entries cancel. Counts are exact: per-unit counts are float
+sums of 0/1 values taken in float32 only while they stay below 2**24 and in float64 above, then added to int64 states.
+An output without entries (no sample, or samples of size 0) adds nothing; a 0-d output is refused.
 
 How it is fast with ATen alone (measured on 2 CPU cores; see ``docs/performance.md``). Inside a training step every ATen
 call costs far more than in a loop on its own (tens of microseconds each on the reference machine, a view as well as a
@@ -208,8 +212,10 @@ def _workspace(output: Tensor, axis: int, cached: _Workspace | None) -> _Workspa
         return None
     if cached is not None and cached.key == _key(output, axis) and cached.thread == threading.get_ident():
         return cached
-    if output.numel() // output.shape[0] > _MAX_SAMPLE_NUMEL or not _dense_samples(output):
-        return None  # plain operations, with temporaries
+    if output.numel() // output.shape[0] > _MAX_SAMPLE_NUMEL or output.shape[0] >= _FLOAT32_EXACT:
+        return None  # plain operations, with temporaries (a float32 count per entry of a sample would reach 2**24)
+    if not _dense_samples(output):
+        return None
     return _Workspace(output, axis)
 
 
@@ -532,7 +538,7 @@ def activation_stats(output: Tensor, unit_dim: int | None = None, *, eps: float 
     prepared = _prepare(output)
     if prepared.ndim == 0:
         raise ValueError(f"`output` must have a batch dimension, got a 0-d tensor of shape {tuple(output.shape)}")
-    if prepared.shape[0] == 0:
+    if prepared.numel() == 0:  # no sample, or samples without entries: nothing counted
         units = prepared.shape[unit_axis(prepared, unit_dim)]
         return _activation_stats_compute(torch.zeros(units, dtype=torch.int64), 0, 0, 0, name=name, eps=eps)
     active, killed, nonfinite, samples, entries, _ = _activation_stats_update(prepared, unit_dim)

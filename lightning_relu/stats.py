@@ -36,6 +36,10 @@ def _state(name: str, part: str, doc: str) -> property:
 
     def set(self: ActivationStats, value: Tensor) -> None:
         self._fold()
+        if isinstance(value, Tensor) and value.is_inference():
+            # set under inference mode (a `reset` in an evaluation loop): a state the next update adds to in place
+            with torch.inference_mode(False):
+                value = value.clone()
         self.__dict__[key] = value
 
     return property(get, set, doc=doc)
@@ -148,16 +152,48 @@ class ActivationStats(Metric):
         """Count the active entries of one output of the site (shape ``(batch, ...)``)."""
         self._add(output)
 
+    def forward(self, output: Tensor) -> LayerReport:
+        """As torchmetrics' ``forward`` (``metric(output)``): add ``output`` to the states and return the report of
+        that output alone. The per-unit state is sized from ``output`` first when no width is known yet (torchmetrics
+        adds the states of the output to those held, which must have its width)."""
+        self._size_like(output)
+        report: LayerReport = super().forward(output)
+        return report
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """As torchmetrics' ``merge_state``: add another metric's states (or a dict of them) to these; a metric that
+        has not seen an output yet (no width) takes the other's width, and one that has not seen an output adds
+        nothing."""
+        incoming = incoming_state.active if isinstance(incoming_state, ActivationStats) else None
+        if isinstance(incoming_state, dict) and isinstance(incoming_state.get("active"), Tensor):
+            incoming = incoming_state["active"]
+        if isinstance(incoming, Tensor) and incoming.ndim == 1:
+            if incoming.numel() == 0 and self.active.numel() > 0:
+                return  # nothing seen there: nothing to add
+            if self.active.numel() == 0 and incoming.numel() > 0:
+                with torch.inference_mode(False):
+                    self.active = torch.zeros(incoming.numel(), dtype=torch.int64, device=self.active.device)
+        super().merge_state(incoming_state)
+
+    def _size_like(self, output: Tensor) -> None:
+        prepared = _prepare(output) if isinstance(output, Tensor) else None
+        if prepared is not None and prepared.ndim > 0 and self.active.numel() == 0:
+            units = prepared.shape[unit_axis(prepared, self.unit_dim)]
+            if units:
+                self._shaped(prepared, units)
+
     def _add(self, output: Tensor) -> None:
         """What ``update`` does, without torchmetrics' bookkeeping around it (the tracker's hooks call it while
         ``torch.compile`` traces them)."""
         output = _prepare(output)
+        if output.ndim == 0:
+            raise ValueError(f"`output` must have a batch dimension, got a 0-d tensor of shape {tuple(output.shape)}")
         axis = unit_axis(output, self.unit_dim)
         active = self._active
         if active.numel() != output.shape[axis] or active.dtype is not torch.int64:
             self._shaped(output, output.shape[axis])
-        if output.shape[0] == 0:
-            return
+        if output.numel() == 0:
+            return  # no sample, or samples without entries (a sequence of length 0): nothing to count
         ws = functional._workspace(output, axis, self._workspace)
         tracing = torch.compiler.is_compiling()
         if not tracing:
@@ -259,11 +295,17 @@ class ActivationStats(Metric):
         if pre.shape[0] == 0 or not pre.is_floating_point():
             return
         num_units = pre.shape[unit_axis(pre, self.unit_dim)]
-        if self.pre_sum_bits.numel() == 0:
+        names = ("pre_sum_bits", "pre_sumsq_bits", "pre_entries")
+        # states reset under inference mode (in an evaluation loop) are added to in place below: normal tensors again
+        stale = [] if torch.compiler.is_compiling() else [name for name in names if getattr(self, name).is_inference()]
+        if stale or self.pre_sum_bits.numel() == 0:
             with torch.inference_mode(False):
-                zeros = torch.zeros(num_units, dtype=torch.float64, device=pre.device).view(torch.int64)
-                self.pre_sum_bits, self.pre_sumsq_bits = zeros, zeros.clone()
-        elif self.pre_sum_bits.numel() != num_units:
+                for name in stale:
+                    setattr(self, name, getattr(self, name).clone())
+                if self.pre_sum_bits.numel() == 0:
+                    zeros = torch.zeros(num_units, dtype=torch.float64, device=pre.device).view(torch.int64)
+                    self.pre_sum_bits, self.pre_sumsq_bits = zeros, zeros.clone()
+        if self.pre_sum_bits.numel() != num_units:
             return  # the output's width check reports the mismatch
         total, squares, entries = _margin_update(pre, self.unit_dim)
         self.pre_sum.add_(total)

@@ -465,6 +465,9 @@ class DeadUnitTracker:
         if _transformed(output):
             self._warn_transformed()
             return
+        if output.ndim == 0:
+            self._warn_scalar(site)
+            return
         if stats.unit_dim is None and output.ndim == 3 and site.name not in self._axis_warned:
             self._warn_axis(site, output)
         width = stats.width
@@ -601,6 +604,17 @@ class DeadUnitTracker:
             f"`unit_dims={{{site.name!r}: 1}}` to keep dimension 1 without this warning.",
             RuntimeWarning,
             stacklevel=3,
+        )
+
+    def _warn_scalar(self, site: Site) -> None:
+        if site.name in self._width_warned:
+            return
+        self._width_warned.add(site.name)
+        warnings.warn(
+            f"Site {site.name!r} produced a 0-d output (a rectifier applied to a scalar, such as a learnable "
+            "scale): it has no batch dimension and is not counted.",
+            RuntimeWarning,
+            stacklevel=2,
         )
 
     def _warn_width(self, site: Site, output: Tensor, width: int) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_relu import ActivationStats, LayerReport
+from tests.conftest import expected_counts
 
 
 def test_bf16_counts_are_exact():
@@ -88,3 +89,71 @@ def test_compute_sees_updates_made_after_an_earlier_compute():
     assert stats.compute().active_count.tolist() == [2, 1]
     stats.update_margin(torch.tensor([[4.0, -2.0]]))  # outside `update`: no cached result may hide it
     assert stats.compute().pre_mean.tolist() == [4.0, -2.0]
+
+
+# ------------------------------------------------------------------------------------------------ edge outputs
+def test_one_output_of_more_than_2_24_samples_is_counted_exactly() -> None:
+    from lightning_relu.functional import activation_stats
+
+    n = 2**24 + 3  # one unit per sample: float32 counts per position would stop at 2**24
+    x = torch.ones(n, 1)
+    x[:2] = 0.0
+    metric = ActivationStats()
+    metric.update(x)
+    assert metric.active.tolist() == [n - 2] and int(metric.samples) == n and int(metric.killed) == 2
+    assert activation_stats(x.view(-1)).active_count.tolist() == [n - 2]
+
+
+@pytest.mark.parametrize(("shape", "unit_dim", "units"), [((4, 0, 3), -1, 3), ((4, 3, 0), 1, 3), ((4, 0), None, 0)])
+def test_an_output_without_entries_adds_nothing(shape, unit_dim, units) -> None:
+    from lightning_relu.functional import activation_stats
+
+    report = activation_stats(torch.zeros(shape), unit_dim)
+    assert report.num_units == units and report.samples == 0 and report.killed == 0
+    metric = ActivationStats(unit_dim=unit_dim)
+    metric.update(torch.zeros(shape))
+    assert int(metric.samples) == 0 and int(metric.entries) == 0 and metric.active.tolist() == [0] * units
+    if units:  # and the metric counts the next output as if the empty one had not come
+        nonempty = torch.rand(tuple(2 if d == 0 else d for d in shape)) - 0.5
+        metric.update(nonempty.clamp(min=0))
+        axis = unit_dim % nonempty.ndim if unit_dim is not None else -1
+        expected = expected_counts([nonempty.clamp(min=0)], axis)
+        assert metric.active.tolist() == expected["active"] and int(metric.samples) == expected["samples"]
+
+
+def test_a_0_d_output_is_refused_with_the_arguments_name() -> None:
+    with pytest.raises(ValueError, match=r"`output` must have a batch dimension, got a 0-d tensor"):
+        ActivationStats().update(torch.tensor(1.0))
+
+
+def test_states_reset_under_inference_mode_count_again_outside_it() -> None:
+    metric = ActivationStats(track_margin=True)
+    first = torch.rand(4, 3)
+    metric.update(first)
+    metric.update_margin(first - 0.5)
+    with torch.inference_mode():  # an evaluation loop that resets the metric
+        metric.reset()
+    later = torch.rand(5, 3) - 0.5
+    metric.update(later.clamp(min=0))
+    metric.update_margin(later)
+    expected = expected_counts([later.clamp(min=0)], -1)
+    assert metric.active.tolist() == expected["active"] and int(metric.samples) == 5
+    assert int(metric.pre_entries) == 5
+    assert torch.allclose(metric.pre_sum, later.sum(0).double(), atol=1e-6)
+
+
+def test_torchmetrics_forward_and_merge_state_without_a_width_given() -> None:
+    x, y = (torch.rand(8, 4) - 0.3).clamp(min=0), (torch.rand(6, 4) - 0.6).clamp(min=0)
+    metric = ActivationStats()
+    report = metric(x)  # the report of this output alone, and the states hold it
+    assert report.active_count.tolist() == expected_counts([x], -1)["active"]
+    metric.reset()
+    assert metric(y).active_count.tolist() == expected_counts([y], -1)["active"]
+    assert metric.active.tolist() == expected_counts([y], -1)["active"]
+    fresh, other = ActivationStats(), ActivationStats()
+    other.update(x)
+    fresh.merge_state(other)  # a metric without a width takes the other's
+    fresh.merge_state(ActivationStats())  # one that saw nothing adds nothing
+    fresh.merge_state({"active": torch.zeros(0, dtype=torch.int64)})
+    both = expected_counts([x], -1)
+    assert fresh.active.tolist() == both["active"] and int(fresh.samples) == both["samples"]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_relu import DeadUnitTracker, NoReluSitesWarning, find_relu_sites, revive_dead_units_
+from tests.conftest import expected_counts
 from tests.helpers import brute_force, conv_bn_net, counting_path, kill_units, mlp
 
 
@@ -913,3 +914,47 @@ def test_a_restored_position_is_created_for_its_own_kind():
     assert [(s.name, s.kind) for s in tracker.sites] == [
         ("relu", "module"), ("relu_fn", "function"), ("relu_1_fn", "function")
     ]  # fmt: skip
+
+
+class _ScaledByARectifiedScalar(nn.Module):
+    """A learnable scale kept non-negative by a rectifier: a 0-d rectifier output beside a real site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+        self.relu = nn.ReLU()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.relu(self.lin(x)) * F.relu(self.scale)
+
+
+def test_a_0_d_rectifier_output_is_left_out_with_one_warning_and_the_forward_runs() -> None:
+    torch.manual_seed(0)
+    model = _ScaledByARectifiedScalar()
+    batches = [torch.randn(6, 4), torch.randn(3, 4)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with DeadUnitTracker(model) as tracker:
+            for x in batches:
+                model(x).sum().backward()
+    scalar = [w for w in caught if "0-d output" in str(w.message)]
+    assert len(scalar) == 1 and "relu_fn" in str(scalar[0].message)
+    with torch.no_grad():
+        outs = [torch.relu(model.lin(x)) for x in batches]
+    expected = expected_counts(outs, -1)
+    report = tracker.report()["relu"]
+    assert report.active_count.tolist() == expected["active"] and report.samples == expected["samples"]
+
+
+def test_an_empty_sequence_in_the_batch_loop_is_counted_as_nothing() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    full, empty = torch.randn(2, 6, 3), torch.randn(2, 0, 3)
+    with DeadUnitTracker(net) as tracker:
+        net(full)
+        net(empty)  # a batch of sequences of length 0
+    with torch.no_grad():
+        expected = expected_counts([torch.relu(net[0](full))], -1)
+    report = tracker.report()["1"]
+    assert report.active_count.tolist() == expected["active"] and report.samples == expected["samples"] == 2
