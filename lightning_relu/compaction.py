@@ -1048,7 +1048,8 @@ def _call_name(example: Any) -> str:
 class CompactOnFitEnd(Callback):
     """At the end of a fit, compact the LightningModule with the last report of the ``DeadUnitMonitor`` among the
     Trainer's callbacks, keep the result in :attr:`result` and (with ``dirpath``) save it as a checkpoint that
-    :func:`resize_like_` loads.
+    :func:`resize_like_` loads (and ``load_from_checkpoint`` of a LightningModule that calls it in its
+    ``on_load_checkpoint``).
 
     The example input is the last call the training step made into the model (its forward, or ``self.net(x)``),
     cut to ``example_size`` samples; with ``input_fn``, ``input_fn(batch)`` of the last training batch. A step that
@@ -1158,6 +1159,11 @@ class CompactOnFitEnd(Callback):
             self.path = os.path.join(self.dirpath, self.filename)
             torch.save(
                 {
+                    # what `LightningModule.load_from_checkpoint` reads (it migrates by the version), with the widths
+                    # that `resize_like_` in the module's `on_load_checkpoint` gives its layers first
+                    "pytorch-lightning_version": pl.__version__,
+                    "epoch": trainer.current_epoch,
+                    "global_step": trainer.global_step,
                     "state_dict": self.result.model.state_dict(),
                     "hyper_parameters": dict(getattr(pl_module, "hparams", {})),
                     CHECKPOINT_KEY: layer_widths(self.result.model),

@@ -585,6 +585,14 @@ def test_compact_on_fit_end_callback(tmp_path) -> None:
     assert _close(_eval(fresh, x), _eval(model, x))
     assert fresh.net[2].out_features <= 6
 
+    # and as Lightning loads a checkpoint, into a module that resizes itself first
+    class Resizing(DemoRegressor):
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            resize_like_(self, checkpoint)
+
+    loaded = Resizing.load_from_checkpoint(callback.path, weights_only=True)
+    assert _close(_eval(loaded, x), _eval(model, x)) and loaded.net[2].out_features == fresh.net[2].out_features
+
 
 @pytest.mark.parametrize("certify", [None, (-10.0, 10.0)], ids=["measured", "certified"])
 def test_compact_on_fit_end_compacts_each_child_the_step_calls(tmp_path, certify) -> None:
