@@ -116,8 +116,9 @@ def dead_fraction_heatmap(history: Sequence[EpochReport], sites: Sequence[str] |
 
     The image is :data:`HEATMAP_WIDTH` pixels wide whatever the number of epochs, so that TensorBoard shows it at
     its own size: site names label the rows (cut from the left when long), epochs (Lightning's numbering, from 0)
-    the columns, each cell wide enough holds its percentage, and a colour bar from 0 to 100% dead, with the grey
-    of a site that saw nothing, stands on the right.
+    the columns (with more epochs than the grid has pixel columns, each pixel column shows the last epoch it
+    covers), each cell wide enough holds its percentage, and a colour bar from 0 to 100% dead, with the grey of a
+    site that saw nothing, stands on the right.
     """
     from PIL import Image, ImageDraw
 
@@ -149,14 +150,17 @@ def dead_fraction_heatmap(history: Sequence[EpochReport], sites: Sequence[str] |
     def column_x(j: int) -> int:
         return grid_x + round(j * grid_w / columns)
 
+    if columns <= grid_w:  # a column of one pixel at least per epoch
+        cells = [(j, column_x(j), column_x(j + 1) - 1) for j in range(len(history))]
+    else:  # more epochs than pixels: each pixel column shows the last epoch it covers
+        cells = [(min(columns, (p + 1) * columns // grid_w) - 1, grid_x + p, grid_x + p) for p in range(grid_w)]
     for i, name in enumerate(sites):
         y = top + i * row_h
         label = _shorten(name, label_w - 10, text_width)
         draw.text((label_w - 6 - text_width(label), y + 2), label, fill=_INK, font=font)
-        for j, report in enumerate(history):
-            layer = report.layers.get(name)
+        for j, x0, x1 in cells:
+            layer = history[j].layers.get(name)
             fraction = layer.dead_fraction if layer is not None and layer.seen else math.nan
-            x0, x1 = column_x(j), column_x(j + 1) - 1
             color = dead_fraction_color(fraction)
             draw.rectangle([x0, y, x1, y + row_h - 2], fill=color)
             cell = "-" if math.isnan(fraction) else f"{fraction:.0%}".replace("%", "")

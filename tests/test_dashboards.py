@@ -59,6 +59,20 @@ def test_heatmap_has_a_cell_for_every_site_and_epoch():
     assert taller.shape[0] > image.shape[0]
 
 
+def test_a_heatmap_of_more_epochs_than_pixels_shows_the_last_epoch_each_pixel_covers():
+    # a fit of 1000 epochs (Lightning's default `max_epochs`): the grid has about 250 pixel columns
+    history = [EpochReport(e, e, {"a_long_site_name.layer.1": _layer("a_long_site_name.layer.1", e // 125)}) for e in
+               range(1000)]  # fmt: skip
+    image = dead_fraction_heatmap(history)
+    assert image.shape[1] == HEATMAP_WIDTH
+    row = image[30 + 10, :]  # the middle of the site's row
+    colours = [tuple(int(v) for v in px) for px in row]
+    expected = [dead_fraction_color(d / 8) for d in range(8)]  # every dead count of the history, none other
+    shown = [c for c in dict.fromkeys(colours) if c in expected]
+    assert shown == expected  # in epoch order, from the first epoch's to the last's
+    assert colours[HEATMAP_WIDTH - 76 - 1] == dead_fraction_color(7 / 8)  # the last pixel column: the last epoch
+
+
 @pytest.mark.parametrize("epochs", [1, 8, 60])
 def test_heatmap_is_legible_at_tensorboard_size(epochs):
     """The same width whatever the number of epochs (TensorBoard's image cards show it at its own size), every
