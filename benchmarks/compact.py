@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -148,7 +149,9 @@ def demo_row(repeats: int) -> dict:
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(task.data(0), batch_size=task.batch_size, shuffle=True))
     data = task.data(0).tensors[0]  # the training inputs: what the monitor's last epoch saw
-    row = measure("demo MLP (he, 20 epochs, died on its own)", model.eval(), monitor.last_report, data, repeats)
+    label = f"demo MLP ({task.depth}×{task.width}, he, 20 epochs, died on its own)"
+    row = measure(label, model.eval(), monitor.last_report, data, repeats)
+    row["batch"] = "×".join(str(size) for size in data.shape)
     print(row, flush=True)
     return row
 
@@ -177,15 +180,19 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the markdown table into this file (between markers)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
     rows = torchvision_rows([n for n in args.models.split(",") if n], args.share, args.repeats)
     rows.append(demo_row(args.repeats))
+    load = max(load, os.getloadavg()[0])
     text = table(rows)
     stamp = (
-        f"Measured {time.strftime('%Y-%m-%d')} on the 2-core CPU sandbox ({platform.machine()}, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} intra-op thread), images 8×3×128×128, demo batch 4096×2; "
-        f"latency: median of {args.repeats} forwards in evaluation mode, the two models timed in alternation. Other "
-        "jobs were loading the machine (load average above 2 on 2 cores): latencies are noisy, the parameter and FLOP "
-        "counts are exact. Output change: max |after - before| / max |before| on the data the report saw (eval mode)."
+        f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on the {os.cpu_count()}-core CPU sandbox "
+        f"({platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread), images "
+        f"8×3×128×128, demo batch {rows[-1]['batch']}; latency: median of {args.repeats} forwards in evaluation mode, "
+        "the two models timed in "
+        f"alternation, with a load average of up to {load:.1f} on the machine (latencies are noisy; the parameter "
+        "and FLOP counts are exact). Output change: max |after - before| / max |before| on the data the report saw "
+        "(eval mode)."
     )
     print(text)
     print(stamp)

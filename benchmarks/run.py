@@ -6,8 +6,9 @@
 Each step-overhead figure is a ratio of medians from a process in which the two variants run in interleaved
 blocks (many rounds of "a block of steps with, a block without"), so that machine drift cancels; it is
 measured in --processes fresh processes (5 by default) and the median is reported, with the range of the
-processes' own figures. Every hook adds its output's counts to the site's states before it returns: nothing
-waits to be folded later. Budgets (checked unless --no-budgets; the script exits 1 when one is missed):
+processes' own figures. The counting keeps partial sums that are folded into the states when they are read or
+fill up (see lightning_relu/functional.py); the timed steps include every fold that falls in them. Budgets (checked
+unless --no-budgets; the script exits 1 when one is missed):
 
 - monitoring with exact per-unit counts on every training step: at most 1.02x the step time, for
   `DeadUnitTracker` in a plain loop and for `DeadUnitMonitor` in `Trainer.fit`;

@@ -154,7 +154,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     compact.add_argument(
         "--input-shape",
         default=None,
-        help="shape of the random example input, comma-separated (default: 1024 samples of the model's in_features)",
+        help="shape of the random example input, comma-separated (required with --model; for the demo's own model "
+        "the default is 1024 of its training inputs)",
     )
     compact.add_argument("--seed", type=int, default=0, help="seed of the example input (default: 0)")
     return parser

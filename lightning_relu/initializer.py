@@ -44,7 +44,8 @@ class ReluInitializer(Callback):
     checkpoint being resumed has been restored, and the training dataloader exists (it does not in
     ``on_fit_start``). It never runs when the fit resumes from a checkpoint (``trainer.ckpt_path`` is set): its
     ``state_dict`` records that it ran, and a fit resumed from a checkpoint saved without it is left alone as well.
-    It runs at most once per instance, so a second ``fit`` with the same callback does not re-initialize.
+    It runs once per model: a second ``fit`` of the model it initialized (a second training stage) keeps the trained
+    weights, while a fit of another model with the same callback initializes that model.
 
     Under distributed training every rank ends with the same weights: RAI draws from a generator seeded
     identically on every rank (``seed``, or a seed drawn on rank 0 and broadcast), and the sign-flip decisions of

@@ -74,7 +74,10 @@ class DeadUnitMonitor(Callback):
     - ``dead_units/<site>``: dead fraction of the site's units, in [0, 1];
     - ``dead_units/total``: dead units over all units of all sites;
     - ``living_data/<site>``: living-data fraction at the site;
-    - ``dying_units/<site>``: share of the site's units active on fewer than ``eps`` of their entries.
+    - ``dying_units/<site>``: share of the site's units active on fewer than ``eps`` of their entries;
+    - ``nonfinite/total``: sites that produced NaN or Inf in the epoch, and ``nonfinite/<site>`` (the site's
+      non-finite batches) for each of them;
+    - ``partial_epoch``: 1 when the epoch's counts are partial (a resumed fit that could not restore them), else 0.
 
     They are logged at the step and with the ``epoch`` value of Lightning's own epoch-level metrics (the epoch's
     last step; epochs numbered from 0, as in checkpoint names), so a CSV row lines up with the epoch's losses.
@@ -87,7 +90,9 @@ class DeadUnitMonitor(Callback):
     on rank zero (a ``rich`` table when ``rich`` is installed) unless ``print_summary=False``.
 
     Args:
-        sites: names of the sites to watch (default: all). Unknown names raise ``ValueError`` at setup.
+        sites: names of the sites to watch (default: all). Unknown names raise ``ValueError``: at setup, or, for
+            names only a forward can confirm (later call positions, functional calls), at the end of the first
+            training forward.
         on_collapse: what to do when every unit of a site is dead: ``"warn"`` (once per site, on rank zero),
             ``"raise"`` (:class:`CollapseError`) or ``"stop"`` (warn and stop training gracefully).
         log_histograms: write the per-unit activation-rate histograms to TensorBoard loggers.
@@ -106,7 +111,7 @@ class DeadUnitMonitor(Callback):
         print_summary: print the per-site summary table at the end of training (rank zero).
         unit_dims: the unit axis of sites that no known layer fixes, by site name: ``-1`` (last dimension, for
             ``(batch, time, features)`` sequences) or ``1`` (channels); see
-            :class:`~lightning_relu.tracker.DeadUnitTracker`. Unknown names raise ``ValueError`` at setup.
+            :class:`~lightning_relu.tracker.DeadUnitTracker`. Unknown names raise ``ValueError`` as for ``sites``.
 
     A unit is active on an entry when the entry is ``> 0``: NaN entries are not active, +Inf entries are. The
     first epoch in which a site produces NaN or Inf gets one warning naming the site and the epoch.
@@ -122,8 +127,8 @@ class DeadUnitMonitor(Callback):
         trainer.fit(model)
         monitor.last_report["encoder.3"].dead_fraction
 
-    Put the monitor before an ``EarlyStopping`` that watches its metrics in the ``callbacks`` list: both act at
-    the end of the training epoch, in list order.
+    An ``EarlyStopping`` or ``ModelCheckpoint`` that watches its metrics sees the epoch's values wherever it stands
+    in the ``callbacks`` list: Lightning runs those monitoring callbacks' epoch-end hooks after the others'.
     """
 
     def __init__(

@@ -138,6 +138,14 @@ def revive_dead_units_(
         exclude: names of sites never to revive (unknown names raise ``ValueError``).
         sites: the model's sites as :func:`~lightning_relu.find_relu_sites` returns them (e.g. a tracker's
             ``all_sites``), to skip discovering them again; default: discovered here.
+        example_input: an input of the model (a tensor, a tuple of positional arguments, a dict of keyword
+            arguments, or a :class:`~lightning_relu.structure.ModuleCall` of a submodule): producers, norms and
+            consumers are found on a real forward of it, and each revived unit's bias is set so that it fires on it.
+            Without it they are read from the order of ``nn.Sequential`` containers only, and nothing is checked
+            on data.
+        check_output: with ``example_input``, leave alone the units that are alive on it in evaluation mode, and
+            undo (with a :class:`RevivalWarning`) the revivals of a site that change the model's output on it in
+            evaluation mode. No effect without ``example_input``.
 
     Returns:
         The number of units revived at every site of ``report`` not in ``exclude`` (0 where none was).

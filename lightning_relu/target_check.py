@@ -59,9 +59,10 @@ class TargetScaleCheck(Callback):
     into the dead cone ``P(w·x + b > 0) < ε``, where they stop learning for good. The fix is to normalize the
     targets to zero mean and unit variance (and undo it on the predictions), or to reduce the momentum.
 
-    The measurement happens once per instance: a second ``fit`` with the same callback, and a fit resumed from a
-    checkpoint that holds this callback's state, keep the numbers already measured (a fit resumed from a
-    checkpoint saved without this callback measures during its first epoch). Entries that are NaN or Inf are
+    The measurement happens once per fit: a later ``fit`` of the same Trainer (which continues from its step) and a
+    fit resumed from a checkpoint that holds this callback's state keep the numbers already measured, while a fit
+    that starts from step 0 (a new Trainer) measures its own targets (a fit resumed from a checkpoint saved without
+    this callback measures during its first epoch). Entries that are NaN or Inf are
     left out of the statistics.
 
     Targets that are not floating-point tensors (class labels, integer or boolean tensors, strings, ...) are not
