@@ -108,6 +108,11 @@ def revive_observed_(
             f"The report has sites {unknown} that the model does not have; the model's sites are "
             f"{list(structure.known)}. Was the report measured on another model?"
         )
+    unknown_excluded = sorted(excluded - set(structure.known))
+    if unknown_excluded:
+        raise ValueError(
+            f"`exclude` has unknown site names {unknown_excluded}; the model's sites are {list(structure.known)}"
+        )
     alive = _alive_in_eval(model, example_input, sites) if check_output else {}
     decisions = _decide(structure, dead, excluded, alive, max_fraction, generator)
     if decisions.plans:
@@ -301,38 +306,63 @@ def _unit_values(values: Tensor, unit_dim: int, units: Tensor) -> Tensor:
 
 
 def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan], sites: Any) -> dict[str, Tensor]:
-    """Make the revived units fire on about half of the example input's entries (two passes: the second sees
-    the earlier sites' shifts). Returns, per site, the mask of its revived units whose pre-activation is constant
-    on the batch (every unit they read is dead): no shift makes those fire."""
+    """Make the revived units fire on about half of the example input's entries. Each pass observes the model once
+    and shifts every site's revived units by what that forward shows; a site reads the sites before it, so the passes
+    go on until no unit needs a shift: a chain of ``d`` revived sites settles in about ``d`` passes, ``2 d`` with
+    BatchNorm in evaluation mode (its running statistics, set from one pass, normalize the next), and at most that
+    many and two more are made. Returns, per site, the mask of its revived units whose pre-activation is constant on
+    the batch (every unit they read is dead): no shift makes those fire."""
     silent: dict[str, Tensor] = {}
-    for _ in range(2):
+    for _ in range(2 * len(plans) + 2):
         seen = observe(model, example_input, keep_values=True, sites=sites)
+        settled = True
         for plan in plans:
-            site = seen.sites.get(plan.site.name)
-            pre = seen.pre_activations.get(plan.site.name)
-            if site is None or pre is None or not plan.units.numel():
-                continue
-            batch_norm = next((n for n in plan.site.norms if n.kind == "batch" and n.running_mean is not None), None)
-            norm_input = seen.norm_inputs.get(plan.site.name)
-            if batch_norm is not None and norm_input is not None and norm_input.shape == pre.shape:
-                # eval mode then normalizes the fresh unit as training mode does on this batch
-                x = _unit_values(norm_input, site.unit_dim, plan.units)
-                mean = x.mean(1)
-                var = x.var(1) if x.shape[1] > 1 else torch.ones_like(mean)
-                for tensor, value in ((batch_norm.running_mean, mean), (batch_norm.running_var, var)):
-                    assert tensor is not None
-                    plan.writes.write(tensor, (plan.units.to(tensor.device),), value.to(tensor))
-            z = _unit_values(pre, site.unit_dim, plan.units)
-            constant = (z.amax(1) - z.amin(1)) <= 1e-6 * z.abs().amax(1).clamp_min(1e-6)
-            if bool(constant.any()):
-                silent[plan.site.name] = constant
-            else:
-                silent.pop(plan.site.name, None)
-            target = _shift_target(plan)
-            if target is not None:
-                index = (plan.units.to(target.device),)
-                plan.writes.write(target, index, target[index] - _threshold(z).to(target))
+            settled = _calibrate_site(plan, seen, silent) and settled
+        if settled:
+            break
     return silent
+
+
+def _calibrate_site(plan: _Plan, seen: Any, silent: dict[str, Tensor]) -> bool:
+    """One pass of :func:`_calibrate` on one site, from the forward ``seen``; whether its units needed no shift."""
+    site = seen.sites.get(plan.site.name)
+    pre = seen.pre_activations.get(plan.site.name)
+    if site is None or pre is None or not plan.units.numel():
+        return True
+    settled = True
+    batch_norm = next((n for n in plan.site.norms if n.kind == "batch" and n.running_mean is not None), None)
+    norm_input = seen.norm_inputs.get(plan.site.name)
+    if batch_norm is not None and norm_input is not None and norm_input.shape == pre.shape:
+        # eval mode then normalizes the fresh unit as training mode does on this batch
+        x = _unit_values(norm_input, site.unit_dim, plan.units)
+        mean = x.mean(1)
+        var = x.var(1) if x.shape[1] > 1 else torch.ones_like(mean)
+        for tensor, value in ((batch_norm.running_mean, mean), (batch_norm.running_var, var)):
+            assert tensor is not None
+            if not _close_to(tensor, plan.units, value):
+                settled = False  # the pre-activation seen was normalized with the statistics before these
+            plan.writes.write(tensor, (plan.units.to(tensor.device),), value.to(tensor))
+    z = _unit_values(pre, site.unit_dim, plan.units)
+    constant = (z.amax(1) - z.amin(1)) <= 1e-6 * z.abs().amax(1).clamp_min(1e-6)
+    if bool(constant.any()):
+        silent[plan.site.name] = constant
+    else:
+        silent.pop(plan.site.name, None)
+    target = _shift_target(plan)
+    if target is not None:
+        shift = _threshold(z)
+        scale = (z.amax(1) - z.amin(1)).clamp_min(1e-12)
+        moving = ~constant & (shift.abs() > 1e-4 * scale)
+        if bool(moving.any()):
+            settled = False
+        index = (plan.units.to(target.device),)
+        plan.writes.write(target, index, target[index] - shift.to(target))
+    return settled
+
+
+def _close_to(tensor: Tensor, units: Tensor, value: Tensor) -> bool:
+    held = tensor[units.to(tensor.device)].to(value)
+    return bool(torch.allclose(held, value, rtol=1e-4, atol=1e-6))
 
 
 def _threshold(z: Tensor) -> Tensor:

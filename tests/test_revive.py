@@ -771,3 +771,61 @@ def test_monitor_with_revival_discovers_sites_once_per_fit(tmp_path: Path, monke
     _trainer(tmp_path, [monitor], logger=False, max_epochs=2, limit_train_batches=2).fit(_DeadModule())
     assert monitor.reviver is not None and len(monitor.reviver.history) == 2  # it revived at every epoch end
     assert calls == ["found"]
+
+
+def _shares_of_revived(net: nn.Module, x: Tensor, units: int, dims: tuple[int, ...]) -> dict[str, list[float]]:
+    """Per rectifier module, the share of entries > 0 on ``x`` of its first ``units`` units, by hand."""
+    outputs: dict[str, Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda m, a, o, name=name: outputs.__setitem__(name, o.detach()))
+        for name, module in net.named_modules()
+        if isinstance(module, nn.ReLU)
+    ]
+    with torch.no_grad():
+        net(x)
+    for handle in handles:
+        handle.remove()
+    return {name: (out[:, :units] > 0).float().mean(dims).tolist() for name, out in outputs.items()}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv-bn-eval"])
+def test_revived_units_of_a_chain_of_sites_fire_on_the_example(kind: str) -> None:
+    # every layer's first four units dead: each revived site reads revived units of the one before
+    torch.manual_seed(0)
+    if kind == "mlp":
+        layers: list[nn.Module] = []
+        for i in range(6):
+            layers += [nn.Linear(4 if i == 0 else 16, 16), nn.ReLU()]
+        net = nn.Sequential(*layers, nn.Linear(16, 1))
+        killed, x, dims = [net[2 * i].bias for i in range(6)], torch.randn(64, 4), (0,)
+    else:
+        blocks: list[nn.Module] = []
+        for i in range(4):
+            blocks += [nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()]
+        net = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+        killed, x, dims = [net[3 * i + 1].bias for i in range(4)], torch.randn(8, 3, 16, 16), (0, 2, 3)
+    with torch.no_grad():
+        for bias in killed:
+            bias[:4] = -1000.0
+    with DeadUnitTracker(net) as tracker, torch.no_grad():
+        before = net(x)
+    revived = revive_dead_units_(net, tracker.report(), None, torch.Generator().manual_seed(0), example_input=x)
+    assert all(count >= 4 for count in revived.values()) and len(revived) == len(killed)
+    with torch.no_grad():
+        assert torch.allclose(net(x), before, rtol=1e-5, atol=1e-6)  # the function is the same
+    for name, shares in _shares_of_revived(net, x, 4, dims).items():
+        assert all(0.3 <= share <= 0.7 for share in shares), (name, shares)  # about half of the entries
+
+
+def test_an_unknown_exclude_name_is_refused_with_an_example_input_too() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[0].bias[:3] = -100.0
+    x = torch.randn(64, 4)
+    with DeadUnitTracker(net) as tracker, torch.no_grad():
+        net(x)
+    before = {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`exclude` has unknown site names \['site_1'\]"):
+        revive_dead_units_(net, tracker.report(), exclude=["site_1"], example_input=x)
+    assert all(torch.equal(before[name], tensor) for name, tensor in net.state_dict().items())
