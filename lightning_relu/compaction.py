@@ -432,6 +432,8 @@ class _Cut:
     affine: dict[str, _Affine]
     norms: dict[str, set[int]]
     groups: dict[str, set[int]]
+    #: per norm module, the channels removed (a norm without per-channel tensors only changes its width)
+    norm_modules: dict[str, set[int]] = field(default_factory=dict)
 
 
 class _Blocked:
@@ -589,6 +591,7 @@ class _Planner:
         affine: dict[str, _Affine] = {}
         norms: dict[str, set[int]] = {}
         groups: dict[str, set[int]] = {}
+        norm_modules: dict[str, set[int]] = {}
 
         def entry(ref: Any, kind: str, groups_: int) -> _Affine:
             name = self.names[id(ref.parameter)]
@@ -606,6 +609,7 @@ class _Planner:
             if producer.bias is not None:
                 item.bias = self.names[id(producer.bias.parameter)]
             for norm in site.norms:
+                norm_modules.setdefault(norm.name, set()).update(chosen)
                 for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
                     if tensor is not None:
                         norms.setdefault(self.names[id(tensor)], set()).update(chosen)
@@ -622,7 +626,7 @@ class _Planner:
                     groups[name] = {r // out_per for r in item.rows}
                 elif item.columns:
                     groups[name] = {c // parameter.shape[1] for c in item.columns}
-        return _Cut(affine, norms, groups)
+        return _Cut(affine, norms, groups, norm_modules)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -641,6 +645,15 @@ def _set(model: nn.Module, name: str, value: Tensor) -> None:
         setattr(module, attribute, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
     else:
         setattr(module, attribute, value.detach().clone())  # a buffer stays one, persistent or not
+
+
+def _set_norm_width(module: nn.Module, width: int) -> None:
+    """Set a norm module's width attributes to ``width`` channels (GroupNorm keeps its channels per group)."""
+    if isinstance(module, nn.GroupNorm):
+        per = module.num_channels // module.num_groups
+        module.num_channels, module.num_groups = width, width // per
+    elif hasattr(module, "num_features"):
+        cast(Any, module).num_features = width
 
 
 def _apply(model: nn.Module, cut: _Cut) -> None:
@@ -693,11 +706,13 @@ def _apply(model: nn.Module, cut: _Cut) -> None:
             )
             if width is None:
                 continue
-            if isinstance(module, nn.GroupNorm):
-                per = module.num_channels // module.num_groups
-                module.num_channels, module.num_groups = width, width // per
-            elif hasattr(module, "num_features"):
-                cast(Any, module).num_features = width
+            _set_norm_width(module, width)
+        for module_name, channels in cut.norm_modules.items():
+            if module_name not in touched:  # no per-channel tensor to cut: its width alone follows the producer's
+                module = model.get_submodule(module_name)
+                width = getattr(module, "num_channels", getattr(module, "num_features", None))
+                if isinstance(width, int):
+                    _set_norm_width(module, width - len(channels))
 
 
 def _get(model: nn.Module, name: str) -> Tensor:

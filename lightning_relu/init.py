@@ -805,6 +805,13 @@ def _collect_keyword_inputs(batches: Iterable[Any], max_samples: int | None) -> 
             break
     if count == 0:
         raise ValueError("`data` holds no samples: expected a tensor of shape (num_samples, ...) with num_samples >= 1")
+    for key, values in parts.items():
+        shapes = {tuple(value.shape[1:]) for value in values}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"`data` batches must share the shape of a sample: key {key!r} has samples of shapes "
+                f"{sorted(shapes)} (pad the batches to one length, or pass `max_samples` that one batch holds)"
+            )
     return {key: torch.cat(values) for key, values in parts.items()}
 
 

@@ -674,3 +674,23 @@ def test_a_site_only_training_reaches_stays_with_its_reason() -> None:
     assert sites["relu_1"].removed == 0 and "does not reach" in str(sites["relu_1"].reason)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_norm_without_per_channel_tensors_takes_the_new_width() -> None:
+    # InstanceNorm2d's default holds no affine parameters nor running statistics: only its `num_features` says its width
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
+    with torch.no_grad():
+        net[0].weight[:3] = 0.0
+        net[0].bias[:3] = -1.0  # constant channels, normalized to 0 and rectified: dead
+    x = torch.randn(8, 3, 8, 8)
+    with DeadUnitTracker(net) as tracker, torch.no_grad():
+        before = net(x)
+    small, sites = compact(net, tracker.report(), x)
+    assert sites["2"].removed == 3 and small[0].out_channels == 5
+    assert small[1].num_features == small[0].out_channels == small[3].in_channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # InstanceNorm warns when its width and its input's differ
+        with torch.no_grad():
+            after = small(x)
+    assert _close(after, before)

@@ -28,6 +28,10 @@ from tests.helpers import (
         ([torch.randn(3, 4), torch.randn(3, 5)], r"expected \(\*, 4\), got \(3, 5\)"),
         ([("x",)], r"`data` batches must be tensors"),
         ([()], r"`data` holds an empty batch"),
+        (
+            [{"input": torch.randn(3, 4)}, {"input": torch.randn(3, 5)}],
+            r"key 'input' has samples of shapes \[\(4,\), \(5,\)\]",
+        ),
     ],
     ids=[
         "empty-tensor",
@@ -38,6 +42,7 @@ from tests.helpers import (
         "mixed-shapes",
         "non-tensor",
         "empty-batch",
+        "dict-batches-of-different-shapes",
     ],
 )
 def test_sign_flip_with_empty_or_misshapen_data_names_what_was_expected(data, match):
