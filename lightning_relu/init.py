@@ -253,6 +253,11 @@ class _FlipTarget:
 
 def _flip_target(site: Site) -> _FlipTarget | str:
     """The parameters to negate to negate the site's pre-activation, or the reason why there are none."""
+    if site.offset is not None:
+        return (
+            f"a constant is added to its pre-activation after the affine map (`{site.offset}`): negating the map "
+            "does not negate the pre-activation"
+        )
     norm = site.norm
     if norm is not None and getattr(norm, "weight", None) is not None:
         tensors = [cast(Tensor, norm.weight)]
@@ -306,8 +311,11 @@ def sign_flip_(
     A forward pre-hook on each rectifier sees its pre-activation :math:`z`,
     decides, and hands :math:`-z` on when it flips (exact, since negating the map negates :math:`z`). A rectifier
     module applied at several places is one site per call (``name``, ``name_1``, ...). Sites whose pre-activation is
-    not the output of one affine layer (a rectifier after a residual sum) cannot be flipped: they still update which
-    samples are alive, and their report says why they were not flipped. A functional site (``F.relu`` found by
+    not the output of one affine layer (a rectifier after a residual sum), or has a constant added after it
+    (``fc(x) - 3``: negating the map would not negate :math:`z`), cannot be flipped: they still update which samples
+    are alive, and their report says why they were not flipped. The in-flight :math:`-z` assumes that nothing read
+    the map's output before the site (a branch computed from it earlier in the forward saw it unflipped): there the
+    report describes the forward as run, not the flipped model. A functional site (``F.relu`` found by
     tracing) is watched through a forward hook on the layer computing its pre-activation when the discovery linked
     one; a functional site without such a layer cannot be seen at all: it is left out of the report, with a warning.
 

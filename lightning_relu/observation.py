@@ -215,6 +215,9 @@ class SiteStructure:
         consumers: affine layers reading the output, with unit maps.
         producer_problem: why there is no usable producer (``None`` when there is).
         reader_problems: readers of the output that revival cannot make blind to a revived unit.
+        offset: the operation (``add``, ``sub``, ...) that adds a constant to the pre-activation between the
+            producer and the site (``None`` when none does): the pre-activation is then not an odd function of the
+            producer's output, so negating the producer does not negate it (sign flipping cannot act there).
     """
 
     name: str
@@ -226,6 +229,7 @@ class SiteStructure:
     consumers: list[Consumer] = field(default_factory=list)
     producer_problem: str | None = None
     reader_problems: list[str] = field(default_factory=list)
+    offset: str | None = None
 
     @property
     def remedies(self) -> tuple[str, ...]:
@@ -761,6 +765,7 @@ class _Analysis:
         self.nodes = recorder.nodes
         self.recorder = recorder
         self.calls = calls
+        self.offset: str | None = None  # set by each walk of `_producer`
         shown = output.to_tuple() if hasattr(output, "to_tuple") else output
         self.output_ids = {id(t) for t in _tensors(shown)}
         self.params: dict[int, tuple[str, str, nn.Module]] = {}
@@ -846,6 +851,7 @@ class _Analysis:
         norm's input)."""
         norms: list[Norm] = []
         norm_input: Tensor | None = None
+        self.offset = None  # the last walk's addition of a constant, if any (read by the caller)
         source = node.sources[0] if node.sources else None
         while True:
             if source is None:
@@ -866,6 +872,8 @@ class _Analysis:
             if op in _ARITH_OPS:
                 data = [(s, t) for s, t in zip(current.sources, current.inputs, strict=True) if id(t) in self._data]
                 if len(data) == 1 and data[0][0] is not None and self._broadcasts_into(current, data[0][1]):
+                    if op not in _SCALE_OPS:
+                        self.offset = op  # a constant added: odd functions of the producer's output stop here
                     source = data[0][0]
                     continue
                 what = f"combines several computed tensors (`{op}`)" if len(data) > 1 else f"comes from `{op}`"
@@ -950,6 +958,7 @@ class _Analysis:
             if site is None:
                 ndims[name] = output.ndim
                 site = sites[name] = SiteStructure(name, 0, axis, units, producer, norms, producer_problem=problem)
+                site.offset = self.offset
                 producer_nodes[name] = set()
                 if index in self.recorder.rectifier_inputs:
                     pre_activations[name] = self.recorder.rectifier_inputs[index]

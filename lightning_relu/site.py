@@ -207,6 +207,8 @@ class Site:
             forward that found it (calls made inside them are theirs, not the parent's).
         key: the site's identity (:class:`SiteKey`); ``name`` is derived from it (:func:`site_name`). When not
             given, it is made from ``name`` (a module site) or ``parent_name`` (a functional one) and ``call_index``.
+        offset: the operation that adds a constant to the pre-activation after ``producer`` (seen on an observed
+            forward; ``None`` when none does, or when not observed): sign flipping cannot negate such a site.
     """
 
     name: str
@@ -224,6 +226,7 @@ class Site:
     parent_name: str | None = None
     callees: tuple[str, ...] = ()
     key: SiteKey = None  # type: ignore[assignment]  # set in __post_init__ when not given
+    offset: str | None = None
 
     def __post_init__(self) -> None:
         if self.key is None:

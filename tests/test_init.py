@@ -721,3 +721,29 @@ def test_sign_flip_takes_keyword_batches_and_rows_that_merge_batch_and_tokens() 
         ids = torch.cat([b["input_ids"] for b in batches])
         rows = model.act(model.fc1(model.embed(ids).reshape(-1, 8))).reshape(12, -1)
     assert report["act"].living_after == (rows > 0).any(1).double().mean().item()
+
+
+class _Offset(nn.Module):
+    """A constant subtracted between the producer and the rectifier: negating the producer does not negate it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.fc(x) - 3.0))
+
+
+def test_sign_flip_refuses_a_site_whose_pre_activation_has_a_constant_added() -> None:
+    torch.manual_seed(0)
+    model, x = _Offset(), torch.randn(256, 4)
+    before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        assert not bool((model.act(model.fc(x) - 3.0) > 0).any())  # every sample killed: a flip would be tried
+    report = sign_flip_(model, x)["act"]
+    assert not report.flipped and report.target is None and "`sub`" in report.reason
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    with torch.no_grad():  # what the report says is what the model does
+        assert report.living_after == float((model.act(model.fc(x) - 3.0) > 0).any(1).float().mean())
