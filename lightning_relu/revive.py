@@ -946,7 +946,7 @@ class DeadUnitReviver(Callback):
         if calls:
             return calls
         if self._inputs.batch is None:  # a fit resumed from a checkpoint taken on an epoch's last batch: its examples
-            held = self._epoch_example or []
+            held = self._epoch_example or [None]  # none held: revival reads `nn.Sequential` order
             return [_copied(example, trainer.lightning_module.device) for example in held]
         batch = trainer.precision_plugin.convert_input(self._inputs.batch)
         return [example_from_batch(batch, self.input_fn, self.example_size)]
