@@ -928,8 +928,11 @@ class DeadUnitReviver(Callback):
             self._example_checked = True
             try:
                 sites = self._sites if self._sites_model is pl_module else None
+                examples = self._examples_of(trainer)
+                if sites:  # only the calls that hold sites: not a metric or a loss module the step also calls
+                    examples = [example for example, _ in split_by_call({s.name: s for s in sites}, examples)]
                 with self._monitor_paused():  # whichever of the two runs its batch end first
-                    for example in self._examples_of(trainer):
+                    for example in examples:
                         observe(pl_module, example, sites=sites)
             except ObservationError as error:
                 raise MisconfigurationException(

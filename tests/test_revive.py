@@ -829,3 +829,44 @@ def test_an_unknown_exclude_name_is_refused_with_an_example_input_too() -> None:
     with pytest.raises(ValueError, match=r"`exclude` has unknown site names \['site_1'\]"):
         revive_dead_units_(net, tracker.report(), exclude=["site_1"], example_input=x)
     assert all(torch.equal(before[name], tensor) for name, tensor in net.state_dict().items())
+
+
+class _Counter(nn.Module):
+    """A child without rectifiers that the step also calls (a metric, a loss module): counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x.sum()
+
+
+class _WithMetric(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        with torch.no_grad():
+            self.net[0].bias[:3] = -1e4
+        self.counter = _Counter()
+
+    def training_step(self, batch, batch_idx):
+        out = self.net(batch[0])
+        self.counter(out.detach())
+        return out.pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=8)
+
+
+def test_the_reviver_runs_only_the_calls_that_hold_sites(tmp_path: Path) -> None:
+    module = _WithMetric()
+    monitor = DeadUnitMonitor(print_summary=False, revive=DeadUnitReviver(seed=0))
+    quiet_trainer(tmp_path, [monitor], max_epochs=1, limit_val_batches=0).fit(module)
+    assert module.counter.calls == 3  # one per training step: the reviver never called the metric-like child
+    assert monitor.reviver is not None and monitor.reviver.last_revived == {"net.1": 3}
