@@ -554,7 +554,6 @@ class TrainingInputWatch:
         self.batch = batch
         if self.watch is not None:
             self.watch.active = False
-            self.watch.settle()
 
     def call(self, size: int | None) -> ModuleCall | None:
         """The first outermost call of the latest step that made one, cut to ``size`` samples (None before one, or

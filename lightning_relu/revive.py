@@ -40,7 +40,7 @@ from lightning_relu.sites import (
 )
 from lightning_relu.stats import LayerReport
 from lightning_relu.structure import ModuleCall, ObservationError, example_from_batch, observe, split_by_call
-from lightning_relu.surgery import RevivalWarning, reset_optimizer_state, revive_observed_
+from lightning_relu.surgery import RevivalWarning, check_excluded, reset_optimizer_state, revive_observed_
 
 if TYPE_CHECKING:
     from lightning_relu.monitor import DeadUnitMonitor
@@ -222,11 +222,7 @@ def _check_options(init: Any, max_fraction: Any, exclude: Any, generator: Any, c
 def _sites_of_report(found: list[Site], layers: dict[str, LayerReport], excluded: set[str]) -> dict[str, Site]:
     """The model's sites by name, once every excluded name and every site of the report is known to be one of them."""
     sites_by_name = {site.name: site for site in found}
-    unknown_excluded = sorted(excluded - sites_by_name.keys())
-    if unknown_excluded:
-        raise ValueError(
-            f"`exclude` has unknown site names {unknown_excluded}; the model's sites are {list(sites_by_name)}"
-        )
+    check_excluded(excluded, list(sites_by_name))
     for name, layer in layers.items():
         _validate_layer(name, layer, sites_by_name)
     return sites_by_name
@@ -921,14 +917,17 @@ class DeadUnitReviver(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._inputs.batch_end(batch)  # a reference; the slice is taken when a revival needs it
+        if not trainer.is_last_batch and self._example_checked:
+            self._epoch_example = None
+            return
+        examples = self._examples_of(trainer)
         # the epoch's revival acts on these examples: a copy goes into a checkpoint taken before the epoch's end
-        self._epoch_example = [_copied(e) for e in self._examples_of(trainer)] if trainer.is_last_batch else None
+        self._epoch_example = [_copied(e) for e in examples] if trainer.is_last_batch else None
         if not self._example_checked:
             # the first batch tells whether the model can be observed on it: fail now, not after an epoch
             self._example_checked = True
             try:
                 sites = self._sites if self._sites_model is pl_module else None
-                examples = self._examples_of(trainer)
                 if sites:  # only the calls that hold sites: not a metric or a loss module the step also calls
                     examples = [example for example, _ in split_by_call({s.name: s for s in sites}, examples)]
                 with self._monitor_paused():  # whichever of the two runs its batch end first

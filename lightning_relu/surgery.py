@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,11 +108,7 @@ def revive_observed_(
             f"The report has sites {unknown} that the model does not have; the model's sites are "
             f"{list(structure.known)}. Was the report measured on another model?"
         )
-    unknown_excluded = sorted(excluded - set(structure.known))
-    if unknown_excluded:
-        raise ValueError(
-            f"`exclude` has unknown site names {unknown_excluded}; the model's sites are {list(structure.known)}"
-        )
+    check_excluded(excluded, structure.known)
     alive = _alive_in_eval(model, example_input, sites) if check_output else {}
     decisions = _decide(structure, dead, excluded, alive, max_fraction, generator)
     if decisions.plans:
@@ -303,6 +299,13 @@ def _unit_values(values: Tensor, unit_dim: int, units: Tensor) -> Tensor:
     """``(len(units), entries)``: each unit's entries of a site-shaped tensor."""
     moved = values.movedim(unit_dim, 0) if values.ndim > 1 else values.reshape(1, -1)
     return moved[units.to(moved.device)].reshape(len(units), -1).double()
+
+
+def check_excluded(excluded: set[str], names: Sequence[str]) -> None:
+    """Raise ``ValueError`` when a name of ``excluded`` is none of the model's site ``names``."""
+    unknown = sorted(excluded - set(names))
+    if unknown:
+        raise ValueError(f"`exclude` has unknown site names {unknown}; the model's sites are {list(names)}")
 
 
 def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan], sites: Any) -> dict[str, Tensor]:
