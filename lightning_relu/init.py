@@ -58,7 +58,10 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     keeps its values. The model is changed in place under ``torch.no_grad()``. Pass ``example_input`` to find the
     producers on one observed forward (any nesting, fused norm-activation layers, standardised weights: the draw
     goes into the parameter the weight is computed from); without it, only ``nn.Sequential`` order links them, and
-    layers feeding a rectifier function (``F.relu``) or a ReLU inside a custom ``forward`` are not found.
+    layers feeding a rectifier function (``F.relu``) or a ReLU inside a custom ``forward`` are not found. Where the
+    observed forward multiplies a producer's output by a negative number before the rectifier (``relu(-fc(x))``,
+    ``relu(0.5 - fc(x))``, no norm between), those units' rows are stored negated, so that the pre-activation
+    itself is drawn as above.
 
     Under FSDP2 (``fully_shard``) and DeepSpeed (ZeRO stages 1 to 3) the change is written through the shards or the
     fp32 master weights, as one process would make it on rank 0's arguments; every rank must call it. What cannot
@@ -96,9 +99,12 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     if isinstance(module, CONV_TYPES):  # transposed convolutions: fan-in is not what the paper means
         raise ValueError(f"`module` must be a Linear or a (non-transposed) ConvNd layer or a model, got {module}")
     producers: dict[int, nn.Module] = {}
+    negated: dict[int, Tensor] = {}  # per producer, the units whose pre-activation is its output times a negative
     for site in find_relu_sites(module, example_input=example_input):
         if site.producer is not None and _is_affine_layer(site.producer):
             producers.setdefault(id(site.producer), site.producer)
+            if site.norm is None and site.scale is not None and bool((site.scale < 0).any()):
+                negated[id(site.producer)] = site.scale < 0
     if example_input is not None and producers:
         _warn_unreached(module, example_input)
     if not producers:
@@ -111,8 +117,8 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
             stacklevel=2,
         )
         return module
-    for producer in producers.values():
-        _rai_layer_(producer, generator)
+    for key, producer in producers.items():
+        _rai_layer_(producer, generator, negated.get(key))
     return module
 
 
@@ -138,7 +144,10 @@ def _is_affine_layer(module: object) -> bool:
     return isinstance(module, CONV_TYPES) and not module.transposed
 
 
-def _rai_layer_(layer: nn.Module, generator: torch.Generator | None) -> None:
+def _rai_layer_(layer: nn.Module, generator: torch.Generator | None, negated: Tensor | None = None) -> None:
+    """RAI into ``layer``; the rows of the units ``negated`` marks are stored negated (the model multiplies their
+    output by a negative number before the rectifier: ``relu(-fc(x))``), so that the pre-activation is drawn as RAI
+    draws it."""
     weight = cast(Tensor, layer.weight)
     bias = cast("Tensor | None", layer.bias)
     if isinstance(weight, nn.parameter.UninitializedParameter):
@@ -151,6 +160,9 @@ def _rai_layer_(layer: nn.Module, generator: torch.Generator | None) -> None:
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     with torch.no_grad():
         rows, row_bias = rai_rows(weight.shape[0], fan_in, bias is not None, generator, device, dtype)
+        if negated is not None and negated.shape == (weight.shape[0],):
+            flip = torch.where(negated.to(rows.device), -1.0, 1.0).to(rows.dtype)
+            rows, row_bias = rows * flip[:, None], (row_bias * flip if row_bias is not None else None)
         weight.copy_(rows.reshape(weight.shape))
         if bias is not None and row_bias is not None:
             bias.copy_(row_bias)
@@ -531,12 +543,17 @@ class _SignFlipPass:
         self._inputs: dict[nn.Module, list[Site]] = {}
         self._outputs: dict[nn.Module, list[Site]] = {}
         self._calls: dict[nn.Module, int] = {}
+        # per functional site whose pre-activation is its layer's output times a negative number on some units
+        # (`relu(-fc(x))`): the sign of that number per unit, which the layer's output is read with
+        self._signs: dict[str, Tensor] = {}
         for site in sites:
             if site.module is not None:
                 self._inputs.setdefault(site.module, []).append(site)
             elif site.norm is not None or site.producer is not None:
                 module = cast(nn.Module, site.norm if site.norm is not None else site.producer)
                 self._outputs.setdefault(module, []).append(site)
+                if site.scale is not None and bool((site.scale < 0).any()):
+                    self._signs[site.name] = torch.sign(site.scale)
             else:
                 self.unobservable.append(site.name)
         for watched in (*self._inputs.values(), *self._outputs.values()):
@@ -610,7 +627,13 @@ class _SignFlipPass:
         site = self._next_site(module, self._outputs)
         if site is None or self.error is not None:
             return None
-        sign = self._visit(site, output)
+        signs = self._signs.get(site.name)
+        if signs is not None and isinstance(output, Tensor) and output.ndim > 1:
+            shape = [1] * output.ndim
+            shape[(site.unit_dim if site.unit_dim is not None else 1) % output.ndim] = -1
+            sign = self._visit(site, output * signs.to(output.device, output.dtype).reshape(shape))
+        else:
+            sign = self._visit(site, output)
         if sign is not None:
             output.mul_(sign)
         return None

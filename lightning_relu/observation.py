@@ -73,6 +73,12 @@ _ARITH_OPS = {
     "__rsub__", "__isub__", "__mul__", "__rmul__", "__imul__", "__truediv__", "__itruediv__", "__div__",
 }  # fmt: skip
 _SCALE_OPS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "div", "div_", "__truediv__", "__itruediv__"}
+_DIV_OPS = {"div", "div_", "__truediv__", "__itruediv__", "__div__"}
+_SUB_OPS = {"sub", "sub_", "__sub__", "__isub__"}
+# negation between a producer and its site: a scale of -1
+_NEG_OPS = {"neg", "neg_", "negative", "negative_", "__neg__"}
+# what a walk from a pre-activation back towards the layers it comes from goes through
+_WALKED_OPS = _NORM_OPS | _CHAIN_OPS | _ARITH_OPS | _NEG_OPS
 # operations that move entries without computing with them: the labels follow by running the same operation
 _MOVE_OPS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "contiguous", "clone", "squeeze",
@@ -218,6 +224,10 @@ class SiteStructure:
         offset: the operation (``add``, ``sub``, ...) that adds a constant to the pre-activation between the
             producer and the site (``None`` when none does): the pre-activation is then not an odd function of the
             producer's output, so negating the producer does not negate it (sign flipping cannot act there).
+        scale: per unit, what a change of the bias that revival shifts (the last norm's, else the producer's) is
+            multiplied by on its way to the pre-activation (``3 * fc(x)``, ``-fc(x)``, a per-channel parameter times
+            the norm's output; the mean over the unit's entries where it varies along them), float64 on the CPU;
+            ``None`` for 1.
     """
 
     name: str
@@ -230,6 +240,7 @@ class SiteStructure:
     producer_problem: str | None = None
     reader_problems: list[str] = field(default_factory=list)
     offset: str | None = None
+    scale: Tensor | None = None
 
     @property
     def remedies(self) -> tuple[str, ...]:
@@ -759,12 +770,55 @@ def _arg(node: _Node, position: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _factor(node: _Node, data: Tensor) -> float | Tensor | None:
+    """What an arithmetic operation with one computed operand ``data`` multiplies it by (a number, or a tensor that
+    broadcasts into it): the rest is a constant added. ``None`` where the result is not an affine function of
+    ``data`` (``data`` as a divisor, a rounding division)."""
+    op, args, kwargs = node.op, node.args, node.kwargs
+    first = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    second = args[1] if len(args) > 1 else kwargs.get("other")
+    is_first = first is data
+    other = second if is_first else first
+    if op in _SCALE_OPS or op in _DIV_OPS:
+        factor = _as_factor(other)
+        if op not in _DIV_OPS or factor is None:
+            return factor
+        if not is_first or kwargs.get("rounding_mode") is not None or (isinstance(factor, float) and factor == 0):
+            return None
+        return 1.0 / factor
+    if op == "__rsub__":  # other - data
+        return -1.0
+    if is_first:  # data plus or minus a constant (``alpha`` scales the constant)
+        return 1.0
+    alpha = _as_factor(kwargs.get("alpha", 1))
+    return None if alpha is None else -alpha if op in _SUB_OPS else alpha
+
+
+def _as_factor(value: Any) -> float | Tensor | None:
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", torch.float64) if not value.is_complex() else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _unit_scale(scale: float | Tensor, shape: torch.Size, axis: int, units: int) -> Tensor | None:
+    """Per unit, the mean of ``scale`` (a number, or a tensor that broadcasts into ``shape``) over the unit's entries
+    (float64, CPU); ``None`` for a scale of exactly 1."""
+    if not isinstance(scale, Tensor):
+        return None if scale == 1.0 else torch.full((units,), scale, dtype=torch.float64)
+    if scale.numel() == 1:
+        return torch.full((units,), float(scale.reshape(())), dtype=torch.float64)
+    full = scale.broadcast_to(shape)
+    moved = full.movedim(axis, 0) if len(shape) > 1 else full.reshape(1, -1)
+    return moved.reshape(units, -1).mean(1)
+
+
 class _Analysis:
     def __init__(self, model: nn.Module, recorder: _Recorder, calls: list[tuple[str, int, int]], output: Any) -> None:
         self.nodes = recorder.nodes
         self.recorder = recorder
         self.calls = calls
         self.offset: str | None = None  # set by each walk of `_producer`
+        self.scale: float | Tensor = 1.0  # set by each walk of `_producer`
         shown = output.to_tuple() if hasattr(output, "to_tuple") else output
         self.output_ids = {id(t) for t in _tensors(shown)}
         self.params: dict[int, tuple[str, str, nn.Module]] = {}
@@ -836,7 +890,7 @@ class _Analysis:
                 if kinds.setdefault(kind, width) != width:
                     return {}
                 continue
-            if current.op in _NORM_OPS or current.op in _CHAIN_OPS or current.op in _ARITH_OPS:
+            if current.op in _WALKED_OPS:
                 stack.extend(
                     s[0]
                     for s, t in zip(current.sources, current.inputs, strict=True)
@@ -851,6 +905,7 @@ class _Analysis:
         norms: list[Norm] = []
         norm_input: Tensor | None = None
         self.offset = None  # the last walk's addition of a constant, if any (read by the caller)
+        self.scale = 1.0  # the last walk's factor from the shift target (the last norm, else the producer) to the site
         source = node.sources[0] if node.sources else None
         while True:
             if source is None:
@@ -865,17 +920,24 @@ class _Analysis:
                 norm_input = current.inputs[0]
                 source = current.sources[0]
                 continue
-            if op in _CHAIN_OPS:
+            if op in _CHAIN_OPS or op in _NEG_OPS:
+                if op in _NEG_OPS and not norms:
+                    self.scale = -self.scale
                 source = current.sources[0]
                 continue
             if op in _ARITH_OPS:
                 data = [(s, t) for s, t in zip(current.sources, current.inputs, strict=True) if id(t) in self._data]
-                if len(data) == 1 and data[0][0] is not None and self._broadcasts_into(current, data[0][1]):
+                factor = _factor(current, data[0][1]) if len(data) == 1 else None
+                if factor is not None and data[0][0] is not None and self._broadcasts_into(current, data[0][1]):
                     if op not in _SCALE_OPS:
                         self.offset = op  # a constant added: odd functions of the producer's output stop here
+                    if not norms:  # what scales the pre-activation after the last norm (the shift target)
+                        self.scale = self.scale * factor
                     source = data[0][0]
                     continue
                 what = f"combines several computed tensors (`{op}`)" if len(data) > 1 else f"comes from `{op}`"
+                if len(data) == 1 and factor is None:
+                    what = f"is not an affine function of its input (`{op}`)"
                 return None, norms, f"its pre-activation {what} (in `{current.module or 'the model'}`)", None
             where = current.module or "the model"
             return None, norms, f"its pre-activation comes from `{op}` (in `{where}`), not from a Linear/ConvNd", None
@@ -958,6 +1020,7 @@ class _Analysis:
                 ndims[name] = output.ndim
                 site = sites[name] = SiteStructure(name, 0, axis, units, producer, norms, producer_problem=problem)
                 site.offset = self.offset
+                site.scale = _unit_scale(self.scale, output.shape, axis, units)
                 producer_nodes[name] = set()
                 if index in self.recorder.rectifier_inputs:
                     pre_activations[name] = self.recorder.rectifier_inputs[index]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_relu._compat import is_compiled
 
@@ -209,6 +209,9 @@ class Site:
             given, it is made from ``name`` (a module site) or ``parent_name`` (a functional one) and ``call_index``.
         offset: the operation that adds a constant to the pre-activation after ``producer`` (seen on an observed
             forward; ``None`` when none does, or when not observed): sign flipping cannot negate such a site.
+        scale: per unit, what the output of ``norm`` (else of ``producer``) is multiplied by on its way to the
+            pre-activation (``3 * fc(x)``, ``-fc(x)``, a per-channel parameter), float64 on the CPU; ``None`` for 1,
+            or when not observed.
     """
 
     name: str
@@ -227,6 +230,7 @@ class Site:
     callees: tuple[str, ...] = ()
     key: SiteKey = None  # type: ignore[assignment]  # set in __post_init__ when not given
     offset: str | None = None
+    scale: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.key is None:

@@ -98,6 +98,7 @@ def _observed_sites(model: nn.Module, example_input: Any) -> list[Site]:
         site.num_units = observed.num_units
         site.unit_dim = -1 if observed.unit_dim == _observed_ndim(structure, site.name) - 1 else observed.unit_dim
         site.offset = observed.offset
+        site.scale = observed.scale
         if observed.producer is not None:
             site.producer_name = observed.producer.name
             site.producer = observed.producer.weight.module

@@ -358,6 +358,9 @@ def _calibrate_site(plan: _Plan, seen: Any, silent: dict[str, Tensor]) -> bool:
         moving = ~constant & (shift.abs() > 1e-4 * scale)
         if bool(moving.any()):
             settled = False
+        if site.scale is not None:  # the bias reaches the pre-activation multiplied by this (`3 * fc(x)`, `-fc(x)`)
+            gain = site.scale[plan.units.cpu()].to(shift)
+            shift = torch.where(gain != 0, shift / gain, torch.zeros_like(shift))
         index = (plan.units.to(target.device),)
         plan.writes.write(target, index, target[index] - shift.to(target))
     return settled

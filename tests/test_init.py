@@ -152,6 +152,33 @@ def test_rai_model_applies_to_producers_only() -> None:
     assert not torch.equal(model[0].weight, untouched[0].weight)
 
 
+class _Negated(nn.Module):
+    """``relu(3 * fc1(x))`` then ``relu(g * fc2(h))`` with a per-unit ``g`` of both signs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.register_buffer("g", torch.tensor([-2.0, 1.0, -0.5, 3.0, 1.0, -1.0, 2.0, -4.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.relu(self.g * self.fc2(F.relu(3 * self.fc1(x)))))
+
+
+def test_rai_stores_negated_rows_where_the_producer_output_is_negated() -> None:
+    torch.manual_seed(0)
+    model, x = _Negated(), torch.randn(4, 3)
+    rai_(model, generator=torch.Generator().manual_seed(7), example_input=x)
+    reference = _Negated()
+    generator = torch.Generator().manual_seed(7)
+    rai_(reference.fc1, generator=generator)
+    rai_(reference.fc2, generator=generator)
+    assert torch.equal(model.fc1.weight, reference.fc1.weight) and torch.equal(model.fc1.bias, reference.fc1.bias)
+    # so the pre-activation g * fc2(h) is |g| times an RAI draw: its rows carry RAI's positive entry
+    sign = torch.sign(model.g)[:, None]
+    torch.testing.assert_close(model.fc2.weight, sign * reference.fc2.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.fc2.bias, sign[:, 0] * reference.fc2.bias, rtol=0, atol=0)
+
+
 def test_rai_model_without_producer_warns() -> None:
     model = nn.Sequential(nn.Linear(3, 3))
     before = model[0].weight.clone()
@@ -263,6 +290,35 @@ def test_sign_flip_flipped_site_kills_fewer_than_unflipped() -> None:
     first = original[0](x)
     killed = int((first <= 0).all(dim=1).sum())
     assert report["1"].flipped == (2 * killed > 300)
+
+
+@pytest.mark.parametrize("how", ["neg", "times -2", "per-unit sign"])
+def test_sign_flip_reads_a_negated_pre_activation_with_its_sign(how: str) -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(3, 6), nn.Linear(6, 1)
+            self.register_buffer("g", torch.tensor([-1.0, -2.0, -0.5, -1.0, -3.0, -1.0]))
+
+        def pre(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            return -h if how == "neg" else h * -2.0 if how == "times -2" else h * self.g
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(F.relu(self.pre(x)))
+
+    torch.manual_seed(0)
+    model, x = Scaled(), torch.randn(200, 3)
+    with torch.no_grad():
+        model.fc.weight.mul_(0.1)
+        model.fc.bias.fill_(2.0)  # the pre-activation is about -2 times a positive factor: every sample is killed
+        killed_before = int((model.pre(x) <= 0).all(dim=1).sum())
+    assert killed_before == 200
+    report = sign_flip_(model, x)["relu"]
+    with torch.no_grad():
+        killed_after = int((model.pre(x) <= 0).all(dim=1).sum())
+    assert report.flipped and report.target == "fc"
+    assert killed_after == 0 and report.site_fraction == 1.0  # what the report says is what the model now does
 
 
 def test_sign_flip_single_forward_pass_over_all_batches() -> None:

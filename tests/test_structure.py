@@ -444,3 +444,79 @@ def test_reports_are_split_among_the_calls_that_hold_their_sites() -> None:
     assert split_by_call(reports, [whole]) == [(whole, reports)]
     assert split_by_call(reports, []) == []
     assert split_by_call({"decoder.1": "d"}, [enc, dec]) == [(dec, {"decoder.1": "d"})]
+
+
+class _Scaled(nn.Module):
+    """One site whose pre-activation is a known function of a Linear or of a BatchNorm after a convolution."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(4, 6)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.gamma = nn.Parameter(torch.linspace(-2.0, 2.0, 6))
+        self.head = nn.Linear(6, 1)
+
+    def pre(self, x: Tensor) -> Tensor:
+        if self.how == "x3-bn":  # a scale before the norm: the norm's bias reaches the site unscaled
+            return self.bn(3 * self.conv(x))
+        if self.how.startswith("bn"):
+            h = self.bn(self.conv(x))
+            return {"bn": lambda: h, "bn-neg": lambda: -h, "bn-x3": lambda: 3 * h}[self.how]()
+        h = self.fc(x)
+        g = self.gamma
+        return {
+            "x3": lambda: 3 * h,
+            "neg2": lambda: h * -2.0,
+            "rsub": lambda: 0.5 - h,
+            "neg": lambda: -h,
+            "div4": lambda: h / 4,
+            "gamma": lambda: h * g,
+            "gamma-sub": lambda: torch.sub(1.0 + 0 * g, h, alpha=2.0),
+            "plain": lambda: h + 1.0,
+        }[self.how]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.pre(x))
+        return self.head(out.mean((2, 3)) if out.ndim == 4 else out)
+
+
+_SCALED = ["x3", "neg2", "rsub", "neg", "div4", "gamma", "gamma-sub", "plain", "bn", "bn-neg", "bn-x3", "x3-bn"]
+
+
+@pytest.mark.parametrize("how", _SCALED)
+def test_the_scale_from_the_shifted_bias_to_the_pre_activation_is_its_derivative(how: str) -> None:
+    torch.manual_seed(0)
+    model = _Scaled(how).eval()
+    x = torch.randn(5, 3, 4, 4) if how.startswith("bn") or how == "x3-bn" else torch.randn(5, 4)
+    site = observe(model, x).sites["relu"]
+    assert site.producer is not None, site.producer_problem
+    target = model.bn.bias if site.norms else model.fc.bias
+    # brute force: per unit, how much the pre-activation moves when the bias it is shifted by moves by 1
+    with torch.no_grad():
+        before = model.pre(x)
+        expected = []
+        for unit in range(6):
+            target[unit] += 1.0
+            moved = model.pre(x) - before
+            target[unit] -= 1.0
+            expected.append(moved.select(1, unit).mean().item())
+    got = torch.ones(6, dtype=torch.float64) if site.scale is None else site.scale
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pre", [lambda h: torch.div(torch.tensor(2.0), h), lambda h: torch.div(h, 2.0, rounding_mode="floor")]
+)
+def test_a_pre_activation_not_affine_in_its_producer_has_no_producer(pre) -> None:
+    class Divided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 3), nn.Linear(3, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(F.relu(pre(self.fc(x))))
+
+    site = observe(Divided(), torch.randn(2, 4)).sites["relu"]
+    assert site.producer is None and "not an affine function" in (site.producer_problem or "")

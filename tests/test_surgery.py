@@ -263,3 +263,53 @@ def test_a_unit_seen_on_two_entries_is_set_active_on_fresh_ones() -> None:
     shift = _threshold(held)[:, None]
     assert bool(((held - shift) > 0).all())
     assert float(((fresh - shift) <= 0).double().mean()) < 0.01
+
+
+class _ScaledSites(nn.Module):
+    """Sites whose pre-activation multiplies the shifted bias by a constant: ``-bn(conv)``, a per-channel parameter of
+    both signs times a norm's output, ``3 * fc``, ``fc * -2`` and ``0.5 - fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.gamma = nn.Parameter(torch.tensor([-2.0, 1.5, -0.5, 1.0, -1.0, 2.0, -3.0, 0.7]))
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.acts = nn.ModuleList(nn.ReLU() for _ in range(5))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.acts[0](-self.bn(self.conv(x)))
+        h = self.acts[1](self.bn2(self.conv2(h)) * self.gamma[:, None, None])
+        h = self.acts[2](3 * self.fc1(h.mean((2, 3))))
+        h = self.acts[3](self.fc2(h) * -2.0)
+        return self.head(self.acts[4](0.5 - self.fc3(h)))
+
+
+# two units of `acts.4` are dead by chance in training mode and alive in evaluation mode: left, and said
+@pytest.mark.filterwarnings("ignore:Site 'acts.4' was not revived:lightning_relu.RevivalWarning")
+def test_revived_units_fire_where_a_constant_scales_the_pre_activation() -> None:
+    torch.manual_seed(0)
+    model, x = _ScaledSites().train(), torch.randn(64, 3, 6, 6)
+    killed = [0, 1, 3]
+    with torch.no_grad():  # kill units 0, 1 and 3 at every site: a pre-activation far below 0
+        for bias, sign in (
+            (model.bn.bias, torch.ones(8)),  # -bn(...): a large positive bias
+            (model.bn2.bias, -torch.sign(model.gamma.detach())),
+            (model.fc1.bias, -torch.ones(16)),
+            (model.fc2.bias, torch.ones(16)),
+            (model.fc3.bias, torch.ones(16)),
+        ):
+            bias[killed] = 1e4 * sign[killed]
+    report = _report(model, x)
+    assert all(bool(report[f"acts.{i}"].dead[killed].all()) for i in range(5))
+    before = _eval_output(model, x)
+    counts = revive_dead_units_(model, report, None, torch.Generator().manual_seed(0), example_input=x)
+    assert all(counts[f"acts.{i}"] >= 3 for i in range(5))
+    torch.testing.assert_close(_eval_output(model, x), before, rtol=1e-5, atol=1e-6)
+    # on the example (training mode, its batch statistics): each revived unit is active on about half its entries
+    for i, act in enumerate(model.acts):
+        share = _active_share(model, act, x, 1)[killed]
+        assert bool(((share > 0.3) & (share < 0.7)).all()), (i, share)
