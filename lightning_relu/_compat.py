@@ -41,6 +41,7 @@ __all__ = [
     "fsdp2_supported",
     "is_compiled",
     "is_forward_redirected",
+    "lightning_batches_run_in_epoch",
     "lightning_batches_that_stepped",
     "on_backward_end",
     "restore_fsdp2_forward_state",
@@ -129,6 +130,28 @@ def lightning_batches_that_stepped(trainer: Any) -> int | None:
     """
     count = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None)
     return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+
+def lightning_batches_run_in_epoch(trainer: Any) -> int | None:
+    """The training batches of the current epoch whose step ran, as Lightning counts them (restored from a
+    checkpoint when a fit resumes in the middle of an epoch; 0 at the start of an epoch); None when the trainer does
+    not say.
+
+    Why: a fit resumed from a checkpoint that holds no state of the monitor (saved without it, or by one watching
+    other sites) must know that the epoch it resumes lacks the counts of the batches run before the checkpoint,
+    so that it reports that epoch as partial rather than whole.
+
+    Replaced by: a public count of the epoch's batches on the Trainer (none in Lightning 2.x; the loop's
+    ``batch_progress`` is an attribute of a private class). ``tests/test_compat.py`` resumes a fit from checkpoints
+    saved at several steps and compares with the batches that ran before each.
+    """
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    count = getattr(getattr(progress, "current", None), "processed", None)
+    if not isinstance(count, int) or isinstance(count, bool):
+        return None
+    # a checkpoint saved on an epoch's last batch (or at its end) resumes with the next epoch, before the count of
+    # the one it ended is reset
+    return 0 if getattr(progress, "is_last_batch", False) is True else count
 
 
 def on_backward_end(callback: Callable[[], None]) -> None:

@@ -66,7 +66,7 @@ from lightning_relu._compat import (
     set_aside_hooks,
 )
 
-__all__ = ["WriteThrough", "deepspeed_write_through", "fsdp2_write_through"]
+__all__ = ["WriteThrough", "agree_with_rank_zero", "deepspeed_write_through", "fsdp2_write_through"]
 
 R = TypeVar("R")
 
@@ -598,3 +598,55 @@ def fsdp2_write_through(model: nn.Module, function: str, argument: str) -> Write
     if not sharded and (dtensor is None or not any(isinstance(param, dtensor) for param in model.parameters())):
         return None
     return _Fsdp2(model, function, argument)
+
+
+def agree_with_rank_zero(module: nn.Module, optimizers: Iterable[Any]) -> bool:
+    """Give every process rank 0's parameters, buffers and optimizer state of ``module``, a replica on every rank (as
+    under DDP), after a change made on every rank; whether they were shared (``False`` outside a process group of
+    several ranks, where there is nothing to agree on).
+
+    Why: revival runs the same surgery on every rank from rank 0's example, and can still come out differently per
+    rank: BatchNorm running statistics gathered from each rank's own data (DDP only broadcasts them at the next
+    forward) decide which units are alive in evaluation mode, and dropout during the calibration passes draws from
+    each rank's generator. DDP never makes parameters equal again, so replicas would drift apart for the rest of the
+    fit. Optimizer state is shared where it has a parameter's shape (what revival resets); when the ranks do not hold
+    the same such state (the same keys and shapes), parameters and buffers are still shared and a ``RuntimeWarning``
+    says the optimizer state was left alone.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    states: list[Tensor] = []
+    signature: list[tuple[int, int, str, tuple[int, ...]]] = []
+    for o, optimizer in enumerate(optimizers):
+        if not isinstance(optimizer, Optimizer):
+            continue
+        params = [param for group in optimizer.param_groups for param in group["params"]]
+        for index, param in enumerate(params):
+            held = optimizer.state.get(param, {})
+            for key in sorted(held, key=str):
+                value = held[key]
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    states.append(value)
+                    signature.append((o, index, str(key), tuple(value.shape)))
+    theirs: list[Any] = [signature]
+    dist.broadcast_object_list(theirs, src=0)
+    differs = torch.tensor([int(theirs[0] != signature)], device=_flag_device(True))
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+        if int(differs) == 0:
+            for state in states:
+                dist.broadcast(state, src=0)
+    if int(differs):
+        import warnings
+
+        warnings.warn(
+            "The ranks hold different optimizer state for the revived model: its parameters and buffers were made "
+            "rank 0's, its optimizer state was left as each rank holds it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return True

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_relu._compat import lightning_batches_that_stepped
+from lightning_relu._compat import lightning_batches_run_in_epoch, lightning_batches_that_stepped
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu.dashboards import (
     HEATMAP_TAG,
@@ -197,6 +197,9 @@ class DeadUnitMonitor(Callback):
         self._window: dict[str, Any] | None = None
         # its sites not added to the counts yet (see `_merge_window`): their states, and where each sits
         self._unmerged: dict[str, tuple[dict[str, Any], Any]] = {}
+        # the counts of the epoch in progress when the fit was interrupted by an exception, kept after its hooks are
+        # removed for a checkpoint saved then (`OnExceptionCheckpoint` runs after this callback)
+        self._window_at_exception: dict[str, Any] | None = None
         self._resumed_epoch: int | None = None
         self._world_size = 1
         self._epoch = 0
@@ -254,6 +257,7 @@ class DeadUnitMonitor(Callback):
             if self.reviver is not None:
                 self.reviver._start_afresh()
         self._remove_hooks()
+        self._window_at_exception = None
         tracker = DeadUnitTracker(
             pl_module,
             sites=self._sites,
@@ -322,6 +326,9 @@ class DeadUnitMonitor(Callback):
         if self.tracker is None or not self.tracker.sites:
             return
         epoch = _interrupted_epoch(window, progress)
+        if epoch is None and progress is None and trainer.ckpt_path is not None:
+            self._resume_without_state(trainer)
+            return
         if epoch is None or epoch > trainer.current_epoch:
             return
         self.tracker.reset()
@@ -333,6 +340,24 @@ class DeadUnitMonitor(Callback):
             self._epoch = trainer.current_epoch
         else:
             self._resumed_epoch = epoch
+
+    def _resume_without_state(self, trainer: pl.Trainer) -> None:
+        """A fit resumed from a checkpoint that holds no state of this monitor (saved without it, or by one that
+        watched other sites): when Lightning says batches of the current epoch ran before it, their counts are
+        missing and the epoch's report is partial."""
+        run = lightning_batches_run_in_epoch(trainer)
+        if not run:
+            return
+        assert self.tracker is not None
+        self.tracker.reset()
+        self._start_epoch()
+        self._batches = run
+        self._partial = (
+            f"the checkpoint holds no state of this monitor: the counts of the {run} training batches of epoch "
+            f"{trainer.current_epoch} run before it was saved are missing (saved without this `DeadUnitMonitor`, or by "
+            "one with other `sites`)"
+        )
+        self._resumed_epoch = trainer.current_epoch
 
     def _restore_epoch(
         self, trainer: pl.Trainer, window: dict[str, Any] | None, progress: dict[str, Any], epoch: int
@@ -521,6 +546,8 @@ class DeadUnitMonitor(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stop_axis_watch()
+        self._merge_tagged_nonfinite()
+        self._window_at_exception = self._current_window()
         self._remove_hooks()
 
     @override
@@ -534,7 +561,7 @@ class DeadUnitMonitor(Callback):
             "last_report": last.state_dict() if last is not None else None,
             "collapse_warned": sorted(self._collapse_warned),
             "reviver": self.reviver.state_dict() if self.reviver is not None else {},
-            "window": self._current_window(),
+            "window": self._current_window() if self.tracker is not None else self._window_at_exception,
             "progress": self._progress(),
         }
 

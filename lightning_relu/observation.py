@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -407,16 +408,31 @@ class ModuleCall:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+_OWN = threading.local()
+
+
+def own_forward() -> bool:
+    """Whether the package runs a forward of its own on this thread (:func:`call_model`: an observation, revival's
+    checks, a sign-flipping pass). Trackers do not count it (but the one an observation names the sites with): it
+    is not training data, whatever other monitor watches the model."""
+    return getattr(_OWN, "depth", 0) > 0
+
+
 def call_model(model: nn.Module, example_input: Any) -> Any:
     """Run ``model`` on an example input: a tensor (one positional argument), a tuple or list (positional
-    arguments), a dict (keyword arguments) or a :class:`ModuleCall`."""
-    if isinstance(example_input, ModuleCall):
-        return model.get_submodule(example_input.module)(*example_input.args, **example_input.kwargs)
-    if isinstance(example_input, Mapping):
-        return model(**example_input)
-    if isinstance(example_input, (tuple, list)):
-        return model(*example_input)
-    return model(example_input)
+    arguments), a dict (keyword arguments) or a :class:`ModuleCall`; a forward of the package's own
+    (:func:`own_forward`)."""
+    _OWN.depth = getattr(_OWN, "depth", 0) + 1
+    try:
+        if isinstance(example_input, ModuleCall):
+            return model.get_submodule(example_input.module)(*example_input.args, **example_input.kwargs)
+        if isinstance(example_input, Mapping):
+            return model(**example_input)
+        if isinstance(example_input, (tuple, list)):
+            return model(*example_input)
+        return model(example_input)
+    finally:
+        _OWN.depth -= 1
 
 
 def example_from_batch(batch: Any, input_fn: Callable[[Any], Any] | None = None, size: int | None = None) -> Any:
@@ -929,7 +945,7 @@ class _Analysis:
                 data = [(s, t) for s, t in zip(current.sources, current.inputs, strict=True) if id(t) in self._data]
                 factor = _factor(current, data[0][1]) if len(data) == 1 else None
                 if factor is not None and data[0][0] is not None and self._broadcasts_into(current, data[0][1]):
-                    if op not in _SCALE_OPS:
+                    if op not in _SCALE_OPS and op not in _DIV_OPS:
                         self.offset = op  # a constant added: odd functions of the producer's output stop here
                     if not norms:  # what scales the pre-activation after the last norm (the shift target)
                         self.scale = self.scale * factor

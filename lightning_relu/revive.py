@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_relu._engines import agree_with_rank_zero
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu._sharded import write_through
 from lightning_relu.init import rai_rows
@@ -669,7 +670,9 @@ class DeadUnitReviver(Callback):
     the optimizer state of every touched entry zeroed, for every optimizer in ``trainer.optimizers``.
 
     Under DDP every rank performs the same surgery: the decisions come from the report, which is summed across
-    ranks, and the random draws from a generator seeded with ``seed + epoch`` on every rank.
+    ranks, the example from rank 0, and the random draws from a generator seeded with ``seed + epoch`` on every
+    rank; afterwards every rank takes rank 0's parameters, buffers and optimizer state, as what a rank reads of its
+    own state (BatchNorm statistics, dropout's generator) can make the surgery differ.
 
     These scalars go to every logger in ``trainer.loggers`` (at ``trainer.global_step``) and into
     ``trainer.callback_metrics``:
@@ -1043,6 +1046,11 @@ class DeadUnitReviver(Callback):
                         check_output=self.check_output,
                     )
                 )
+        if trainer.world_size > 1 and write_through(pl_module, "DeadUnitReviver", "pl_module", trainer=trainer) is None:
+            # replicas (DDP): every rank made the surgery on rank 0's example, but what it reads of its own state
+            # (BatchNorm statistics, dropout's generator) can differ; every rank takes rank 0's result
+            agree_with_rank_zero(pl_module, trainer.optimizers)
+            counts = trainer.strategy.broadcast(counts, src=0)
         for warning in caught:
             message = str(warning.message)
             if not issubclass(warning.category, RevivalWarning):

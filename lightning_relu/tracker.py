@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_relu._compat import is_compiled, is_forward_redirected, on_backward_end
 from lightning_relu.functional import NO_STEP
-from lightning_relu.observation import AxisWatch, record
+from lightning_relu.observation import AxisWatch, own_forward, record
 from lightning_relu.site import (
     FUNCTIONAL_RECTIFIERS,
     MAX_POSITIONS,
@@ -436,7 +436,8 @@ class DeadUnitTracker:
 
     def _margin(self, key: int, pre_activation: Tensor) -> None:
         """Accumulate the pre-activation of the call about to happen (position = calls so far)."""
-        entry = self._entry(key, self._calls.get(key, 0)) if self.enabled and not self._recomputing() else None
+        counted = self.enabled and not self._recomputing() and (self._observer is not None or not own_forward())
+        entry = self._entry(key, self._calls.get(key, 0)) if counted else None
         if entry is None:
             return
         stats = entry[1]
@@ -454,8 +455,8 @@ class DeadUnitTracker:
         calls = self._calls
         k = calls.get(key, 0)
         calls[key] = k + 1
-        if not self.enabled or not isinstance(output, Tensor):
-            return
+        if not self.enabled or not isinstance(output, Tensor) or (self._observer is None and own_forward()):
+            return  # paused, or a forward the package runs itself (an observation for a remedy)
         entry = self._entry(key, k)
         if entry is None:
             return

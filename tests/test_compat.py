@@ -32,6 +32,7 @@ from lightning_relu._compat import (
     fsdp2_supported,
     is_compiled,
     is_forward_redirected,
+    lightning_batches_run_in_epoch,
     lightning_batches_that_stepped,
     on_backward_end,
     restore_fsdp2_forward_state,
@@ -477,3 +478,31 @@ def test_deepspeeds_marks_groups_partitions_and_hooks_are_seen(tmp_path: Path) -
     assert results["partitions"] == [(True, 1)] * 4
     assert results["taken 3"] > 0 and results["deepspeed's left 3"] == 0 and results["restored 3"]
     assert results["deepspeed's left 1"] == 0 and results["restored 1"]
+
+
+class _Peek(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int | None]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen.append((trainer.current_epoch, lightning_batches_run_in_epoch(trainer)))
+
+
+def test_lightnings_count_of_the_epochs_batches_run_before_a_resume(tmp_path: Path) -> None:
+    # 5 batches an epoch; checkpoints after steps 2 and 7 (inside epochs 0 and 1) and at each epoch's end
+    settings: dict[str, Any] = dict(
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    every = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "step", every_n_train_steps=1, save_top_k=-1)
+    ends = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "end", save_top_k=-1, filename="{epoch}")
+    peek = _Peek()
+    L.Trainer(max_epochs=2, callbacks=[every, ends, peek], **settings).fit(_Stepping(False))
+    assert peek.seen == [(0, 0)]  # a fresh fit
+    cases = {"step/epoch=0-step=2.ckpt": (0, 2), "step/epoch=1-step=7.ckpt": (1, 2), "end/epoch=0.ckpt": (1, 0)}
+    for path, expected in cases.items():
+        peek = _Peek()
+        L.Trainer(max_epochs=3, callbacks=[peek], enable_checkpointing=False, **settings).fit(
+            _Stepping(False), ckpt_path=str(tmp_path / path)
+        )
+        assert peek.seen == [expected], path
+    assert lightning_batches_run_in_epoch(object()) is None

@@ -870,3 +870,14 @@ def test_the_reviver_runs_only_the_calls_that_hold_sites(tmp_path: Path) -> None
     quiet_trainer(tmp_path, [monitor], max_epochs=1, limit_val_batches=0).fit(module)
     assert module.counter.calls == 3  # one per training step: the reviver never called the metric-like child
     assert monitor.reviver is not None and monitor.reviver.last_revived == {"net.1": 3}
+
+
+def test_a_second_monitor_does_not_count_the_revivers_own_forwards(tmp_path: Path) -> None:
+    """The reviver observes the model on the first batch (its monitor paused): a second monitor on the same model
+    counted that forward as training data (72 samples for 64 in epoch 0). Every monitor counts the dataset."""
+    reviving = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
+    other = DeadUnitMonitor(sites=["net.1"])  # another state key: a monitor of its own
+    _trainer(tmp_path, [reviving, other], logger=False, enable_checkpointing=False).fit(_DeadModule())
+    for monitor in (reviving, other):
+        assert [report.layers["net.1"].samples for report in monitor.history] == [64, 64]
+    assert reviving.reviver is not None and sum(reviving.reviver.history[0]["revived"].values()) == 3

@@ -326,7 +326,51 @@ def _sharded_fit(root: Path, name: str, **strategy: Any) -> None:
     fit.fit(_ShardedNet(alike_batches(8, seed=1), lr=0.1))
 
 
+class _PerRankNet(L.LightningModule):
+    """Replicas whose own state differs between the ranks: each rank reads data of its own (feature 0 spread 10 on
+    rank 0, 0.01 on rank 1), which BatchNorm's running statistics keep (momentum 1), and draws dropout from a
+    generator seeded by its rank. Unit 0 of the norm's site (beta -3: a normalized batch of 8 stays below 2.47) and
+    units 0-2 of the site after the dropout (bias -100) are dead; lr = 0, so only revival changes the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(2, 4),
+            torch.nn.BatchNorm1d(4, momentum=1.0),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.5),
+            torch.nn.Linear(4, 4),
+            torch.nn.ReLU(),
+            torch.nn.Linear(4, 1),
+        )
+        with torch.no_grad():
+            self.net[0].weight.zero_()
+            self.net[0].weight[0, 0] = 1.0
+            self.net[0].weight[1:, 1] = 1.0
+            self.net[1].bias[0] = -3.0
+            self.net[4].bias[:3] = -100.0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).pow(2).mean()
+
+    def on_train_start(self) -> None:
+        torch.manual_seed(1234 + self.trainer.global_rank)  # a common pattern: each rank's own random stream
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0, momentum=0.9)
+
+    def train_dataloader(self) -> Any:
+        rank = self.trainer.global_rank
+        x = torch.randn(80, 2, generator=torch.Generator().manual_seed(rank))
+        x[:, 0] *= 10.0 if rank == 0 else 0.01
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8)
+
+
 def _ddp(rank: int, path: Path) -> None:
+    monitor = DeadUnitMonitor(revive=DeadUnitReviver(seed=3))
+    fit = trainer(path, [monitor, Dump(str(path / "per_rank"), monitor)], strategy="ddp", devices=2, max_epochs=1)
+    fit.fit(_PerRankNet())
     _fit(path, "whole")  # checkpoints at steps 2 (the middle of epoch 0), 4 (its last batch), 6, 8
     _fit(path, "mid", str(path / "ckpt" / "step=2.ckpt"))
     _fit(path, "last", str(path / "ckpt" / "step=4.ckpt"))
@@ -400,6 +444,17 @@ def test_ddp_resume_mid_epoch_and_from_the_last_batch_is_exact_on_every_rank(run
         assert run["partial"] == [False, False]
         for key, value in reference["params"].items():
             assert torch.equal(run["params"][key], value), key
+
+
+def test_ddp_revival_leaves_the_replicas_identical_when_their_own_state_differs(runs: Path) -> None:
+    """Every rank revives on rank 0's example, but read its own BatchNorm statistics (which decided on each rank
+    whether a unit is alive in evaluation mode) and its own dropout draws (in the calibration passes): the
+    replicas came out different (up to 1.7 apart) and DDP never made them equal again. Rank 0's result now goes to
+    every rank: parameters, buffers and optimizer state."""
+    zero, one = _load(runs, "per_rank")
+    assert zero["revived"] == one["revived"] and sum(zero["revived"][0].values()) >= 3
+    for key, value in zero["params"].items():
+        assert torch.equal(one["params"][key], value), key
 
 
 def test_ddp_missing_counts_make_the_epoch_partial_on_every_rank(runs: Path) -> None:

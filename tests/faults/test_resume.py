@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
 from lightning_relu import DeadUnitMonitor, DeadUnitReviver
 from tests.faults.models import Net, alike_batches, random_batches, summary, trainer
@@ -107,3 +109,58 @@ def test_a_whole_epoch_is_not_partial(tmp_path: Path) -> None:
     assert float(fit.callback_metrics["partial_epoch"]) == 0.0
     assert summary(resumed.history) == summary(whole.history)
     assert not any("partial" in m for m in messages)
+
+
+class _Boom(Callback):
+    """Interrupts the fit at the start of batch 3 of epoch 0 (after 3 of its 5 batches), as a crash or a Ctrl-C."""
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch == 0 and batch_idx == 3:
+            raise RuntimeError("interrupted")
+
+
+def test_a_checkpoint_written_on_an_exception_keeps_the_epochs_counts(tmp_path: Path) -> None:
+    """`OnExceptionCheckpoint` saves after the monitor's own `on_exception` has removed its hooks: the checkpoint
+    held no counts (the resumed epoch was partial, 8 of 20 samples); it now holds those of the 3 batches run."""
+    x = alike_batches(5)
+    whole = DeadUnitMonitor()
+    trainer(tmp_path / "whole", [whole]).fit(Net(x))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        callbacks = [DeadUnitMonitor(), _Boom(), OnExceptionCheckpoint(tmp_path)]
+        trainer(tmp_path, callbacks, enable_checkpointing=True).fit(Net(x))
+    resumed = DeadUnitMonitor()
+    trainer(tmp_path, [resumed]).fit(Net(x), ckpt_path=str(tmp_path / "on_exception.ckpt"))
+    assert not any(report.partial for report in resumed.history)
+    assert summary(resumed.history) == summary(whole.history)  # lr = 0: every batch meets the same weights
+    assert resumed.history[0].layers["net.3"].samples == 20
+
+
+@pytest.mark.parametrize("saved_with", ["no monitor", "a monitor of other sites"])
+def test_a_mid_epoch_checkpoint_without_this_monitors_state_resumes_into_a_partial_epoch(
+    tmp_path: Path, saved_with: str
+) -> None:
+    """The checkpoint (step 2 of 5) holds no state of this monitor: the 2 batches before it are not counted, so the
+    resumed epoch is flagged partial (it was reported whole, and revived on 3 of 5 batches) and not revived."""
+    x = random_batches(5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    first = [ckpt] if saved_with == "no monitor" else [DeadUnitMonitor(sites=["net.1", "net.3"]), ckpt]
+    trainer(tmp_path, first, max_epochs=1, enable_checkpointing=True).fit(Net(x))
+    resumed = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
+    fit, messages = _resume_partial(tmp_path, x, resumed)
+    report = resumed.history[0]
+    assert report.layers["net.3"].samples == 12  # the 3 batches run after the resume
+    assert report.partial and "holds no state of this monitor" in report.partial_reason
+    assert "the 2 training batches of epoch 0" in report.partial_reason
+    assert float(fit.callback_metrics["partial_epoch"]) == 1.0
+    assert sum("epoch 0 is partial" in m for m in messages) == 1
+    assert resumed.reviver.history == []
+
+
+def test_an_epoch_end_checkpoint_without_this_monitors_state_starts_a_whole_epoch(tmp_path: Path) -> None:
+    x = random_batches(5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer(tmp_path, [ckpt], max_epochs=1, enable_checkpointing=True).fit(Net(x))
+    resumed = DeadUnitMonitor()
+    trainer(tmp_path, [resumed]).fit(Net(x), ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    assert [report.epoch for report in resumed.history] == [1]
+    assert not resumed.history[0].partial and resumed.history[0].layers["net.3"].samples == 20
