@@ -56,11 +56,13 @@ from lightning_relu.observation import (
     _CAST_OPS,
     _MOVE_OPS,
     _POOL_OPS,
+    Aliases,
     ModuleCall,
     TrainingInputWatch,
     _op_name,
     _tensors,
     split_by_call,
+    writes_in_place,
 )
 from lightning_relu.site import module_names, unknown_names
 from lightning_relu.structure import SiteStructure, Structure, observe
@@ -767,6 +769,8 @@ class _Intervals(TorchFunctionMode):
         self.bounds: dict[int, tuple[Tensor, Tensor] | None] = {id(data): (low, high)}
         self.keep: list[Tensor] = [data]
         self.unsupported: dict[str, None] = {}
+        self.aliases = Aliases()
+        self.aliases.add([data])
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -788,6 +792,16 @@ class _Intervals(TorchFunctionMode):
         outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
         if bounds is None and outputs:
             self.unsupported.setdefault(op, None)
+        if writes_in_place(op):
+            # a write through a view also changes the tensors sharing its memory (and `__setitem__` its target):
+            # their bounds are not known any more
+            changed = [t for t in self.aliases.of(inputs[0]) if id(t) in self.bounds]
+            changed += [inputs[0]] if op == "__setitem__" else []
+            for tensor in changed:
+                self.bounds[id(tensor)] = None
+            if changed:
+                self.unsupported.setdefault(f"{op} through a view" if op != "__setitem__" else op, None)
+        self.aliases.add(outputs)
         for position, tensor in enumerate(outputs):
             self.bounds[id(tensor)] = bounds[position] if bounds is not None and position < len(bounds) else None
         self.keep.extend(inputs)

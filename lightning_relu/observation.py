@@ -31,7 +31,7 @@ import contextlib
 import math
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,14 +244,27 @@ class SiteStructure:
     scale: Tensor | None = None
 
     @property
+    def shift_bias(self) -> Tensor | None:
+        """The bias revival shifts to make a revived unit fire: the last norm's, else the producer's (``None``
+        when that layer has none)."""
+        if self.norms:
+            return self.norms[-1].bias
+        return self.producer.bias.parameter if self.producer is not None and self.producer.bias is not None else None
+
+    @property
     def remedies(self) -> tuple[str, ...]:
-        """The remedies that can act on this site: ``"rai"`` and ``"sign_flip"`` need a producer, ``"revive"``
-        also needs every reader to be an affine layer whose outgoing weights can be zeroed."""
+        """The remedies that can act on this site: ``"rai"`` needs a producer; ``"sign_flip"`` also needs no constant
+        added after it (:attr:`offset`); ``"revive"`` needs every reader to be an affine layer whose outgoing weights
+        can be zeroed, and a bias to shift where a constant is added (a frozen BatchNorm after a bias-free
+        convolution adds one per channel: no new weights make such a unit fire)."""
         if self.producer is None:
             return ()
-        if self.reader_problems:
-            return ("rai", "sign_flip")
-        return ("rai", "sign_flip", "revive")
+        remedies = ["rai"]
+        if self.offset is None:
+            remedies.append("sign_flip")
+        if not self.reader_problems and (self.offset is None or self.shift_bias is not None):
+            remedies.append("revive")
+        return tuple(remedies)
 
 
 @dataclass(eq=False)
@@ -348,6 +361,39 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+def writes_in_place(op: str) -> bool:
+    """Whether the operation ``op`` writes into its first argument (``add_``, ``__imul__``, ``__setitem__``)."""
+    return (op.endswith("_") and not op.endswith("__")) or op.startswith("__i") or op == "__setitem__"
+
+
+class Aliases:
+    """The tensors seen in a forward, by the memory they live in: what an in-place write into one tensor also
+    changes (its base, its other views: ``h[:, :4].neg_()`` changes ``h``)."""
+
+    def __init__(self) -> None:
+        self._by_storage: dict[int, list[Tensor]] = {}
+
+    @staticmethod
+    def _key(tensor: Tensor) -> int:
+        try:
+            return int(tensor.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError, TypeError):  # tensors without storage of their own
+            return 0
+
+    def add(self, tensors: Iterable[Tensor]) -> None:
+        for tensor in tensors:
+            key = self._key(tensor)
+            if key:
+                held = self._by_storage.setdefault(key, [])
+                if not any(t is tensor for t in held):
+                    held.append(tensor)
+
+    def of(self, written: Tensor) -> list[Tensor]:
+        """The other tensors seen that share ``written``'s memory."""
+        key = self._key(written)
+        return [t for t in self._by_storage.get(key, []) if t is not written] if key else []
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, inputs: list[Tensor], keep_rectifier_inputs: bool) -> None:
         super().__init__()
@@ -355,6 +401,8 @@ class _Recorder(TorchFunctionMode):
         self.origin: dict[int, tuple[int, int]] = {}
         self.data_ids = {id(t) for t in inputs}
         self.keep = list(inputs)
+        self.aliases = Aliases()
+        self.aliases.add(inputs)
         self.module_stack: list[str] = [""]
         self.keep_rectifier_inputs = keep_rectifier_inputs
         self.rectifier_inputs: dict[int, Tensor] = {}
@@ -374,8 +422,11 @@ class _Recorder(TorchFunctionMode):
             before = inputs[0].detach().clone()
         out = func(*args, **kwargs)
         outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
+        if inputs and writes_in_place(op):
+            self._written_through(op, inputs, data)
         if not outputs:
             return out
+        self.aliases.add(outputs)
         # containers copied: a list passed to `cat` may grow after the call (DenseNet's feature list)
         node = _Node(
             len(self.nodes), op, _frozen(args), _frozen(kwargs), sources, inputs, outputs, data, self.module_stack[-1]
@@ -392,6 +443,24 @@ class _Recorder(TorchFunctionMode):
         if before is not None:
             self.rectifier_inputs[node.index] = before
         return out
+
+    def _written_through(self, op: str, inputs: list[Tensor], data: bool) -> None:
+        """An in-place write into ``inputs[0]`` also changed every tensor sharing its memory (and ``__setitem__``
+        the tensor itself, returning nothing): they now come from a node that no walk follows, so nothing is
+        concluded from what they held before."""
+        written = inputs[0]
+        changed = self.aliases.of(written) + ([written] if op == "__setitem__" else [])
+        if not changed:
+            return
+        label = op if op == "__setitem__" else f"{op} through a view"
+        sources = [self.origin.get(id(t)) for t in inputs]
+        node = _Node(len(self.nodes), label, (), {}, sources, inputs, changed, data, self.module_stack[-1])
+        self.nodes.append(node)
+        for position, tensor in enumerate(changed):
+            self.origin[id(tensor)] = (node.index, position)
+            if data:
+                self.data_ids.add(id(tensor))
+        self.keep.extend(inputs)
 
 
 # ------------------------------------------------------------------------------------------------ observe

@@ -162,6 +162,12 @@ def _decide(
         if site.reader_problems:
             decisions.skipped[name] = "; ".join(site.reader_problems)
             continue
+        if "revive" not in site.remedies:  # a constant added after a layer without a bias (a frozen BatchNorm)
+            decisions.skipped[name] = (
+                f"a constant is added to its pre-activation (`{site.offset}`, as a frozen BatchNorm does) and there is "
+                "no bias to shift: new incoming weights alone need not make its units fire"
+            )
+            continue
         if any(norm.mixes_units for norm in site.norms):
             decisions.skipped[name] = (
                 "a LayerNorm/GroupNorm normalizes its units together: a fresh unit would change the others"
@@ -202,23 +208,38 @@ def _operate_firing(
     init: str,
     sites: Any,
 ) -> None:
-    """Operate on every plan; when some units cannot fire, undo everything and operate on the others alone."""
+    """Operate on every plan; when some units cannot fire, undo everything and operate on the others alone, until
+    every unit operated on fires (fresh weights can leave other units of a site without a bias inactive; each round
+    leaves out at least one unit, so this ends)."""
     plans, skipped = decisions.plans, decisions.skipped
-    silent = _operate(model, example_input, plans, generator, draw_rows, init, sites)
-    if silent:
-        # units whose inputs are all dead cannot fire: undo, and revive the others alone
+    left: dict[str, list[int]] = {}  # per site, how many units were left: constant input, inactive without a bias
+    while True:
+        silent = _operate(model, example_input, plans, generator, draw_rows, init, sites)
+        if not silent:
+            break
         for plan in reversed(plans):
             plan.writes.undo()
             plan.writes = _Writes()
         for plan in plans:
             if plan.site.name in silent:
-                mask = silent[plan.site.name]
-                skipped[plan.site.name] = (
-                    f"{int(mask.sum())} of its dead units get a constant input on the example input (every "
-                    "unit they read is dead and not revived): they cannot fire and were left dead"
-                )
-                plan.units = plan.units[~mask]
-        _operate(model, example_input, plans, generator, draw_rows, init, sites)
+                constant, stuck = silent[plan.site.name]
+                counts = left.setdefault(plan.site.name, [0, 0])
+                counts[0] += int(constant.sum())
+                counts[1] += int(stuck.sum())
+                plan.units = plan.units[~(constant | stuck)]
+    for name, (constant_count, stuck_count) in left.items():
+        reasons = []
+        if constant_count:
+            reasons.append(
+                f"{constant_count} of its dead units get a constant input on the example input (every unit they read "
+                "is dead and not revived): they cannot fire and were left dead"
+            )
+        if stuck_count:
+            reasons.append(
+                f"{stuck_count} of its dead units do not fire on the example input with new incoming weights, and "
+                "there is no bias to shift them by (the last norm's, else the producer's): left dead"
+            )
+        skipped[name] = "; ".join([skipped[name], *reasons] if name in skipped else reasons)
 
 
 def _reset_touched(decisions: _Decisions, optimizers: list[Optimizer]) -> None:
@@ -239,8 +260,8 @@ def _reset_touched(decisions: _Decisions, optimizers: list[Optimizer]) -> None:
 # ------------------------------------------------------------------------------------------------ steps
 def _operate(
     model: nn.Module, example_input: Any, plans: list[_Plan], generator: Any, draw_rows: Any, init: str, sites: Any
-) -> dict[str, Tensor]:
-    """Redraw, zero the outgoing weights, calibrate; returns the units that stay constant (see `_calibrate`)."""
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Redraw, zero the outgoing weights, calibrate; returns the units that cannot fire (see `_calibrate`)."""
     plans = [plan for plan in plans if plan.units.numel()]
     redrawn = _redraw(plans, generator, draw_rows, init)
     for plan in plans:
@@ -308,14 +329,17 @@ def check_excluded(excluded: set[str], names: Sequence[str]) -> None:
         raise ValueError(f"`exclude` has unknown site names {unknown}; the model's sites are {list(names)}")
 
 
-def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan], sites: Any) -> dict[str, Tensor]:
+def _calibrate(
+    model: nn.Module, example_input: Any, plans: list[_Plan], sites: Any
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Make the revived units fire on about half of the example input's entries. Each pass observes the model once
     and shifts every site's revived units by what that forward shows; a site reads the sites before it, so the passes
     go on until no unit needs a shift: a chain of ``d`` revived sites settles in about ``d`` passes, ``2 d`` with
     BatchNorm in evaluation mode (its running statistics, set from one pass, normalize the next), and at most that
-    many and two more are made. Returns, per site, the mask of its revived units whose pre-activation is constant on
-    the batch (every unit they read is dead): no shift makes those fire."""
-    silent: dict[str, Tensor] = {}
+    many and two more are made. Returns, per site with such units, two masks of its revived units: those whose
+    pre-activation is constant on the batch (every unit they read is dead: no shift makes those fire), and, where
+    there is no bias to shift, those whose new weights leave them inactive on every entry."""
+    silent: dict[str, tuple[Tensor, Tensor]] = {}
     for _ in range(2 * len(plans) + 2):
         seen = observe(model, example_input, keep_values=True, sites=sites)
         settled = True
@@ -326,7 +350,7 @@ def _calibrate(model: nn.Module, example_input: Any, plans: list[_Plan], sites: 
     return silent
 
 
-def _calibrate_site(plan: _Plan, seen: Any, silent: dict[str, Tensor]) -> bool:
+def _calibrate_site(plan: _Plan, seen: Any, silent: dict[str, tuple[Tensor, Tensor]]) -> bool:
     """One pass of :func:`_calibrate` on one site, from the forward ``seen``; whether its units needed no shift."""
     site = seen.sites.get(plan.site.name)
     pre = seen.pre_activations.get(plan.site.name)
@@ -347,11 +371,13 @@ def _calibrate_site(plan: _Plan, seen: Any, silent: dict[str, Tensor]) -> bool:
             plan.writes.write(tensor, (plan.units.to(tensor.device),), value.to(tensor))
     z = _unit_values(pre, site.unit_dim, plan.units)
     constant = (z.amax(1) - z.amin(1)) <= 1e-6 * z.abs().amax(1).clamp_min(1e-6)
-    if bool(constant.any()):
-        silent[plan.site.name] = constant
+    target = _shift_target(plan)
+    # with no bias to shift, what the new weights give is final: a unit inactive on every entry stays dead
+    stuck = ~constant & ~(z > 0).any(1) if target is None else torch.zeros_like(constant)
+    if bool(constant.any()) or bool(stuck.any()):
+        silent[plan.site.name] = (constant.cpu(), stuck.cpu())
     else:
         silent.pop(plan.site.name, None)
-    target = _shift_target(plan)
     if target is not None:
         shift = _threshold(z)
         scale = (z.amax(1) - z.amin(1)).clamp_min(1e-12)
@@ -391,10 +417,7 @@ def _threshold(z: Tensor) -> Tensor:
 
 def _shift_target(plan: _Plan) -> Tensor | None:
     """Where a unit's pre-activation is shifted: the last norm's bias, else the producer's bias."""
-    if plan.site.norms:
-        return plan.site.norms[-1].bias
-    producer = plan.site.producer
-    return producer.bias.parameter if producer is not None and producer.bias is not None else None
+    return plan.site.shift_bias
 
 
 def _alive_in_eval(model: nn.Module, example_input: Any, sites: Any) -> dict[str, Tensor]:
