@@ -410,6 +410,41 @@ def test_certified_mode_refuses_where_bounds_do_not_reach() -> None:
     assert last.removed == 0 and "layer_norm" in (last.reason or "")
 
 
+@pytest.mark.parametrize("how", ["h[:, 0] += 5", "h[:, 0] = h[:, 0] + 5"])
+def test_certification_sees_an_in_place_write_through_a_view(how: str) -> None:
+    """A constant added at the first position of a sequence, in place through a slice: units 2 and 3 are dead on
+    the example (x - 5.5 and x - 0.5 at position 0, x below 0.4) but fire inside the box at position 0. The interval
+    bounds kept the Linear's bound of `h`, certified them dead and removed them (0.125 off inside the box)."""
+
+    class Shifted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:  # (N, 3, 1)
+            h = self.fc(x)
+            if how == "h[:, 0] += 5":
+                h[:, 0] += 5.0
+            else:
+                h[:, 0] = h[:, 0] + 5.0
+            return self.out(self.act(h)).sum(1)
+
+    torch.manual_seed(0)
+    net = Shifted().eval()
+    with torch.no_grad():
+        net.fc.weight.fill_(1.0)
+        net.fc.bias.copy_(torch.tensor([0.0, 0.0, -5.5, -5.5]))
+    x = torch.rand(32, 3, 1) * 1.4 - 1.0
+    with DeadUnitTracker(net, unit_dims={"act": -1}) as tracker, torch.no_grad():
+        net(x)
+    assert tracker.report()["act"].dead.tolist() == [False, False, True, True]
+    result = compact(net, None, x, certify=(-1.0, 1.0))  # every unit the bounds prove dead is a candidate
+    grid = torch.linspace(-1.0, 1.0, 201).reshape(-1, 1, 1).expand(-1, 3, 1)  # the box, position 0 included
+    with torch.no_grad():
+        assert torch.equal(result.model(grid), net(grid))  # certified: the same output on the whole box
+    assert result.sites["act"].removed == 0
+
+
 # ------------------------------------------------------------------------------------------------ export
 def _small_cnn() -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)

@@ -3,6 +3,8 @@ revived units fire, chains revive together, and what cannot be revived is said."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_relu import DeadUnitTracker, RevivalWarning, revive_dead_units_
 from lightning_relu.functional import activation_stats
+from lightning_relu.structure import observe
 
 
 def _active_share(model: nn.Module, module: nn.Module, x: Tensor, unit_dim: int) -> Tensor:
@@ -313,3 +316,81 @@ def test_revived_units_fire_where_a_constant_scales_the_pre_activation() -> None
     for i, act in enumerate(model.acts):
         share = _active_share(model, act, x, 1)[killed]
         assert bool(((share > 0.3) & (share < 0.7)).all()), (i, share)
+
+
+class _Frozen(nn.Module):
+    """A bias-free convolution, then a per-channel ``x * scale + shift`` of buffers (torchvision's
+    ``FrozenBatchNorm2d``, the detection backbones' norm): a constant added and no bias to shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.register_buffer("scale", torch.ones(8))
+        self.register_buffer("shift", torch.zeros(8))
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x) * self.scale[:, None, None] + self.shift[:, None, None]
+        return self.head(self.act(h).mean((2, 3)))
+
+
+def test_a_site_with_a_constant_added_and_no_bias_is_not_revived_and_said() -> None:
+    torch.manual_seed(0)
+    model, x = _Frozen(), torch.randn(16, 3, 6, 6)
+    model.shift[[0, 3, 5]] = -1e3  # the shift kills them: new weights alone leave them dead
+    site = observe(model, x).sites["act"]
+    assert site.offset is not None and site.shift_bias is None
+    assert site.remedies == ("rai",)  # no sign flip (a constant is added), no revival (nothing to shift)
+    report = _report(model, x)
+    assert report["act"].dead[[0, 3, 5]].all()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RevivalWarning, match="a constant is added to its pre-activation .* no bias to shift"):
+        counts = revive_dead_units_(model, report, example_input=x)
+    assert counts["act"] == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_units_without_a_bias_that_new_weights_leave_inactive_are_left_and_said() -> None:
+    # every sample is about the same positive vector: a bias-free unit fires on all of them or on none, whatever
+    # its fresh weights; about half of the redrawn units stay dead, and nothing can shift them
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32, bias=False), nn.ReLU(), nn.Linear(32, 1))
+    x = torch.ones(64, 4) + 0.01 * torch.rand(64, 4)
+    report = _report(model, x)
+    dead = torch.nonzero(report["1"].dead).reshape(-1)
+    assert dead.numel() >= 8
+    with pytest.warns(RevivalWarning, match="do not fire on the example input with new incoming weights"):
+        counts = revive_dead_units_(model, report, None, torch.Generator().manual_seed(0), example_input=x)
+    share = _active_share(model, model[1], x, 1)[dead]
+    revived = share > 0
+    assert 0 < counts["1"] < dead.numel()
+    assert int(revived.sum()) == counts["1"]  # every unit counted revived fires; the others were left as they were
+
+
+def test_a_pre_activation_written_in_place_through_a_view_has_no_producer() -> None:
+    class Sliced(nn.Module):
+        def __init__(self, how: str) -> None:
+            super().__init__()
+            self.how, self.fc, self.act, self.out = how, nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            if self.how == "neg_":
+                h[:, :4].neg_()
+            else:
+                h[:, :4] *= -2
+            return self.out(self.act(h))
+
+    for how in ("neg_", "setitem"):
+        torch.manual_seed(0)
+        model, x = Sliced(how), torch.randn(32, 4)
+        site = observe(model, x).sites["act"]
+        problem = site.producer_problem or ""
+        assert site.producer is None and ("through a view" in problem or "__setitem__" in problem), problem
+        with torch.no_grad():
+            model.fc.bias[:2] = 1e3  # dead through the negation: a bias shift the wrong way would not show
+        report = _report(model, x)
+        assert report["act"].dead[:2].all()
+        with pytest.warns(RevivalWarning, match="no producer"):
+            assert revive_dead_units_(model, report, example_input=x)["act"] == 0
