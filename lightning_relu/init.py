@@ -385,9 +385,10 @@ def sign_flip_(
 
     if pass_state.unobservable:
         warnings.warn(
-            f"`sign_flip_` cannot watch the functional rectifier calls {pass_state.unobservable}: no layer computing"
-            " their pre-activation was found. They are neither flipped nor counted in the living data; use"
-            " `nn.ReLU` modules there to include them.",
+            f"`sign_flip_` cannot watch the functional rectifier calls {pass_state.unobservable}: no layer's output"
+            " shows their pre-activation (no layer computing it was found, or a constant is added after it, or it is"
+            " multiplied by a factor that differs between a unit's entries). They are neither flipped nor counted in"
+            " the living data; use `nn.ReLU` modules there to include them.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -546,13 +547,19 @@ class _SignFlipPass:
         # per functional site whose pre-activation is its layer's output times a negative number on some units
         # (`relu(-fc(x))`): the sign of that number per unit, which the layer's output is read with
         self._signs: dict[str, Tensor] = {}
+        # functional sites whose pre-activation their layer's output does not show (a constant added after it, a
+        # factor that differs between a unit's entries): kept in call order, not read
+        self._unread: set[str] = set()
         for site in sites:
             if site.module is not None:
                 self._inputs.setdefault(site.module, []).append(site)
             elif site.norm is not None or site.producer is not None:
                 module = cast(nn.Module, site.norm if site.norm is not None else site.producer)
                 self._outputs.setdefault(module, []).append(site)
-                if site.scale is not None and bool((site.scale < 0).any()):
+                if site.offset is not None or site.uneven_scale is not None:
+                    self._unread.add(site.name)
+                    self.unobservable.append(site.name)
+                elif site.scale is not None and bool((site.scale < 0).any()):
                     self._signs[site.name] = torch.sign(site.scale)
             else:
                 self.unobservable.append(site.name)
@@ -625,7 +632,7 @@ class _SignFlipPass:
 
     def _post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         site = self._next_site(module, self._outputs)
-        if site is None or self.error is not None:
+        if site is None or self.error is not None or site.name in self._unread:
             return None
         signs = self._signs.get(site.name)
         if signs is not None and isinstance(output, Tensor) and output.ndim > 1:

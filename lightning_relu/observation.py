@@ -229,6 +229,9 @@ class SiteStructure:
             multiplied by on its way to the pre-activation (``3 * fc(x)``, ``-fc(x)``, a per-channel parameter times
             the norm's output; the mean over the unit's entries where it varies along them), float64 on the CPU;
             ``None`` for 1.
+        uneven_scale: why that factor is not one per unit, when it differs between a unit's entries (a fixed
+            mask over positions): revival cannot account for it, nor sign flipping at a functional call (``None``
+            otherwise).
     """
 
     name: str
@@ -242,6 +245,7 @@ class SiteStructure:
     reader_problems: list[str] = field(default_factory=list)
     offset: str | None = None
     scale: Tensor | None = None
+    uneven_scale: str | None = None
 
     @property
     def shift_bias(self) -> Tensor | None:
@@ -252,17 +256,34 @@ class SiteStructure:
         return self.producer.bias.parameter if self.producer is not None and self.producer.bias is not None else None
 
     @property
+    def revival_problem(self) -> str | None:
+        """Why revival cannot act on this site although it has a producer (``None`` when it can): a reader that
+        revival cannot make blind to a revived unit, a factor that differs between a unit's entries (no shift makes
+        its units fire on about half of them), or a constant added with no bias to shift (a frozen BatchNorm after a
+        bias-free convolution: new weights alone need not make such a unit fire)."""
+        if self.reader_problems:
+            return "; ".join(self.reader_problems)
+        if self.uneven_scale is not None:
+            return f"{self.uneven_scale}: no shift of a bias makes its units fire on about half of their entries"
+        if self.offset is not None and self.shift_bias is None:
+            return (
+                f"a constant is added to its pre-activation (`{self.offset}`, as a frozen BatchNorm does) and there is "
+                "no bias to shift: new incoming weights alone need not make its units fire"
+            )
+        return None
+
+    @property
     def remedies(self) -> tuple[str, ...]:
         """The remedies that can act on this site: ``"rai"`` needs a producer; ``"sign_flip"`` also needs no constant
-        added after it (:attr:`offset`); ``"revive"`` needs every reader to be an affine layer whose outgoing weights
-        can be zeroed, and a bias to shift where a constant is added (a frozen BatchNorm after a bias-free
-        convolution adds one per channel: no new weights make such a unit fire)."""
+        added after it (:attr:`offset`; and for a functional call, whose pre-activation it reads from the layer's
+        output, the same factor on all of a unit's entries, :attr:`uneven_scale`); ``"revive"`` needs no
+        :attr:`revival_problem`."""
         if self.producer is None:
             return ()
         remedies = ["rai"]
         if self.offset is None:
             remedies.append("sign_flip")
-        if not self.reader_problems and (self.offset is None or self.shift_bias is not None):
+        if self.revival_problem is None:
             remedies.append("revive")
         return tuple(remedies)
 
@@ -885,16 +906,16 @@ def _as_factor(value: Any) -> float | Tensor | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _unit_scale(scale: float | Tensor, shape: torch.Size, axis: int, units: int) -> Tensor | None:
+def _unit_scale(scale: float | Tensor, shape: torch.Size, axis: int, units: int) -> tuple[Tensor | None, bool]:
     """Per unit, the mean of ``scale`` (a number, or a tensor that broadcasts into ``shape``) over the unit's entries
-    (float64, CPU); ``None`` for a scale of exactly 1."""
+    (float64, CPU; ``None`` for a scale of exactly 1), and whether it varies among a unit's entries."""
     if not isinstance(scale, Tensor):
-        return None if scale == 1.0 else torch.full((units,), scale, dtype=torch.float64)
+        return (None if scale == 1.0 else torch.full((units,), scale, dtype=torch.float64)), False
     if scale.numel() == 1:
-        return torch.full((units,), float(scale.reshape(())), dtype=torch.float64)
+        return torch.full((units,), float(scale.reshape(())), dtype=torch.float64), False
     full = scale.broadcast_to(shape)
-    moved = full.movedim(axis, 0) if len(shape) > 1 else full.reshape(1, -1)
-    return moved.reshape(units, -1).mean(1)
+    moved = (full.movedim(axis, 0) if len(shape) > 1 else full.reshape(1, -1)).reshape(units, -1)
+    return moved.mean(1), bool((moved != moved[:, :1]).any())
 
 
 class _Analysis:
@@ -1105,7 +1126,13 @@ class _Analysis:
                 ndims[name] = output.ndim
                 site = sites[name] = SiteStructure(name, 0, axis, units, producer, norms, producer_problem=problem)
                 site.offset = self.offset
-                site.scale = _unit_scale(self.scale, output.shape, axis, units)
+                site.scale, uneven = _unit_scale(self.scale, output.shape, axis, units)
+                if uneven:
+                    shape = tuple(self.scale.shape) if isinstance(self.scale, Tensor) else ()
+                    site.uneven_scale = (
+                        f"its pre-activation is multiplied by a factor that differs between a unit's entries (of shape "
+                        f"{shape}, as a fixed mask over positions)"
+                    )
                 producer_nodes[name] = set()
                 if index in self.recorder.rectifier_inputs:
                     pre_activations[name] = self.recorder.rectifier_inputs[index]

@@ -212,6 +212,8 @@ class Site:
         scale: per unit, what the output of ``norm`` (else of ``producer``) is multiplied by on its way to the
             pre-activation (``3 * fc(x)``, ``-fc(x)``, a per-channel parameter), float64 on the CPU; ``None`` for 1,
             or when not observed.
+        uneven_scale: why that factor is not one per unit, when it differs between a unit's entries (seen on an
+            observed forward; ``None`` otherwise): sign flipping cannot watch such a functional site.
     """
 
     name: str
@@ -231,6 +233,7 @@ class Site:
     key: SiteKey = None  # type: ignore[assignment]  # set in __post_init__ when not given
     offset: str | None = None
     scale: Tensor | None = None
+    uneven_scale: str | None = None
 
     def __post_init__(self) -> None:
         if self.key is None:

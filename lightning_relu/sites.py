@@ -99,6 +99,7 @@ def _observed_sites(model: nn.Module, example_input: Any) -> list[Site]:
         site.unit_dim = -1 if observed.unit_dim == _observed_ndim(structure, site.name) - 1 else observed.unit_dim
         site.offset = observed.offset
         site.scale = observed.scale
+        site.uneven_scale = observed.uneven_scale
         if observed.producer is not None:
             site.producer_name = observed.producer.name
             site.producer = observed.producer.weight.module

@@ -159,14 +159,9 @@ def _decide(
         if site.producer is None:
             decisions.skipped[name] = f"no producer: {site.producer_problem}"
             continue
-        if site.reader_problems:
-            decisions.skipped[name] = "; ".join(site.reader_problems)
-            continue
-        if "revive" not in site.remedies:  # a constant added after a layer without a bias (a frozen BatchNorm)
-            decisions.skipped[name] = (
-                f"a constant is added to its pre-activation (`{site.offset}`, as a frozen BatchNorm does) and there is "
-                "no bias to shift: new incoming weights alone need not make its units fire"
-            )
+        problem = site.revival_problem
+        if problem is not None:
+            decisions.skipped[name] = problem
             continue
         if any(norm.mixes_units for norm in site.norms):
             decisions.skipped[name] = (

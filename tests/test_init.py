@@ -803,3 +803,44 @@ def test_sign_flip_refuses_a_site_whose_pre_activation_has_a_constant_added() ->
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
     with torch.no_grad():  # what the report says is what the model does
         assert report.living_after == float((model.act(model.fc(x) - 3.0) > 0).any(1).float().mean())
+
+
+class _Gated(nn.Module):
+    """A Linear on (batch, 4 positions, 2) and a fixed gate over positions, then a rectifier module or function."""
+
+    def __init__(self, gate: Tensor, functional: bool) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)
+        self.register_buffer("gate", gate.reshape(4, 1))
+        self.functional = functional
+
+    def pre(self, x: Tensor) -> Tensor:
+        return self.fc(x) * self.gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.pre(x)) if self.functional else self.act(self.pre(x))
+        return self.out(h).sum((1, 2))
+
+
+@pytest.mark.parametrize("gate", [[1.0, 0.0, 0.0, 0.0], [1.0, -0.1, -0.1, -0.1]])
+def test_sign_flip_with_a_factor_over_positions(gate: list[float]) -> None:
+    """The pre-activation is the layer's output times a gate over positions: a module site is read directly and
+    flipped when every sample is killed; a functional site, read from the layer's output, was decided on that
+    output (kept, reported alive while every sample was killed): it is now left out, with a warning."""
+    x = torch.rand(100, 4, 2) + 0.1
+    x[:, 1:] *= -1  # with the weights below the layer's output is < 0 at position 0 and > 0 after it
+    for functional in (False, True):
+        model = _Gated(torch.tensor(gate), functional)
+        with torch.no_grad():
+            model.fc.weight.copy_(torch.tensor([[-1.0, 0.0]] * 3))
+            model.fc.bias.zero_()
+            assert bool((model.pre(x) <= 0).flatten(1).all(1).all())  # every sample killed, by hand
+        if functional:
+            with pytest.warns(RuntimeWarning, match="cannot watch the functional rectifier calls \\['relu'\\]"):
+                assert sign_flip_(model, x) == {}
+            assert torch.equal(model.fc.weight, torch.tensor([[-1.0, 0.0]] * 3))
+        else:
+            report = sign_flip_(model, x)["act"]
+            with torch.no_grad():
+                killed_after = int((model.pre(x) <= 0).flatten(1).all(1).sum())
+            assert report.flipped and killed_after == 0 and report.living_after == 1.0

@@ -394,3 +394,29 @@ def test_a_pre_activation_written_in_place_through_a_view_has_no_producer() -> N
         assert report["act"].dead[:2].all()
         with pytest.warns(RevivalWarning, match="no producer"):
             assert revive_dead_units_(model, report, example_input=x)["act"] == 0
+
+
+def test_a_factor_that_differs_between_a_units_entries_refuses_revival() -> None:
+    """`relu(fc(x) * mask)` with a fixed mask over positions: a shift of the bias moves the entries by different
+    amounts (not at all where the mask is 0), so no shift makes the units fire on about half of their entries; the
+    calibration took the mask's mean for the factor and stopped at once (revived units active on 5% of entries)."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1)
+            self.register_buffer("mask", torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(4, 1))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.act(self.fc(x) * self.mask)).sum((1, 2))
+
+    torch.manual_seed(0)
+    model, x = Masked(), torch.randn(32, 4, 2)
+    with torch.no_grad():
+        model.fc.bias[:3] = -1e3
+    site = observe(model, x).sites["act"]
+    assert site.uneven_scale is not None and "revive" not in site.remedies
+    report = _report(model, x)
+    assert report["act"].dead[:3].all()
+    with pytest.warns(RevivalWarning, match="differs between a unit's entries"):
+        assert revive_dead_units_(model, report, example_input=x)["act"] == 0
