@@ -19,6 +19,7 @@ import gc
 import os
 import re
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,40 @@ def _fsdp2_calls(rank: int, path: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.save(_fsdp2(rank), path / f"fsdp2_rank{rank}.pt")
     torch.save(_fsdp2_tracker(rank), path / f"fsdp2_tracker_rank{rank}.pt")
+    torch.save(_agree(rank), path / f"agree_rank{rank}.pt")
+
+
+def _agree(rank: int) -> dict[str, Any]:
+    """`agree_with_rank_zero` on replicas that differ: a channels-last convolution, a BatchNorm (an integer buffer),
+    SGD with momentum; then on optimizers whose state differs between the ranks."""
+    from lightning_relu._engines import agree_with_rank_zero
+
+    torch.manual_seed(rank)  # every tensor differs between the ranks
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)).sum().backward()
+    optimizer.step()
+    model[1].num_batches_tracked.fill_(rank + 1)
+    assert not model[0].weight.is_contiguous()
+    agreed = agree_with_rank_zero(model, [optimizer])
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    momentum = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    # rank 1's optimizer holds no state: the parameters still agree, the optimizer state is left, with a warning
+    other = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if rank == 0:
+        other.state = optimizer.state
+    with torch.no_grad():
+        model[0].weight.add_(rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        agree_with_rank_zero(model, [other])
+    return {
+        "agreed": agreed,
+        "state": state,
+        "momentum": momentum,
+        "weight after the second": model[0].weight.detach().clone(),
+        "warned": [str(w.message) for w in caught],
+    }
 
 
 def _model_parallel(rank: int, path: Path) -> None:
@@ -455,6 +490,16 @@ def test_ddp_revival_leaves_the_replicas_identical_when_their_own_state_differs(
     assert zero["revived"] == one["revived"] and sum(zero["revived"][0].values()) >= 3
     for key, value in zero["params"].items():
         assert torch.equal(one["params"][key], value), key
+
+
+def test_replicas_agree_with_rank_zero_whatever_their_layout_and_optimizer_state(runs: Path) -> None:
+    zero, one = _load(runs, "agree")
+    assert zero["agreed"] and one["agreed"]
+    for key, value in zero["state"].items():
+        assert torch.equal(one["state"][key], value), key
+    assert all(torch.equal(a, b) for a, b in zip(zero["momentum"], one["momentum"], strict=True))
+    assert torch.equal(one["weight after the second"], zero["weight after the second"])
+    assert zero["warned"] == one["warned"] and "optimizer state was left" in one["warned"][0]
 
 
 def test_ddp_missing_counts_make_the_epoch_partial_on_every_rank(runs: Path) -> None:
