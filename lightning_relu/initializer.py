@@ -38,7 +38,8 @@ class ReluInitializer(Callback):
       site, :func:`~lightning_relu.init.rai_`; other layers keep their initialization.
     - ``"sign_flip"``: sign flipping (Rister and Rubin), :func:`~lightning_relu.init.sign_flip_`, on up to
       ``max_samples`` samples of the training dataloader, so at least half of the living samples survive every site.
-    - ``"rai+sign_flip"``: RAI, then sign flipping.
+    - ``"rai+sign_flip"``: RAI, then sign flipping. A layer that sign flipping negates has its RAI rows negated,
+      the positive Beta(2, 1) entry included: it keeps more data alive but loses RAI's asymmetry.
 
     It runs in ``on_train_start``: by then the model is on its device (and wrapped for distributed training), a
     checkpoint being resumed has been restored, and the training dataloader exists (it does not in

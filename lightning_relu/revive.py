@@ -98,8 +98,10 @@ def revive_dead_units_(
       ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ...), the entries of every
       touched row, column, bias and norm entry are set back to what a fresh optimizer starts them at: 0, except
       Rprop's ``step_size`` (the group's ``lr``) and Adagrad's ``sum`` (``initial_accumulator_value``); other
-      units' state and scalar state (``step``) are untouched. State of another shape (factored second moments) is
-      left alone.
+      units' state and scalar state (``step``, one per parameter) are untouched, so once the parameter has taken
+      thousands of steps Adam's bias correction is about 1 for the fresh moments and a revived entry's first update
+      is about ``(1 - beta1) / sqrt(1 - beta2)`` times the learning rate (3.2 with the default betas; a fresh
+      Adam's is 1), as with ReDo's reference code. State of another shape (factored second moments) is left alone.
 
     The revived units fire again; their outgoing weights learn from the next step on and their incoming weights
     from the step after. Everything is validated before any tensor is touched: a report that does not belong to
