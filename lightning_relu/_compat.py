@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -132,6 +132,10 @@ def lightning_batches_that_stepped(trainer: Any) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def lightning_batches_run_in_epoch(trainer: Any) -> int | None:
     """The training batches of the current epoch whose step ran, as Lightning counts them (restored from a
     checkpoint when a fit resumes in the middle of an epoch; 0 at the start of an epoch); None when the trainer does
@@ -145,13 +149,17 @@ def lightning_batches_run_in_epoch(trainer: Any) -> int | None:
     ``batch_progress`` is an attribute of a private class). ``tests/test_compat.py`` resumes a fit from checkpoints
     saved at several steps and compares with the batches that ran before each.
     """
-    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None)
+    fit_loop = getattr(trainer, "fit_loop", None)
+    progress = getattr(getattr(fit_loop, "epoch_loop", None), "batch_progress", None)
     count = getattr(getattr(progress, "current", None), "processed", None)
-    if not isinstance(count, int) or isinstance(count, bool):
+    started = getattr(getattr(getattr(fit_loop, "epoch_progress", None), "current", None), "started", None)
+    epoch = getattr(trainer, "current_epoch", None)
+    if not (_is_int(count) and _is_int(started) and _is_int(epoch)):
         return None
-    # a checkpoint saved on an epoch's last batch (or at its end) resumes with the next epoch, before the count of
-    # the one it ended is reset
-    return 0 if getattr(progress, "is_last_batch", False) is True else count
+    # the batch count belongs to the epoch started last (`started - 1`): a checkpoint saved at an epoch's end, or on
+    # its last batch by a step-based checkpoint, resumes with the next epoch before that count is reset; one saved by
+    # the validation run on the last batch (`val_check_interval`) resumes in the same epoch, all of its batches run
+    return count if started - 1 == epoch else 0
 
 
 def on_backward_end(callback: Callable[[], None]) -> None:

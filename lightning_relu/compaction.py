@@ -56,13 +56,13 @@ from lightning_relu.observation import (
     _CAST_OPS,
     _MOVE_OPS,
     _POOL_OPS,
-    Aliases,
     ModuleCall,
     TrainingInputWatch,
+    WriteLog,
     _op_name,
     _tensors,
     split_by_call,
-    writes_in_place,
+    written_tensors,
 )
 from lightning_relu.site import module_names, unknown_names
 from lightning_relu.structure import SiteStructure, Structure, observe
@@ -769,18 +769,27 @@ class _Intervals(TorchFunctionMode):
         self.bounds: dict[int, tuple[Tensor, Tensor] | None] = {id(data): (low, high)}
         self.keep: list[Tensor] = [data]
         self.unsupported: dict[str, None] = {}
-        self.aliases = Aliases()
-        self.aliases.add([data])
+        self.writes = WriteLog()
+        self.step = 0  # operations seen: when each bound was set, when each write happened
+        self.set_at: dict[int, int] = {id(data): 0}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if counting():
             return func(*args, **kwargs)
+        self.step += 1
+        step = self.step
         inputs = list(_tensors((args, kwargs)))
         data = [t for t in inputs if id(t) in self.bounds]
         if not data:
             return func(*args, **kwargs)
         op = _op_name(func)
+        for tensor in data:  # written in place through another view since its bounds were set: not known any more
+            if self.bounds[id(tensor)] is not None:
+                writer = self.writes.between(tensor, self.set_at.get(id(tensor), 0), step)
+                if writer is not None:
+                    self.bounds[id(tensor)] = None
+                    self.unsupported.setdefault(f"{writer} through another view", None)
         known = [self.bounds[id(t)] for t in data]
         bounds: list[tuple[Tensor, Tensor]] | None = None
         if all(b is not None for b in known) and all(t.is_floating_point() for t in data):
@@ -792,18 +801,12 @@ class _Intervals(TorchFunctionMode):
         outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
         if bounds is None and outputs:
             self.unsupported.setdefault(op, None)
-        if writes_in_place(op):
-            # a write through a view also changes the tensors sharing its memory (and `__setitem__` its target):
-            # their bounds are not known any more
-            changed = [t for t in self.aliases.of(inputs[0]) if id(t) in self.bounds]
-            changed += [inputs[0]] if op == "__setitem__" else []
-            for tensor in changed:
-                self.bounds[id(tensor)] = None
-            if changed:
-                self.unsupported.setdefault(f"{op} through a view" if op != "__setitem__" else op, None)
-        self.aliases.add(outputs)
+        written = written_tensors(op, args, kwargs)
+        if written:
+            self.writes.add(step, written, op)
         for position, tensor in enumerate(outputs):
             self.bounds[id(tensor)] = bounds[position] if bounds is not None and position < len(bounds) else None
+            self.set_at[id(tensor)] = step
         self.keep.extend(inputs)
         self.keep.extend(outputs)
         return out

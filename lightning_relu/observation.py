@@ -382,37 +382,79 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-def writes_in_place(op: str) -> bool:
-    """Whether the operation ``op`` writes into its first argument (``add_``, ``__imul__``, ``__setitem__``)."""
-    return (op.endswith("_") and not op.endswith("__")) or op.startswith("__i") or op == "__setitem__"
+# in-place methods that change no value (metadata, autograd flags, sharing): not writes
+_NOT_WRITES = {
+    "detach_", "requires_grad_", "share_memory_", "retain_grad", "squeeze_", "unsqueeze_", "t_", "transpose_",
+    "swapdims_", "swapaxes_", "as_strided_", "rename_", "refine_names", "align_to", "record_stream", "pin_memory",
+}  # fmt: skip
 
 
-class Aliases:
-    """The tensors seen in a forward, by the memory they live in: what an in-place write into one tensor also
-    changes (its base, its other views: ``h[:, :4].neg_()`` changes ``h``)."""
+def written_tensors(op: str, args: Any, kwargs: Mapping[str, Any]) -> list[Tensor]:
+    """The tensors whose values the operation ``op`` writes in place: its first argument for an in-place method
+    (``add_``, ``__imul__``, ``__setitem__``), the ``out=`` tensors of any operation."""
+    written = list(_tensors(kwargs.get("out"))) if "out" in kwargs else []
+    in_place = (op.endswith("_") and not op.endswith("__")) or op.startswith("__i") or op == "__setitem__"
+    if in_place and op not in _NOT_WRITES and args and isinstance(args[0], Tensor):
+        written.append(args[0])
+    return written
+
+
+def _storage_key(tensor: Tensor) -> int:
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # tensors without storage of their own
+        return 0
+
+
+def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two views ``(size, stride, offset, element size, storage bytes)`` of one storage share an element."""
+    if a[3] != b[3]:
+        return True  # views of other dtypes: taken to overlap
+    elements = max(a[4], b[4]) // a[3]
+    if elements == 0 or 0 in a[0] or 0 in b[0]:
+        return False
+    marks = torch.zeros(elements, dtype=torch.bool)
+    marks.as_strided(a[0], a[1], a[2]).fill_(True)
+    return bool(marks.as_strided(b[0], b[1], b[2]).any())
+
+
+class WriteLog:
+    """In-place writes seen in a forward, by the memory they write into: whether a tensor read at some point was
+    written in place through another tensor sharing its memory since it was made (``h[:, :4].neg_()`` writes into
+    ``h``; ``h[:, 0] += 5`` too). Checked only for the tensors asked about, so a forward that writes many views of one
+    buffer costs no more than it did."""
 
     def __init__(self) -> None:
-        self._by_storage: dict[int, list[Tensor]] = {}
+        self._writes: dict[int, list[tuple[float, tuple[Any, ...], str]]] = {}
 
     @staticmethod
-    def _key(tensor: Tensor) -> int:
-        try:
-            return int(tensor.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError, TypeError):  # tensors without storage of their own
-            return 0
+    def _view(tensor: Tensor) -> tuple[Any, ...]:
+        storage = tensor.untyped_storage()
+        return (tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset(), tensor.element_size(),
+                storage.nbytes())  # fmt: skip
 
-    def add(self, tensors: Iterable[Tensor]) -> None:
+    def add(self, when: float, tensors: Iterable[Tensor], op: str) -> None:
         for tensor in tensors:
-            key = self._key(tensor)
+            key = _storage_key(tensor)
             if key:
-                held = self._by_storage.setdefault(key, [])
-                if not any(t is tensor for t in held):
-                    held.append(tensor)
+                try:
+                    self._writes.setdefault(key, []).append((when, self._view(tensor), op))
+                except (RuntimeError, NotImplementedError, TypeError):
+                    continue
 
-    def of(self, written: Tensor) -> list[Tensor]:
-        """The other tensors seen that share ``written``'s memory."""
-        key = self._key(written)
-        return [t for t in self._by_storage.get(key, []) if t is not written] if key else []
+    def between(self, tensor: Tensor, after: float, before: float) -> str | None:
+        """The operation that wrote into ``tensor``'s elements through another view strictly between ``after`` and
+        ``before`` (indices of the forward's operations), or None."""
+        writes = self._writes.get(_storage_key(tensor))
+        if not writes:
+            return None
+        view = None
+        for when, written, op in writes:
+            if after < when < before:
+                view = view or self._view(tensor)
+                if _overlap(written, view):
+                    return op
+        return None
 
 
 class _Recorder(TorchFunctionMode):
@@ -422,8 +464,7 @@ class _Recorder(TorchFunctionMode):
         self.origin: dict[int, tuple[int, int]] = {}
         self.data_ids = {id(t) for t in inputs}
         self.keep = list(inputs)
-        self.aliases = Aliases()
-        self.aliases.add(inputs)
+        self.writes = WriteLog()
         self.module_stack: list[str] = [""]
         self.keep_rectifier_inputs = keep_rectifier_inputs
         self.rectifier_inputs: dict[int, Tensor] = {}
@@ -443,11 +484,13 @@ class _Recorder(TorchFunctionMode):
             before = inputs[0].detach().clone()
         out = func(*args, **kwargs)
         outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
-        if inputs and writes_in_place(op):
-            self._written_through(op, inputs, data)
+        written = written_tensors(op, args, kwargs)
+        if written:
+            # a write without a result (`__setitem__`) happens before the next operation, one with a result as it
+            self.writes.add(len(self.nodes) - (0.5 if not outputs else 0), written, op)
+            self.keep.extend(written)
         if not outputs:
             return out
-        self.aliases.add(outputs)
         # containers copied: a list passed to `cat` may grow after the call (DenseNet's feature list)
         node = _Node(
             len(self.nodes), op, _frozen(args), _frozen(kwargs), sources, inputs, outputs, data, self.module_stack[-1]
@@ -464,25 +507,6 @@ class _Recorder(TorchFunctionMode):
         if before is not None:
             self.rectifier_inputs[node.index] = before
         return out
-
-    def _written_through(self, op: str, inputs: list[Tensor], data: bool) -> None:
-        """An in-place write into ``inputs[0]`` also changed every tensor sharing its memory (and ``__setitem__``
-        the tensor itself, returning nothing): they now come from a node that no walk follows, so nothing is
-        concluded from what they held before."""
-        written = inputs[0]
-        changed = self.aliases.of(written) + ([written] if op == "__setitem__" else [])
-        if not changed:
-            return
-        label = op if op == "__setitem__" else f"{op} through a view"
-        sources = [self.origin.get(id(t)) for t in inputs]
-        node = _Node(len(self.nodes), label, (), {}, sources, inputs, changed, data, self.module_stack[-1])
-        self.nodes.append(node)
-        for position, tensor in enumerate(changed):
-            self.origin[id(tensor)] = (node.index, position)
-            if data:
-                self.data_ids.add(id(tensor))
-        self.keep.extend(inputs)
-
 
 # ------------------------------------------------------------------------------------------------ observe
 @dataclass(frozen=True, eq=False)
@@ -1013,23 +1037,30 @@ class _Analysis:
         self.offset = None  # the last walk's addition of a constant, if any (read by the caller)
         self.scale = 1.0  # the last walk's factor from the shift target (the last norm, else the producer) to the site
         source = node.sources[0] if node.sources else None
+        reader, read = node, (node.inputs[0] if node.inputs else None)  # the operation reading `read` from `source`
         while True:
             if source is None:
                 return None, norms, "its input is not computed in the forward (a model input or a constant)", None
             current = self.nodes[source[0]]
+            written = self.recorder.writes.between(read, source[0], reader.index) if read is not None else None
+            if written is not None:  # what `current` computed was changed in place before `reader` read it
+                where = reader.module or "the model"
+                why = f"its pre-activation is written in place through another view (`{written}` in `{where}`)"
+                return None, norms, why, None
             op = current.op
             if op in _AFFINE_OPS:
                 producer, problem = self._as_producer(current)
                 return producer, norms[::-1], problem, norm_input
+            reader = current
             if op in _NORM_OPS:
                 norms.append(self._as_norm(current))
-                norm_input = current.inputs[0]
+                norm_input = read = current.inputs[0]
                 source = current.sources[0]
                 continue
             if op in _CHAIN_OPS or op in _NEG_OPS:
                 if op in _NEG_OPS and not norms:
                     self.scale = -self.scale
-                source = current.sources[0]
+                source, read = current.sources[0], current.inputs[0]
                 continue
             if op in _ARITH_OPS:
                 data = [(s, t) for s, t in zip(current.sources, current.inputs, strict=True) if id(t) in self._data]
@@ -1039,7 +1070,7 @@ class _Analysis:
                         self.offset = op  # a constant added: odd functions of the producer's output stop here
                     if not norms:  # what scales the pre-activation after the last norm (the shift target)
                         self.scale = self.scale * factor
-                    source = data[0][0]
+                    source, read = data[0]
                     continue
                 what = f"combines several computed tensors (`{op}`)" if len(data) > 1 else f"comes from `{op}`"
                 if len(data) == 1 and factor is None:

@@ -75,6 +75,9 @@ class _Plan:
     site: SiteStructure
     units: Tensor
     writes: _Writes = field(default_factory=_Writes)
+    # the units fresh rows are drawn for, in every round of `_operate_firing` (the first round's units): a unit kept
+    # from one round to the next gets the same rows
+    drawn: Tensor | None = None
 
 
 def revive_observed_(
@@ -208,7 +211,15 @@ def _operate_firing(
     leaves out at least one unit, so this ends)."""
     plans, skipped = decisions.plans, decisions.skipped
     left: dict[str, list[int]] = {}  # per site, how many units were left: constant input, inactive without a bias
+    for plan in plans:
+        plan.drawn = plan.units.clone()
+    # every round draws from the same state (a unit that fired in one round gets the same rows in the next)
+    state = generator.get_state() if generator is not None else torch.get_rng_state()
     while True:
+        if generator is not None:
+            generator.set_state(state)
+        else:
+            torch.set_rng_state(state)
         silent = _operate(model, example_input, plans, generator, draw_rows, init, sites)
         if not silent:
             break
@@ -257,8 +268,8 @@ def _operate(
     model: nn.Module, example_input: Any, plans: list[_Plan], generator: Any, draw_rows: Any, init: str, sites: Any
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Redraw, zero the outgoing weights, calibrate; returns the units that cannot fire (see `_calibrate`)."""
-    plans = [plan for plan in plans if plan.units.numel()]
     redrawn = _redraw(plans, generator, draw_rows, init)
+    plans = [plan for plan in plans if plan.units.numel()]
     for plan in plans:
         _zero_outgoing(plan, redrawn)
     silent = _calibrate(model, example_input, plans, sites)
@@ -268,14 +279,24 @@ def _operate(
 
 
 def _redraw(plans: list[_Plan], generator: torch.Generator | None, draw_rows: Any, init: str) -> dict[int, Tensor]:
-    """Fresh rows for every plan's units; returns, per producer weight (by id), the rows redrawn."""
+    """Fresh rows for every plan's units; returns, per producer weight (by id), the rows redrawn. Rows are drawn for
+    every unit of ``plan.drawn`` (the units of the first round), in the same order from the same generator state in
+    every round, so a unit gets the same rows whichever others are left out."""
     redrawn: dict[int, Tensor] = {}
     for plan in plans:
         producer = plan.site.producer
         assert producer is not None
         weight = producer.weight.parameter
         bias = producer.bias.parameter if producer.bias is not None else None
-        new_weight, new_bias = draw_rows(int(plan.units.numel()), producer.fan_in, bias is not None, init, generator)
+        drawn = plan.units if plan.drawn is None else plan.drawn
+        if not drawn.numel():
+            continue
+        new_weight, new_bias = draw_rows(int(drawn.numel()), producer.fan_in, bias is not None, init, generator)
+        if not plan.units.numel():
+            continue
+        kept = torch.isin(drawn, plan.units)
+        new_weight = new_weight[kept.to(new_weight.device)]
+        new_bias = new_bias[kept.to(new_bias.device)] if new_bias is not None else None
         index = plan.units.to(weight.device)
         plan.writes.write(weight, (index,), new_weight.to(weight).reshape(-1, *weight.shape[1:]))
         if bias is not None and new_bias is not None:

@@ -498,7 +498,12 @@ def test_lightnings_count_of_the_epochs_batches_run_before_a_resume(tmp_path: Pa
     peek = _Peek()
     L.Trainer(max_epochs=2, callbacks=[every, ends, peek], **settings).fit(_Stepping(False))
     assert peek.seen == [(0, 0)]  # a fresh fit
-    cases = {"step/epoch=0-step=2.ckpt": (0, 2), "step/epoch=1-step=7.ckpt": (1, 2), "end/epoch=0.ckpt": (1, 0)}
+    cases = {
+        "step/epoch=0-step=2.ckpt": (0, 2),
+        "step/epoch=1-step=7.ckpt": (1, 2),
+        "step/epoch=0-step=5.ckpt": (1, 0),  # on the last batch, before the epoch's end: resumes with the next epoch
+        "end/epoch=0.ckpt": (1, 0),
+    }
     for path, expected in cases.items():
         peek = _Peek()
         L.Trainer(max_epochs=3, callbacks=[peek], enable_checkpointing=False, **settings).fit(
@@ -506,3 +511,28 @@ def test_lightnings_count_of_the_epochs_batches_run_before_a_resume(tmp_path: Pa
         )
         assert peek.seen == [expected], path
     assert lightning_batches_run_in_epoch(object()) is None
+
+
+class _Validated(_Stepping):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("v", self.layer(batch[0]).mean())
+
+    def val_dataloader(self) -> Any:
+        return self.train_dataloader()
+
+
+def test_lightnings_count_of_the_epochs_batches_at_a_validation_on_the_last_batch(tmp_path: Path) -> None:
+    # `val_check_interval=0.5` validates after batches 2 and 4 of 4: a checkpoint saved by the last validation resumes
+    # in the same epoch (Lightning then ends it at once), with all 4 of its batches run before the checkpoint
+    settings: dict[str, Any] = dict(
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=4, limit_val_batches=1, val_check_interval=0.5,
+    )  # fmt: skip
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "val", save_top_k=-1, filename="{epoch}-{step}")
+    L.Trainer(max_epochs=1, callbacks=[checkpoint], **settings).fit(_Validated(False))
+    for name, expected in {"epoch=0-step=2.ckpt": (0, 2), "epoch=0-step=4.ckpt": (0, 4)}.items():
+        peek = _Peek()
+        L.Trainer(max_epochs=2, callbacks=[peek], enable_checkpointing=False, **settings).fit(
+            _Validated(False), ckpt_path=str(tmp_path / "val" / name)
+        )
+        assert peek.seen == [expected], name

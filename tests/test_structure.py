@@ -520,3 +520,82 @@ def test_a_pre_activation_not_affine_in_its_producer_has_no_producer(pre) -> Non
 
     site = observe(Divided(), torch.randn(2, 4)).sites["relu"]
     assert site.producer is None and "not an affine function" in (site.producer_problem or "")
+
+
+@pytest.mark.parametrize("how", ["detach_", "requires_grad_"])
+def test_in_place_methods_that_write_no_value_keep_the_producer(how: str) -> None:
+    class Flagged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            p = h.detach()
+            p.detach_() if how == "detach_" else p.requires_grad_()
+            return self.out(F.relu(h))
+
+    site = observe(Flagged(), torch.randn(3, 4)).sites["relu"]
+    assert site.producer is not None and site.producer.name == "fc", site.producer_problem
+
+
+@pytest.mark.parametrize("how", ["neg_", "neg out=", "mul out=", "setitem"])
+def test_a_write_through_another_view_before_the_rectifier_is_seen(how: str) -> None:
+    class Written(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            v = h[:, :2]
+            if how == "neg_":
+                v.neg_()
+            elif how == "neg out=":
+                torch.neg(v, out=v)
+            elif how == "mul out=":
+                torch.mul(v, -2.0, out=v)
+            else:
+                h[:, 0] = h[:, 0] + 5.0
+            return self.out(F.relu(h))
+
+    torch.manual_seed(0)
+    model, x = Written(), torch.randn(3, 4)
+    with torch.no_grad():  # brute force: the rectifier's input is not the Linear's output
+        assert not torch.equal(_pre_of(model, x), model.fc(x))
+    site = observe(model, x).sites["relu"]
+    assert site.producer is None and "written in place through another view" in (site.producer_problem or "")
+
+
+def _pre_of(model: nn.Module, x: Tensor) -> Tensor:
+    """The input ``F.relu`` gets in ``model``'s forward (a spy that calls the real function)."""
+    seen: list[Tensor] = []
+    real = F.relu
+
+    def spy(t: Tensor, *args: object, **kwargs: object) -> Tensor:
+        seen.append(t.detach().clone())
+        return real(t, *args, **kwargs)  # type: ignore[arg-type]
+
+    F.relu = spy  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        F.relu = real  # type: ignore[assignment]
+    return seen[0]
+
+
+def test_a_write_into_one_chunk_of_a_sites_output_keeps_the_other_chunks_reader() -> None:
+    class Chunked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.fc_a, self.fc_b = nn.Linear(4, 8), nn.ReLU(), nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            a, b = self.act(self.fc(x)).chunk(2, 1)
+            a.mul_(0.5)
+            return self.fc_a(a) + self.fc_b(b)
+
+    site = observe(Chunked(), torch.randn(3, 4)).sites["act"]
+    maps = {c.name: sorted(c.units.tolist()) for c in site.consumers}
+    assert maps == {"fc_a": [0, 1, 2, 3], "fc_b": [4, 5, 6, 7]} and not site.reader_problems

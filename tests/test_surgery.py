@@ -364,7 +364,9 @@ def test_units_without_a_bias_that_new_weights_leave_inactive_are_left_and_said(
         counts = revive_dead_units_(model, report, None, torch.Generator().manual_seed(0), example_input=x)
     share = _active_share(model, model[1], x, 1)[dead]
     revived = share > 0
-    assert 0 < counts["1"] < dead.numel()
+    # a fresh row fires with probability 1/2 here: about half are revived (each round used to redraw the units that
+    # had fired too, leaving 1 of 17)
+    assert dead.numel() // 3 <= counts["1"] < dead.numel()
     assert int(revived.sum()) == counts["1"]  # every unit counted revived fires; the others were left as they were
 
 
@@ -387,7 +389,7 @@ def test_a_pre_activation_written_in_place_through_a_view_has_no_producer() -> N
         model, x = Sliced(how), torch.randn(32, 4)
         site = observe(model, x).sites["act"]
         problem = site.producer_problem or ""
-        assert site.producer is None and ("through a view" in problem or "__setitem__" in problem), problem
+        assert site.producer is None and "written in place through another view" in problem, problem
         with torch.no_grad():
             model.fc.bias[:2] = 1e3  # dead through the negation: a bias shift the wrong way would not show
         report = _report(model, x)
