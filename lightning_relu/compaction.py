@@ -801,7 +801,7 @@ class _Intervals(TorchFunctionMode):
         outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
         if bounds is None and outputs:
             self.unsupported.setdefault(op, None)
-        written = written_tensors(op, args, kwargs)
+        written = written_tensors(op, args, kwargs, func)
         if written:
             self.writes.add(step, written, op)
         for position, tensor in enumerate(outputs):

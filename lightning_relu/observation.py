@@ -27,7 +27,9 @@ the forward, and runs under ``torch.no_grad()``; parameters are never written.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import inspect
 import math
 import threading
 import warnings
@@ -387,15 +389,48 @@ _NOT_WRITES = {
     "detach_", "requires_grad_", "share_memory_", "retain_grad", "squeeze_", "unsqueeze_", "t_", "transpose_",
     "swapdims_", "swapaxes_", "as_strided_", "rename_", "refine_names", "align_to", "record_stream", "pin_memory",
 }  # fmt: skip
+# Python's in-place operators, and the setters that write into their first argument (`h[i] = v`, `h.data = v`)
+_WRITING_DUNDERS = {
+    "__iadd__", "__isub__", "__imul__", "__imatmul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+    "__ilshift__", "__irshift__", "__iand__", "__ixor__", "__ior__", "__setitem__", "__set__",
+}  # fmt: skip
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}
 
 
-def written_tensors(op: str, args: Any, kwargs: Mapping[str, Any]) -> list[Tensor]:
+def _inplace_argument(func: Any, args: Any, kwargs: Mapping[str, Any]) -> bool:
+    """Whether a call passes ``inplace=True`` (``F.threshold(h, 0.0, 1.0, True)``, ``F.dropout(h, inplace=True)``)."""
+    if kwargs.get("inplace") is True:
+        return True
+    try:
+        known = func in _SIGNATURES
+    except TypeError:  # not hashable
+        return False
+    if not known:
+        try:
+            signature: inspect.Signature | None = inspect.signature(func)
+        except (TypeError, ValueError):
+            signature = None
+        _SIGNATURES[func] = signature if signature is not None and "inplace" in signature.parameters else None
+    signature = _SIGNATURES[func]
+    if signature is None:
+        return False
+    try:
+        return signature.bind_partial(*args, **kwargs).arguments.get("inplace") is True
+    except TypeError:
+        return False
+
+
+def written_tensors(op: str, args: Any, kwargs: Mapping[str, Any], func: Any = None) -> list[Tensor]:
     """The tensors whose values the operation ``op`` writes in place: its first argument for an in-place method
-    (``add_``, ``__imul__``, ``__setitem__``), the ``out=`` tensors of any operation."""
+    (``add_``, ``__imul__``, ``__setitem__``, ``h.data = v``) or a function called with ``inplace=True``, the ``out=``
+    tensors of any operation."""
     written = list(_tensors(kwargs.get("out"))) if "out" in kwargs else []
-    in_place = (op.endswith("_") and not op.endswith("__")) or op.startswith("__i") or op == "__setitem__"
-    if in_place and op not in _NOT_WRITES and args and isinstance(args[0], Tensor):
-        written.append(args[0])
+    in_place = (op.endswith("_") and not op.endswith("__") and op not in _NOT_WRITES) or op in _WRITING_DUNDERS
+    if not in_place and func is not None and (args or kwargs):
+        in_place = _inplace_argument(func, args, kwargs)
+    first = args[0] if args else kwargs.get("input")
+    if in_place and isinstance(first, Tensor):
+        written.append(first)
     return written
 
 
@@ -406,12 +441,28 @@ def _storage_key(tensor: Tensor) -> int:
         return 0
 
 
+def _extent(view: tuple[Any, ...]) -> tuple[int, int]:
+    """The first and last element offsets a view ``(size, stride, offset, ...)`` can reach."""
+    low = high = view[2]
+    for size, stride in zip(view[0], view[1], strict=True):
+        if stride >= 0:
+            high += (size - 1) * stride
+        else:
+            low += (size - 1) * stride
+    return low, high
+
+
 def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     """Whether two views ``(size, stride, offset, element size, storage bytes)`` of one storage share an element."""
     if a[3] != b[3]:
         return True  # views of other dtypes: taken to overlap
+    if 0 in a[0] or 0 in b[0]:
+        return False
+    (a_low, a_high), (b_low, b_high) = _extent(a), _extent(b)
+    if a_high < b_low or b_high < a_low:
+        return False
     elements = max(a[4], b[4]) // a[3]
-    if elements == 0 or 0 in a[0] or 0 in b[0]:
+    if elements == 0:
         return False
     marks = torch.zeros(elements, dtype=torch.bool)
     marks.as_strided(a[0], a[1], a[2]).fill_(True)
@@ -421,11 +472,13 @@ def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 class WriteLog:
     """In-place writes seen in a forward, by the memory they write into: whether a tensor read at some point was
     written in place through another tensor sharing its memory since it was made (``h[:, :4].neg_()`` writes into
-    ``h``; ``h[:, 0] += 5`` too). Checked only for the tensors asked about, so a forward that writes many views of one
-    buffer costs no more than it did."""
+    ``h``; ``h[:, 0] += 5`` too). Checked only for the tensors asked about. Not seen: writes that bypass
+    ``__torch_function__`` (``Tensor.set_``, ``torch.ops.aten`` calls, a NumPy view of the memory)."""
 
     def __init__(self) -> None:
-        self._writes: dict[int, list[tuple[float, tuple[Any, ...], str]]] = {}
+        # per storage: when each write happened (non-decreasing), and what it wrote
+        self._times: dict[int, list[float]] = {}
+        self._writes: dict[int, list[tuple[tuple[Any, ...], str]]] = {}
 
     @staticmethod
     def _view(tensor: Tensor) -> tuple[Any, ...]:
@@ -438,22 +491,28 @@ class WriteLog:
             key = _storage_key(tensor)
             if key:
                 try:
-                    self._writes.setdefault(key, []).append((when, self._view(tensor), op))
+                    view = self._view(tensor)
                 except (RuntimeError, NotImplementedError, TypeError):
                     continue
+                self._times.setdefault(key, []).append(when)
+                self._writes.setdefault(key, []).append((view, op))
 
     def between(self, tensor: Tensor, after: float, before: float) -> str | None:
         """The operation that wrote into ``tensor``'s elements through another view strictly between ``after`` and
         ``before`` (indices of the forward's operations), or None."""
-        writes = self._writes.get(_storage_key(tensor))
-        if not writes:
+        key = _storage_key(tensor)
+        times = self._times.get(key)
+        if not times:
             return None
+        writes = self._writes[key]
         view = None
-        for when, written, op in writes:
-            if after < when < before:
-                view = view or self._view(tensor)
-                if _overlap(written, view):
-                    return op
+        for index in range(bisect.bisect_right(times, after), len(times)):
+            if times[index] >= before:
+                break
+            view = view or self._view(tensor)
+            written, op = writes[index]
+            if _overlap(written, view):
+                return op
         return None
 
 
@@ -484,7 +543,7 @@ class _Recorder(TorchFunctionMode):
             before = inputs[0].detach().clone()
         out = func(*args, **kwargs)
         outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
-        written = written_tensors(op, args, kwargs)
+        written = written_tensors(op, args, kwargs, func)
         if written:
             # a write without a result (`__setitem__`) happens before the next operation, one with a result as it
             self.writes.add(len(self.nodes) - (0.5 if not outputs else 0), written, op)
@@ -1243,8 +1302,16 @@ class _Analysis:
             sites, owner, offsets, consumer_nodes, fail
         )
 
+        writes = self.recorder.writes
         for node in self.nodes:
             labeled = [(i, labels[s]) for i, s in enumerate(node.sources) if s is not None and s in labels]
+            for i, label in list(labeled):  # a site's output changed in place through another view since it was made
+                source = node.sources[i]
+                written = writes.between(node.inputs[i], source[0], node.index) if source is not None else None
+                if written is not None:
+                    fail(label, f"its output is written in place through another view (`{written}`) before "
+                         f"`{node.op}` in `{node.module or 'the model'}` reads it")  # fmt: skip
+                    labeled.remove((i, label))
             if labeled:
                 self._read(node, labeled, labels)
             if node.index in starts:

@@ -445,6 +445,33 @@ def test_certification_sees_an_in_place_write_through_a_view(how: str) -> None:
     assert result.sites["act"].removed == 0
 
 
+def test_certification_sees_a_functional_in_place_write_through_a_view() -> None:
+    """`F.threshold(h[:, :1], -0.5, 1.0, inplace=True)`: unit 0 reads `x0` above -0.5 and 1 below, so it fires on
+    about half of the box though it is dead on the example; the bounds kept the Linear's and removed it (1.0 off)."""
+
+    class Thresholded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(2, 3), nn.Linear(3, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            F.threshold(h[:, :1], -0.5, 1.0, inplace=True)
+            return self.out(F.relu(h))
+
+    net = Thresholded().eval()
+    with torch.no_grad():
+        net.fc.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        net.fc.bias.copy_(torch.tensor([0.0, 5.0, 5.0]))
+    x = torch.tensor([[-0.1, 0.3], [-0.2, -0.4], [-0.3, 0.9]])  # in the box, unit 0 dead on it
+    low, high = torch.tensor([-1.0, -1.0]), torch.tensor([0.0, 1.0])
+    result = compact(net, None, x, certify=(low, high))
+    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 0, 51), torch.linspace(-1, 1, 51), indexing="ij"), -1)
+    with torch.no_grad():
+        assert torch.equal(result.model(grid.reshape(-1, 2)), net(grid.reshape(-1, 2)))
+    assert result.sites["relu"].removed == 0
+
+
 # ------------------------------------------------------------------------------------------------ export
 def _small_cnn() -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)

@@ -599,3 +599,63 @@ def test_a_write_into_one_chunk_of_a_sites_output_keeps_the_other_chunks_reader(
     site = observe(Chunked(), torch.randn(3, 4)).sites["act"]
     maps = {c.name: sorted(c.units.tolist()) for c in site.consumers}
     assert maps == {"fc_a": [0, 1, 2, 3], "fc_b": [4, 5, 6, 7]} and not site.reader_problems
+
+
+@pytest.mark.parametrize("how", ["threshold", "hardtanh", "dropout", "data"])
+def test_functional_in_place_writes_through_a_view_are_seen(how: str) -> None:
+    class Written(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            v = h[:, :2]
+            if how == "threshold":
+                F.threshold(v, -0.5, 1.0, True)  # `inplace` given by position
+            elif how == "hardtanh":
+                F.hardtanh(v, -0.1, 0.1, inplace=True)
+            elif how == "dropout":
+                F.dropout(v, 0.5, True, inplace=True)
+            else:
+                v.data = v.data * -1.0  # a new tensor in `v`: `h` is unchanged
+                h[:, 2:].data.mul_(-1.0)  # through `.data`: `h` is changed
+            return self.out(F.relu(h))
+
+    torch.manual_seed(0)
+    model, x = Written(), torch.randn(16, 4)
+    with torch.no_grad():
+        assert not torch.equal(_pre_of(model, x), model.fc(x))  # brute force: the rectifier reads a written `h`
+    site = observe(model, x).sites["relu"]
+    assert site.producer is None and "written in place through another view" in (site.producer_problem or "")
+
+
+def test_reading_a_view_as_a_number_is_not_a_write() -> None:
+    class Read(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.fc(x)
+            scale = 1.0 + 0.0 * int(h[0, 0])  # `__int__` of a view of `h`: a read
+            return self.out(F.relu(h)) * scale
+
+    site = observe(Read(), torch.randn(3, 4)).sites["relu"]
+    assert site.producer is not None and site.producer.name == "fc", site.producer_problem
+
+
+def test_a_write_into_a_sites_output_before_its_reader_is_a_reader_problem() -> None:
+    class Copied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.fc2 = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            a = self.act(self.fc(x))
+            a[:, 0] = a[:, 1]  # column 0 of fc2 now reads unit 1
+            return self.fc2(a)
+
+    site = observe(Copied(), torch.randn(3, 4)).sites["act"]
+    assert any("written in place through another view" in p for p in site.reader_problems), site.reader_problems
+    assert "revive" not in site.remedies
