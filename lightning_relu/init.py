@@ -36,7 +36,9 @@ RAI_SIGMA_SCALE = 0.6007
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example_input: Any = None) -> nn.Module:
+def rai_(
+    module: nn.Module, generator: torch.Generator | None = None, *, example_input: Any = None, skip_frozen: bool = False
+) -> nn.Module:
     r"""Fill a layer, or every layer that feeds a rectifier in a model, with Randomized Asymmetric Initialization.
 
     From Lu, Shin, Su and Karniadakis, "Dying ReLU and Initialization: Theory and Numerical Examples",
@@ -75,6 +77,8 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
             whatever device the model is on.
         example_input: what the model's forward takes (a tensor, a tuple of positional arguments or a dict of
             keyword arguments), to find the producers on a real forward.
+        skip_frozen: leave the layers whose weight does not require grad (a frozen teacher or backbone) as they are,
+            with one warning naming them (``ReluInitializer`` does).
 
     Returns:
         ``module``, for chaining.
@@ -87,7 +91,7 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
     """
     engine = write_through(module, "rai_", "module") if isinstance(module, nn.Module) else None
     if engine is not None:  # FSDP2, DeepSpeed: on the whole model (arguments checked there), written through
-        engine.run(lambda model, _: rai_(model, generator, example_input=example_input))
+        engine.run(lambda model, _: rai_(model, generator, example_input=example_input, skip_frozen=skip_frozen))
         return module
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"`generator` must be a `torch.Generator` or None, got {generator!r}")
@@ -117,9 +121,27 @@ def rai_(module: nn.Module, generator: torch.Generator | None = None, *, example
             stacklevel=2,
         )
         return module
+    frozen = [name for name, producer in _named(module, producers) if not _trainable(producer)] if skip_frozen else []
+    if frozen:
+        warnings.warn(
+            f"`rai_` left {len(frozen)} frozen layer(s) as they were (their weight does not require grad): {frozen}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     for key, producer in producers.items():
-        _rai_layer_(producer, generator, negated.get(key))
+        if not (skip_frozen and not _trainable(producer)):
+            _rai_layer_(producer, generator, negated.get(key))
     return module
+
+
+def _trainable(layer: nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    return not isinstance(weight, Tensor) or weight.requires_grad
+
+
+def _named(model: nn.Module, layers: dict[int, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """``layers`` (by id) with their qualified names in ``model``, in module order."""
+    return [(name, module) for name, module in model.named_modules() if id(module) in layers]
 
 
 def _warn_unreached(model: nn.Module, example_input: Any) -> None:
@@ -298,6 +320,7 @@ def sign_flip_(
     *,
     max_samples: int | None = 1024,
     input_fn: Callable[[Any], Tensor] | None = None,
+    skip_frozen: bool = False,
 ) -> dict[str, SignFlipReport]:
     r"""Negate the affine maps that would kill most of the data, in one forward pass over a sample of it.
 
@@ -351,6 +374,9 @@ def sign_flip_(
             ``input_fn`` is given. Batches are concatenated into one pass, on the device of the model's parameters.
         max_samples: how many samples to take at most (the first ones); ``None`` takes all of ``data``.
         input_fn: maps a batch to the model's input tensor, e.g. ``lambda batch: batch["image"]``.
+        skip_frozen: leave the affine maps whose parameters do not require grad (a frozen teacher or backbone) as
+            they are; their sites still count in the living data, and their reports say why (``ReluInitializer``
+            does).
 
     Returns:
         A :class:`SignFlipReport` per site reached by the pass, keyed by site name, in forward order.
@@ -378,7 +404,7 @@ def sign_flip_(
         warnings.warn(nothing, RuntimeWarning, stacklevel=2)
         return {}
 
-    pass_state, sites = _run_sign_flip_pass(model, data, sites, max_samples, input_fn)
+    pass_state, sites = _run_sign_flip_pass(model, data, sites, max_samples, input_fn, skip_frozen)
     # a norm layer without affine parameters whose producer was negated: its running mean follows
     for target, flip in pass_state.applied:
         target.negate_where_(flip, running_means=True)
@@ -465,6 +491,7 @@ def _run_sign_flip_pass(
     sites: list[Site],
     max_samples: int | None,
     input_fn: Callable[[Any], Tensor] | None,
+    skip_frozen: bool = False,
 ) -> tuple[_SignFlipPass, list[Site]]:
     """The one forward of :func:`sign_flip_`, its hooks deciding and flipping site by site; returns the pass and the
     sites as observed on the first samples. Modes, running statistics and generators are restored whatever happens;
@@ -472,7 +499,7 @@ def _run_sign_flip_pass(
     device = _model_device(model)
     saved = _PassRestore.save(model, data)
     cuda_devices = [device] if device.type == "cuda" else []
-    pass_state = _SignFlipPass(sites)
+    pass_state = _SignFlipPass(sites, skip_frozen)
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
@@ -480,7 +507,7 @@ def _run_sign_flip_pass(
             # the links come from a forward observed on a few of the samples (the pass reports a failing forward)
             with contextlib.suppress(ObservationError):
                 sites = find_relu_sites(model, example_input=_first_samples(inputs, 8))
-                pass_state = _SignFlipPass(sites)
+                pass_state = _SignFlipPass(sites, skip_frozen)
             model.eval()
             for module in model.modules():
                 if isinstance(module, BATCH_NORM_TYPES):
@@ -529,7 +556,8 @@ class _SignFlipPass:
     computes its pre-activation (its norm layer, else its producer), when the discovery found one.
     """
 
-    def __init__(self, sites: list[Site]) -> None:
+    def __init__(self, sites: list[Site], skip_frozen: bool = False) -> None:
+        self.skip_frozen = skip_frozen
         self.reports: dict[str, SignFlipReport] = {}
         self._pending: list[tuple[str, str | None, str | None, list[Any]]] = []
         self.applied: list[tuple[_FlipTarget, Tensor | bool]] = []  # each target with its (device) decision
@@ -701,6 +729,8 @@ class _SignFlipPass:
         target = _flip_target(site)
         if isinstance(target, str):
             return None, None, target
+        if self.skip_frozen and any(not tensor.requires_grad for tensor in target.tensors):
+            return None, target.name, f"{target.name!r} is frozen (its parameters do not require grad): left as it is"
         if target.name in self._decided:
             return None, target.name, f"{target.name!r} was already decided for site {self._decided[target.name]!r}"
         self._decided[target.name] = site.name

@@ -41,6 +41,9 @@ class ReluInitializer(Callback):
     - ``"rai+sign_flip"``: RAI, then sign flipping. A layer that sign flipping negates has its RAI rows negated,
       the positive Beta(2, 1) entry included: it keeps more data alive but loses RAI's asymmetry.
 
+    Layers whose parameters do not require grad (a frozen teacher for distillation, a frozen backbone) are left as
+    they are by both, and a warning names them: a pretrained layer that cannot train would be replaced for good.
+
     It runs in ``on_train_start``: by then the model is on its device (and wrapped for distributed training), a
     checkpoint being resumed has been restored, and the training dataloader exists (it does not in
     ``on_fit_start``). It never runs when the fit resumes from a checkpoint (``trainer.ckpt_path`` is set): its
@@ -217,10 +220,13 @@ class ReluInitializer(Callback):
             example, sites = None, find_relu_sites(pl_module)
         names: list[str] = []
         for site in sites:
-            if site.producer_name is not None and site.producer_name not in names:
+            producer = site.producer
+            weight = getattr(producer, "weight", None)
+            frozen = isinstance(weight, Tensor) and not weight.requires_grad  # left as it is (a teacher, a backbone)
+            if site.producer_name is not None and site.producer_name not in names and not frozen:
                 names.append(site.producer_name)
         if names:
-            rai_(pl_module, generator=generator, example_input=example)
+            rai_(pl_module, generator=generator, example_input=example, skip_frozen=True)
         return names
 
     def _example_input(self, trainer: pl.Trainer) -> Any:
@@ -255,7 +261,7 @@ class ReluInitializer(Callback):
             # as a training step gets it: `precision="bf16-true"`/`"64-true"` cast the batch to the weights' dtype
             return _batch_input(precision.convert_input(batch), input_fn)
 
-        local = sign_flip_(pl_module, data, max_samples=self.max_samples, input_fn=inputs_of)
+        local = sign_flip_(pl_module, data, max_samples=self.max_samples, input_fn=inputs_of, skip_frozen=True)
         chosen: dict[str, SignFlipReport] = trainer.strategy.broadcast(local, src=0)
         # ranks saw different shards: every rank takes rank 0's decisions (negation is an involution)
         differ = [name for name, r in chosen.items() if (name in local and local[name].flipped) != r.flipped]

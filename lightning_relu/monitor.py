@@ -193,6 +193,7 @@ class DeadUnitMonitor(Callback):
         # the revivers of the Trainer's callbacks that follow this monitor, found at fit start (see `_revivers`)
         self._followers: list[DeadUnitReviver] = []
         self._axis_watch: AxisWatch | None = None  # the first step's recording, while it runs
+        self._watch_axes = False  # whether the next training step is the fit's first (its forward is watched)
         # the counts of an epoch a checkpoint interrupted, waiting for that epoch to resume (one process only)
         self._window: dict[str, Any] | None = None
         # its sites not added to the counts yet (see `_merge_window`): their states, and where each sits
@@ -274,6 +275,7 @@ class DeadUnitMonitor(Callback):
             rank_zero_warn(nothing, category=RuntimeWarning)
         tracker._no_sites_warning = (nothing, RuntimeWarning)  # said after the first forward, where it looks
         self.tracker = tracker
+        self._watch_axes = True
         self._followers = []
         if self.reviver is not None:
             self.reviver.attach(self, pl_module)
@@ -418,8 +420,10 @@ class DeadUnitMonitor(Callback):
             self.reviver.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._step = trainer.global_step
         if self.tracker is not None:
-            if trainer.global_step == 0 and batch_idx == 0 and self.tracker.model is pl_module:
-                # sites whose unit axis no known layer fixes take their producer's, seen in this step's forward
+            if self._watch_axes and self.tracker.model is pl_module:
+                # sites whose unit axis no known layer fixes take their producer's, seen in this fit's first step's
+                # forward (a fit resumed from a checkpoint, or a second fit, builds a new tracker: it watches too)
+                self._watch_axes = False
                 self._axis_watch = AxisWatch(pl_module, self.tracker, batch).start()
             self.tracker.new_pass()
             self.tracker.tag_batch(trainer.global_step)
@@ -730,6 +734,7 @@ class DeadUnitMonitor(Callback):
             if stats is None or "active" not in states:
                 if final:
                     del self._unmerged[name]
+                    self._left_out(name, "the site is not in this run")
                 continue
             # options changed since the save (`track_margin`): the counts are kept, margins it did not keep start at 0
             # (the epoch is flagged partial in `_restore_epoch`), margins it kept and the site does not are dropped
@@ -744,11 +749,19 @@ class DeadUnitMonitor(Callback):
                 continue
             if any(getattr(stats, key).numel() or states[key].ndim != 1 for key in unsized):
                 del self._unmerged[name]  # another width: not this model's counts
+                widths = f"{states['active'].numel()} units saved, {stats.active.numel()} now"
+                self._left_out(name, f"the site has another width ({widths}: another unit axis?)")
                 continue
             for key in unsized:  # a site that has seen nothing since the resume
                 setattr(stats, key, torch.zeros_like(states[key], device=getattr(stats, key).device))
             stats.merge_state({key: value.to(getattr(stats, key).device) for key, value in states.items()})
             del self._unmerged[name]
+
+    def _left_out(self, name: str, why: str) -> None:
+        """A checkpoint's counts of site ``name`` that cannot be added: the epoch's report is partial."""
+        self._partial = self._partial or (
+            f"the checkpoint's counts of site {name!r} for the batches run before it was saved were left out: {why}"
+        )
 
     # --------------------------------------------------------------- helpers
     def _remove_hooks(self) -> None:

@@ -166,6 +166,15 @@ def _decide(
         if problem is not None:
             decisions.skipped[name] = problem
             continue
+        assert site.producer is not None
+        if not site.producer.weight.parameter.requires_grad and not any(
+            consumer.weight.parameter.requires_grad for consumer in site.consumers
+        ):
+            decisions.skipped[name] = (
+                "its producer and readers are frozen (their weights do not require grad, as a distillation teacher's): "
+                "a revived unit could not learn, and the frozen layers are left as they are"
+            )
+            continue
         if any(norm.mixes_units for norm in site.norms):
             decisions.skipped[name] = (
                 "a LayerNorm/GroupNorm normalizes its units together: a fresh unit would change the others"

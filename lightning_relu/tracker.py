@@ -187,6 +187,9 @@ class DeadUnitTracker:
             {k: v for k, v in (unit_dims or {}).items() if k not in later}, found, self._module_names
         )
         self._unit_dims.update({name: (unit_dims or {})[name] for name in later})
+        # the axes given (a later call position of a module takes its first position's); `_unit_dims` also gets the
+        # axes observed per site, which are that site's alone
+        self._given_dims = dict(self._unit_dims)
 
     def _place_found(self, found: list[Site]) -> None:
         """The call positions of the sites found before any forward, by module (or functional parent)."""
@@ -553,7 +556,7 @@ class DeadUnitTracker:
                 key=site_key,
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
-                unit_dim = self._unit_dims.get(site.name, self._unit_dims.get(first.name))
+                unit_dim = self._unit_dims.get(site.name, self._given_dims.get(first.name))
                 positions.append((site, self._watch_new(site, unit_dim)))
             else:
                 positions.append(None)

@@ -439,3 +439,45 @@ def test_ddp_ranks_end_identical(tmp_path: Path) -> None:
     assert rank0["seed"] == rank1["seed"]
     assert rank0["flipped"] == rank1["flipped"]
     _assert_state_equal(rank0["state"], rank1["state"])
+
+
+class _Distilled(LightningModule):
+    """A student and a frozen, pretrained teacher (`requires_grad=False`), as in knowledge distillation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.student = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        with torch.no_grad():
+            self.teacher[0].bias.fill_(-1.0)  # most samples killed at the teacher's first site: a flip would be tried
+        self.teacher.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.student(x), self.teacher(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        with torch.no_grad():
+            target = self.teacher(batch[0])
+        return F.mse_loss(self.student(batch[0]), target)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.student.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        x = torch.rand(64, 4, generator=torch.Generator().manual_seed(1))
+        return DataLoader(TensorDataset(x), batch_size=16)
+
+
+def test_frozen_layers_are_left_as_they_are(tmp_path: Path) -> None:
+    """RAI and sign flipping re-drew and negated a frozen teacher's layers: its pretrained weights were lost."""
+    model = _Distilled()
+    teacher = copy.deepcopy(model.teacher.state_dict())
+    student = copy.deepcopy(model.student.state_dict())
+    initializer = ReluInitializer("rai+sign_flip", seed=0)
+    with pytest.warns(RuntimeWarning, match=r"left 2 frozen layer\(s\) as they were.*teacher\.0.*teacher\.2"):
+        _trainer(tmp_path, [initializer]).fit(model)
+    assert all(torch.equal(teacher[k], v) for k, v in model.teacher.state_dict().items())
+    assert not torch.equal(student["0.weight"], model.student[0].weight)  # the student got RAI
+    assert initializer.rai_layers == ["student.0"]
+    assert not initializer.report["teacher.1"].flipped and "frozen" in initializer.report["teacher.1"].reason

@@ -711,3 +711,59 @@ def test_a_mid_epoch_resume_restores_run_time_positions_by_place_not_name(tmp_pa
                 expected[place] = expected.get(place, 0) + (h > 0).sum(0)
     counted = sorted(r.active_count.tolist() for r in resumed.history[0].layers.values() if r.samples)
     assert counted == sorted(v.tolist() for v in expected.values())
+
+
+class _SharedRelu(L.LightningModule):
+    """One `nn.ReLU` after a Conv1d (units on dim 1) and again after a Linear on (batch, 20, 6) (units last), as
+    torchvision's BasicBlock reuses its `relu`; 3 of the Linear's 10 features dead. The step calls `self.body`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.ModuleDict({"conv": nn.Conv1d(3, 6, 3, padding=1), "relu": nn.ReLU(), "fc": nn.Linear(6, 10)})
+        self.head = nn.Linear(10, 1)
+        with torch.no_grad():
+            self.body["fc"].bias[:3] = -100.0
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        body = self.body
+        return body["relu"](body["fc"](body["relu"](body["conv"](x)).transpose(1, 2)))
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.features(batch[0]).mean(1)).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        x = torch.randn(32, 3, 20, generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(x), batch_size=8)
+
+
+def _second_position(monitor: DeadUnitMonitor) -> tuple[int, int]:
+    layer = monitor.history[-1].layers["body.relu_1"]
+    return layer.num_units, layer.num_dead
+
+
+def test_a_shared_relu_takes_each_call_positions_own_unit_axis_in_every_fit(tmp_path: Path) -> None:
+    """The axis observed for the first call (channels) was given to the later one, whose units are the Linear's
+    last dimension (20 positions counted as units, none dead); and a resumed or second fit lost the observed axes."""
+    model = _SharedRelu()
+    with torch.no_grad():  # brute force: the Linear's features that are never > 0
+        seen = model.features(torch.randn(32, 3, 20, generator=torch.Generator().manual_seed(0)))
+    truth = (10, int((seen.reshape(-1, 10) > 0).sum(0).eq(0).sum()))
+    assert truth[1] >= 3  # the 3 killed, and any the data leaves dead
+    monitor = DeadUnitMonitor()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = make_trainer(tmp_path, [monitor, checkpoint], max_epochs=1, limit_train_batches=4, logger=False)
+    trainer.fit(model)
+    assert _second_position(monitor) == truth
+    trainer.fit_loop.max_epochs = 2  # a second fit on the same Trainer: a new tracker, the same axes
+    trainer.fit(model)
+    assert _second_position(monitor) == truth
+    resumed = DeadUnitMonitor()  # from the middle of epoch 0: the whole epoch, with the axes of the step
+    make_trainer(tmp_path, [resumed], max_epochs=1, limit_train_batches=4, logger=False).fit(
+        _SharedRelu(), ckpt_path=str(tmp_path / "ckpt" / "step=2.ckpt")
+    )
+    assert _second_position(resumed) == truth and not resumed.history[-1].partial
+    assert resumed.history[-1].layers["body.relu_1"].samples == 32

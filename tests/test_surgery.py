@@ -422,3 +422,20 @@ def test_a_factor_that_differs_between_a_units_entries_refuses_revival() -> None
     assert report["act"].dead[:3].all()
     with pytest.warns(RevivalWarning, match="differs between a unit's entries"):
         assert revive_dead_units_(model, report, example_input=x)["act"] == 0
+
+
+def test_a_site_whose_producer_and_readers_are_frozen_is_not_revived_and_said() -> None:
+    """A frozen teacher (`requires_grad=False`): a revived unit could never learn; its layers were rewritten."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).requires_grad_(False)
+    with torch.no_grad():
+        model[0].bias[:3] = -1e3
+    x = torch.randn(32, 4)
+    report = _report(model, x)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RevivalWarning, match="producer and readers are frozen"):
+        assert revive_dead_units_(model, report, example_input=x)["1"] == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # a trainable reader: the revived unit's outgoing weights learn, so it is revived
+    model[2].requires_grad_(True)
+    assert revive_dead_units_(model, report, example_input=x)["1"] == 3

@@ -164,3 +164,32 @@ def test_an_epoch_end_checkpoint_without_this_monitors_state_starts_a_whole_epoc
     trainer(tmp_path, [resumed]).fit(Net(x), ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
     assert [report.epoch for report in resumed.history] == [1]
     assert not resumed.history[0].partial and resumed.history[0].layers["net.3"].samples == 20
+
+
+class _Functional(Net):
+    """The same layers, the rectifiers called as functions: their sites are found, and sized, in the first forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        return net[4](torch.relu(net[2](torch.relu(net[0](x)))))
+
+
+def test_saved_counts_that_do_not_fit_a_site_make_the_epoch_partial(tmp_path: Path) -> None:
+    """A checkpoint's counts of a site whose width differs now (saved with another unit axis) were dropped at the
+    epoch's end and the epoch reported whole over the batches after the resume."""
+    x = alike_batches(5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer(tmp_path, [DeadUnitMonitor(), ckpt], max_epochs=1, enable_checkpointing=True).fit(_Functional(x))
+    path = tmp_path / "ckpt" / "step=2.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("DeadUnitMonitor")]
+    states = checkpoint["callbacks"][key]["window"]["sites"]["relu_1"]
+    states["active"] = states["active"][:4]  # the fault: 4 units saved where the site has 6
+    torch.save(checkpoint, path)
+    resumed = DeadUnitMonitor()
+    fit = trainer(tmp_path, [resumed], max_epochs=1)
+    fit.fit(_Functional(x), ckpt_path=str(path))
+    report = resumed.history[0]
+    assert report.partial and "counts of site 'relu_1'" in report.partial_reason
+    assert "another width (4 units saved, 6 now" in report.partial_reason
+    assert float(fit.callback_metrics["partial_epoch"]) == 1.0
