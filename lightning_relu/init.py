@@ -392,7 +392,9 @@ def sign_flip_(
     """
     engine = write_through(model, "sign_flip_") if isinstance(model, nn.Module) else None
     if engine is not None:  # FSDP2: on the unsharded model, written back into the shards (rank 0's data decides)
-        flips = lambda inner, _: sign_flip_(inner, data, max_samples=max_samples, input_fn=input_fn)  # noqa: E731
+        flips = lambda inner, _: sign_flip_(  # noqa: E731
+            inner, data, max_samples=max_samples, input_fn=input_fn, skip_frozen=skip_frozen
+        )
         return engine.run(flips, share_result=True)
     _check_sign_flip_args(model, data, max_samples, input_fn)
     sites = find_relu_sites(model)

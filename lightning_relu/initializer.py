@@ -7,6 +7,7 @@ Applies randomized asymmetric initialization (:func:`lightning_relu.init.rai_`),
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, cast
@@ -174,8 +175,8 @@ class ReluInitializer(Callback):
             if not self.rai_layers:
                 rank_zero_warn(
                     f"`ReluInitializer({self.method!r})` initialized no layer with RAI: no rectifier site of "
-                    f"{type(pl_module).__name__} has a Linear/ConvNd computing its input on the forward of the first "
-                    "training batch.",
+                    f"{type(pl_module).__name__} has a trainable Linear/ConvNd computing its input on the forward of "
+                    "the first training batch.",
                     category=RuntimeWarning,
                 )
         if self.uses_sign_flip:
@@ -219,14 +220,23 @@ class ReluInitializer(Callback):
             )
             example, sites = None, find_relu_sites(pl_module)
         names: list[str] = []
+        frozen: list[str] = []  # left as they are (a distillation teacher, a frozen backbone)
         for site in sites:
-            producer = site.producer
-            weight = getattr(producer, "weight", None)
-            frozen = isinstance(weight, Tensor) and not weight.requires_grad  # left as it is (a teacher, a backbone)
-            if site.producer_name is not None and site.producer_name not in names and not frozen:
-                names.append(site.producer_name)
+            weight = getattr(site.producer, "weight", None)
+            if site.producer_name is None or site.producer_name in names or site.producer_name in frozen:
+                continue
+            held = frozen if isinstance(weight, Tensor) and not weight.requires_grad else names
+            held.append(site.producer_name)
+        if frozen:
+            rank_zero_warn(
+                f"`ReluInitializer` left {len(frozen)} frozen layer(s) as they were (their weight does not require "
+                f"grad): {frozen}.",
+                category=RuntimeWarning,
+            )
         if names:
-            rai_(pl_module, generator=generator, example_input=example, skip_frozen=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`rai_` left .* frozen layer")  # said above, on rank zero
+                rai_(pl_module, generator=generator, example_input=example, skip_frozen=True)
         return names
 
     def _example_input(self, trainer: pl.Trainer) -> Any:

@@ -734,7 +734,8 @@ class DeadUnitMonitor(Callback):
             if stats is None or "active" not in states:
                 if final:
                     del self._unmerged[name]
-                    self._left_out(name, "the site is not in this run")
+                    unplaced = "the checkpoint does not say where the site sits (a checkpoint of an older version?)"
+                    self._left_out(name, "the site is not in this run" if valid else unplaced)
                 continue
             # options changed since the save (`track_margin`): the counts are kept, margins it did not keep start at 0
             # (the epoch is flagged partial in `_restore_epoch`), margins it kept and the site does not are dropped

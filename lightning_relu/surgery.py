@@ -166,13 +166,11 @@ def _decide(
         if problem is not None:
             decisions.skipped[name] = problem
             continue
-        assert site.producer is not None
-        if not site.producer.weight.parameter.requires_grad and not any(
-            consumer.weight.parameter.requires_grad for consumer in site.consumers
-        ):
+        if site.consumers and not any(consumer.weight.parameter.requires_grad for consumer in site.consumers):
             decisions.skipped[name] = (
-                "its producer and readers are frozen (their weights do not require grad, as a distillation teacher's): "
-                "a revived unit could not learn, and the frozen layers are left as they are"
+                "every layer reading it is frozen (its weight does not require grad, as a distillation teacher's or a "
+                "fixed classifier's): a revived unit's outgoing weights would stay 0, and the frozen layers are left "
+                "as they are"
             )
             continue
         if any(norm.mixes_units for norm in site.norms):

@@ -556,7 +556,10 @@ class DeadUnitTracker:
                 key=site_key,
             )
             if self._is_wanted(site.name) or (self._wanted is not None and first.name in self._wanted):
-                unit_dim = self._unit_dims.get(site.name, self._given_dims.get(first.name))
+                # the first position's axis, where given; where observed, too, unless this forward is watched for
+                # axes (then the new position gets its own: a shared module may read other layouts at other places)
+                inherited = self._given_dims if self._observer is not None else self._unit_dims
+                unit_dim = self._unit_dims.get(site.name, inherited.get(first.name))
                 positions.append((site, self._watch_new(site, unit_dim)))
             else:
                 positions.append(None)

@@ -39,6 +39,7 @@ from lightning_relu._compat import (
     restore_hooks,
     set_aside_hooks,
 )
+from lightning_relu.init import rai_, sign_flip_
 from lightning_relu.stats import ActivationStats
 from tests.helpers import mlp
 
@@ -536,3 +537,29 @@ def test_lightnings_count_of_the_epochs_batches_at_a_validation_on_the_last_batc
             _Validated(False), ckpt_path=str(tmp_path / "val" / name)
         )
         assert peek.seen == [expected], name
+
+
+def test_fsdp2_initializers_leave_frozen_layers_with_skip_frozen(one_process_group: None) -> None:
+    """`sign_flip_(skip_frozen=True)` on an FSDP2 model negated its frozen first layer (the keyword was not passed
+    through the write-through); `rai_` left it, as without FSDP2."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    model[0].requires_grad_(False)
+    with torch.no_grad():
+        model[0].bias.fill_(-1.0)  # most samples killed at the first site: a flip would be tried
+    for index in (0, 2, 4):
+        fully_shard(model[index])
+    fully_shard(model)
+
+    def full() -> dict[str, torch.Tensor]:
+        return {k: getattr(v, "full_tensor", lambda v=v: v)().detach().clone() for k, v in model.state_dict().items()}
+
+    before, x = full(), torch.rand(16, 4)
+    with pytest.warns(RuntimeWarning, match="left 1 frozen layer"):
+        rai_(model, generator=torch.Generator().manual_seed(0), example_input=x, skip_frozen=True)
+    reports = sign_flip_(model, x, skip_frozen=True)
+    after = full()
+    assert all(torch.equal(before[k], after[k]) for k in ("0.weight", "0.bias"))
+    assert not reports["1"].flipped and "frozen" in reports["1"].reason

@@ -424,18 +424,21 @@ def test_a_factor_that_differs_between_a_units_entries_refuses_revival() -> None
         assert revive_dead_units_(model, report, example_input=x)["act"] == 0
 
 
-def test_a_site_whose_producer_and_readers_are_frozen_is_not_revived_and_said() -> None:
-    """A frozen teacher (`requires_grad=False`): a revived unit could never learn; its layers were rewritten."""
+@pytest.mark.parametrize("producer_trains", [False, True])
+def test_a_site_whose_readers_are_all_frozen_is_not_revived_and_said(producer_trains: bool) -> None:
+    """A frozen teacher, or a fixed classifier reading a trainable layer: a revived unit's outgoing weights would
+    stay 0 for good (no gradient reaches a frozen weight), and the frozen layers were rewritten."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).requires_grad_(False)
+    model[0].requires_grad_(producer_trains)
     with torch.no_grad():
         model[0].bias[:3] = -1e3
     x = torch.randn(32, 4)
     report = _report(model, x)
     before = copy.deepcopy(model.state_dict())
-    with pytest.warns(RevivalWarning, match="producer and readers are frozen"):
+    with pytest.warns(RevivalWarning, match="every layer reading it is frozen"):
         assert revive_dead_units_(model, report, example_input=x)["1"] == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # a trainable reader: the revived unit's outgoing weights learn, so it is revived
+    # a trainable reader: the revived unit's outgoing weights learn (its incoming ones too, or stay a random feature)
     model[2].requires_grad_(True)
-    assert revive_dead_units_(model, report, example_input=x)["1"] == 3
+    assert revive_dead_units_(model, report, torch.optim.SGD(model.parameters(), lr=0.1), example_input=x)["1"] == 3

@@ -958,3 +958,33 @@ def test_an_empty_sequence_in_the_batch_loop_is_counted_as_nothing() -> None:
         expected = expected_counts([torch.relu(net[0](full))], -1)
     report = tracker.report()["1"]
     assert report.active_count.tolist() == expected["active"] and report.samples == expected["samples"] == 2
+
+
+def test_a_shared_modules_call_position_first_seen_later_takes_the_first_positions_observed_axis() -> None:
+    """One `nn.ReLU` after two Linears on (batch, 20, features); its second call happens from the second forward on,
+    after the axes were observed: it takes the first position's observed axis (the features), as before."""
+    torch.manual_seed(0)
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.relu = nn.Linear(6, 10), nn.Linear(10, 10), nn.ReLU()
+            with torch.no_grad():
+                self.fc2.bias[:3] = -100.0
+
+        def forward(self, x: torch.Tensor, deep: bool) -> torch.Tensor:
+            h = self.relu(self.fc1(x))
+            return self.relu(self.fc2(h)) if deep else h
+
+    model = Late()
+    xs = torch.randn(4, 8, 20, 6, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with DeadUnitTracker(model, example_input=(xs[0], False)) as tracker, torch.no_grad():
+            for i, x in enumerate(xs):
+                model(x, deep=i >= 1)
+    with torch.no_grad():  # brute force over the same forwards: the second call's features never > 0
+        fired = sum((model(x, deep=True).reshape(-1, 10) > 0).sum(0) for x in xs[1:])
+    layer = tracker.report()["relu_1"]
+    assert (layer.num_units, layer.num_dead) == (10, int((fired == 0).sum()))
+    assert not [w for w in caught if "no known Linear/ConvNd" in str(w.message)]
