@@ -42,8 +42,9 @@ class ReluInitializer(Callback):
     - ``"rai+sign_flip"``: RAI, then sign flipping. A layer that sign flipping negates has its RAI rows negated,
       the positive Beta(2, 1) entry included: it keeps more data alive but loses RAI's asymmetry.
 
-    Layers whose parameters do not require grad (a frozen teacher for distillation, a frozen backbone) are left as
-    they are by both, and a warning names them: a pretrained layer that cannot train would be replaced for good.
+    Layers that do not train (RAI: the weight does not require grad; sign flipping: a parameter of the negated map
+    does not) are left as they are by both (a frozen teacher for distillation, a frozen backbone), and a warning
+    names them: a pretrained layer that cannot train would be replaced for good.
 
     It runs in ``on_train_start``: by then the model is on its device (and wrapped for distributed training), a
     checkpoint being resumed has been restored, and the training dataloader exists (it does not in
@@ -272,6 +273,13 @@ class ReluInitializer(Callback):
             return _batch_input(precision.convert_input(batch), input_fn)
 
         local = sign_flip_(pl_module, data, max_samples=self.max_samples, input_fn=inputs_of, skip_frozen=True)
+        frozen = sorted({str(r.target) for r in local.values() if r.target and "is frozen" in r.reason})
+        if frozen:
+            rank_zero_warn(
+                f"`ReluInitializer` left {len(frozen)} frozen layer(s) unflipped (their parameters do not require "
+                f"grad): {frozen}.",
+                category=RuntimeWarning,
+            )
         chosen: dict[str, SignFlipReport] = trainer.strategy.broadcast(local, src=0)
         # ranks saw different shards: every rank takes rank 0's decisions (negation is an involution)
         differ = [name for name, r in chosen.items() if (name in local and local[name].flipped) != r.flipped]

@@ -261,8 +261,9 @@ class SiteStructure:
     def revival_problem(self) -> str | None:
         """Why revival cannot act on this site although it has a producer (``None`` when it can): a reader that
         revival cannot make blind to a revived unit, a factor that differs between a unit's entries (no shift makes
-        its units fire on about half of them), or a constant added with no bias to shift (a frozen BatchNorm after a
-        bias-free convolution: new weights alone need not make such a unit fire)."""
+        its units fire on about half of them), a constant added with no bias to shift (a frozen BatchNorm after a
+        bias-free convolution: new weights alone need not make such a unit fire), or readers that are all frozen
+        (the revived unit's outgoing weights would stay 0). Read when asked: ``requires_grad`` set later counts."""
         if self.reader_problems:
             return "; ".join(self.reader_problems)
         if self.uneven_scale is not None:
@@ -272,14 +273,20 @@ class SiteStructure:
                 f"a constant is added to its pre-activation (`{self.offset}`, as a frozen BatchNorm does) and there is "
                 "no bias to shift: new incoming weights alone need not make its units fire"
             )
+        if self.consumers and not any(consumer.weight.parameter.requires_grad for consumer in self.consumers):
+            return (
+                "every layer reading it is frozen (its weight does not require grad, as a distillation teacher's or a "
+                "fixed classifier's): a revived unit's outgoing weights would stay 0, and the frozen layers are left "
+                "as they are"
+            )
         return None
 
     @property
     def remedies(self) -> tuple[str, ...]:
         """The remedies that can act on this site: ``"rai"`` needs a producer; ``"sign_flip"`` also needs no constant
-        added after it (:attr:`offset`; and for a functional call, whose pre-activation it reads from the layer's
-        output, the same factor on all of a unit's entries, :attr:`uneven_scale`); ``"revive"`` needs no
-        :attr:`revival_problem`."""
+        added after it (:attr:`offset`; at a functional call with an :attr:`uneven_scale`, :func:`sign_flip_` still
+        leaves the site out, as it reads the pre-activation from the layer's output there, and warns); ``"revive"``
+        needs no :attr:`revival_problem`."""
         if self.producer is None:
             return ()
         remedies = ["rai"]

@@ -114,7 +114,12 @@ def revive_dead_units_(
     than pooling, dropout or ``nn.Flatten``, or a consumer's weight is computed by such a parametrization) is
     revived but the network's output changes; with a LayerNorm, or a
     GroupNorm of several channels per group, between producer and site, the normalization statistics are shared
-    with the other units of the group, so their outputs (and the network's) change slightly.
+    with the other units of the group, so their outputs (and the network's) change slightly. With
+    ``example_input`` (the observed structure) the output is checked and more is refused, each with its reason
+    (:attr:`~lightning_relu.structure.SiteStructure.revival_problem`): readers revival cannot make blind, a factor
+    that differs between a unit's entries, a constant added with no bias to shift (a frozen BatchNorm), readers that
+    are all frozen; units that cannot fire are left dead. Without it (``nn.Sequential`` order) none of these is
+    checked.
 
     .. math::
         W_{j,:} \sim \mathcal{D}_\text{init}, \quad \gamma_j = 1,\ \beta_j = 0, \quad

@@ -166,13 +166,6 @@ def _decide(
         if problem is not None:
             decisions.skipped[name] = problem
             continue
-        if site.consumers and not any(consumer.weight.parameter.requires_grad for consumer in site.consumers):
-            decisions.skipped[name] = (
-                "every layer reading it is frozen (its weight does not require grad, as a distillation teacher's or a "
-                "fixed classifier's): a revived unit's outgoing weights would stay 0, and the frozen layers are left "
-                "as they are"
-            )
-            continue
         if any(norm.mixes_units for norm in site.norms):
             decisions.skipped[name] = (
                 "a LayerNorm/GroupNorm normalizes its units together: a fresh unit would change the others"

@@ -475,8 +475,12 @@ def test_frozen_layers_are_left_as_they_are(tmp_path: Path) -> None:
     teacher = copy.deepcopy(model.teacher.state_dict())
     student = copy.deepcopy(model.student.state_dict())
     initializer = ReluInitializer("rai+sign_flip", seed=0)
-    with pytest.warns(RuntimeWarning, match=r"left 2 frozen layer\(s\) as they were.*teacher\.0.*teacher\.2"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _trainer(tmp_path, [initializer]).fit(model)
+    said = [str(w.message) for w in caught]
+    assert any("left 2 frozen layer(s) as they were" in m and "'teacher.0', 'teacher.2'" in m for m in said), said
+    assert any("frozen layer(s) unflipped" in m and "teacher.0" in m for m in said), said
     assert all(torch.equal(teacher[k], v) for k, v in model.teacher.state_dict().items())
     assert not torch.equal(student["0.weight"], model.student[0].weight)  # the student got RAI
     assert initializer.rai_layers == ["student.0"]

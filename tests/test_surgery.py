@@ -435,6 +435,7 @@ def test_a_site_whose_readers_are_all_frozen_is_not_revived_and_said(producer_tr
         model[0].bias[:3] = -1e3
     x = torch.randn(32, 4)
     report = _report(model, x)
+    assert "revive" not in observe(model, x).sites["1"].remedies  # the structure table says so too
     before = copy.deepcopy(model.state_dict())
     with pytest.warns(RevivalWarning, match="every layer reading it is frozen"):
         assert revive_dead_units_(model, report, example_input=x)["1"] == 0
