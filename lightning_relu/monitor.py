@@ -550,8 +550,11 @@ class DeadUnitMonitor(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stop_axis_watch()
-        self._merge_tagged_nonfinite()
-        self._window_at_exception = self._current_window()
+        try:  # the counts so far, for a checkpoint saved on this exception; never an error of its own here
+            self._merge_tagged_nonfinite()
+            self._window_at_exception = self._current_window()
+        except Exception:  # the fit's own exception is what the user must see
+            self._window_at_exception = None
         self._remove_hooks()
 
     @override
