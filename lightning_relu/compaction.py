@@ -781,9 +781,14 @@ class _Intervals(TorchFunctionMode):
         step = self.step
         inputs = list(_tensors((args, kwargs)))
         data = [t for t in inputs if id(t) in self.bounds]
-        if not data:
-            return func(*args, **kwargs)
         op = _op_name(func)
+        written = written_tensors(op, args, kwargs, func)
+        if not data:
+            out = func(*args, **kwargs)
+            for tensor in written:  # constants written into a tensor with bounds: its values are not those bounds
+                if id(tensor) in self.bounds:
+                    self.bounds[id(tensor)], self.set_at[id(tensor)] = None, step
+            return out
         for tensor in data:  # written in place through another view since its bounds were set: not known any more
             if self.bounds[id(tensor)] is not None:
                 writer = self.writes.between(tensor, self.set_at.get(id(tensor), 0), step)
@@ -792,21 +797,26 @@ class _Intervals(TorchFunctionMode):
                     self.unsupported.setdefault(f"{writer} through another view", None)
         known = [self.bounds[id(t)] for t in data]
         bounds: list[tuple[Tensor, Tensor]] | None = None
-        if all(b is not None for b in known) and all(t.is_floating_point() for t in data):
+        # a write into `out=` or into a tensor without bounds (a buffer the forward made): the bounds of what is
+        # written are not computed (the two sides would write into the same tensor, or into the real one)
+        unbounded_write = "out" in kwargs or any(id(t) not in self.bounds for t in written)
+        if not unbounded_write and all(b is not None for b in known) and all(t.is_floating_point() for t in data):
             try:
                 bounds = self._propagate(op, func, args, kwargs)
             except (RuntimeError, TypeError, ValueError, IndexError, KeyError):
                 bounds = None
         out = func(*args, **kwargs)
         outputs = list(_tensors(out)) if isinstance(out, (Tensor, tuple, list)) else []
-        if bounds is None and outputs:
+        if bounds is None and (outputs or written):
             self.unsupported.setdefault(op, None)
-        written = written_tensors(op, args, kwargs, func)
         if written:
             self.writes.add(step, written, op)
         for position, tensor in enumerate(outputs):
             self.bounds[id(tensor)] = bounds[position] if bounds is not None and position < len(bounds) else None
             self.set_at[id(tensor)] = step
+        for tensor in written:  # written from bounded inputs without bounds of its own (`__setitem__` into a buffer)
+            if not any(tensor is output for output in outputs):
+                self.bounds[id(tensor)], self.set_at[id(tensor)] = None, step
         self.keep.extend(inputs)
         self.keep.extend(outputs)
         return out

@@ -472,6 +472,44 @@ def test_certification_sees_a_functional_in_place_write_through_a_view() -> None
     assert result.sites["relu"].removed == 0
 
 
+@pytest.mark.parametrize("how", ["setitem", "out add", "out cat"])
+def test_certification_sees_a_buffer_the_forward_writes(how: str) -> None:
+    """A buffer the forward makes and writes from the input (`buf[:] = fc1(x)`, `torch.add(..., out=buf)`): it was
+    taken for a constant (or both bounds wrote into it), so units that fire in the box were certified dead."""
+
+    class Buffered(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(2, 2), nn.Linear(2, 4), nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            if how == "setitem":
+                buf = torch.zeros(x.shape[0], 2)
+                buf[:] = self.fc1(x)
+                h = x + buf
+            elif how == "out add":
+                h = torch.empty(x.shape[0], 2)
+                torch.add(x, self.fc1(x), out=h)
+            else:
+                buf = torch.empty(x.shape[0], 4)
+                torch.cat([x, x + self.fc1(x)], 1, out=buf)
+                h = buf[:, 2:]
+            return self.fc3(torch.relu(self.fc2(h)))
+
+    net = Buffered().eval()
+    with torch.no_grad():
+        net.fc1.weight.copy_(10 * torch.eye(2))
+        net.fc1.bias.zero_()
+        net.fc2.weight.fill_(0.1)
+        net.fc2.bias.fill_(-1.0)  # 0.1 * 11 * (x0 + x1) - 1: below 0 near 0, up to 1.2 in the box
+    x = 0.01 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    result = compact(net, None, x, certify=(-1.0, 1.0))
+    box = torch.rand(2000, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(result.model(box), net(box))
+    assert result.sites["relu"].removed == 0
+
+
 # ------------------------------------------------------------------------------------------------ export
 def _small_cnn() -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
