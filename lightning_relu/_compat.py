@@ -129,7 +129,7 @@ def lightning_batches_that_stepped(trainer: Any) -> int | None:
     metric logged with ``on_epoch=True``.
     """
     count = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None)
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
+    return count if _is_int(count) else None
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

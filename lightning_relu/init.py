@@ -121,27 +121,24 @@ def rai_(
             stacklevel=2,
         )
         return module
-    frozen = [name for name, producer in _named(module, producers) if not _trainable(producer)] if skip_frozen else []
+    frozen = {key for key, producer in producers.items() if skip_frozen and not _trainable(producer)}
     if frozen:
+        names = [name for name, layer in module.named_modules() if id(layer) in frozen]
         warnings.warn(
-            f"`rai_` left {len(frozen)} frozen layer(s) as they were (their weight does not require grad): {frozen}.",
+            f"`rai_` left {len(names)} frozen layer(s) as they were (their weight does not require grad): {names}.",
             RuntimeWarning,
             stacklevel=2,
         )
     for key, producer in producers.items():
-        if not (skip_frozen and not _trainable(producer)):
+        if key not in frozen:
             _rai_layer_(producer, generator, negated.get(key))
     return module
 
 
-def _trainable(layer: nn.Module) -> bool:
+def _trainable(layer: object) -> bool:
+    """Whether ``layer``'s weight trains (``requires_grad``); a layer without a weight tensor counts as trainable."""
     weight = getattr(layer, "weight", None)
     return not isinstance(weight, Tensor) or weight.requires_grad
-
-
-def _named(model: nn.Module, layers: dict[int, nn.Module]) -> list[tuple[str, nn.Module]]:
-    """``layers`` (by id) with their qualified names in ``model``, in module order."""
-    return [(name, module) for name, module in model.named_modules() if id(module) in layers]
 
 
 def _warn_unreached(model: nn.Module, example_input: Any) -> None:

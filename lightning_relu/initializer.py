@@ -21,7 +21,15 @@ from typing_extensions import override
 
 from lightning_relu._lifecycle import starts_afresh
 from lightning_relu._sharded import write_through
-from lightning_relu.init import SignFlipReport, _batch_input, _flip_target, _generators_of, rai_, sign_flip_
+from lightning_relu.init import (
+    SignFlipReport,
+    _batch_input,
+    _flip_target,
+    _generators_of,
+    _trainable,
+    rai_,
+    sign_flip_,
+)
 from lightning_relu.sites import find_relu_sites
 from lightning_relu.structure import ObservationError
 
@@ -223,11 +231,9 @@ class ReluInitializer(Callback):
         names: list[str] = []
         frozen: list[str] = []  # left as they are (a distillation teacher, a frozen backbone)
         for site in sites:
-            weight = getattr(site.producer, "weight", None)
             if site.producer_name is None or site.producer_name in names or site.producer_name in frozen:
                 continue
-            held = frozen if isinstance(weight, Tensor) and not weight.requires_grad else names
-            held.append(site.producer_name)
+            (names if _trainable(site.producer) else frozen).append(site.producer_name)
         if frozen:
             rank_zero_warn(
                 f"`ReluInitializer` left {len(frozen)} frozen layer(s) as they were (their weight does not require "

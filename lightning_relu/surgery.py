@@ -387,7 +387,7 @@ def _calibrate_site(plan: _Plan, seen: Any, silent: dict[str, tuple[Tensor, Tens
             plan.writes.write(tensor, (plan.units.to(tensor.device),), value.to(tensor))
     z = _unit_values(pre, site.unit_dim, plan.units)
     constant = (z.amax(1) - z.amin(1)) <= 1e-6 * z.abs().amax(1).clamp_min(1e-6)
-    target = _shift_target(plan)
+    target = plan.site.shift_bias  # where a unit's pre-activation is shifted
     # with no bias to shift, what the new weights give is final: a unit inactive on every entry stays dead
     stuck = ~constant & ~(z > 0).any(1) if target is None else torch.zeros_like(constant)
     if bool(constant.any()) or bool(stuck.any()):
@@ -429,11 +429,6 @@ def _threshold(z: Tensor) -> Tensor:
         # threshold with probability about 99.6% (Gaussian entries, two held)
         return low - torch.maximum(0.5 * spread, 3.0 * spread.median())
     return z.kthvalue(k, dim=1).values
-
-
-def _shift_target(plan: _Plan) -> Tensor | None:
-    """Where a unit's pre-activation is shifted: the last norm's bias, else the producer's bias."""
-    return plan.site.shift_bias
 
 
 def _alive_in_eval(model: nn.Module, example_input: Any, sites: Any) -> dict[str, Tensor]:

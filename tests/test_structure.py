@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -506,36 +507,34 @@ def test_the_scale_from_the_shifted_bias_to_the_pre_activation_is_its_derivative
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
+class _Between(nn.Module):
+    """``out(relu(between(fc(x))))``: ``between`` is what the forward does to the Linear's output ``h`` before the
+    rectifier reads what it returns."""
+
+    def __init__(self, between: Callable[[Tensor], Tensor], width: int = 6) -> None:
+        super().__init__()
+        self.between, self.fc, self.out = between, nn.Linear(4, width), nn.Linear(width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(F.relu(self.between(self.fc(x))))
+
+
 @pytest.mark.parametrize(
     "pre", [lambda h: torch.div(torch.tensor(2.0), h), lambda h: torch.div(h, 2.0, rounding_mode="floor")]
 )
 def test_a_pre_activation_not_affine_in_its_producer_has_no_producer(pre) -> None:
-    class Divided(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.out = nn.Linear(4, 3), nn.Linear(3, 1)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.out(F.relu(pre(self.fc(x))))
-
-    site = observe(Divided(), torch.randn(2, 4)).sites["relu"]
+    site = observe(_Between(pre, width=3), torch.randn(2, 4)).sites["relu"]
     assert site.producer is None and "not an affine function" in (site.producer_problem or "")
 
 
 @pytest.mark.parametrize("how", ["detach_", "requires_grad_"])
 def test_in_place_methods_that_write_no_value_keep_the_producer(how: str) -> None:
-    class Flagged(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
+    def flag(h: Tensor) -> Tensor:
+        p = h.detach()
+        p.detach_() if how == "detach_" else p.requires_grad_()
+        return h
 
-        def forward(self, x: Tensor) -> Tensor:
-            h = self.fc(x)
-            p = h.detach()
-            p.detach_() if how == "detach_" else p.requires_grad_()
-            return self.out(F.relu(h))
-
-    site = observe(Flagged(), torch.randn(3, 4)).sites["relu"]
+    site = observe(_Between(flag), torch.randn(3, 4)).sites["relu"]
     assert site.producer is not None and site.producer.name == "fc", site.producer_problem
 
 
@@ -554,18 +553,12 @@ _WRITES = {
 
 @pytest.mark.parametrize("how", list(_WRITES))
 def test_a_write_through_another_view_before_the_rectifier_is_seen(how: str) -> None:
-    class Written(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
-
-        def forward(self, x: Tensor) -> Tensor:
-            h = self.fc(x)
-            _WRITES[how](h, h[:, :2])
-            return self.out(F.relu(h))
+    def write(h: Tensor) -> Tensor:
+        _WRITES[how](h, h[:, :2])
+        return h
 
     torch.manual_seed(0)
-    model, x = Written(), torch.randn(16, 4)
+    model, x = _Between(write), torch.randn(16, 4)
     with torch.no_grad():  # brute force: the rectifier's input is not the Linear's output
         assert not torch.equal(_pre_of(model, x), model.fc(x))
     site = observe(model, x).sites["relu"]
@@ -607,17 +600,11 @@ def test_a_write_into_one_chunk_of_a_sites_output_keeps_the_other_chunks_reader(
 
 
 def test_reading_a_view_as_a_number_is_not_a_write() -> None:
-    class Read(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 1)
+    def read(h: Tensor) -> Tensor:
+        int(h[0, 0])  # `__int__` of a view of `h`: a read
+        return h
 
-        def forward(self, x: Tensor) -> Tensor:
-            h = self.fc(x)
-            scale = 1.0 + 0.0 * int(h[0, 0])  # `__int__` of a view of `h`: a read
-            return self.out(F.relu(h)) * scale
-
-    site = observe(Read(), torch.randn(3, 4)).sites["relu"]
+    site = observe(_Between(read), torch.randn(3, 4)).sites["relu"]
     assert site.producer is not None and site.producer.name == "fc", site.producer_problem
 
 
