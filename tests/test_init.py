@@ -763,9 +763,7 @@ def test_sign_flip_takes_keyword_batches_and_rows_that_merge_batch_and_tokens() 
         model.embed.weight.abs_()  # non-negative features ...
         model.fc1.weight.abs_().neg_()  # ... every weight <= 0 ...
         model.fc1.bias.fill_(-0.1)  # ... and a negative bias: most samples die at the site unless flipped
-    batches = [
-        {"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6)} for _ in range(3)
-    ]
+    batches = [{"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6)} for _ in range(3)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = sign_flip_(model, batches)
     assert report["act"].num_samples == 12  # the 72 rows grouped back into 12 samples

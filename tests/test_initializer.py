@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_relu.init import rai_, sign_flip_
 from lightning_relu.initializer import ReluInitializer
-from tests.helpers import retry_spawn_abort
+from tests.helpers import SpawnDDP, retry_spawn_abort
 
 
 def _data(n: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -422,7 +422,7 @@ def test_ddp_ranks_end_identical(tmp_path: Path) -> None:
     model = _ShardedNet((1, 3, 3, 3, 3, 3))
     trainer = Trainer(
         default_root_dir=tmp_path,
-        strategy="ddp_spawn",
+        strategy=SpawnDDP(),
         accelerator="cpu",
         devices=2,
         max_epochs=1,

@@ -3,7 +3,6 @@ from __future__ import annotations
 import csv
 import math
 import pickle
-from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -11,12 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_relu import CollapseError, CollapseWarning, DeadUnitMonitor, LayerReport
-from tests.helpers import brute_force, conv_bn_net, kill_units, make_trainer, mlp, retry_spawn_abort
+from tests.helpers import SpawnDDP, brute_force, conv_bn_net, kill_units, make_trainer, mlp, retry_spawn_abort
 
 
 class SeqModule(L.LightningModule):
@@ -477,8 +475,7 @@ class _DumpingMonitor(DeadUnitMonitor):
 def test_ddp_reduces_across_ranks(tmp_path):
     trainer = L.Trainer(
         default_root_dir=tmp_path,
-        # a rank waiting in a collective the other never joins fails after the timeout instead of hanging
-        strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
+        strategy=SpawnDDP(),
         accelerator="cpu",
         devices=2,
         max_epochs=1,

@@ -145,8 +145,9 @@ def test_cnn_columns_follow_the_flatten() -> None:
     with torch.no_grad():
         model[3].bias[1] = -1e3  # channel 1 of the second conv layer is dead
     before = model(x).detach()
-    reinitialize_units(layers[1], torch.tensor([1]), torch.Generator().manual_seed(0), torch.optim.SGD(
-        model.parameters(), lr=0.1))
+    reinitialize_units(
+        layers[1], torch.tensor([1]), torch.Generator().manual_seed(0), torch.optim.SGD(model.parameters(), lr=0.1)
+    )
     assert torch.allclose(model(x), before, atol=1e-6)
 
 

@@ -33,6 +33,7 @@ from tests.helpers import (
     MLP,
     AutoEncoder,
     Replayed,
+    SpawnDDP,
     assert_monitor_matches,
     positive_data,
     quiet_trainer,
@@ -680,7 +681,7 @@ def test_ddp_ranks_perform_identical_surgery(tmp_path: Path) -> None:
     trainer = _trainer(
         tmp_path,
         [DeadUnitMonitor(), reviver, _DumpState(str(tmp_path), reviver)],
-        strategy="ddp_spawn",
+        strategy=SpawnDDP(),
         accelerator="cpu",
         devices=2,
         max_epochs=1,
@@ -764,9 +765,7 @@ def test_monitor_with_revival_discovers_sites_once_per_fit(tmp_path: Path, monke
     # the reviver finds the sites with `find_relu_sites`, the tracker with `module_sites` (the module tree's sites)
     for module, function in ((revive_module, "find_relu_sites"), (tracker_module, "module_sites")):
         original = getattr(module, function)
-        monkeypatch.setattr(
-            module, function, lambda model, _f=original, **kw: calls.append("found") or _f(model, **kw)
-        )
+        monkeypatch.setattr(module, function, lambda model, _f=original, **kw: calls.append("found") or _f(model, **kw))
     monitor = DeadUnitMonitor(revive=DeadUnitReviver(seed=0))
     _trainer(tmp_path, [monitor], logger=False, max_epochs=2, limit_train_batches=2).fit(_DeadModule())
     assert monitor.reviver is not None and len(monitor.reviver.history) == 2  # it revived at every epoch end

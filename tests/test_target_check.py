@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_relu.target_check import TargetScaleCheck, TargetScaleWarning, optimizer_momentum
-from tests.helpers import retry_spawn_abort
+from tests.helpers import SpawnDDP, retry_spawn_abort
 
 BATCH = 16
 
@@ -381,7 +381,7 @@ class _SaveCheckState(Callback):
 def test_ddp_statistics_cover_every_rank(tmp_path: Path) -> None:
     model = _ShardedRegressor()
     callbacks = [TargetScaleCheck(), _SaveCheckState(str(tmp_path))]
-    trainer = _trainer(tmp_path, callbacks, strategy="ddp_spawn", devices=2, max_epochs=1, limit_train_batches=None)
+    trainer = _trainer(tmp_path, callbacks, strategy=SpawnDDP(), devices=2, max_epochs=1, limit_train_batches=None)
     trainer.fit(model)
     states = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert states[0] == states[1]  # every rank holds the reduced numbers
