@@ -232,6 +232,7 @@ class SignFlipReport:
         site_fraction: share of all the samples that this site, on its own, does not kill (not cumulative: samples
             killed at earlier sites count when their output here is not all zero).
         num_samples: number of samples in the pass.
+        frozen: whether the site was left because ``target``'s parameters do not require grad (``skip_frozen=True``).
     """
 
     site: str
@@ -242,6 +243,7 @@ class SignFlipReport:
     living_after: float
     site_fraction: float
     num_samples: int
+    frozen: bool = False
 
     @property
     def survival(self) -> float:
@@ -563,6 +565,7 @@ class _SignFlipPass:
         self.error: Exception | None = None
         self.unobservable: list[str] = []
         self._decided: dict[str, str] = {}  # target name -> the site that decided whether to negate it
+        self._frozen: set[str] = set()  # targets left because their parameters do not require grad
         self._alive: Tensor | None = None
         self._living = 0
         self._buffers: dict[torch.dtype, tuple[Tensor, ...]] = {}  # per-pass buffers of CPU decisions
@@ -634,6 +637,7 @@ class _SignFlipPass:
                 living_after=alive_after / n,
                 site_fraction=site_alive / n,
                 num_samples=n,
+                frozen=target is not None and target in self._frozen,
             )
         self._pending.clear()
 
@@ -729,6 +733,7 @@ class _SignFlipPass:
         if isinstance(target, str):
             return None, None, target
         if self.skip_frozen and any(not tensor.requires_grad for tensor in target.tensors):
+            self._frozen.add(target.name)
             return None, target.name, f"{target.name!r} is frozen (its parameters do not require grad): left as it is"
         if target.name in self._decided:
             return None, target.name, f"{target.name!r} was already decided for site {self._decided[target.name]!r}"

@@ -279,7 +279,7 @@ class ReluInitializer(Callback):
             return _batch_input(precision.convert_input(batch), input_fn)
 
         local = sign_flip_(pl_module, data, max_samples=self.max_samples, input_fn=inputs_of, skip_frozen=True)
-        frozen = sorted({str(r.target) for r in local.values() if r.target and "is frozen" in r.reason})
+        frozen = sorted({str(r.target) for r in local.values() if r.target and r.frozen})
         if frozen:
             rank_zero_warn(
                 f"`ReluInitializer` left {len(frozen)} frozen layer(s) unflipped (their parameters do not require "

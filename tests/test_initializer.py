@@ -485,3 +485,4 @@ def test_frozen_layers_are_left_as_they_are(tmp_path: Path) -> None:
     assert not torch.equal(student["0.weight"], model.student[0].weight)  # the student got RAI
     assert initializer.rai_layers == ["student.0"]
     assert not initializer.report["teacher.1"].flipped and "frozen" in initializer.report["teacher.1"].reason
+    assert sorted(name for name, r in initializer.report.items() if r.frozen) == ["teacher.1", "teacher.3"]
