@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
 import lightning.pytorch as pl
+
+T = TypeVar("T")
 
 
 def starts_afresh(trainer: pl.Trainer) -> bool:
@@ -12,3 +17,15 @@ def starts_afresh(trainer: pl.Trainer) -> bool:
     what an earlier fit left (of this model or another) gets the checkpoint's state back when the fit resumes.
     """
     return trainer.global_step == 0
+
+
+def continued_history(history: list[T], last: list[T], place: Callable[[T], Hashable]) -> list[T]:
+    """The history after a checkpoint whose latest entry is ``last`` (at most one) was loaded: ``last`` alone, or,
+    when the history in memory holds an entry at the same epoch and step (a restore within the fit, as Lightning's
+    learning-rate and batch-size finders make at an epoch's start), the entries before it and ``last``."""
+    if last:
+        at = place(last[0])
+        for index, entry in enumerate(history):
+            if place(entry) == at:
+                return [*history[:index], last[0]]
+    return last

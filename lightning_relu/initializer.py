@@ -19,7 +19,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_relu._lifecycle import starts_afresh
 from lightning_relu._sharded import write_through
 from lightning_relu.init import (
     SignFlipReport,
@@ -58,8 +57,10 @@ class ReluInitializer(Callback):
     checkpoint being resumed has been restored, and the training dataloader exists (it does not in
     ``on_fit_start``). It never runs when the fit resumes from a checkpoint (``trainer.ckpt_path`` is set): its
     ``state_dict`` records that it ran, and a fit resumed from a checkpoint saved without it is left alone as well.
-    It runs once per model: a second ``fit`` of the model it initialized (a second training stage) keeps the trained
-    weights, while a fit of another model with the same callback initializes that model.
+    A checkpoint saved before it ran says so: the one that Lightning's learning-rate and batch-size finders save and
+    restore at the start of a fit leaves it to run. It runs once per model: a second ``fit`` of the model it
+    initialized (a second training stage) keeps the trained weights, while a fit of another model with the same
+    callback (on a new Trainer or on the same one) initializes that model.
 
     Under distributed training every rank ends with the same weights: RAI draws from a generator seeded
     identically on every rank (``seed``, or a seed drawn on rank 0 and broadcast), and the sign-flip decisions of
@@ -129,6 +130,7 @@ class ReluInitializer(Callback):
         self.seed_used: int | None = None
         self.metrics: dict[str, float] = {}
         self._applied_to: weakref.ref[nn.Module] | None = None  # the model it initialized, in this process
+        self._restored = False  # whether this fit loaded a checkpoint's state of this initializer
 
     @property
     @override
@@ -146,16 +148,13 @@ class ReluInitializer(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Once per instance and model: a new fit of the model it initialized (a second training stage) keeps the
-        # trained weights, a new fit of another model gets initialized (a resumed fit gets `applied` back from
-        # its checkpoint after this)
+        # trained weights, a new fit of another model gets initialized, on a new Trainer or on the same one (a
+        # resumed fit gets `applied` back from its checkpoint after this)
         # (a model no longer alive is another model; a copy knows the model its original initialized; an unpickled
         # initializer does not know it, and keeps the weights)
-        if (
-            stage == "fit"
-            and starts_afresh(trainer)
-            and self._applied_to is not None
-            and self._applied_to() is not pl_module
-        ):
+        if stage == "fit":
+            self._restored = False
+        if stage == "fit" and self._applied_to is not None and self._applied_to() is not pl_module:
             self.applied = False
             self.report, self.rai_layers, self.seed_used, self.metrics = {}, [], None, {}
         if stage != "fit" or self.applied:
@@ -172,7 +171,10 @@ class ReluInitializer(Callback):
             return
         if self._applied_to is not None and self._applied_to() is pl_module:
             return  # a model whose checkpoint weights an earlier fit kept: kept again
-        if trainer.ckpt_path is not None:
+        if trainer.ckpt_path is not None and not self._restored:
+            # a checkpoint without this initializer's state: its weights are kept. One with it says whether they
+            # were initialized (`applied`): Lightning's learning-rate and batch-size finders restore, at the fit's
+            # start, a checkpoint they saved before this hook, and the fit is fresh
             rank_zero_info(
                 f"`ReluInitializer` skipped: the fit resumes from the checkpoint {trainer.ckpt_path!r}, whose weights"
                 " are kept."
@@ -356,6 +358,7 @@ class ReluInitializer(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
         self.applied = bool(state_dict.get("applied", False))
         self.seed_used = state_dict.get("seed_used", self.seed_used)
         self.rai_layers = list(state_dict.get("rai_layers", self.rai_layers))

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_relu._compat import lightning_batches_run_in_epoch, lightning_batches_that_stepped
-from lightning_relu._lifecycle import starts_afresh
+from lightning_relu._lifecycle import continued_history, starts_afresh
 from lightning_relu.dashboards import (
     HEATMAP_TAG,
     SUMMARY_TAG,
@@ -610,8 +610,8 @@ class DeadUnitMonitor(Callback):
         progress = state_dict.get("progress")
         self._restored_progress = dict(progress) if isinstance(progress, dict) else None
         # a state of an older version holds every epoch's report: the latest one is kept, as a new state holds it
-        last = _saved_reports(state_dict)[-1:]
-        self.history = [EpochReport.from_state_dict(report) for report in last]
+        last = [EpochReport.from_state_dict(report) for report in _saved_reports(state_dict)[-1:]]
+        self.history = continued_history(self.history, last, lambda report: (report.epoch, report.global_step))
         self._collapse_warned = set(state_dict.get("collapse_warned", []))
         if self.reviver is not None:
             self.reviver.load_state_dict(state_dict.get("reviver", {}))
@@ -851,7 +851,7 @@ class DeadUnitMonitor(Callback):
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text(
-                        SUMMARY_TAG, summary_markdown(report, revived), global_step=_log_step(report)
+                        SUMMARY_TAG, summary_markdown(report, revived), global_step=report.metrics_step
                     )
         if self.print_summary:
             print_summary(report, revived)
@@ -860,7 +860,7 @@ class DeadUnitMonitor(Callback):
     def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
         # the step and the `epoch` column of Lightning's own epoch-level metrics, so that a CSV row of the monitor
         # lines up with the epoch's losses and TensorBoard plots both at the same x
-        step = _log_step(report)
+        step = report.metrics_step
         for logger in trainer.loggers:
             separator = logger.group_separator
             scalars = {key.replace("/", separator, 1): v for key, v in metrics.items()}
@@ -947,12 +947,6 @@ class DeadUnitMonitor(Callback):
 
 # below this lower bound on the probability that an input stays alive, the start of a fit says what prevents it
 _ADVICE_BOUND = 0.99
-
-
-def _log_step(report: EpochReport) -> int:
-    """The step Lightning logs an epoch's epoch-level metrics at (:attr:`EpochReport.log_step`), else its last
-    batch's as automatic optimization with one optimizer counts it, ``global_step - 1``."""
-    return report.log_step if report.log_step is not None else max(report.global_step - 1, 0)
 
 
 def _probability_text(bound: float, widths: list[int]) -> str:

@@ -250,6 +250,12 @@ class EpochReport:
     log_step: int | None = None
 
     @property
+    def metrics_step(self) -> int:
+        """The step the epoch's scalars are logged at: :attr:`log_step`, else the last batch's step as automatic
+        optimization with one optimizer counts it, ``global_step - 1``."""
+        return self.log_step if self.log_step is not None else max(self.global_step - 1, 0)
+
+    @property
     def total_units(self) -> int:
         """Units of the sites that saw data and stayed finite."""
         return sum(r.num_units for r in self.layers.values() if r.seen and not r.nonfinite)

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_relu._engines import agree_with_rank_zero
-from lightning_relu._lifecycle import starts_afresh
+from lightning_relu._lifecycle import continued_history, starts_afresh
 from lightning_relu._sharded import write_through
 from lightning_relu.init import rai_rows
 from lightning_relu.observation import TrainingInputWatch
@@ -909,9 +909,11 @@ class DeadUnitReviver(Callback):
         saved = state_dict.get("totals")
         if isinstance(saved, dict):
             totals = {str(name): int(count) for name, count in saved.items()}
-        self.history = entries[-1:]
-        latest = self.history[0]["revived"] if self.history else {}
-        self._earlier = {name: count - latest.get(name, 0) for name, count in totals.items()}
+        self.history = continued_history(self.history, entries[-1:], lambda e: (e["epoch"], e["global_step"]))
+        self._earlier = dict(totals)
+        for entry in self.history:
+            for name, count in entry["revived"].items():
+                self._earlier[name] = self._earlier.get(name, 0) - count
         if self.seed is None and state_dict.get("seed") is not None:
             self._resolved_seed = int(state_dict["seed"])
         self._epoch_example = _examples_from_state(state_dict.get("example"))
@@ -1070,12 +1072,12 @@ class DeadUnitReviver(Callback):
         metrics = {f"revived/{name}": float(count) for name, count in counts.items()}
         metrics["revived/total"] = float(sum(counts.values()))
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
-        self._log(trainer, metrics)
+        self._log(trainer, report, metrics)
 
     @rank_zero_only
-    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
+        # at the step and with the `epoch` of the report the units were revived after, as the monitor logs it
         for logger in trainer.loggers:
             separator = logger.group_separator
-            logger.log_metrics(
-                {key.replace("/", separator, 1): value for key, value in metrics.items()}, step=trainer.global_step
-            )
+            scalars = {key.replace("/", separator, 1): value for key, value in metrics.items()}
+            logger.log_metrics({**scalars, "epoch": float(report.epoch)}, step=report.metrics_step)

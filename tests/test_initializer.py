@@ -217,6 +217,60 @@ def test_a_new_model_is_initialized_by_a_used_initializer_or_its_copy(tmp_path: 
         _assert_state_equal(snapshot.states[0], expected)
 
 
+class _TunedNet(_Net):
+    """A model Lightning's learning-rate finder can tune (it sets ``lr``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lr = 0.05
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("finder", ["lr", "batch size"])
+def test_a_finder_callback_at_the_fit_start_leaves_the_initialization_to_do(tmp_path: Path, finder: str) -> None:
+    """A learning-rate or batch-size finder among the callbacks saves a checkpoint, runs trial steps and restores the
+    checkpoint at the start of the fit, which leaves `trainer.ckpt_path` set: the initializer took the fresh fit for
+    a resumed one and initialized nothing."""
+    from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
+
+    torch.manual_seed(0)
+    model = _TunedNet()
+    model.batch_size = 16
+    expected = copy.deepcopy(model)
+    rai_(expected.net, generator=torch.Generator().manual_seed(0))
+    tuner: Callback = (
+        LearningRateFinder(num_training_steps=3, early_stop_threshold=None)
+        if finder == "lr"
+        else BatchSizeFinder(steps_per_trial=1, max_trials=1)
+    )
+    initializer, snapshot = ReluInitializer("rai", seed=0), _Snapshot()
+    trainer = _trainer(tmp_path, [tuner, initializer, snapshot])
+    trainer.fit(model)
+    assert trainer.ckpt_path is not None  # the finder's restore: what the initializer sees
+    assert initializer.applied and initializer.rai_layers == [f"net.{2 * i}" for i in range(8)]
+    _assert_state_equal(snapshot.states[0], expected.state_dict())
+
+
+def test_another_model_fitted_on_the_same_trainer_is_initialized(tmp_path: Path) -> None:
+    """A second `fit` of another model on the same Trainer (global step > 0) kept the first model's `applied`."""
+    torch.manual_seed(0)
+    initializer, snapshot = ReluInitializer("rai", seed=0), _Snapshot()
+    trainer = _trainer(tmp_path, [initializer, snapshot])
+    trainer.fit(_Net())
+    other = _Net()
+    expected = copy.deepcopy(other)
+    rai_(expected.net, generator=torch.Generator().manual_seed(0))
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(other)
+    _assert_state_equal(snapshot.states[-1], expected.state_dict())
+    trainer.fit_loop.max_epochs = 3  # the same model again: its trained weights are kept
+    kept = {k: v.detach().clone() for k, v in other.state_dict().items()}
+    trainer.fit(other)
+    _assert_state_equal(snapshot.states[-1], kept)
+
+
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_resume_does_not_reinitialize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(2)

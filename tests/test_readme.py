@@ -1,4 +1,4 @@
-"""Every python block of the README and of the user guide runs as written.
+"""Every python block of the README, of the user guide and of the compaction page runs as written.
 
 The blocks of one page run in order in one namespace, as a reader pastes them into one session; a guide page
 that reuses the monitor page's model and loader (it says so) runs after that page's first block. Blocks that
@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guide"
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # pages whose examples reuse the model and loader that the monitor page's first block defines
-USES_MONITOR_PAGE = {"initializers.md", "revival.md", "distributed.md"}
+USES_MONITOR_PAGE = {"initializers.md", "revival.md", "distributed.md", "compaction.md"}
 
 
 def python_blocks(path: Path) -> list[str]:
     return [block for block in FENCE.findall(path.read_text()) if "my_project" not in block]
 
 
-PAGES = [ROOT / "README.md", *sorted(GUIDE.glob("*.md")), ROOT / "docs" / "index.md"]
+PAGES = [ROOT / "README.md", *sorted(GUIDE.glob("*.md")), ROOT / "docs" / "index.md", ROOT / "docs" / "compaction.md"]
 
 
 def test_the_extraction_finds_the_blocks() -> None:

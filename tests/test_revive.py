@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateFinder
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -602,11 +602,12 @@ def test_fit_revives_logs_and_checkpoints(tmp_path: Path) -> None:
     assert bool((model.net[0].bias.detach()[[1, 4, 6]] > -1).all())
     assert trainer.callback_metrics["revived/total"] == 0.0
     with open(Path(logger.log_dir) / "metrics.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("revived/net.1")]
-    assert [(float(r["revived/net.1"]), float(r["revived/total"]), int(r["step"])) for r in rows] == [
-        (3.0, 3.0, 4),
-        (0.0, 0.0, 8),
-    ]
+        everything = list(csv.DictReader(f))
+    rows = [row for row in everything if row.get("revived/net.1")]
+    assert [(float(r["revived/net.1"]), float(r["revived/total"])) for r in rows] == [(3.0, 3.0), (0.0, 0.0)]
+    # at the step and with the epoch of the report it follows (were one step later, without an epoch)
+    reports = [(r["step"], r["epoch"]) for r in everything if r.get("dead_units/total")]
+    assert [(r["step"], r["epoch"]) for r in rows] == reports == [("3", "0.0"), ("7", "1.0")]
 
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
@@ -667,6 +668,50 @@ def test_a_step_that_calls_two_children_has_both_revived(tmp_path: Path) -> None
         hidden = torch.relu(module.encoder[0](x))
         assert bool((hidden[:, [1, 4]] > 0).any(0).all())
         assert bool((torch.relu(module.decoder[0](module.encoder(x)))[:, [1, 4]] > 0).any(0).all())
+
+
+class _TunedDeadModule(_DeadModule):
+    """`_DeadModule` with an `lr` that Lightning's learning-rate finder tunes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lr = 1e-3
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class _FinderAtEpoch(LearningRateFinder):
+    """Lightning's documented fine-tuning pattern: the finder runs at the start of a later epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(num_training_steps=3, early_stop_threshold=None)
+        self.epoch = epoch
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.lr_find(trainer, pl_module)
+
+
+def test_a_finder_restoring_its_checkpoint_within_the_fit_keeps_the_histories(tmp_path: Path) -> None:
+    """The finder saves a checkpoint, runs trial steps and restores it: the monitor's and the reviver's histories
+    were cut to the checkpoint's latest entry (the heatmap lost the earlier epochs), though the fit went on."""
+    monitor = DeadUnitMonitor(print_summary=False, revive=DeadUnitReviver(seed=0))
+    trainer = _trainer(tmp_path, [_FinderAtEpoch(2), monitor], max_epochs=4, logger=False, enable_checkpointing=False)
+    trainer.fit(_TunedDeadModule())
+    reviver = monitor.reviver
+    assert reviver is not None
+    assert [report.epoch for report in monitor.history] == [0, 1, 2, 3]
+    assert [entry["epoch"] for entry in reviver.history] == [0, 1, 2, 3]
+    assert reviver.history[0]["revived"] == {"net.1": 3}
+    whole: dict[str, int] = {}  # the fit started afresh: its totals are the sum of its history
+    for entry in reviver.history:
+        for name, count in entry["revived"].items():
+            whole[name] = whole.get(name, 0) + count
+    assert reviver.revived_per_site == whole
 
 
 def test_reviver_needs_a_monitor(tmp_path: Path) -> None:
