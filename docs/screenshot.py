@@ -10,7 +10,7 @@ It serves the logs with TensorBoard on a free loopback port, opens each dashboar
 - ``dashboard.png``: the Custom Scalars tab (dead units, living data, dying units and revivals, every layer);
 - ``heatmap.png``: the Images tab, the layers × epochs heatmap of the dead share of every variant;
 - ``timeseries.png``: the Time Series tab;
-- ``heatmap_<variant>.png``: each run's last heatmap at full size, as TensorBoard serves it;
+- ``heatmap_<variant>.png``: the last heatmap of each variant's first run at full size, as TensorBoard serves it;
 - ``reproductions.png`` (needs matplotlib): the tables of ``examples/reproduce_lu2020.py`` and
   ``examples/reproduce_rister2020.py``, read from docs/reproductions.md where their output is recorded, or from
   files holding their output (``--lu2020``, ``--rister2020``).
@@ -124,11 +124,14 @@ def screenshot(chromium: str, url: str, png: Path, window: str, budget_ms: int) 
 
 
 def heatmap_images(url: str, out: Path, tag: str = "dead_units/heatmap") -> dict[str, Path]:
-    """Save the last heatmap of every run at full size, ``heatmap_<variant>.png``, read from TensorBoard's API."""
+    """Save the last heatmap of each variant's first run (``<variant>/seed_0``) at full size,
+    ``heatmap_<variant>.png``, read from TensorBoard's API."""
     saved: dict[str, Path] = {}
     tags = _get_json(f"{url}/data/plugin/images/tags")
     assert isinstance(tags, dict)
     for run in sorted(run for run, run_tags in tags.items() if tag in run_tags):
+        if any(earlier.split("/")[0] == run.split("/")[0] for earlier in saved):
+            continue  # one picture per variant: its first seed's
         query = urllib.parse.urlencode({"run": run, "tag": tag, "sample": 0})
         images = _get_json(f"{url}/data/plugin/images/images?{query}")
         assert isinstance(images, list) and images

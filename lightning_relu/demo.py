@@ -70,8 +70,8 @@ so when it did not.
 
 _EPILOG = """\
 examples:
-  {prog} demo                    # 5 seeds × 4 variants: 1 min 40 s on a busy 2-core CPU (2026-12-06)
-  {prog} demo --quick            # 3 seeds, 4 epochs: 24 s there
+  {prog} demo                    # 5 seeds × 4 variants: 18 s on a 2-core CPU (2026-12-07)
+  {prog} demo --quick            # 3 seeds, 4 epochs: 6.5 s there
   {prog} demo --seeds 10 --out /tmp/relu-demo
   {prog} demo --width 8          # wider: fewer networks die, the remedies matter less
   tensorboard --logdir lightning_logs/demo
