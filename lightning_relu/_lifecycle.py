@@ -20,9 +20,10 @@ def starts_afresh(trainer: pl.Trainer) -> bool:
 
 
 def continued_history(history: list[T], last: list[T], place: Callable[[T], Hashable]) -> list[T]:
-    """The history after a checkpoint whose latest entry is ``last`` (at most one) was loaded: ``last`` alone, or,
-    when the history in memory holds an entry at the same epoch and step (a restore within the fit, as Lightning's
-    learning-rate and batch-size finders make at an epoch's start), the entries before it and ``last``."""
+    """The history after a checkpoint whose latest entry is ``last`` (at most one) was restored within the fit (as
+    Lightning's learning-rate and batch-size finders do at a later epoch's start; a resumed fit starts from ``last``
+    alone): ``last`` alone, or, when the history in memory holds an entry at the same epoch and step, the entries
+    before it and ``last``."""
     if last:
         at = place(last[0])
         for index, entry in enumerate(history):

@@ -130,7 +130,13 @@ class ReluInitializer(Callback):
         self.seed_used: int | None = None
         self.metrics: dict[str, float] = {}
         self._applied_to: weakref.ref[nn.Module] | None = None  # the model it initialized, in this process
-        self._restored = False  # whether this fit loaded a checkpoint's state of this initializer
+        # the fit it is set up for (a state loaded outside `fit`, by `validate`/`test` with `ckpt_path`, is ignored),
+        # whether that fit's decision is still to come, and the checkpoint whose restored state was saved before it
+        # came in a fresh fit (by Lightning's learning-rate and batch-size finders, restored before `on_train_start`)
+        self._trainer: weakref.ref[pl.Trainer] | None = None
+        self._stage: str | None = None
+        self._undecided = False
+        self._restored_before_start: Any = None
 
     @property
     @override
@@ -152,8 +158,9 @@ class ReluInitializer(Callback):
         # resumed fit gets `applied` back from its checkpoint after this)
         # (a model no longer alive is another model; a copy knows the model its original initialized; an unpickled
         # initializer does not know it, and keeps the weights)
+        self._trainer, self._stage = weakref.ref(trainer), stage
         if stage == "fit":
-            self._restored = False
+            self._undecided, self._restored_before_start = True, None
         if stage == "fit" and self._applied_to is not None and self._applied_to() is not pl_module:
             self.applied = False
             self.report, self.rai_layers, self.seed_used, self.metrics = {}, [], None, {}
@@ -166,15 +173,21 @@ class ReluInitializer(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        try:
+            self._decide(trainer, pl_module)
+        finally:
+            self._undecided = False
+
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.applied:  # to this model before, or as the checkpoint this fit resumes says: its weights are done
             self._applied_to = weakref.ref(pl_module)
             return
         if self._applied_to is not None and self._applied_to() is pl_module:
             return  # a model whose checkpoint weights an earlier fit kept: kept again
-        if trainer.ckpt_path is not None and not self._restored:
-            # a checkpoint without this initializer's state: its weights are kept. One with it says whether they
-            # were initialized (`applied`): Lightning's learning-rate and batch-size finders restore, at the fit's
-            # start, a checkpoint they saved before this hook, and the fit is fresh
+        if trainer.ckpt_path is not None and trainer.ckpt_path != self._restored_before_start:
+            # a resumed fit keeps the checkpoint's weights; not one restored from a checkpoint saved in this fresh fit
+            # before this hook (Lightning's learning-rate and batch-size finders save one at the fit's start, run
+            # trial steps and restore it, which leaves `trainer.ckpt_path` set)
             rank_zero_info(
                 f"`ReluInitializer` skipped: the fit resumes from the checkpoint {trainer.ckpt_path!r}, whose weights"
                 " are kept."
@@ -336,14 +349,14 @@ class ReluInitializer(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_applied_to"] = None  # a weak reference does not pickle
+        state["_applied_to"] = state["_trainer"] = None  # a weak reference does not pickle
         return state
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ReluInitializer:
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
-        for key, value in self.__dict__.items():  # the weak reference to the model is shared, not copied
-            clone.__dict__[key] = value if key == "_applied_to" else copy.deepcopy(value, memo)
+        for key, value in self.__dict__.items():  # weak references (the model, the Trainer) are shared, not copied
+            clone.__dict__[key] = value if key in ("_applied_to", "_trainer") else copy.deepcopy(value, memo)
         return clone
 
     @override
@@ -354,11 +367,19 @@ class ReluInitializer(Callback):
             "seed_used": self.seed_used,
             "rai_layers": list(self.rai_layers),
             "flipped_sites": [name for name, r in self.report.items() if r.flipped],
+            "before_start": self._undecided and self._fit_checkpoint() is None,
         }
+
+    def _fit_checkpoint(self) -> Any:
+        """The checkpoint the fit it is set up for resumes from (``None``: a fresh fit, or no Trainer known)."""
+        trainer = self._trainer() if self._trainer is not None else None
+        return trainer.ckpt_path if trainer is not None else None
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = True
+        if self._stage not in (None, "fit"):
+            return  # `validate`/`test`/`predict` restoring a checkpoint: nothing of a fit to take from it
+        self._restored_before_start = self._fit_checkpoint() if state_dict.get("before_start") else None
         self.applied = bool(state_dict.get("applied", False))
         self.seed_used = state_dict.get("seed_used", self.seed_used)
         self.rai_layers = list(state_dict.get("rai_layers", self.rai_layers))

@@ -183,6 +183,9 @@ class DeadUnitMonitor(Callback):
         self.log_histograms = log_histograms
         self.tracker: DeadUnitTracker | None = None
         self.history: list[EpochReport] = []
+        # whether the fit's training has begun: a checkpoint loaded then is restored within the fit (as Lightning's
+        # learning-rate and batch-size finders do at a later epoch's start), not resumed
+        self._training_began = False
         #: Rister & Rubin's lower bound on the probability that an input stays alive through every site, stated at
         #: fit start for the model watched (``None`` when a site's width is unknown before the first forward).
         self.alive_lower_bound: float | None = None
@@ -247,6 +250,7 @@ class DeadUnitMonitor(Callback):
         if stage != "fit":
             return
         self._world_size = trainer.world_size
+        self._training_began = False
         if starts_afresh(trainer):  # a new fit: what an earlier one left is not its history
             self.history = []
             self._window, self._unmerged = None, {}
@@ -325,6 +329,7 @@ class DeadUnitMonitor(Callback):
         window, self._window = self._window, None
         progress, self._restored_progress = self._restored_progress, None
         self._epoch = trainer.current_epoch
+        self._training_began = True
         if self.tracker is None or not self.tracker.sites:
             return
         epoch = _interrupted_epoch(window, progress)
@@ -546,6 +551,7 @@ class DeadUnitMonitor(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._remove_hooks()
+            self._training_began = False
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -611,7 +617,10 @@ class DeadUnitMonitor(Callback):
         self._restored_progress = dict(progress) if isinstance(progress, dict) else None
         # a state of an older version holds every epoch's report: the latest one is kept, as a new state holds it
         last = [EpochReport.from_state_dict(report) for report in _saved_reports(state_dict)[-1:]]
-        self.history = continued_history(self.history, last, lambda report: (report.epoch, report.global_step))
+        if self._training_began:  # restored within the fit: the history before the restored report stays
+            self.history = continued_history(self.history, last, lambda report: (report.epoch, report.global_step))
+        else:
+            self.history = last
         self._collapse_warned = set(state_dict.get("collapse_warned", []))
         if self.reviver is not None:
             self.reviver.load_state_dict(state_dict.get("reviver", {}))

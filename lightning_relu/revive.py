@@ -909,7 +909,10 @@ class DeadUnitReviver(Callback):
         saved = state_dict.get("totals")
         if isinstance(saved, dict):
             totals = {str(name): int(count) for name, count in saved.items()}
-        self.history = continued_history(self.history, entries[-1:], lambda e: (e["epoch"], e["global_step"]))
+        if getattr(self.monitor, "_training_began", False):  # restored within the fit (see the monitor's)
+            self.history = continued_history(self.history, entries[-1:], lambda e: (e["epoch"], e["global_step"]))
+        else:
+            self.history = entries[-1:]
         self._earlier = dict(totals)
         for entry in self.history:
             for name, count in entry["revived"].items():

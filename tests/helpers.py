@@ -109,6 +109,9 @@ class SpawnDDP(DDPStrategy):
     Here both ranks free what holds gloo work, meet at a barrier and destroy the group in the strategy's teardown,
     which runs in each spawned rank after the fit and before the rank returns (Lightning sends rank 0's results back
     without a collective): 0 of 50. ``tests/faults/test_distributed.py`` ends its ranks the same way.
+
+    Lightning calls ``on_fit_end`` and the ``teardown`` hooks after the strategy's teardown: a test callback that needs
+    a collective must use an earlier hook (``on_train_end``), as the tests here do.
     """
 
     def __init__(self, **kwargs: Any) -> None:

@@ -253,6 +253,55 @@ def test_a_finder_callback_at_the_fit_start_leaves_the_initialization_to_do(tmp_
     _assert_state_equal(snapshot.states[0], expected.state_dict())
 
 
+def test_resumed_fits_keep_their_weights_with_or_without_a_finder(tmp_path: Path) -> None:
+    """Resuming keeps the checkpoint's weights: a checkpoint saved by a fit whose initializer kept its resumed weights
+    (its state says `applied=False`), and a checkpoint without the initializer's state resumed with a finder among the
+    callbacks (the finder's own checkpoint then holds an undecided initializer). A first version of the finder fix
+    re-drew both."""
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    def fit(callbacks: list[Callback], epochs: int, ckpt_path: str | None = None) -> Trainer:
+        trainer = _trainer(tmp_path, callbacks, max_epochs=epochs, enable_checkpointing=False)
+        trainer.fit(_TunedNet(), ckpt_path=ckpt_path)
+        return trainer
+
+    def weights(path: Path) -> dict[str, Tensor]:
+        return torch.load(path, weights_only=False)["state_dict"]
+
+    torch.manual_seed(0)
+    fit([], 1).save_checkpoint(tmp_path / "a.ckpt")  # a fit without the initializer
+    snapshot = _Snapshot()
+    fit([ReluInitializer("rai", seed=0), snapshot], 2, str(tmp_path / "a.ckpt")).save_checkpoint(tmp_path / "b.ckpt")
+    _assert_state_equal(snapshot.states[-1], weights(tmp_path / "a.ckpt"))
+    for ckpt, finder in (("b.ckpt", False), ("a.ckpt", True)):
+        initializer, snapshot = ReluInitializer("rai", seed=0), _Snapshot()
+        tuner = [LearningRateFinder(num_training_steps=3, early_stop_threshold=None)] if finder else []
+        fit([*tuner, initializer, snapshot], 3, str(tmp_path / ckpt))
+        _assert_state_equal(snapshot.states[-1], weights(tmp_path / ckpt))
+        assert not initializer.applied and initializer.rai_layers == []
+
+
+def test_a_validation_from_a_checkpoint_does_not_stand_for_a_fit(tmp_path: Path) -> None:
+    """`validate(ckpt_path=...)` loaded the checkpoint's `applied=True` into the initializer: a fresh fit of another
+    model after it was left uninitialized."""
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, [ReluInitializer("rai", seed=0)], enable_checkpointing=False)
+    trainer.fit(_Net())
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    initializer, snapshot = ReluInitializer("rai", seed=0), _Snapshot()
+    validating = _trainer(tmp_path, [initializer, snapshot], limit_val_batches=1, enable_checkpointing=False)
+    model = _Net()
+    model.validation_step = lambda batch, batch_idx: None  # type: ignore[method-assign]
+    model.val_dataloader = model.train_dataloader  # type: ignore[method-assign]
+    validating.validate(model, ckpt_path=str(tmp_path / "done.ckpt"), verbose=False)
+    assert not initializer.applied
+    other = _Net()
+    expected = copy.deepcopy(other)
+    rai_(expected.net, generator=torch.Generator().manual_seed(0))
+    _trainer(tmp_path, [initializer, snapshot], enable_checkpointing=False).fit(other)
+    _assert_state_equal(snapshot.states[-1], expected.state_dict())
+
+
 def test_another_model_fitted_on_the_same_trainer_is_initialized(tmp_path: Path) -> None:
     """A second `fit` of another model on the same Trainer (global step > 0) kept the first model's `applied`."""
     torch.manual_seed(0)

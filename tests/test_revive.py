@@ -714,6 +714,30 @@ def test_a_finder_restoring_its_checkpoint_within_the_fit_keeps_the_histories(tm
     assert reviver.revived_per_site == whole
 
 
+def test_the_same_trainer_resuming_another_runs_checkpoint_takes_that_runs_history(tmp_path: Path) -> None:
+    """A Trainer that trained one run and then resumes another run's checkpoint (its latest report at the same epoch
+    and step as one of the first run's) kept the first run's earlier reports, and the reviver's totals went negative
+    for the revivals before the checkpoint (a first version of the finder fix)."""
+    other = DeadUnitMonitor(print_summary=False, revive=DeadUnitReviver(seed=0))
+    elsewhere = _trainer(tmp_path, [other], logger=False, enable_checkpointing=False, limit_train_batches=4)
+    elsewhere.fit(_DeadModule(dead=(1,)))
+    elsewhere.save_checkpoint(tmp_path / "other.ckpt")
+    assert other.reviver is not None and other.reviver.revived_per_site == {"net.1": 1}
+
+    monitor = DeadUnitMonitor(print_summary=False, revive=DeadUnitReviver(seed=0))
+    trainer = _trainer(tmp_path, [monitor], logger=False, enable_checkpointing=False, limit_train_batches=4)
+    trainer.fit(_DeadModule())
+    assert [(r.epoch, r.global_step) for r in monitor.history] == [(0, 4), (1, 8)]  # what the checkpoint holds too
+    trainer.fit_loop.max_epochs = 3
+    trainer.fit(_DeadModule(dead=(1,)), ckpt_path=str(tmp_path / "other.ckpt"))
+    assert [(r.epoch, r.global_step) for r in monitor.history] == [(1, 8), (2, 12)]
+    assert monitor.history[0].layers["net.1"].num_dead == other.history[-1].layers["net.1"].num_dead
+    reviver = monitor.reviver
+    assert reviver is not None
+    assert [(e["epoch"], e["revived"]) for e in reviver.history] == [(1, {"net.1": 0}), (2, {"net.1": 0})]
+    assert reviver.revived_per_site == {"net.1": 1}  # the other run's revival in its epoch 0, nothing since
+
+
 def test_reviver_needs_a_monitor(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [DeadUnitReviver()], logger=False, max_epochs=1, limit_train_batches=1)
     with pytest.raises(MisconfigurationException, match="but the Trainer has none"):
