@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -750,6 +751,12 @@ class _Discovery(TorchFunctionMode):
         self.stack.pop()
         if not self.stack:
             self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+            if output is None and sys.exc_info()[1] is not None:
+                # the forward raised: torch runs this hook while it iterates the module's forward hooks, where the
+                # counters' hooks cannot be added (the user's error would become "OrderedDict mutated during
+                # iteration"); the next call is watched as a first forward again, and hands them over
+                self.roots.discard(id(module))
+                return
             self.hand_over()
             if module is self.tracker.model and not is_forward_redirected(module):
                 self.done = True  # the model's own forward ran whole: nothing else belongs to the first forward

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_relu import DeadUnitTracker, NoReluSitesWarning, find_relu_sites, revive_dead_units_
 from tests.conftest import expected_counts
@@ -478,6 +478,46 @@ def test_functional_counting_leaves_no_mode_behind_on_error():
         assert _get_current_function_mode_stack() == []
         model(torch.randn(2, 3))
     assert _get_current_function_mode_stack() == []
+
+
+class _FailsOnce(nn.Module):
+    """Calls `F.relu`, then raises on its first call (the model's own error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 4)
+        self.failed = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc(x))
+        if not self.failed:
+            self.failed = True
+            raise ValueError("the model's own error")
+        return h
+
+
+def test_a_first_forward_that_raises_after_a_functional_call_keeps_the_users_error():
+    """The tracker added its counting hooks while torch ran the failed forward's hooks: the user's error became
+    "OrderedDict mutated during iteration". The next forward is then watched as a first one, and counted."""
+    model = _FailsOnce()
+    with torch.no_grad():
+        model.fc.bias[1] = -1e4
+    batches = [torch.randn(6, 3), torch.randn(5, 3)]
+    with DeadUnitTracker(model) as tracker:
+        with pytest.raises(ValueError, match="the model's own error"):
+            model(torch.randn(2, 3))
+        tracker.reset()  # the failed call's entries are not compared
+        for x in batches:
+            model(x)
+        model(batches[0])  # a third call: counted by the hooks handed over, not by the watch
+    report = tracker.report()
+    with torch.no_grad():
+        expected = expected_counts([F.relu(model.fc(x)) for x in [*batches, batches[0]]], unit_axis=-1)
+    assert list(report) == ["relu"]
+    assert report["relu"].active_count.tolist() == expected["active"]
+    assert report["relu"].samples == expected["samples"] == 17
+    assert report["relu"].dead.tolist() == expected["dead"] and expected["dead"][1]
 
 
 def test_paused_tracker_skips_functional_calls():
