@@ -828,13 +828,15 @@ def record(model: nn.Module, example_input: Any, tracker: Any, *, keep_values: b
         ObservationError: the forward failed on ``example_input``.
     """
     tracker._watch_axes = False  # the analysis below finds every producer
-    calls: list[tuple[str, int, int]] = []  # (site name, node index, unit axis)
+    calls: list[tuple[str, int, int, bool]] = []  # (site name, node index, unit axis, whether that axis is a guess)
     recorder = _Recorder(list(_tensors(example_input)), keep_values)
 
     def seen(site: Any, output: Tensor) -> None:
         origin = recorder.origin.get(id(output))
         if origin is not None:
-            calls.append((site.name, origin[0], tracker.stats[site.name].unit_axis(output)))
+            stats = tracker.stats[site.name]
+            guessed = stats.unit_dim is None and site.name not in tracker._unit_dims
+            calls.append((site.name, origin[0], stats.unit_axis(output), guessed))
 
     tracker._observer = seen
     try:
@@ -938,15 +940,23 @@ class AxisWatch:
             kinds = {producer.kind: producer.weight.parameter.shape[0]}
         else:  # no single producer (a residual sum): the layers the pre-activation comes from, where they agree
             kinds = self._analysis.ancestor_layouts(node)
-        if len(kinds) != 1:
-            return
-        ((kind, width),) = kinds.items()
-        dim = 1 if kind == "conv" else -1
-        if output.shape[dim] != width:
+        dim = _layout_axis(kinds, output)
+        if dim is None:
             return
         self.tracker.stats[site.name].unit_dim = dim
         self.tracker._unit_dims[site.name] = dim
         self.adopted[site.name] = dim
+
+
+def _layout_axis(kinds: dict[str, int], output: Tensor) -> int | None:
+    """The unit axis of ``output`` that the layers it comes from lay out (``kinds``, from
+    :meth:`_Analysis.ancestor_layouts`): the last dimension after a Linear, dimension 1 after a convolution, where they
+    agree and the width matches (else ``None``)."""
+    if len(kinds) != 1:
+        return None
+    ((kind, width),) = kinds.items()
+    dim = 1 if kind == "conv" else -1
+    return dim if output.shape[dim] == width else None
 
 
 def _describe(value: Any) -> str:
@@ -1009,7 +1019,9 @@ def _unit_scale(scale: float | Tensor, shape: torch.Size, axis: int, units: int)
 
 
 class _Analysis:
-    def __init__(self, model: nn.Module, recorder: _Recorder, calls: list[tuple[str, int, int]], output: Any) -> None:
+    def __init__(
+        self, model: nn.Module, recorder: _Recorder, calls: list[tuple[str, int, int, bool]], output: Any
+    ) -> None:
         self.nodes = recorder.nodes
         self.recorder = recorder
         self.calls = calls
@@ -1069,8 +1081,9 @@ class _Analysis:
         return ParamRef(name, module_name, module, shaped[0], computed=True)  # type: ignore[arg-type]
 
     def ancestor_layouts(self, node: _Node, limit: int = 256) -> dict[str, int]:
-        """The affine operations a node's data input comes from through elementwise, norm and chain operations
-        (no moves): their kinds (``"linear"``, ``"conv"``) with each one's output width, as far as they agree."""
+        """The affine operations a node's data input comes from through elementwise, norm and chain operations and
+        other rectifiers (``relu(relu(fc(x)))``; no moves): their kinds (``"linear"``, ``"conv"``) with each one's
+        output width, as far as they agree."""
         kinds: dict[str, int] = {}
         seen: set[int] = set()
         stack = [s[0] for s, t in zip(node.sources, node.inputs, strict=True) if s is not None and id(t) in self._data]
@@ -1086,7 +1099,7 @@ class _Analysis:
                 if kinds.setdefault(kind, width) != width:
                     return {}
                 continue
-            if current.op in _WALKED_OPS:
+            if current.op in _WALKED_OPS or current.op in _RECTIFIER_OPS:
                 stack.extend(
                     s[0]
                     for s, t in zip(current.sources, current.inputs, strict=True)
@@ -1207,10 +1220,13 @@ class _Analysis:
         pre_activations: dict[str, Tensor] = {}
         norm_inputs: dict[str, Tensor] = {}
         ndims: dict[str, int] = {}
-        for name, index, axis in self.calls:
+        for name, index, axis, guessed in self.calls:
             node = self.nodes[index]
             output = node.outputs[0]
             producer, norms, problem, norm_input = self._producer(node)
+            if producer is None and guessed and output.ndim >= 3:  # the layers it comes from, as a tracker's watch
+                layout = _layout_axis(self.ancestor_layouts(node), output)
+                axis = axis if layout is None else layout % output.ndim
             if producer is not None:
                 dim = output.ndim - 1 if producer.kind == "linear" else 1
                 if output.ndim < 2 or output.shape[dim] != producer.weight.parameter.shape[0]:
@@ -1294,7 +1310,7 @@ class _Analysis:
         for name, site in sites.items():
             for unit in range(site.num_units):
                 owner[offsets[name] + unit] = name
-        starts: dict[int, str] = {index: name for name, index, _ in self.calls}
+        starts: dict[int, str] = {index: name for name, index, *_ in self.calls}
         labels: dict[tuple[int, int], Tensor] = {}
         consumer_nodes: dict[str, set[int]] = {name: set() for name in sites}
         problems: dict[str, dict[str, None]] = {name: {} for name in sites}

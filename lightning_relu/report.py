@@ -36,7 +36,8 @@ class LayerReport:
         dying: per unit, ``True`` when its activation rate is below ``eps`` (dead units included).
         num_dying: number of dying units.
         dying_fraction: ``num_dying / num_units``.
-        nonfinite_batches: number of batches whose output at the site held NaN or Inf.
+        nonfinite_batches: number of batches whose output at the site held NaN or Inf (or a sample whose finite
+            entries sum past the dtype's largest value, about 3.4e38 in float32: see :mod:`lightning_relu.functional`).
         nonfinite: whether any batch of the window was non-finite at the site. Such a site is never reported as
             dead, dying or collapsed (a NaN entry is not ``> 0``, so a diverged network would look dead): its
             ``dead`` and ``dying`` masks are all ``False`` and its ``dead_fraction`` is NaN; ``active_count`` and

@@ -760,6 +760,46 @@ def test_a_blocks_own_relu_applied_by_its_parent_is_a_later_position():
     assert report["blk.1_1"].active_count.tolist() == (second > 0).sum(0).tolist()
 
 
+class _TwiceRectified(nn.Module):
+    """One `nn.ReLU` applied twice after a Linear, then `F.relu` of the result minus a constant: three sites whose
+    pre-activations past the first come from another rectifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.act(self.act(self.lin(x))) - 0.1)
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 4), (4, 3, 5, 4)], ids=["sequence", "channels-last"])
+def test_a_rectifier_of_a_rectifiers_output_takes_the_linears_axis(shape):
+    """The second and third sites took dimension 1 (5 'units' where the Linear makes 3, the dead feature missed): the
+    walk to the layers a pre-activation comes from stopped at a rectifier."""
+    model = _TwiceRectified()
+    with torch.no_grad():
+        model.lin.bias[1] = -1e4
+    x = torch.randn(*shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with DeadUnitTracker(model) as tracker, torch.no_grad():
+            model(x)
+    assert not [w for w in caught if "taken along dimension 1" in str(w.message)]
+    report = tracker.report()
+    with torch.no_grad():
+        first = torch.relu(model.lin(x))
+        outputs = {"act": first, "act_1": first, "relu": F.relu(first - 0.1)}
+    assert list(report) == ["act", "act_1", "relu"]
+    for name, output in outputs.items():
+        expected = expected_counts([output], unit_axis=-1)
+        assert report[name].active_count.tolist() == expected["active"], name
+        assert report[name].dead.tolist() == expected["dead"] and expected["dead"][1], name
+    sites = {site.name: site for site in find_relu_sites(model, example_input=x)}
+    assert [(sites[n].num_units, sites[n].unit_dim) for n in outputs] == [(3, -1)] * 3
+
+
 def test_unit_axis_through_a_layernorm_over_channels_and_later_positions():
     class Nets(nn.Module):
         def __init__(self):
