@@ -381,7 +381,7 @@ class ReluInitializer(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self._stage not in (None, "fit"):
+        if getattr(self, "_stage", None) not in (None, "fit"):
             return  # `validate`/`test`/`predict` restoring a checkpoint: nothing of a fit to take from it
         self._restored_before_start = self._fit_checkpoint() if state_dict.get("before_start") else None
         self.applied = bool(state_dict.get("applied", False))

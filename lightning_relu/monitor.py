@@ -186,6 +186,7 @@ class DeadUnitMonitor(Callback):
         # whether the fit's training has begun: a checkpoint loaded then is restored within the fit (as Lightning's
         # learning-rate and batch-size finders do at a later epoch's start), not resumed
         self._training_began = False
+        self._stage: str | None = None  # the stage set up last: a state loaded outside `fit` is not this fit's
         #: Rister & Rubin's lower bound on the probability that an input stays alive through every site, stated at
         #: fit start for the model watched (``None`` when a site's width is unknown before the first forward).
         self.alive_lower_bound: float | None = None
@@ -247,6 +248,7 @@ class DeadUnitMonitor(Callback):
     # ------------------------------------------------------------- lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
         if stage != "fit":
             return
         self._world_size = trainer.world_size
@@ -612,12 +614,14 @@ class DeadUnitMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if getattr(self, "_stage", None) not in (None, "fit"):
+            return  # `validate`/`test`/`predict` from a checkpoint: the fit's history and counts stay as they are
         self._check_state_sites(state_dict)  # before anything changes
         progress = state_dict.get("progress")
         self._restored_progress = dict(progress) if isinstance(progress, dict) else None
         # a state of an older version holds every epoch's report: the latest one is kept, as a new state holds it
         last = [EpochReport.from_state_dict(report) for report in _saved_reports(state_dict)[-1:]]
-        if self._training_began:  # restored within the fit: the history before the restored report stays
+        if getattr(self, "_training_began", False):  # restored within the fit: the history before it stays
             self.history = continued_history(self.history, last, lambda report: (report.epoch, report.global_step))
         else:
             self.history = last

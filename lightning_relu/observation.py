@@ -937,6 +937,8 @@ class AxisWatch:
         node = self._recorder.nodes[origin[0]]
         producer = self._analysis._producer(node)[0]
         if producer is not None:
+            if producer.kind == "conv" and producer.weight.parameter.ndim != output.ndim:
+                return  # an unbatched convolution: its channels are dimension 0
             kinds = {producer.kind: producer.weight.parameter.shape[0]}
         else:  # no single producer (a residual sum): the layers the pre-activation comes from, where they agree
             kinds = self._analysis.ancestor_layouts(node)
@@ -1096,6 +1098,8 @@ class _Analysis:
             if current.op in _AFFINE_OPS:
                 kind = "linear" if current.op == "linear" else "conv"
                 width = int(current.inputs[1].shape[0]) if len(current.inputs) > 1 else -1
+                if kind == "conv" and (len(current.inputs) < 2 or current.outputs[0].ndim != current.inputs[1].ndim):
+                    return {}  # an unbatched convolution: its channels are dimension 0, not a unit axis to adopt
                 if kinds.setdefault(kind, width) != width:
                     return {}
                 continue

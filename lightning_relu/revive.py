@@ -757,6 +757,7 @@ class DeadUnitReviver(Callback):
         self.seed = seed
         self.history: list[dict[str, Any]] = []
         self._earlier: dict[str, int] = {}  # units revived per site by revivals not in `history` (a checkpoint's)
+        self._stage: str | None = None  # the stage set up last: a state loaded outside `fit` is not this fit's
         self._resolved_seed: int | None = seed
         self._monitor: DeadUnitMonitor | None = None
         self._sites: list[Site] | None = None  # the sites of `_sites_model`, found once per fit
@@ -849,6 +850,7 @@ class DeadUnitReviver(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
         if stage != "fit":
             return
         if starts_afresh(trainer):
@@ -898,6 +900,8 @@ class DeadUnitReviver(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if getattr(self, "_stage", None) not in (None, "fit"):
+            return  # `validate`/`test`/`predict` from a checkpoint: the fit's history stays as it is
         entries = [_entry(e) for e in state_dict.get("history", []) or [] if isinstance(e, dict)]  # older versions
         last = state_dict.get("last")
         if isinstance(last, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -721,12 +720,19 @@ class _Discovery(TorchFunctionMode):
         self.found: dict[int, nn.Module] = {}  # parents with functional calls not yet handed over
         self.handles: list[RemovableHandle] = []
         self.compiled_warned = False
+        self._returned: nn.Module | None = None  # the module whose forward returned last (see `returned`)
 
     def watch(self, model: nn.Module) -> list[RemovableHandle]:
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(_Hook(self.enter, name)))
             self.handles.append(module.register_forward_hook(_Hook(self.leave), always_call=True, prepend=True))
+            # ahead of `leave`, and only when the forward returned: on an error path torch runs `leave` alone
+            self.handles.append(module.register_forward_hook(_Hook(self.returned), prepend=True))
         return self.handles
+
+    def returned(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.compiler.is_compiling():  # `leave` does nothing there either
+            self._returned = module
 
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if self.done:
@@ -751,11 +757,13 @@ class _Discovery(TorchFunctionMode):
         self.stack.pop()
         if not self.stack:
             self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-            if output is None and sys.exc_info()[1] is not None:
+            returned, self._returned = self._returned is module, None
+            if not returned:
                 # the forward raised: torch runs this hook while it iterates the module's forward hooks, where the
                 # counters' hooks cannot be added (the user's error would become "OrderedDict mutated during
-                # iteration"); the next call is watched as a first forward again, and hands them over
-                self.roots.discard(id(module))
+                # iteration"); the next step is watched as a first one again (every outermost call of it), and
+                # hands them over
+                self.roots.clear()
                 return
             self.hand_over()
             if module is self.tracker.model and not is_forward_redirected(module):

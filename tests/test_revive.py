@@ -738,6 +738,30 @@ def test_the_same_trainer_resuming_another_runs_checkpoint_takes_that_runs_histo
     assert reviver.revived_per_site == {"net.1": 1}  # the other run's revival in its epoch 0, nothing since
 
 
+def test_a_test_or_validation_from_a_checkpoint_after_the_fit_keeps_the_histories(tmp_path: Path) -> None:
+    """Lightning loads the callbacks' state for `validate`/`test` with `ckpt_path=`: the monitor's and the reviver's
+    histories were cut to the checkpoint's latest entry after the fit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monitor = DeadUnitMonitor(print_summary=False, revive=DeadUnitReviver(seed=0))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1)
+    trainer = _trainer(tmp_path, [monitor, checkpoints], max_epochs=3, logger=False, limit_train_batches=2)
+    module = _DeadModule()
+    module.validation_step = lambda batch, batch_idx: None  # type: ignore[method-assign]
+    module.val_dataloader = module.train_dataloader  # type: ignore[method-assign]
+    trainer.fit(module)
+    reviver = monitor.reviver
+    assert reviver is not None
+    places = [(0, 2), (1, 4), (2, 6)]
+    assert [(r.epoch, r.global_step) for r in monitor.history] == places
+    totals = dict(reviver.revived_per_site)
+    for ckpt_path in ("last", str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt")):
+        trainer.validate(module, ckpt_path=ckpt_path, verbose=False)
+        assert [(r.epoch, r.global_step) for r in monitor.history] == places, ckpt_path
+        assert [(e["epoch"], e["global_step"]) for e in reviver.history] == places, ckpt_path
+        assert reviver.revived_per_site == totals
+
+
 def test_reviver_needs_a_monitor(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [DeadUnitReviver()], logger=False, max_epochs=1, limit_train_batches=1)
     with pytest.raises(MisconfigurationException, match="but the Trainer has none"):

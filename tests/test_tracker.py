@@ -520,6 +520,69 @@ def test_a_first_forward_that_raises_after_a_functional_call_keeps_the_users_err
     assert report["relu"].dead.tolist() == expected["dead"] and expected["dead"][1]
 
 
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc(x))
+
+
+class _TwoCalls(nn.Module):
+    """A step that calls two children (`head(enc(x))`), the head failing once, as a skipped out-of-memory batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = _Encoder()
+        self.head = _FailsOnce()
+        self.head.fc = nn.Linear(4, 5)
+
+
+def test_a_failed_second_call_of_the_first_step_leaves_both_childrens_functional_sites_counted():
+    """The step's first call (`enc`) repeated on the next step ended the watch before the failed call's parent was
+    handed over: `head.relu` was never counted again (a review of the first version of the fix)."""
+    model = _TwoCalls()
+    batches = [torch.randn(6, 3) for _ in range(3)]
+    with torch.no_grad(), DeadUnitTracker(model) as tracker:
+        with pytest.raises(ValueError, match="the model's own error"):
+            model.head(model.enc(torch.randn(2, 3)))
+        tracker.reset()
+        for x in batches:
+            model.head(model.enc(x))
+        report = tracker.report()
+        hidden = [model.enc(x) for x in batches]
+        expected = {"enc.relu": hidden, "head.relu": [F.relu(model.head.fc(h)) for h in hidden]}
+    assert sorted(report) == sorted(expected)
+    for name, outputs in expected.items():
+        counts = expected_counts(outputs, unit_axis=-1)
+        assert report[name].active_count.tolist() == counts["active"], name
+        assert report[name].samples == counts["samples"] == 18, name
+
+
+class _ReturnsNothing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> None:
+        F.relu(self.fc(x))
+
+
+def test_a_forward_returning_none_inside_the_users_except_block_ends_the_watch():
+    """A model returning None, called while the caller handles an exception, looked like a failed forward to a
+    first version of the fix: the watch never ended and the site names were never checked."""
+    model = _ReturnsNothing()
+    with pytest.raises(ValueError, match="unknown site names"):  # checked at the end of the first forward
+        with torch.no_grad(), DeadUnitTracker(model, unit_dims={"nosuch": -1}):
+            for _ in range(2):
+                try:
+                    raise KeyError("the caller's own")
+                except KeyError:
+                    model(torch.randn(2, 3))
+
+
 def test_paused_tracker_skips_functional_calls():
     model = _FunctionalNet()
     tracker = DeadUnitTracker(model)
