@@ -280,6 +280,7 @@ class DeadUnitMonitor(Callback):
         if not tracker.sites and not tracker.discovering:
             rank_zero_warn(nothing, category=RuntimeWarning)
         tracker._no_sites_warning = (nothing, RuntimeWarning)  # said after the first forward, where it looks
+        tracker._bound_discovery()  # the first training batch's end ends the watch (a step may call a child twice)
         self.tracker = tracker
         self._watch_axes = True
         self._followers = []
@@ -443,6 +444,7 @@ class DeadUnitMonitor(Callback):
         self._stop_axis_watch()
         if self.tracker is not None:
             self.tracker.pause()
+            self.tracker._step_ended()
             self._batches += 1
             self._epoch_done = bool(trainer.is_last_batch)
             self._note_nonfinite()

@@ -215,6 +215,18 @@ class DeadUnitTracker:
         sites may come."""
         return self._discovery is not None and not self._discovery.done
 
+    def _bound_discovery(self) -> None:
+        """Let the caller say where a step ends (:meth:`_step_ended`): until then, an outermost module called again
+        is another call of the same step (``DeadUnitMonitor``: its training batches)."""
+        if self._discovery is not None:
+            self._discovery.bounded = True
+
+    def _step_ended(self) -> None:
+        """A step of the caller is over (outside any forward): a bounded watch that saw a call return ends now."""
+        discovery = self._discovery
+        if discovery is not None and discovery.bounded and not discovery.done and discovery.whole_call:
+            discovery.finish()
+
     @property
     def attached(self) -> bool:
         """Whether the hooks are registered."""
@@ -720,7 +732,13 @@ class _Discovery(TorchFunctionMode):
         self.found: dict[int, nn.Module] = {}  # parents with functional calls not yet handed over
         self.handles: list[RemovableHandle] = []
         self.compiled_warned = False
-        self._returned: nn.Module | None = None  # the module whose forward returned last (see `returned`)
+        # the depth of the stack entry whose forward returned last (see `returned`; 0: none since the outermost
+        # call began)
+        self._returned = 0
+        # set by a caller that says where a step ends (`DeadUnitMonitor`: the end of the first training batch): an
+        # outermost module called again is then another call of the same step (a siamese encoder), not a new step
+        self.bounded = False
+        self.whole_call = False  # whether an outermost call has returned (its parents handed over)
 
     def watch(self, model: nn.Module) -> list[RemovableHandle]:
         for name, module in model.named_modules():
@@ -731,8 +749,8 @@ class _Discovery(TorchFunctionMode):
         return self.handles
 
     def returned(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.compiler.is_compiling():  # `leave` does nothing there either
-            self._returned = module
+        if not torch.compiler.is_compiling() and self.stack and self.stack[-1][0] is module:
+            self._returned = len(self.stack)
 
     def enter(self, name: str, module: nn.Module, args: Any) -> None:
         if self.done:
@@ -742,8 +760,9 @@ class _Discovery(TorchFunctionMode):
         if torch.compiler.is_compiling():
             return  # compiled after the watch began: its graph would not hold the mode
         if not self.stack:
-            if id(module) in self.roots:
-                self.finish()
+            self._returned = 0
+            if id(module) in self.roots and not self.bounded:
+                self.finish(module, args)
                 return
             self.roots.add(id(module))
             self.__enter__()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
@@ -754,17 +773,19 @@ class _Discovery(TorchFunctionMode):
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.done or torch.compiler.is_compiling() or not self.stack or self.stack[-1][0] is not module:
             return
+        returned = self._returned == len(self.stack)
         self.stack.pop()
         if not self.stack:
             self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-            returned, self._returned = self._returned is module, None
+            self._returned = 0
             if not returned:
                 # the forward raised: torch runs this hook while it iterates the module's forward hooks, where the
                 # counters' hooks cannot be added (the user's error would become "OrderedDict mutated during
-                # iteration"); the next step is watched as a first one again (every outermost call of it), and
-                # hands them over
-                self.roots.clear()
+                # iteration"); the parents found stay to be handed over by the next outermost call that returns,
+                # or when the watch ends
+                self.roots.discard(id(module))
                 return
+            self.whole_call = True
             self.hand_over()
             if module is self.tracker.model and not is_forward_redirected(module):
                 self.done = True  # the model's own forward ran whole: nothing else belongs to the first forward
@@ -835,9 +856,17 @@ class _Discovery(TorchFunctionMode):
                 watch.stop()
             raise
 
-    def finish(self) -> None:
+    def finish(self, module: nn.Module | None = None, args: Any = None) -> None:
+        """End the watch (in ``module``'s forward pre-hook when it starts the next step, or between steps),
+        handing over the parents that a failed call found."""
         self.done = True
         self.remove()
+        if self.found:
+            handed = set(self.found)
+            self.hand_over()
+            mode = self.tracker._modes.get(id(module)) if module is not None and id(module) in handed else None
+            if module is not None and mode is not None:  # its counter's pre-hook, added now, would not run now
+                mode.enter_parent(module, args)
 
     def remove(self) -> None:
         """Remove the watch's hooks (from a pre-hook or outside a forward: a forward hook may run while torch walks

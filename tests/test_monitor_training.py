@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_relu import (
     DeadUnitMonitor,
@@ -51,6 +52,58 @@ def test_gradient_accumulation_counts_every_micro_batch_once_and_never_validatio
     assert_monitor_matches(monitor, module)
     assert monitor.last_report["net.1"].samples == 24
     assert monitor.last_report["net.1"].dead[0]  # dead on training data, alive on the (never counted) validation data
+
+
+class _Siamese(LightningModule):
+    """A contrastive step: the encoder runs on two views, then a head with a functional rectifier reads both (the
+    step calls `enc` twice, `head` once, never the module's forward)."""
+
+    def __init__(self, train_x: Tensor) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.head = _FunctionalLayer(nn.Linear(4, 4)), _FunctionalLayer(nn.Linear(8, 5))
+        with torch.no_grad():
+            self.head.layer.bias[1] = -1e4
+        self.train_x = train_x
+        self.recorded: dict[str, list[Tensor]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        first, second = self.enc(x), self.enc(x.flip(0))
+        out = self.head(torch.cat([first, second], dim=-1))
+        self.recorded.setdefault("enc.relu", []).extend([first.detach().clone(), second.detach().clone()])
+        self.recorded.setdefault("head.relu", []).append(out.detach().clone())
+        return out.pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.train_x), batch_size=4)
+
+
+class _FunctionalLayer(nn.Module):
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.layer(x))
+
+
+def test_a_step_that_calls_a_child_twice_before_another_finds_both_childrens_functional_sites(tmp_path):
+    """The watch for functional calls took the second call of the encoder for the next step and ended: the head's
+    `F.relu` was never found, and nothing said so. The monitor ends the watch at the first batch's end."""
+    module = _Siamese(positive_data(16))
+    monitor = DeadUnitMonitor(print_summary=False)
+    quiet_trainer(tmp_path, [monitor], max_epochs=1).fit(module)
+    report = monitor.last_report
+    assert sorted(report) == ["enc.relu", "head.relu"]
+    for name, outputs in module.recorded.items():
+        expected = expected_counts(outputs, unit_axis=-1)
+        assert report[name].active_count.tolist() == expected["active"], name
+        assert report[name].samples == expected["samples"], name
+    assert report["head.relu"].samples == 16 and report["head.relu"].dead.tolist()[1]
 
 
 def test_limit_train_batches_counts_only_the_batches_run(tmp_path):

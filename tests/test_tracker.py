@@ -574,13 +574,98 @@ def test_a_forward_returning_none_inside_the_users_except_block_ends_the_watch()
     """A model returning None, called while the caller handles an exception, looked like a failed forward to a
     first version of the fix: the watch never ended and the site names were never checked."""
     model = _ReturnsNothing()
-    with pytest.raises(ValueError, match="unknown site names"):  # checked at the end of the first forward
-        with torch.no_grad(), DeadUnitTracker(model, unit_dims={"nosuch": -1}):
-            for _ in range(2):
-                try:
-                    raise KeyError("the caller's own")
-                except KeyError:
-                    model(torch.randn(2, 3))
+    # the names are checked at the end of the first forward
+    with pytest.raises(ValueError, match="unknown site names"), DeadUnitTracker(model, unit_dims={"nosuch": -1}):
+        for _ in range(2):
+            try:
+                raise KeyError("the caller's own")
+            except KeyError:
+                model(torch.randn(2, 3))
+
+
+class _RecursiveFailing(nn.Module):
+    """Calls itself once; the outer run raises when `fail` is set (its inner run has returned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self.fail = False
+
+    def forward(self, x: Tensor, depth: int = 1) -> Tensor:
+        y = F.relu(self.lin(x))
+        if depth > 0:
+            y = self(y, depth - 1)
+            if self.fail:
+                raise ValueError("the model's own error")
+        return y
+
+
+def test_a_recursive_model_failing_after_its_inner_call_returned_keeps_the_users_error():
+    """An inner run of the same module had returned, so the outer failed run was taken for one that returned (a
+    first version of the fix kept one slot for every module)."""
+    model = _RecursiveFailing()
+    x = torch.randn(5, 4)
+    with DeadUnitTracker(model) as tracker:
+        model.fail = True
+        with pytest.raises(ValueError, match="the model's own error"):
+            model(torch.randn(3, 4))
+        model.fail = False
+        tracker.reset()
+        model(x)
+        model(x)
+    report = tracker.report()
+    with torch.no_grad():
+        first = F.relu(model.lin(x))
+        second = F.relu(model.lin(first))
+    # each run of the module numbers its calls from 0: both runs' calls are its site `relu`
+    assert list(report) == ["relu"]
+    expected = expected_counts([first, second, first, second], unit_axis=-1)
+    assert report["relu"].active_count.tolist() == expected["active"]
+    assert report["relu"].samples == expected["samples"] == 20
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 8)
+        self.l2 = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.l2(F.relu(self.l1(x))))
+
+
+class _Encode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Block()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+class _Checkpointed(nn.Module):
+    """Called through `encode` and `decode`, never as a whole; the encoder checkpoints its block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = _Encode()
+        self.decoder = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+
+def test_the_watch_ends_when_a_checkpointed_recomputation_stops_early():
+    """Non-reentrant checkpointing stops a recomputation by raising inside the recomputed forward: the watch took
+    that for a failed step every time and never ended (a first version of the fix)."""
+    model = _Checkpointed()
+    with DeadUnitTracker(model) as tracker:
+        for _ in range(3):
+            x = torch.randn(4, 6, requires_grad=True)
+            model.decoder(model.encode(x)).sum().backward()
+        assert not tracker.discovering
 
 
 def test_paused_tracker_skips_functional_calls():
