@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 __all__ = [
@@ -177,6 +178,19 @@ def on_backward_end(callback: Callable[[], None]) -> None:
     runs a backward and ``torch.autograd.grad`` and checks the callback runs once, at the end of each.
     """
     torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def stops_recomputation(error: BaseException | None) -> bool:
+    """Whether ``error`` is what ``torch.utils.checkpoint`` raises inside a recomputed forward to end it early (the
+    non-reentrant variant, once every tensor the backward needs is recomputed): not the model's error.
+
+    Why: the tracker's discovery of functional rectifiers takes a forward that raises for a failed step and watches
+    the next step again; a recomputation stopped early is not one. The class is private
+    (``torch.utils.checkpoint._StopRecomputationError``). Replaced by: none in torch 2.x. ``tests/test_compat.py``
+    checks that a recomputation stopped early raises it.
+    """
+    stop = getattr(torch.utils.checkpoint, "_StopRecomputationError", None)
+    return isinstance(stop, type) and isinstance(error, stop)
 
 
 # ------------------------------------------------------------------------------------------------------------ FSDP2

@@ -434,6 +434,7 @@ class DeadUnitMonitor(Callback):
                 self._watch_axes = False
                 self._axis_watch = AxisWatch(pl_module, self.tracker, batch).start()
             self.tracker.new_pass()
+            self.tracker._step_began()
             self.tracker.tag_batch(trainer.global_step)
             self.tracker.resume()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_relu._compat import is_compiled, is_forward_redirected, on_backward_end
+from lightning_relu._compat import is_compiled, is_forward_redirected, on_backward_end, stops_recomputation
 from lightning_relu.functional import NO_STEP
 from lightning_relu.observation import AxisWatch, own_forward, record
 from lightning_relu.site import (
@@ -220,6 +221,12 @@ class DeadUnitTracker:
         is another call of the same step (``DeadUnitMonitor``: its training batches)."""
         if self._discovery is not None:
             self._discovery.bounded = True
+
+    def _step_began(self) -> None:
+        """A step of the caller begins (outside any forward): only a forward of this step ends a bounded watch at its
+        end (not one of a validation run before it)."""
+        if self._discovery is not None and not self._discovery.done:
+            self._discovery.whole_call = False
 
     def _step_ended(self) -> None:
         """A step of the caller is over (outside any forward): a bounded watch that saw a call return ends now."""
@@ -738,7 +745,9 @@ class _Discovery(TorchFunctionMode):
         # set by a caller that says where a step ends (`DeadUnitMonitor`: the end of the first training batch): an
         # outermost module called again is then another call of the same step (a siamese encoder), not a new step
         self.bounded = False
-        self.whole_call = False  # whether an outermost call has returned (its parents handed over)
+        # whether a forward of the model's own (not a training step run through it) returned since the watch was
+        # (re)started: a bounded watch ends at a step's end only then
+        self.whole_call = False
 
     def watch(self, model: nn.Module) -> list[RemovableHandle]:
         for name, module in model.named_modules():
@@ -774,21 +783,28 @@ class _Discovery(TorchFunctionMode):
         if self.done or torch.compiler.is_compiling() or not self.stack or self.stack[-1][0] is not module:
             return
         returned = self._returned == len(self.stack)
-        self.stack.pop()
-        if not self.stack:
-            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-            self._returned = 0
-            if not returned:
-                # the forward raised: torch runs this hook while it iterates the module's forward hooks, where the
-                # counters' hooks cannot be added (the user's error would become "OrderedDict mutated during
-                # iteration"); the parents found stay to be handed over by the next outermost call that returns,
-                # or when the watch ends
-                self.roots.discard(id(module))
-                return
+        redirected = self.stack.pop()[4]  # as it was when the call began (Lightning restores the forward inside)
+        if returned and not redirected and all(entry[4] for entry in self.stack):
             self.whole_call = True
-            self.hand_over()
-            if module is self.tracker.model and not is_forward_redirected(module):
-                self.done = True  # the model's own forward ran whole: nothing else belongs to the first forward
+        if self.stack:
+            return
+        self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        self._returned = 0
+        if not returned:
+            # the forward raised: torch runs this hook while it iterates the module's forward hooks, where the
+            # counters' hooks cannot be added (the user's error would become "OrderedDict mutated during
+            # iteration"). The parents found are handed over by the next outermost call that returns, or when the
+            # watch ends; a failed step is watched again whole, as a first one (a recomputation that checkpointing
+            # stops early is not a failed step)
+            if stops_recomputation(sys.exc_info()[1]):
+                self.roots.discard(id(module))
+            else:
+                self.roots.clear()
+                self.whole_call = False
+            return
+        self.hand_over()
+        if module is self.tracker.model and not redirected and not self.bounded:
+            self.end()  # the model's own forward ran whole: nothing else belongs to the first forward
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         base = FUNCTIONAL_RECTIFIERS.get(func) if self.stack else None
@@ -840,13 +856,20 @@ class _Discovery(TorchFunctionMode):
             if tracker.attached:
                 tracker._count_functional(key, tracker._first_site[key], modules)
         self.found.clear()
-        if not tracker.all_sites and len(self.roots) == 1:
+
+    def end(self) -> None:
+        """The watch is over (every site of the first step is known): say so when nothing is to be counted, and check
+        the names given for sites only a forward finds (in a pre-hook, a forward hook that torch runs on a forward
+        that returned, or between steps)."""
+        self.done = True
+        tracker = self.tracker
+        if not tracker.all_sites:
             message, category = tracker._no_sites_warning or (
                 f"{type(tracker.model).__name__} applies no `nn.ReLU`/`nn.ReLU6` module and calls no rectifier "
                 "function in its first forward: there is nothing to count.",
                 NoReluSitesWarning,
             )
-            warnings.warn(message, category, stacklevel=2)
+            warnings.warn(message, category, stacklevel=3)
         try:
             tracker._confirm_names()
         except ValueError:
@@ -867,6 +890,7 @@ class _Discovery(TorchFunctionMode):
             mode = self.tracker._modes.get(id(module)) if module is not None and id(module) in handed else None
             if module is not None and mode is not None:  # its counter's pre-hook, added now, would not run now
                 mode.enter_parent(module, args)
+        self.end()
 
     def remove(self) -> None:
         """Remove the watch's hooks (from a pre-hook or outside a forward: a forward hook may run while torch walks

@@ -38,6 +38,7 @@ from lightning_relu._compat import (
     restore_fsdp2_forward_state,
     restore_hooks,
     set_aside_hooks,
+    stops_recomputation,
 )
 from lightning_relu.init import rai_, sign_flip_
 from lightning_relu.stats import ActivationStats
@@ -156,6 +157,30 @@ def test_a_callback_queued_in_a_backward_runs_once_when_that_backward_is_over(gr
     assert events == ["hook", "later", "end"]
     (x * 4).sum().backward()  # a later backward runs nothing queued by the first
     assert events == ["hook", "later", "end"]
+
+
+def test_a_recomputation_that_checkpointing_stops_early_raises_what_stops_recomputation_names() -> None:
+    """Non-reentrant checkpointing ends a recomputation once the tensors the backward needs are back, by raising
+    inside the recomputed forward: the error the module's forward sees there is the one named."""
+    seen: list[BaseException] = []
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                return torch.relu(self.l2(torch.relu(self.l1(x)))) * 2
+            except BaseException as error:
+                seen.append(error)
+                raise
+
+    block = Block()
+    out = torch.utils.checkpoint.checkpoint(block, torch.randn(2, 3, requires_grad=True), use_reentrant=False)
+    out.sum().backward()
+    assert seen and all(stops_recomputation(error) for error in seen)
+    assert not stops_recomputation(ValueError("the model's own")) and not stops_recomputation(None)
 
 
 class _Stepping(L.LightningModule):

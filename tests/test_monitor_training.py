@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,77 @@ def test_a_step_that_calls_a_child_twice_before_another_finds_both_childrens_fun
         assert report[name].active_count.tolist() == expected["active"], name
         assert report[name].samples == expected["samples"], name
     assert report["head.relu"].samples == 16 and report["head.relu"].dead.tolist()[1]
+
+
+class _Projected(LightningModule):
+    """`head(self(x))`: the module's own forward (a plain encoder, or one with `F.relu`), then a projection head with
+    `F.relu` (SimCLR's layout); a validation step calls the encoder only; with `skip_first`, the first training
+    batch calls nothing (a skipped batch)."""
+
+    def __init__(self, train_x: Tensor, encoder_relu: bool = True, skip_first: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = _FunctionalLayer(nn.Linear(4, 4)) if encoder_relu else nn.Linear(4, 4)
+        self.head = _FunctionalLayer(nn.Linear(4, 5))
+        with torch.no_grad():
+            self.head.layer.bias[1] = -1e4
+        self.train_x, self.skip_first = train_x, skip_first
+        self.recorded: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.enc(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.skip_first and batch_idx == 0 and self.current_epoch == 0:
+            return None
+        out = self.head(self(batch[0]))
+        self.recorded.append(out.detach().clone())
+        return out.pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.enc(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.train_x), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.train_x), batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "case", ["own-forward-then-head", "plain-encoder", "sanity-check-then-skipped-batch", "ddp-sanity-check"]
+)
+def test_the_first_training_batch_is_watched_whole_for_functional_calls(tmp_path, case):
+    """The watch ended when the module's own forward returned (the head's `F.relu` after it was never found), when a
+    sanity-check validation step returned (under DDP too: the redirection was read after Lightning had undone it), or
+    it warned that there was nothing to count after an encoder without a rectifier returned."""
+    module = _Projected(
+        positive_data(16), encoder_relu=case != "plain-encoder", skip_first=case == "sanity-check-then-skipped-batch"
+    )
+    monitor = DeadUnitMonitor(print_summary=False)
+    extra = {"strategy": "ddp", "devices": 1} if case == "ddp-sanity-check" else {}
+    environment = dict(os.environ)  # a one-process DDP run sets MASTER_PORT & co. here, in the test's process
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = quiet_trainer(
+                tmp_path, [monitor], max_epochs=1, limit_val_batches=1, num_sanity_val_steps=1, **extra
+            )
+            trainer.fit(module)
+    finally:  # its process group and port must not outlive the test (later tests spawn their own)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+    assert not [w for w in caught if "nothing to count" in str(w.message)]
+    report = monitor.last_report
+    assert "head.relu" in report
+    expected = expected_counts(module.recorded, unit_axis=-1)
+    assert report["head.relu"].active_count.tolist() == expected["active"]
+    assert report["head.relu"].samples == expected["samples"] > 0 and report["head.relu"].dead.tolist()[1]
 
 
 def test_limit_train_batches_counts_only_the_batches_run(tmp_path):

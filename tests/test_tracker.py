@@ -481,15 +481,19 @@ def test_functional_counting_leaves_no_mode_behind_on_error():
 
 
 class _FailsOnce(nn.Module):
-    """Calls `F.relu`, then raises on its first call (the model's own error)."""
+    """Calls `F.relu`, then raises on its first call (the model's own error); with `before`, raises before it."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.fc = nn.Linear(3, 4)
         self.failed = False
+        self.before = before
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.before and not self.failed:
+            self.failed = True
+            raise ValueError("the model's own error")
         h = F.relu(self.fc(x))
         if not self.failed:
             self.failed = True
@@ -532,18 +536,20 @@ class _Encoder(nn.Module):
 class _TwoCalls(nn.Module):
     """A step that calls two children (`head(enc(x))`), the head failing once, as a skipped out-of-memory batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: bool) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.enc = _Encoder()
-        self.head = _FailsOnce()
+        self.head = _FailsOnce(before)
         self.head.fc = nn.Linear(4, 5)
 
 
-def test_a_failed_second_call_of_the_first_step_leaves_both_childrens_functional_sites_counted():
+@pytest.mark.parametrize("before", [False, True], ids=["after-its-relu", "before-its-relu"])
+def test_a_failed_second_call_of_the_first_step_leaves_both_childrens_functional_sites_counted(before):
     """The step's first call (`enc`) repeated on the next step ended the watch before the failed call's parent was
-    handed over: `head.relu` was never counted again (a review of the first version of the fix)."""
-    model = _TwoCalls()
+    handed over (`head.relu` was never counted again), or, when the head failed before its `F.relu`, before that
+    call was found (reviews of two earlier versions of the fix): a failed step is watched again whole."""
+    model = _TwoCalls(before)
     batches = [torch.randn(6, 3) for _ in range(3)]
     with torch.no_grad(), DeadUnitTracker(model) as tracker:
         with pytest.raises(ValueError, match="the model's own error"):
@@ -666,6 +672,22 @@ def test_the_watch_ends_when_a_checkpointed_recomputation_stops_early():
             x = torch.randn(4, 6, requires_grad=True)
             model.decoder(model.encode(x)).sum().backward()
         assert not tracker.discovering
+
+
+def test_names_given_for_a_later_calls_functional_site_are_checked_when_the_watch_ends():
+    """`sites=`/`unit_dims=` naming the head's functional site of a `head(enc(x))` step were refused at the end of
+    the encoder's call, before the head's call found it."""
+    model = _TwoCalls(before=False)
+    model.head.failed = True  # it does not fail here
+    x = torch.randn(6, 3)
+    with torch.no_grad(), DeadUnitTracker(model, sites=["head.relu"], unit_dims={"head.relu": -1}) as tracker:
+        for _ in range(2):
+            model.head(model.enc(x))
+    report = tracker.report()
+    assert list(report) == ["head.relu"]
+    with torch.no_grad():
+        expected = expected_counts([F.relu(model.head.fc(model.enc(x)))] * 2, unit_axis=-1)
+    assert report["head.relu"].active_count.tolist() == expected["active"]
 
 
 def test_paused_tracker_skips_functional_calls():
