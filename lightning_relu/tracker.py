@@ -57,8 +57,9 @@ class DeadUnitTracker:
     first forward the hooks see (a thread-local ``TorchFunctionMode`` watches it, once) and counted from then on,
     that forward included: while the forward of a module that makes such calls runs, a ``TorchFunctionMode`` sees
     them (only that module's own calls, not its children's). The first forward is every outermost call into the
-    model (or into its submodules) until one of them repeats: a training step that calls ``self.encoder`` and
-    ``self.head`` is one forward.
+    model (or into its submodules) until the model's own forward returns or an outermost call repeats: a training
+    step that calls ``self.encoder`` and ``self.head`` is one forward (one that calls ``model(x)`` and then a
+    child, or a child twice, is not: ``DeadUnitMonitor`` watches its whole first training batch instead).
 
     Args:
         model: the network to watch.
@@ -226,12 +227,14 @@ class DeadUnitTracker:
         """A step of the caller begins (outside any forward): only a forward of this step ends a bounded watch at its
         end (not one of a validation run before it)."""
         if self._discovery is not None and not self._discovery.done:
-            self._discovery.whole_call = False
+            self._discovery.whole_call = self._discovery.failed_in_step = False
 
     def _step_ended(self) -> None:
         """A step of the caller is over (outside any forward): a bounded watch that saw a call return ends now."""
         discovery = self._discovery
-        if discovery is not None and discovery.bounded and not discovery.done and discovery.whole_call:
+        if discovery is None or not discovery.bounded or discovery.done or not discovery.whole_call:
+            return
+        if not discovery.failed_in_step or discovery.failures > 1:  # a step with a failed call is watched again once
             discovery.finish()
 
     @property
@@ -745,9 +748,13 @@ class _Discovery(TorchFunctionMode):
         # set by a caller that says where a step ends (`DeadUnitMonitor`: the end of the first training batch): an
         # outermost module called again is then another call of the same step (a siamese encoder), not a new step
         self.bounded = False
-        # whether a forward of the model's own (not a training step run through it) returned since the watch was
-        # (re)started: a bounded watch ends at a step's end only then
+        # whether a forward of the model's own (not a training step run through it) returned in the caller's step:
+        # a bounded watch ends at a step's end only then
         self.whole_call = False
+        # calls that raised (not a recomputation stopped early), and whether one did in the caller's step: the first
+        # one has the next step watched again whole; a bounded watch ends at a step with one only after that
+        self.failures = 0
+        self.failed_in_step = False
 
     def watch(self, model: nn.Module) -> list[RemovableHandle]:
         for name, module in model.named_modules():
@@ -794,13 +801,16 @@ class _Discovery(TorchFunctionMode):
             # the forward raised: torch runs this hook while it iterates the module's forward hooks, where the
             # counters' hooks cannot be added (the user's error would become "OrderedDict mutated during
             # iteration"). The parents found are handed over by the next outermost call that returns, or when the
-            # watch ends; a failed step is watched again whole, as a first one (a recomputation that checkpointing
-            # stops early is not a failed step)
-            if stops_recomputation(sys.exc_info()[1]):
+            # watch ends; the first failed step is watched again whole, as a first one (a recomputation that
+            # checkpointing stops early is not a failed step)
+            stopped = stops_recomputation(sys.exc_info()[1])
+            if stopped or self.failures:  # (a step that fails every time ends the watch at its next start)
                 self.roots.discard(id(module))
             else:
                 self.roots.clear()
-                self.whole_call = False
+            if not stopped:
+                self.failures += 1
+                self.failed_in_step = True
             return
         self.hand_over()
         if module is self.tracker.model and not redirected and not self.bounded:

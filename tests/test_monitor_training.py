@@ -4,6 +4,7 @@ device and dtype changes between epochs; counts checked against the brute-force 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -176,6 +177,39 @@ def test_the_first_training_batch_is_watched_whole_for_functional_calls(tmp_path
     expected = expected_counts(module.recorded, unit_axis=-1)
     assert report["head.relu"].active_count.tolist() == expected["active"]
     assert report["head.relu"].samples == expected["samples"] > 0 and report["head.relu"].dead.tolist()[1]
+
+
+class _Probed(_Projected):
+    """Every training step ends with a call that raises and is caught (an optional probe the model lacks)."""
+
+    def __init__(self, train_x: Tensor) -> None:
+        super().__init__(train_x)
+        self.probe = _FunctionalLayer(nn.Linear(5, 2))
+        self.discovering: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        with contextlib.suppress(RuntimeError):
+            self.probe(torch.zeros(1, 3))  # the wrong width: it raises
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        monitor = next(cb for cb in self.trainer.callbacks if isinstance(cb, DeadUnitMonitor))
+        self.discovering.append(monitor.tracker.discovering)
+
+
+def test_a_step_whose_last_call_always_fails_ends_the_watch_and_checks_the_names(tmp_path):
+    """A step with a failed call is watched again: one that failed every time kept the watch on for the whole fit (a
+    thread-local mode on every forward) and a wrong name given in `sites=` was never refused."""
+    module = _Probed(positive_data(16))
+    monitor = DeadUnitMonitor(print_summary=False)
+    quiet_trainer(tmp_path, [monitor], max_epochs=1, limit_val_batches=0).fit(module)
+    assert module.discovering == [True, False, False, False]  # watched again once, after the failed first step
+    expected = expected_counts(module.recorded, unit_axis=-1)
+    assert monitor.last_report["head.relu"].active_count.tolist() == expected["active"]
+    named = _Probed(positive_data(16))
+    with pytest.raises(ValueError, match="unknown site names"):
+        quiet_trainer(tmp_path, [DeadUnitMonitor(sites=["enc.relu", "no_such_site"])], max_epochs=1).fit(named)
 
 
 def test_limit_train_batches_counts_only_the_batches_run(tmp_path):
