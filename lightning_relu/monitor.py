@@ -455,6 +455,11 @@ class DeadUnitMonitor(Callback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self._stop_axis_watch()
+        if self.tracker is not None and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            # the backward of the step's loss begins with this gradient: forwards from then to its end are
+            # recomputations (activation checkpointing), also in a step that never calls the module's own forward
+            # (the tracker watches that forward's output)
+            loss.register_hook(self.tracker._backward_began)
 
     def _stop_axis_watch(self) -> None:
         watch, self._axis_watch = self._axis_watch, None

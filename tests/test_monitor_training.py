@@ -212,6 +212,50 @@ def test_a_step_whose_last_call_always_fails_ends_the_watch_and_checks_the_names
         quiet_trainer(tmp_path, [DeadUnitMonitor(sites=["enc.relu", "no_such_site"])], max_epochs=1).fit(named)
 
 
+class _CheckpointedChildren(LightningModule):
+    """A step that calls its children, never the module's forward, and checkpoints a block with a module and a
+    functional rectifier."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _FunctionalLayer(nn.Linear(4, 4)))
+        self.out = nn.Linear(4, 1)
+        self.reentrant = reentrant
+        self.recorded: dict[str, list[Tensor]] = {}
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        with torch.no_grad():
+            first = torch.relu(self.block[0](x))
+            self.recorded.setdefault("block.1", []).append(first)
+            self.recorded.setdefault("block.2.relu", []).append(F.relu(self.block[2].layer(first)))
+        x = x.requires_grad_(self.reentrant)  # reentrant checkpointing needs an input that requires grad
+        hidden = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+        return self.out(hidden).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(positive_data(16)), batch_size=4)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_recomputations_are_not_counted_in_a_step_that_calls_children(tmp_path, reentrant):
+    """The backward was told by a gradient hook on the module's own forward output only: a step that calls its
+    children counted each recomputation again (twice the samples). The monitor hooks the step's loss too."""
+    module = _CheckpointedChildren(reentrant)
+    monitor = DeadUnitMonitor(print_summary=False)
+    quiet_trainer(tmp_path, [monitor], max_epochs=1, limit_val_batches=0).fit(module)
+    report = monitor.last_report
+    assert sorted(report) == sorted(module.recorded)
+    for name, outputs in module.recorded.items():
+        expected = expected_counts(outputs, unit_axis=-1)
+        assert report[name].active_count.tolist() == expected["active"], name
+        assert report[name].samples == expected["samples"] == 16, name
+
+
 def test_limit_train_batches_counts_only_the_batches_run(tmp_path):
     module = Replayed(MLP(), MLP.replay, positive_data(40), batch_size=4)
     monitor = DeadUnitMonitor()
