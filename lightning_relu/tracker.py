@@ -234,7 +234,9 @@ class DeadUnitTracker:
         discovery = self._discovery
         if discovery is None or not discovery.bounded or discovery.done or not discovery.whole_call:
             return
-        if not discovery.failed_in_step or discovery.failures > 1:  # a step with a failed call is watched again once
+        if discovery.failed_in_step:
+            discovery.failed_steps += 1
+        if not discovery.failed_in_step or discovery.failed_steps > 1:  # a step with a failed call: watched again once
             discovery.finish()
 
     @property
@@ -722,6 +724,10 @@ class DeadUnitTracker:
         return self
 
 
+# how many failed calls have the next step watched again whole (a step that fails every time ends the watch after)
+_REWATCHES = 4
+
+
 class _Discovery(TorchFunctionMode):
     """Finds, on the first forward, the rectifier functions that each module's own ``forward`` calls, counts them,
     and at the end of each outermost call hands the parents found to a :class:`_FunctionalCounter` each.
@@ -751,10 +757,13 @@ class _Discovery(TorchFunctionMode):
         # whether a forward of the model's own (not a training step run through it) returned in the caller's step:
         # a bounded watch ends at a step's end only then
         self.whole_call = False
-        # calls that raised (not a recomputation stopped early), and whether one did in the caller's step: the first
-        # one has the next step watched again whole; a bounded watch ends at a step with one only after that
+        # calls that raised (not a recomputation stopped early): the first few have the next step watched again
+        # whole (later ones only drop their root, so a step that fails every time ends the watch); whether one did
+        # in the caller's step, and the caller's steps with one: a bounded watch ends at a step with a failed call
+        # only from the second such step on
         self.failures = 0
         self.failed_in_step = False
+        self.failed_steps = 0
 
     def watch(self, model: nn.Module) -> list[RemovableHandle]:
         for name, module in model.named_modules():
@@ -804,13 +813,13 @@ class _Discovery(TorchFunctionMode):
             # watch ends; the first failed step is watched again whole, as a first one (a recomputation that
             # checkpointing stops early is not a failed step)
             stopped = stops_recomputation(sys.exc_info()[1])
-            if stopped or self.failures:  # (a step that fails every time ends the watch at its next start)
-                self.roots.discard(id(module))
-            else:
-                self.roots.clear()
             if not stopped:
                 self.failures += 1
                 self.failed_in_step = True
+            if stopped or self.failures > _REWATCHES:
+                self.roots.discard(id(module))
+            else:
+                self.roots.clear()
             return
         self.hand_over()
         if module is self.tracker.model and not redirected and not self.bounded:

@@ -256,6 +256,35 @@ def test_checkpointed_recomputations_are_not_counted_in_a_step_that_calls_childr
         assert report[name].samples == expected["samples"] == 16, name
 
 
+class _TwoViewsFailFirst(_Projected):
+    """The first training batch's two head calls (one per view) fail before the head's `F.relu`, caught by the step;
+    a sanity-check validation step also catches one failed head call."""
+
+    def training_step(self, batch, batch_idx):
+        hidden = self(batch[0])
+        for view in (hidden, hidden.flip(0)):
+            with contextlib.suppress(RuntimeError):
+                out = self.head(view[:, :3] if batch_idx == 0 and self.current_epoch == 0 else view)
+                self.recorded.append(out.detach().clone())
+        return hidden.sum()
+
+    def validation_step(self, batch, batch_idx):
+        with contextlib.suppress(RuntimeError):
+            self.head(torch.zeros(1, 3))
+
+
+def test_a_first_step_with_two_failed_calls_after_a_failed_validation_call_is_watched_again(tmp_path):
+    """Failed calls were counted, not failed steps: two in the first training step (or one in a sanity check before
+    it) ended the watch at that step's end, before the head's `F.relu` was ever reached."""
+    module = _TwoViewsFailFirst(positive_data(16))
+    monitor = DeadUnitMonitor(print_summary=False)
+    quiet_trainer(tmp_path, [monitor], max_epochs=1, limit_val_batches=1, num_sanity_val_steps=1).fit(module)
+    expected = expected_counts(module.recorded, unit_axis=-1)
+    assert "head.relu" in monitor.last_report
+    assert monitor.last_report["head.relu"].active_count.tolist() == expected["active"]
+    assert monitor.last_report["head.relu"].samples == expected["samples"] == 24
+
+
 def test_limit_train_batches_counts_only_the_batches_run(tmp_path):
     module = Replayed(MLP(), MLP.replay, positive_data(40), batch_size=4)
     monitor = DeadUnitMonitor()
