@@ -733,8 +733,10 @@ class _Discovery(TorchFunctionMode):
     and at the end of each outermost call hands the parents found to a :class:`_FunctionalCounter` each.
 
     Hooks on every module keep a stack of the modules whose forward runs; while an outermost call runs, the mode
-    (thread-local) sees every torch function. The watch ends when an outermost call repeats the module of an
-    earlier one: the next step has begun, and every call of the first one has been seen.
+    (thread-local) sees every torch function. The watch ends when the model's own forward returns, or when an
+    outermost call repeats the module of an earlier one (the next step has begun, and every call of the first one
+    has been seen); a bounded watch (``DeadUnitMonitor``) ends only at the end of the caller's step. A call that
+    raises hands nothing over where it fails (see :meth:`leave`): its step is watched again.
     """
 
     def __init__(self, tracker: DeadUnitTracker) -> None:
