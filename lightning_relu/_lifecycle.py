@@ -19,6 +19,13 @@ def starts_afresh(trainer: pl.Trainer) -> bool:
     return trainer.global_step == 0
 
 
+def restored_outside_fit(callback: object) -> bool:
+    """Whether ``callback.load_state_dict`` runs for ``validate``/``test``/``predict`` with ``ckpt_path=`` (Lightning
+    restores the callbacks' state for them too), as the stage it was last set up for (its ``_stage``, set in
+    ``setup``) says: nothing of a fit is to be taken from that state."""
+    return getattr(callback, "_stage", None) not in (None, "fit")
+
+
 def continued_history(history: list[T], last: list[T], place: Callable[[T], Hashable]) -> list[T]:
     """The history after a checkpoint whose latest entry is ``last`` (at most one) was restored within the fit (as
     Lightning's learning-rate and batch-size finders do at a later epoch's start; a resumed fit starts from ``last``

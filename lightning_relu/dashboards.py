@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from lightning.pytorch.loggers import Logger
+
     from lightning_relu.report import EpochReport
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "custom_scalars_layout",
     "dead_fraction_color",
     "dead_fraction_heatmap",
+    "log_epoch_scalars",
     "margin_tag",
     "summary_markdown",
     "summary_rows",
@@ -291,3 +294,12 @@ def print_summary(report: EpochReport, revived: Mapping[str, int] | None = None)
         for row in rows:
             table.add_row(*row.values())
     Console().print(table)
+
+
+def log_epoch_scalars(logger: Logger, report: EpochReport, metrics: Mapping[str, float]) -> None:
+    """Log ``metrics`` (keys ``<group>/<name>``, the group separated as ``logger`` separates groups) at the step and
+    with the ``epoch`` of Lightning's own epoch-level metrics for ``report``'s epoch: a CSV row lines up with the
+    epoch's losses, and TensorBoard plots both at the same x."""
+    separator = logger.group_separator
+    scalars = {key.replace("/", separator, 1): value for key, value in metrics.items()}
+    logger.log_metrics({**scalars, "epoch": float(report.epoch)}, step=report.metrics_step)

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_relu._lifecycle import restored_outside_fit
 from lightning_relu._sharded import write_through
 from lightning_relu.init import (
     SignFlipReport,
@@ -381,7 +382,7 @@ class ReluInitializer(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if getattr(self, "_stage", None) not in (None, "fit"):
+        if restored_outside_fit(self):
             return  # `validate`/`test`/`predict` restoring a checkpoint: nothing of a fit to take from it
         self._restored_before_start = self._fit_checkpoint() if state_dict.get("before_start") else None
         self.applied = bool(state_dict.get("applied", False))

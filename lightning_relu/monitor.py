@@ -15,13 +15,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_relu._compat import lightning_batches_run_in_epoch, lightning_batches_that_stepped
-from lightning_relu._lifecycle import continued_history, starts_afresh
+from lightning_relu._lifecycle import continued_history, restored_outside_fit, starts_afresh
 from lightning_relu.dashboards import (
     HEATMAP_TAG,
     SUMMARY_TAG,
     activation_rate_tag,
     custom_scalars_layout,
     dead_fraction_heatmap,
+    log_epoch_scalars,
     margin_tag,
     print_summary,
     summary_markdown,
@@ -622,7 +623,7 @@ class DeadUnitMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if getattr(self, "_stage", None) not in (None, "fit"):
+        if restored_outside_fit(self):
             return  # `validate`/`test`/`predict` from a checkpoint: the fit's history and counts stay as they are
         self._check_state_sites(state_dict)  # before anything changes
         progress = state_dict.get("progress")
@@ -879,13 +880,9 @@ class DeadUnitMonitor(Callback):
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
-        # the step and the `epoch` column of Lightning's own epoch-level metrics, so that a CSV row of the monitor
-        # lines up with the epoch's losses and TensorBoard plots both at the same x
         step = report.metrics_step
         for logger in trainer.loggers:
-            separator = logger.group_separator
-            scalars = {key.replace("/", separator, 1): v for key, v in metrics.items()}
-            logger.log_metrics({**scalars, "epoch": float(report.epoch)}, step=step)
+            log_epoch_scalars(logger, report, metrics)
             if self.log_histograms and isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment
                 for layer in report.layers.values():

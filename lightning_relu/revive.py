@@ -26,8 +26,9 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_relu._engines import agree_with_rank_zero
-from lightning_relu._lifecycle import continued_history, starts_afresh
+from lightning_relu._lifecycle import continued_history, restored_outside_fit, starts_afresh
 from lightning_relu._sharded import write_through
+from lightning_relu.dashboards import log_epoch_scalars
 from lightning_relu.init import rai_rows
 from lightning_relu.observation import TrainingInputWatch
 from lightning_relu.site import module_names, unknown_names
@@ -900,7 +901,7 @@ class DeadUnitReviver(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if getattr(self, "_stage", None) not in (None, "fit"):
+        if restored_outside_fit(self):
             return  # `validate`/`test`/`predict` from a checkpoint: the fit's history stays as it is
         entries = [_entry(e) for e in state_dict.get("history", []) or [] if isinstance(e, dict)]  # older versions
         last = state_dict.get("last")
@@ -1083,8 +1084,5 @@ class DeadUnitReviver(Callback):
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, report: EpochReport, metrics: dict[str, float]) -> None:
-        # at the step and with the `epoch` of the report the units were revived after, as the monitor logs it
-        for logger in trainer.loggers:
-            separator = logger.group_separator
-            scalars = {key.replace("/", separator, 1): value for key, value in metrics.items()}
-            logger.log_metrics({**scalars, "epoch": float(report.epoch)}, step=report.metrics_step)
+        for logger in trainer.loggers:  # with the report the units were revived after, as the monitor logs it
+            log_epoch_scalars(logger, report, metrics)

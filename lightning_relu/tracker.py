@@ -908,7 +908,7 @@ class _Discovery(TorchFunctionMode):
         if self.found:
             handed = set(self.found)
             self.hand_over()
-            mode = self.tracker._modes.get(id(module)) if module is not None and id(module) in handed else None
+            mode = self.tracker._modes.get(id(module)) if id(module) in handed else None
             if module is not None and mode is not None:  # its counter's pre-hook, added now, would not run now
                 mode.enter_parent(module, args)
         self.end()
